@@ -1,0 +1,1 @@
+"""Paged KV cache: geometry, block pool, prefix cache, manager, storage."""

@@ -1,0 +1,1 @@
+"""Backend providers: mock (no deps), cpu and cuda (torch, imported lazily)."""

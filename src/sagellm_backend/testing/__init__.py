@@ -1,0 +1,1 @@
+"""Conformance kit: a pytest suite any BackendProvider implementation can run."""
