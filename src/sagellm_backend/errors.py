@@ -18,12 +18,14 @@ __all__ = [
     "ConfigError",
     "DependencyMissingError",
     "InvalidKVBlockError",
+    "InvalidStateError",
     "KVCacheExhaustedError",
     "KernelAlreadyRegisteredError",
     "KernelNotFoundError",
     "PluginConflictError",
     "PluginLoadError",
     "UnsupportedDTypeError",
+    "UnsupportedDeviceError",
     "to_protocol_error",
 ]
 
@@ -89,6 +91,25 @@ class KVCacheExhaustedError(BackendError, MemoryError):
 
 class InvalidKVBlockError(BackendError, ValueError):
     """Double free, use after free, or a block from another provider (INVALID_ARGUMENT)."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class UnsupportedDeviceError(BackendError, ValueError):
+    """A device string the provider cannot use, e.g. a KV migrate target (INVALID_ARGUMENT).
+
+    The message lists the valid devices.
+    """
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class InvalidStateError(BackendError, RuntimeError):
+    """The object is not in a state that allows the call (INVALID_ARGUMENT).
+
+    For example resetting a KV pool while pages are in use, or timing an event that was
+    never recorded.
+    """
 
     code = ErrorCode.INVALID_ARGUMENT
 

@@ -1,1 +1,40 @@
-"""Conformance kit: a pytest suite any BackendProvider implementation can run."""
+"""Conformance kit: a pytest suite any BackendProvider implementation can run.
+
+Example (a plugin package's ``tests/test_conformance.py``)::
+
+    import pytest
+    from sagellm_backend.testing import ProviderConformance
+
+    class TestMyProvider(ProviderConformance):
+        @pytest.fixture
+        def provider_factory(self):
+            return lambda: MyProvider(pool_mb=64)
+
+See :mod:`sagellm_backend.testing.conformance` for what is checked and how to tune it.
+The names resolve lazily, so importing this package does not import pytest. Under pytest
+the suite's module is registered for assertion rewriting, so a failing check shows the
+compared values.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+if "pytest" in sys.modules:  # running under pytest: detailed assertion messages
+    sys.modules["pytest"].register_assert_rewrite("sagellm_backend.testing.conformance")
+
+if TYPE_CHECKING:
+    from sagellm_backend.testing.conformance import ProviderConformance, make_conformance_tests
+
+__all__ = ["ProviderConformance", "make_conformance_tests"]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the conformance names on first access (PEP 562)."""
+    if name in __all__:
+        value = getattr(importlib.import_module("sagellm_backend.testing.conformance"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,600 @@
+"""Benchmark the HF engine core against plain transformers on the same requests, one run.
+
+Workload (DESIGN.md "Measured on this kind of machine", issue 6 "Benchmark and targets"):
+the ``bench-llama`` model (random Llama, hidden 512, intermediate 1536, 8 layers, 8/4
+heads, vocab 8000, fp32, ~33M params) built offline by
+:func:`sagellm_backend.engine.tiny_models.ensure_tiny_model`, torch with 2 threads,
+16 concurrent requests with seeded prompts of 16-200 tokens and exactly 64 new tokens each
+(eos ignored, greedy).
+
+Measured in the same process, same prompts, same token ids:
+
+1. ``model.generate`` one request at a time (the *sequential* baseline);
+2. ``model.generate`` on a left-padded static batch of all requests (the *static* baseline);
+3. the engine (``CPUEngine``) with every request submitted concurrently;
+4. the engine with one request at a time (vs 1.);
+5. prefix caching: requests sharing a 512-token system prompt, TTFT p50 with the engine's
+   prefix cache on vs off, and its prefix hit rate.
+
+Greedy outputs of 2.-4. are compared token by token with 1.; mismatches are printed.
+Results: a table of output tokens/s, ratios, TTFT p50 and peak RSS per phase; ``--json
+FILE`` writes everything.  ``--repeat N`` reports medians of N passes.
+
+Run:  python benchmarks/bench_hf_engine.py [--quick] [--model PATH] [--repeat N] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Thread settings must be in place before torch is imported.
+_THREADS_DEFAULT = 2
+
+
+@dataclass
+class Workload:
+    """The prompts (text and the ids the tokenizer gives them) and the output length."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    new_tokens: int
+
+
+@dataclass
+class PhaseResult:
+    """One measured phase (median over repeats where repeated)."""
+
+    name: str
+    seconds: float
+    output_tokens: int
+    tok_per_s: float
+    peak_rss_mb: float
+    ttft_p50_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    runs_s: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class RssSampler:
+    """Peak resident set size of this process while a block runs (sampled every 10 ms)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self._proc.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+@contextmanager
+def timed() -> Iterator[list[float]]:
+    box = [0.0]
+    t0 = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box[0] = time.perf_counter() - t0
+
+
+def p50(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def repeat(n: int, fn: Callable[[], PhaseResult]) -> PhaseResult:
+    """Run ``fn`` ``n`` times; return the run with the median time, all times attached."""
+    runs = [fn() for _ in range(n)]
+    runs_sorted = sorted(runs, key=lambda r: r.seconds)
+    best = runs_sorted[len(runs_sorted) // 2]
+    best.runs_s = [r.seconds for r in runs]
+    best.peak_rss_mb = max(r.peak_rss_mb for r in runs)
+    return best
+
+
+def make_texts(
+    tokenizer: Any, rng: random.Random, lengths: list[int], vocab_words: list[str]
+) -> list[str]:
+    """Seeded prompts built from real words, each about ``lengths[i]`` tokens long."""
+    texts = []
+    for target in lengths:
+        words: list[str] = []
+        while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < target:
+            words.extend(rng.choice(vocab_words) for _ in range(max(1, target // 8)))
+        ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:target]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """The ids the engine gets for each prompt (special tokens as the tokenizer adds them)."""
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def greedy_config(model: Any, tokenizer: Any, new_tokens: int) -> Any:
+    """Greedy, exactly ``new_tokens`` tokens: eos does not stop generation."""
+    gen = copy.deepcopy(model.generation_config)
+    gen.do_sample = False
+    gen.temperature = None
+    gen.top_p = None
+    gen.top_k = None
+    gen.max_new_tokens = new_tokens
+    gen.min_new_tokens = None
+    gen.eos_token_id = None
+    gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+def run_sequential(model: Any, tokenizer: Any, wl: Workload) -> tuple[PhaseResult, list[list[int]]]:
+    import torch
+
+    gen = greedy_config(model, tokenizer, wl.new_tokens)
+    outputs: list[list[int]] = []
+    per_req: list[float] = []
+    with RssSampler() as rss, timed() as t, torch.inference_mode():
+        for ids in wl.ids:
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen)
+            per_req.append(time.perf_counter() - t0)
+            outputs.append(out[0, len(ids) :].tolist())
+    n_out = sum(len(o) for o in outputs)
+    return (
+        PhaseResult(
+            "generate, one request at a time",
+            t[0],
+            n_out,
+            n_out / t[0],
+            rss.peak_mb,
+            extra={"per_request_s": per_req},
+        ),
+        outputs,
+    )
+
+
+def run_static(model: Any, tokenizer: Any, wl: Workload) -> tuple[PhaseResult, list[list[int]]]:
+    import torch
+
+    gen = greedy_config(model, tokenizer, wl.new_tokens)
+    width = max(len(i) for i in wl.ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    x = torch.tensor([[pad] * (width - len(i)) + i for i in wl.ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in wl.ids])
+    with RssSampler() as rss, timed() as t, torch.inference_mode():
+        out = model.generate(x, attention_mask=mask, generation_config=gen)
+    outputs = [row[width:].tolist() for row in out]
+    n_out = sum(len(o) for o in outputs)
+    return (
+        PhaseResult(
+            f"generate, left-padded static batch of {len(wl.ids)}",
+            t[0],
+            n_out,
+            n_out / t[0],
+            rss.peak_mb,
+            extra={"padded_prompt_tokens": width * len(wl.ids)},
+        ),
+        outputs,
+    )
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+def engine_available() -> str | None:
+    """None when the engine can be benchmarked, else why not."""
+    try:
+        from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig  # noqa: F401
+    except ImportError as exc:
+        return f"sagellm_backend.engine.cpu.CPUEngine is not importable yet ({exc})"
+    return None
+
+
+def make_engine(model_path: str, args: argparse.Namespace, *, prefix_caching: bool) -> Any:
+    from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
+
+    config = CPUEngineConfig(
+        engine_id=f"bench-cpu-{'prefix' if prefix_caching else 'noprefix'}",
+        model_path=model_path,
+        device="cpu",
+        max_batch_size=args.max_batch_size,
+        max_new_tokens=max(args.new_tokens, 64),
+        torch_dtype=args.dtype,
+        trust_remote_code=False,
+        low_cpu_mem_usage=True,
+        load_in_8bit=False,
+        num_threads=args.threads,
+        metadata={"enable_prefix_caching": prefix_caching},
+    )
+    return CPUEngine(config)
+
+
+def make_request(i: int, text: str, new_tokens: int, tag: str) -> Any:
+    from sagellm_protocol import Request
+
+    return Request(
+        request_id=f"{tag}-{i}",
+        trace_id=f"bench-{tag}",
+        model="bench",
+        prompt=text,
+        max_tokens=new_tokens,
+        stream=False,
+        temperature=None,
+        top_p=None,
+        metadata={"ignore_eos": True},
+    )
+
+
+async def _engine_concurrent(engine: Any, texts: list[str], n: int, tag: str) -> tuple[Any, float]:
+    reqs = [make_request(i, t, n, tag) for i, t in enumerate(texts)]
+    t0 = time.perf_counter()
+    responses = await asyncio.gather(*(engine.execute(r) for r in reqs))
+    return responses, time.perf_counter() - t0
+
+
+def _check_responses(responses: list[Any], name: str) -> None:
+    errors = [r for r in responses if r.finish_reason == "error"]
+    if errors:
+        raise RuntimeError(f"{name}: {len(errors)} requests failed, first: {errors[0].error}")
+
+
+def run_engine_concurrent(
+    engine: Any, wl: Workload, loop: asyncio.AbstractEventLoop
+) -> tuple[PhaseResult, list[list[int]]]:
+    with RssSampler() as rss:
+        responses, secs = loop.run_until_complete(
+            _engine_concurrent(engine, wl.texts, wl.new_tokens, "conc")
+        )
+    _check_responses(responses, "engine concurrent")
+    outputs = [list(r.output_tokens) for r in responses]
+    n_out = sum(len(o) for o in outputs)
+    ttft = [r.metrics.ttft_ms for r in responses]
+    return (
+        PhaseResult(
+            f"engine, {len(wl.ids)} concurrent requests",
+            secs,
+            n_out,
+            n_out / secs,
+            rss.peak_mb,
+            ttft_p50_ms=p50(ttft),
+            extra={"tpot_ms_p50": p50([r.metrics.tpot_ms for r in responses])},
+        ),
+        outputs,
+    )
+
+
+def run_engine_single(
+    engine: Any, wl: Workload, loop: asyncio.AbstractEventLoop
+) -> tuple[PhaseResult, list[list[int]]]:
+    outputs: list[list[int]] = []
+    ttft: list[float] = []
+    with RssSampler() as rss, timed() as t:
+        for i, text in enumerate(wl.texts):
+            resp = loop.run_until_complete(
+                engine.execute(make_request(i, text, wl.new_tokens, "single"))
+            )
+            _check_responses([resp], "engine single")
+            outputs.append(list(resp.output_tokens))
+            ttft.append(resp.metrics.ttft_ms)
+    n_out = sum(len(o) for o in outputs)
+    return (
+        PhaseResult(
+            "engine, one request at a time",
+            t[0],
+            n_out,
+            n_out / t[0],
+            rss.peak_mb,
+            ttft_p50_ms=p50(ttft),
+        ),
+        outputs,
+    )
+
+
+def run_prefix(
+    engine: Any, texts: list[str], system: str, n: int, loop: asyncio.AbstractEventLoop, tag: str
+) -> PhaseResult:
+    # Warm the cache with the system prompt alone (the first user of a shared prefix),
+    # then send every request at once.
+    warm = loop.run_until_complete(engine.execute(make_request(0, system, 1, f"{tag}-warm")))
+    _check_responses([warm], f"prefix warm-up ({tag})")
+    with RssSampler() as rss:
+        responses, secs = loop.run_until_complete(_engine_concurrent(engine, texts, n, tag))
+    _check_responses(responses, f"prefix ({tag})")
+    n_out = sum(len(r.output_tokens) for r in responses)
+    return PhaseResult(
+        f"engine, shared 512-token prefix, prefix cache {tag}",
+        secs,
+        n_out,
+        n_out / secs,
+        rss.peak_mb,
+        ttft_p50_ms=p50([r.metrics.ttft_ms for r in responses]),
+        extra={"prefix_hit_rate": statistics.fmean(r.metrics.prefix_hit_rate for r in responses)},
+    )
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def compare(name: str, got: list[list[int]], ref: list[list[int]]) -> dict[str, Any]:
+    bad = []
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        if g != r:
+            first = next((k for k, (a, b) in enumerate(zip(g, r, strict=False)) if a != b), None)
+            if first is None:
+                first = min(len(g), len(r))
+            bad.append({"request": i, "first_diff": first, "got_len": len(g), "ref_len": len(r)})
+    if bad:
+        print(f"  MISMATCH {name}: {len(bad)}/{len(ref)} requests differ from generate:")
+        for b in bad[:8]:
+            print(
+                f"    request {b['request']}: first differing token at {b['first_diff']} "
+                f"(lengths {b['got_len']} vs {b['ref_len']})"
+            )
+    else:
+        print(f"  {name}: greedy tokens identical to generate for all {len(ref)} requests")
+    return {"identical": not bad, "mismatches": bad}
+
+
+def print_table(phases: dict[str, PhaseResult]) -> None:
+    seq = phases.get("sequential")
+    static = phases.get("static")
+    hdr = f"{'phase':<50} {'tok/s':>8} {'vs seq':>7} {'vs static':>9} {'TTFT p50':>9} {'RSS MB':>7}"
+    print()
+    print(hdr)
+    print("-" * len(hdr))
+    for r in phases.values():
+        vs_seq = f"{r.tok_per_s / seq.tok_per_s:.2f}x" if seq else "-"
+        vs_static = f"{r.tok_per_s / static.tok_per_s:.2f}x" if static else "-"
+        ttft = f"{r.ttft_p50_ms:.1f}" if r.ttft_p50_ms is not None else "-"
+        print(
+            f"{r.name:<50} {r.tok_per_s:>8.1f} {vs_seq:>7} {vs_static:>9} {ttft:>9} "
+            f"{r.peak_rss_mb:>7.0f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF causal LM path or hub id (default: bench-llama)")
+    ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens")
+    ap.add_argument("--requests", type=int, help="number of requests (default 16, quick 8)")
+    ap.add_argument("--new-tokens", type=int, help="new tokens per request (default 64)")
+    ap.add_argument("--prefix-len", type=int, default=512, help="shared system prompt tokens")
+    ap.add_argument("--repeat", type=int, default=1, help="median of N passes per phase")
+    ap.add_argument("--threads", type=int, default=_THREADS_DEFAULT, help="torch threads")
+    ap.add_argument("--dtype", default="float32", help="float32|bfloat16|float16|auto")
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-engine", action="store_true", help="baselines only")
+    ap.add_argument("--skip-prefix", action="store_true", help="no prefix-caching scenario")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    args.requests = args.requests or (8 if args.quick else 16)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    if args.requests < 1 or args.new_tokens < 1 or args.prefix_len < 1 or args.threads < 1:
+        ap.error("--requests, --new-tokens, --prefix-len and --threads must be >= 1")
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+    from sagellm_backend.engine.tiny_models import CORPUS, ensure_tiny_model
+
+    t0 = time.perf_counter()
+    model_path = args.model or str(ensure_tiny_model("bench-llama"))
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(
+        model_path,
+        device="cpu",
+        dtype=args.dtype,
+        device_map=None,
+        load_in_8bit=False,
+        load_in_4bit=False,
+        trust_remote_code=False,
+    )
+    load_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+
+    rng = random.Random(args.seed)
+    vocab_words = [w for w in CORPUS.split() if w.isprintable()]
+    lengths = [rng.randint(16, 200) for _ in range(args.requests)]
+    texts = make_texts(tokenizer, rng, lengths, vocab_words)
+    wl = Workload(texts, encode(tokenizer, texts), args.new_tokens)
+    prompt_tokens = sum(len(i) for i in wl.ids)
+    print(
+        f"model {model_path} ({n_params / 1e6:.1f}M params, {args.dtype}), torch "
+        f"{torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; build "
+        f"{build_s:.1f}s, load {load_s:.1f}s"
+    )
+    load_avg = os.getloadavg()
+    print(
+        f"load average {load_avg[0]:.2f} (figures are only meaningful on an otherwise idle "
+        f"machine: compare ratios within one run)"
+    )
+    print(
+        f"workload: {args.requests} requests, prompts {min(map(len, wl.ids))}-"
+        f"{max(map(len, wl.ids))} tokens ({prompt_tokens} in all), {args.new_tokens} new "
+        f"tokens each, greedy, eos ignored; repeat {args.repeat}"
+    )
+
+    # Warm-up: first calls pay one-off allocation and kernel selection costs.
+    gen_warm = greedy_config(model, tokenizer, 2)
+    with torch.inference_mode():
+        model.generate(torch.tensor([wl.ids[0]]), generation_config=gen_warm)
+
+    phases: dict[str, PhaseResult] = {}
+    checks: dict[str, Any] = {}
+    ref: list[list[int]] = []
+
+    def seq() -> PhaseResult:
+        nonlocal ref
+        res, ref = run_sequential(model, tokenizer, wl)
+        return res
+
+    phases["sequential"] = repeat(args.repeat, seq)
+    static_out: list[list[int]] = []
+
+    def static() -> PhaseResult:
+        nonlocal static_out
+        res, static_out = run_static(model, tokenizer, wl)
+        return res
+
+    phases["static"] = repeat(args.repeat, static)
+    print()
+    checks["static"] = compare("static batch", static_out, ref)
+
+    engine_note = "skipped (--skip-engine)" if args.skip_engine else engine_available()
+    if engine_note is None:
+        # The throughput phases run with the prefix cache off: every pass recomputes every
+        # prompt, as generate does (with it on, repeated prompts would be cache hits).
+        del model  # the engine loads its own copy
+        loop = asyncio.new_event_loop()
+        engine = make_engine(model_path, args, prefix_caching=False)
+        loop.run_until_complete(engine.start())
+        try:
+            # Warm the engine's shapes with one short request (not measured).
+            loop.run_until_complete(engine.execute(make_request(0, texts[0], 2, "warm")))
+            conc_out: list[list[int]] = []
+            single_out: list[list[int]] = []
+
+            def conc() -> PhaseResult:
+                nonlocal conc_out
+                res, conc_out = run_engine_concurrent(engine, wl, loop)
+                return res
+
+            def single() -> PhaseResult:
+                nonlocal single_out
+                res, single_out = run_engine_single(engine, wl, loop)
+                return res
+
+            phases["engine_concurrent"] = repeat(args.repeat, conc)
+            phases["engine_single"] = repeat(args.repeat, single)
+            checks["engine_concurrent"] = compare("engine concurrent", conc_out, ref)
+            checks["engine_single"] = compare("engine one at a time", single_out, ref)
+            if not args.skip_prefix:
+                system, prefix_texts = prefix_workload(tokenizer, rng, vocab_words, args)
+                phases["prefix_off"] = repeat(
+                    args.repeat,
+                    lambda: run_prefix(engine, prefix_texts, system, args.new_tokens, loop, "off"),
+                )
+        finally:
+            loop.run_until_complete(engine.stop())
+        if not args.skip_prefix:
+            engine = make_engine(model_path, args, prefix_caching=True)
+            loop.run_until_complete(engine.start())
+            try:
+                phases["prefix_on"] = repeat(
+                    args.repeat,
+                    lambda: run_prefix(engine, prefix_texts, system, args.new_tokens, loop, "on"),
+                )
+            finally:
+                loop.run_until_complete(engine.stop())
+        loop.close()
+    else:
+        print(f"\nengine section skipped: {engine_note}")
+
+    print_table(phases)
+    summary = summarize(phases)
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    if args.json:
+        result = {
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "model_path": model_path,
+            "model_params": n_params,
+            "prompt_tokens": prompt_tokens,
+            "prompt_lengths": [len(i) for i in wl.ids],
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+            },
+            "load_s": load_s,
+            "load_avg_start": load_avg,
+            "load_avg_end": os.getloadavg(),
+            "engine": engine_note or "measured",
+            "phases": {k: asdict(v) for k, v in phases.items()},
+            "checks": checks,
+            "summary": summary,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def prefix_workload(
+    tokenizer: Any, rng: random.Random, vocab_words: list[str], args: argparse.Namespace
+) -> tuple[str, list[str]]:
+    """A ``prefix_len``-token system prompt and one request per user question after it."""
+    system = make_texts(tokenizer, rng, [args.prefix_len], vocab_words)[0]
+    questions = make_texts(
+        tokenizer, rng, [rng.randint(16, 64) for _ in range(args.requests)], vocab_words
+    )
+    return system, [f"{system}\n{q}" for q in questions]
+
+
+def summarize(phases: dict[str, PhaseResult]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    seq, static = phases.get("sequential"), phases.get("static")
+    if seq and static:
+        out["static_vs_sequential"] = round(static.tok_per_s / seq.tok_per_s, 3)
+    conc, single = phases.get("engine_concurrent"), phases.get("engine_single")
+    if conc and static and seq:
+        out["engine_vs_static"] = round(conc.tok_per_s / static.tok_per_s, 3)
+        out["engine_vs_sequential"] = round(conc.tok_per_s / seq.tok_per_s, 3)
+    if single and seq:
+        out["engine_single_vs_generate"] = round(single.tok_per_s / seq.tok_per_s, 3)
+    on, off = phases.get("prefix_on"), phases.get("prefix_off")
+    if on and off and on.ttft_p50_ms and off.ttft_p50_ms:
+        out["prefix_ttft_speedup"] = round(off.ttft_p50_ms / on.ttft_p50_ms, 3)
+        out["prefix_hit_rate"] = round(on.extra["prefix_hit_rate"], 3)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

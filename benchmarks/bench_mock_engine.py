@@ -1,0 +1,282 @@
+"""MockEngine at zero simulated latency: throughput and 1,000 concurrent streams.
+
+Measures, in one process and one run:
+
+1. **baseline**: a minimal asyncio request loop (queue -> batch step -> resolve a future with
+   a prebuilt Response) — the floor any asyncio engine pays per request;
+2. **execute throughput**: requests/s through one MockEngine (KV through the mock
+   provider's KV manager, full Metrics per request), reported with its ratio to 1.;
+3. **streams**: N concurrent ``stream()`` consumers; every stream must have exactly one
+   start and one end, deltas concatenating to the end's text, exactly ``max_tokens``
+   tokens, and the KV pool must be empty afterwards ("nothing lost").
+
+Usage::
+
+    python benchmarks/bench_mock_engine.py            # full size
+    python benchmarks/bench_mock_engine.py --quick    # CI smoke size
+    python benchmarks/bench_mock_engine.py --json     # machine-readable
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from sagellm_protocol import Metrics, Request, Response
+
+from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "engines",
+    "batch",
+    "tokens",
+    "in",
+    "paged",
+    "caches",
+    "and",
+    "schedulers",
+    "admit",
+    "requests",
+    "step",
+    "by",
+    "step",
+]
+
+
+def make_requests(n: int, max_tokens: int | tuple[int, int], seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.choices(WORDS, k=rng.randint(4, 24))
+        mt = max_tokens if isinstance(max_tokens, int) else rng.randint(*max_tokens)
+        out.append(
+            Request(
+                request_id=f"b{i}",
+                trace_id=f"t{i}",
+                model="mock",
+                prompt=" ".join(words) + f" {i}",
+                max_tokens=mt,
+                stream=False,
+            )
+        )
+    return out
+
+
+class BaselineLoop:
+    """Minimal asyncio batch loop: no tokens, no KV, no metrics — the asyncio floor."""
+
+    def __init__(self, max_batch_size: int, max_tokens: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_tokens = max_tokens
+        self.queue: collections.deque[tuple[Request, asyncio.Future[Response]]] = (
+            collections.deque()
+        )
+        self.wakeup = asyncio.Event()
+        self.metrics = Metrics(ttft_ms=0.0, throughput_tps=0.0, peak_mem_mb=0, error_rate=0.0)
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        running: list[tuple[Request, asyncio.Future[Response], list[int]]] = []
+        while True:
+            while self.queue and len(running) < self.max_batch_size:
+                req, fut = self.queue.popleft()
+                running.append((req, fut, []))
+            if not running:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            await asyncio.sleep(0)
+            keep = []
+            for req, fut, toks in running:
+                toks.append(len(toks))
+                if len(toks) >= self.max_tokens:
+                    fut.set_result(
+                        Response(
+                            request_id=req.request_id,
+                            trace_id=req.trace_id,
+                            output_text="",
+                            output_tokens=toks,
+                            finish_reason="length",
+                            metrics=self.metrics,
+                        )
+                    )
+                else:
+                    keep.append((req, fut, toks))
+            running = keep
+
+    async def execute(self, req: Request) -> Response:
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.queue.append((req, fut))
+        self.wakeup.set()
+        return await fut
+
+
+async def drive(execute: Any, requests: list[Request], concurrency: int) -> float:
+    """Run every request through ``execute`` with ``concurrency`` workers; return seconds."""
+    it = iter(requests)
+
+    async def worker() -> None:
+        for req in it:
+            resp = await execute(req)
+            if resp.finish_reason == "error":
+                raise RuntimeError(f"request {req.request_id} failed: {resp.error}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0
+
+
+async def bench_throughput(
+    n: int, concurrency: int, batch: int, max_tokens: int, repeats: int
+) -> dict[str, Any]:
+    requests = make_requests(n, max_tokens)
+    base_times, eng_times = [], []
+    for _ in range(repeats):
+        baseline = BaselineLoop(batch, max_tokens)
+        baseline.task = asyncio.create_task(baseline.run())
+        base_times.append(await drive(baseline.execute, requests, concurrency))
+        baseline.task.cancel()
+        engine = MockEngine(
+            MockEngineConfig("bench", 0.0, 0.0, max_batch_size=batch, kv_num_pages=8192)
+        )
+        await engine.start()
+        eng_times.append(await drive(engine.execute, requests, concurrency))
+        info = engine.get_info()
+        assert info["completed"] == n * 1 and info["failed"] == 0, info
+        assert info["kv"]["num_seqs"] == 0
+        await engine.stop()
+    base = statistics.median(base_times)
+    eng = statistics.median(eng_times)
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "max_batch_size": batch,
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "baseline_req_per_s": n / base,
+        "engine_req_per_s": n / eng,
+        "engine_tokens_per_s": n * max_tokens / eng,
+        "engine_vs_baseline": base / eng,
+        "engine_req_per_s_all": [n / t for t in eng_times],
+    }
+
+
+async def bench_streams(n: int, batch: int, seed: int = 1) -> dict[str, Any]:
+    requests = make_requests(n, (1, 32), seed)
+    engine = MockEngine(MockEngineConfig("bench-streams", 0.0, 0.0, max_batch_size=batch))
+    await engine.start()
+    tok = engine.tokenizer
+
+    async def consume(req: Request) -> tuple[int, int, bool]:
+        starts = ends = 0
+        chunks: list[str] = []
+        ids: list[int] = []
+        ok = False
+        async for ev in engine.stream(req):
+            if ev.event == "start":
+                starts += 1
+            elif ev.event == "delta":
+                chunks.append(ev.chunk)
+                ids.extend(ev.chunk_tokens)
+            else:
+                ends += 1
+                ok = (
+                    ev.finish_reason == "length"
+                    and "".join(chunks) == ev.output_text
+                    and ids == ev.output_tokens
+                    and len(ids) == req.max_tokens
+                    and tok.decode(ids) == ev.output_text
+                )
+        return starts, ends, ok
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(consume(r) for r in requests))
+    elapsed = time.perf_counter() - t0
+    kv = engine.kv_manager
+    assert kv is not None
+    kv_empty = kv.stats().num_seqs == 0 and kv.pool.num_used == 0
+    await engine.stop()
+    bad = [i for i, (s, e, ok) in enumerate(results) if (s, e, ok) != (1, 1, True)]
+    tokens = sum(r.max_tokens for r in requests)
+    return {
+        "streams": n,
+        "max_batch_size": batch,
+        "tokens": tokens,
+        "seconds": elapsed,
+        "streams_per_s": n / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "lost_or_wrong": len(bad),
+        "kv_empty_after": kv_empty,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "throughput": [],
+    }
+    for mt in args.max_tokens:
+        results["throughput"].append(
+            await bench_throughput(args.requests, args.concurrency, args.batch, mt, args.repeats)
+        )
+    results["streams"] = await bench_streams(args.streams, args.stream_batch)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256, help="engine max_batch_size")
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--stream-batch", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.repeats, args.max_tokens = 2000, 1, [4]
+    results = asyncio.run(main_async(args))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("MockEngine, zero simulated latency (one engine, one event loop)")
+        for r in results["throughput"]:
+            print(
+                f"  execute: {r['requests']} requests x {r['max_tokens']} tokens, "
+                f"concurrency {r['concurrency']}, batch {r['max_batch_size']}: "
+                f"{r['engine_req_per_s']:,.0f} req/s ({r['engine_tokens_per_s']:,.0f} tok/s); "
+                f"baseline loop {r['baseline_req_per_s']:,.0f} req/s; "
+                f"ratio {r['engine_vs_baseline']:.2f}x (median of {r['repeats']})"
+            )
+        s = results["streams"]
+        print(
+            f"  streams: {s['streams']} concurrent, {s['tokens']} tokens in {s['seconds']:.2f} s "
+            f"({s['streams_per_s']:,.0f} streams/s, {s['tokens_per_s']:,.0f} tok/s); "
+            f"lost or wrong: {s['lost_or_wrong']}; KV empty after: {s['kv_empty_after']}"
+        )
+    ok = results["streams"]["lost_or_wrong"] == 0 and results["streams"]["kv_empty_after"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

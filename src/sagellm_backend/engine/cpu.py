@@ -1,0 +1,244 @@
+"""CPUEngine: the HF engine core on the host CPU (0.1.1.2 API, continuous batching inside).
+
+``CPUEngine`` loads a Hugging Face causal LM on the CPU and serves concurrent requests with
+iteration-level continuous batching, paged KV in the :class:`CPUBackendProvider`'s pool and
+prefix caching (see :mod:`sagellm_backend.engine.hf.core`). Importing this module does not
+import torch or transformers; ``start()`` does.
+
+Example:
+    >>> from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
+    >>> config = CPUEngineConfig(engine_id="cpu-0", model_path="/models/tiny-llama")
+    >>> engine = CPUEngine(config)          # doctest: +SKIP
+    >>> await engine.start()                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sagellm_backend.engine.base import EngineConfig
+from sagellm_backend.engine.hf.core import (
+    HFEngineCore,
+    LoadSettings,
+    check_bool,
+    check_common_fields,
+    check_positive_int,
+    hf_unavailable_reason,
+    make_mock_engine,
+    resolve_engine_options,
+)
+from sagellm_backend.errors import ConfigError
+
+__all__ = ["CPUEngine", "CPUEngineConfig", "create_cpu_engine"]
+
+_VALID_DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+@dataclass
+class CPUEngineConfig(EngineConfig):
+    """Configuration of :class:`CPUEngine` (the 0.1.1.2 fields, plus tuning options).
+
+    Attributes:
+        device: ``"cpu"`` (the default).
+        max_new_tokens: most tokens one request produces (``> 0``; a request's
+            ``max_tokens`` above it is capped).
+        torch_dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto``.
+        trust_remote_code: allow model code shipped with the checkpoint.
+        low_cpu_mem_usage: transformers 4.x loading option (5.x always loads lazily).
+        load_in_8bit: bitsandbytes int8 weights (needs a bitsandbytes build with CPU
+            support).
+        num_threads: torch intra-op threads (process-wide); None keeps torch's setting.
+        kv_cache_memory_bytes, block_size, enable_prefix_caching, max_num_batched_tokens,
+            max_model_len, max_input_tokens, runner, fuse_projections: see
+            :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may also be given
+            as a ``metadata`` key of the same name.
+
+    Raises:
+        ConfigError: at construction, naming the field, the bad value and what is valid.
+    """
+
+    device: str = "cpu"
+    max_new_tokens: int = 128
+    torch_dtype: str = "float32"
+    trust_remote_code: bool = False
+    low_cpu_mem_usage: bool = True
+    load_in_8bit: bool = False
+    num_threads: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_input_tokens: int | None = None
+    runner: str = "auto"
+    fuse_projections: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "CPUEngineConfig"
+        check_common_fields(owner, self)
+        if not self.mock_mode and self.device != "cpu":
+            raise ConfigError(
+                f"{owner}.device must be 'cpu' (use HFCudaEngine for GPUs, or mock_mode=True), "
+                f"got {self.device!r}"
+            )
+        check_positive_int(owner, "max_batch_size", self.max_batch_size)
+        check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
+        if self.torch_dtype not in _VALID_DTYPES:
+            raise ConfigError(
+                f"{owner}.torch_dtype must be one of {_VALID_DTYPES}, got {self.torch_dtype!r}"
+            )
+        for name in ("trust_remote_code", "low_cpu_mem_usage", "load_in_8bit"):
+            check_bool(owner, name, getattr(self, name))
+        if self.num_threads is not None:
+            check_positive_int(owner, "num_threads", self.num_threads)
+        resolve_engine_options(owner, self)
+
+
+class CPUEngine(HFEngineCore):
+    """The HF engine core on the CPU (see :mod:`sagellm_backend.engine.hf.core`).
+
+    Args:
+        config: a :class:`CPUEngineConfig` (a plain
+            :class:`~sagellm_backend.engine.base.EngineConfig` is converted, with the
+            CPUEngineConfig defaults for the other fields).
+        from_core: created through sagellm-core (``component_trace`` starts with it).
+    """
+
+    ENGINE_NAME = "CPUEngine"
+
+    def __init__(self, config: CPUEngineConfig | EngineConfig, *, from_core: bool = False) -> None:
+        if not isinstance(config, CPUEngineConfig):
+            if not isinstance(config, EngineConfig):
+                raise ConfigError(f"CPUEngine needs a CPUEngineConfig, got {type(config).__name__}")
+            base = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
+            if base["device"] == "mock" and not base["mock_mode"]:
+                base["device"] = "cpu"  # the base default means "unspecified" here
+            config = CPUEngineConfig(**base)
+        options = resolve_engine_options("CPUEngineConfig", config)
+        mock = None
+        load = None
+        if config.mock_mode:
+            mock = make_mock_engine(config, type(self).__name__, from_core)
+        else:
+            assert config.model_path is not None
+            load = LoadSettings(
+                model_path=config.model_path,
+                device="cpu",
+                dtype=config.torch_dtype,
+                device_map=None,
+                load_in_8bit=config.load_in_8bit,
+                load_in_4bit=False,
+                trust_remote_code=config.trust_remote_code,
+                low_cpu_mem_usage=config.low_cpu_mem_usage,
+                max_new_tokens=config.max_new_tokens,
+                max_batch_size=config.max_batch_size,
+            )
+        super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
+        self._cpu_config = config
+
+    @classmethod
+    def backend_type(cls) -> str:
+        """Kind served: ``"cpu"``."""
+        return "cpu"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether torch and transformers are installed (imports neither)."""
+        return hf_unavailable_reason() is None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why the engine cannot run here, or None."""
+        return hf_unavailable_reason()
+
+    @classmethod
+    def priority(cls) -> int:
+        """Auto-selection priority: above mock, below CUDA."""
+        return 50
+
+    def _make_provider(self) -> Any:
+        from sagellm_backend.providers.cpu import CPUBackendProvider
+
+        opts = self._options
+        if opts.kv_cache_memory_bytes is not None:
+            return CPUBackendProvider(kv_memory_bytes=opts.kv_cache_memory_bytes)
+        return CPUBackendProvider()
+
+    def _thread_init(self) -> None:
+        n = self._cpu_config.num_threads
+        if n is not None:
+            import torch
+
+            torch.set_num_threads(n)
+
+    def _check_provider(self, provider: Any) -> None:
+        device_type = getattr(provider.capability(), "device_type", None)
+        if device_type not in (None, "cpu"):
+            raise ConfigError(
+                f"CPUEngine needs a cpu provider, got {type(provider).__name__} "
+                f"(device_type {device_type!r})"
+            )
+
+    def get_info(self) -> dict[str, Any]:
+        """Engine description (see :meth:`HFEngineCore.get_info`) plus the CPU settings."""
+        info = super().get_info()
+        cfg = self._cpu_config
+        info.update(
+            torch_dtype=cfg.torch_dtype,
+            max_new_tokens=cfg.max_new_tokens,
+            num_threads=cfg.num_threads,
+        )
+        return info
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(CPUEngineConfig))
+
+
+def create_cpu_engine(config: Any = None, backend: Any = None) -> CPUEngine:
+    """``sagellm.engines`` entry point ``cpu``: build a :class:`CPUEngine`.
+
+    Args:
+        config: a :class:`CPUEngineConfig` (used as is), a sagellm-core ``EngineConfig``
+            (``model``/``model_path``, ``max_batch_size``, ``max_output_tokens`` ->
+            ``max_new_tokens``, ``max_input_tokens``, ``device``), a dict with those keys
+            plus any CPUEngineConfig field, or None (then ``model_path`` is missing and
+            only ``mock_mode=True`` works).
+        backend: the provider sagellm-core created (a cpu provider), used for the KV cache.
+
+    Raises:
+        ConfigError: an unknown field, a wrong kind or an invalid value.
+    """
+    from sagellm_backend.engine._plugin import normalize_engine_config, reject_unknown_keys
+
+    if isinstance(config, CPUEngineConfig):
+        if backend is not None:
+            config = copy.copy(config)
+            config.provider = backend
+            config.__post_init__()
+        return CPUEngine(config)
+    settings = normalize_engine_config(config, backend)
+    if settings.kind is not None and settings.kind.lower() not in ("cpu", "hf_cpu", "cpu_engine"):
+        raise ConfigError(f"create_cpu_engine got engine kind {settings.kind!r}, expected 'cpu'")
+    allowed = set(_CONFIG_FIELDS) - {"engine_id", "model_path", "device", "max_batch_size"}
+    reject_unknown_keys(settings, allowed, "cpu engine")
+    fields: dict[str, Any] = dict(settings.extra)
+    fields.pop("provider", None)
+    fields["engine_id"] = settings.engine_id
+    fields["model_path"] = settings.model_path
+    fields["device"] = settings.device or "cpu"
+    fields["provider"] = settings.provider
+    if settings.max_batch_size is not None:
+        fields["max_batch_size"] = settings.max_batch_size
+    if settings.max_output_tokens is not None:
+        if "max_new_tokens" in fields and fields["max_new_tokens"] != settings.max_output_tokens:
+            raise ConfigError(
+                f"cpu engine config: max_output_tokens={settings.max_output_tokens} and "
+                f"max_new_tokens={fields['max_new_tokens']} disagree; give one"
+            )
+        fields["max_new_tokens"] = settings.max_output_tokens
+    if settings.max_input_tokens is not None:
+        fields["max_input_tokens"] = settings.max_input_tokens
+    return CPUEngine(CPUEngineConfig(**fields), from_core=settings.from_core)

@@ -1,0 +1,641 @@
+"""EngineFactory: the registry of engine kinds, auto-selection and creation.
+
+Kinds come from three places, all shown by :meth:`EngineFactory.get_engine_info`:
+
+* **built-in** (``mock``, ``cpu``, ``cuda``): engine classes of this package, imported on
+  first use (importing their modules never imports torch);
+* **entry points** of the ``sagellm.engines`` group from other distributions, discovered
+  with :class:`sagellm_backend.registry.PluginRegistry` (this package's own entry points are
+  the built-ins above and are not loaded twice);
+* **registered** at run time with :meth:`EngineFactory.register` /
+  :meth:`EngineFactory.register_engine`.
+
+Invariants:
+    * A kind that fails to load (import error, hook raising, two distributions claiming it)
+      is reported by name in :meth:`get_engine_info` and when it is asked for; it never hides
+      the other kinds and never makes listing raise.
+    * ``create("auto")`` picks the available kind with the highest priority (ties broken by
+      name); the ``mock`` kind and kinds with a negative priority are only created by name
+      (no silent fallback to a simulation).
+    * An unknown kind raises :class:`~sagellm_backend.errors.ConfigError` listing the kinds
+      that exist; aliases (``hf_cuda`` -> ``cuda``, ...) resolve before lookup.
+    * All state is class-level and guarded by one lock.
+
+Example:
+    >>> from sagellm_backend.engine.factory import EngineFactory
+    >>> engine = EngineFactory.create("mock", {"engine_id": "m0", "simulate_ttft_ms": 0.0})
+    >>> type(engine).__name__
+    'MockEngine'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+import importlib.metadata
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, cast
+
+from sagellm_backend.engine._plugin import is_backend_provider, normalize_engine_config
+from sagellm_backend.engine.base import BaseEngine, EngineConfig
+from sagellm_backend.errors import (
+    BackendError,
+    BackendNotAvailableError,
+    ConfigError,
+    PluginConflictError,
+    PluginLoadError,
+)
+
+__all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", "EngineFactoryFn"]
+
+#: ``factory(config, provider) -> engine``: the sagellm-core plugin calling convention.
+EngineFactoryFn = Callable[[Any, Any], Any]
+
+#: Built-in kinds: (module, engine class name, entry-point factory name).
+BUILTIN_ENGINES: Mapping[str, tuple[str, str, str]] = {
+    "mock": ("sagellm_backend.engine.mock", "MockEngine", "create_mock_engine"),
+    "cpu": ("sagellm_backend.engine.cpu", "CPUEngine", "create_cpu_engine"),
+    "cuda": ("sagellm_backend.engine.hf_cuda", "HFCudaEngine", "create_cuda_engine"),
+}
+
+#: Alternative spellings of kinds (lower-case, ``-`` and ``_`` equivalent).
+ENGINE_ALIASES: Mapping[str, str] = {
+    "hf_cuda": "cuda",
+    "hfcuda": "cuda",
+    "huggingface_cuda": "cuda",
+    "gpu": "cuda",
+    "hf_cpu": "cpu",
+    "cpu_engine": "cpu",
+    "mock_engine": "mock",
+}
+
+_NEVER_AUTO = frozenset({"mock"})
+_OWN_DISTRIBUTIONS = frozenset({"isagellm-backend"})
+_ENGINE_METHODS = ("start", "stop", "execute", "stream")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-\s]+", "_", name.strip().lower())
+
+
+@dataclass
+class EngineEntry:
+    """One kind known to the factory.
+
+    Attributes:
+        name: the kind.
+        source: ``"builtin"``, ``"entry_point"`` or ``"registered"``.
+        engine_class: the engine class, once known (entry points may only give a factory).
+        factory: ``factory(config, provider)``, used for configs that are not an
+            :class:`EngineConfig` instance (dicts, sagellm-core configs, None).
+        loader: loads ``(engine_class, factory)`` on first use (built-ins, entry points).
+        aliases: extra names of this kind.
+        entry_point: ``module:attr`` it comes from (display).
+        package: providing distribution (display).
+        error: the load failure, when loading failed.
+        priority_override: priority given at registration (else the class's ``priority()``).
+    """
+
+    name: str
+    source: str
+    engine_class: type[BaseEngine] | None = None
+    factory: EngineFactoryFn | None = None
+    loader: Callable[[], tuple[type[BaseEngine] | None, EngineFactoryFn | None]] | None = None
+    aliases: tuple[str, ...] = ()
+    entry_point: str = ""
+    package: str = ""
+    error: BaseException | None = None
+    priority_override: int | None = None
+    _hooks: Any = field(default=None, repr=False)
+
+    def load(self) -> None:
+        """Run the loader once; a failure is kept in ``error`` and raised again each call."""
+        if self.error is not None:
+            raise self.error
+        if self.loader is None:
+            return
+        loader, self.loader = self.loader, None
+        try:
+            cls, fn = loader()
+        except (PluginLoadError, PluginConflictError) as exc:
+            self.error = exc
+            raise
+        except Exception as exc:
+            err = PluginLoadError(
+                f"engine kind {self.name!r} ({self.entry_point or self.source}) failed to load: "
+                f"{type(exc).__name__}: {exc}",
+                group="sagellm.engines",
+                name=self.name,
+            )
+            err.__cause__ = exc
+            self.error = err
+            raise err from exc
+        self.engine_class = cls or self.engine_class
+        self.factory = fn or self.factory
+
+    def hooks(self) -> Any:
+        """Object carrying is_available/priority (the class, else the factory)."""
+        return self.engine_class if self.engine_class is not None else self.factory
+
+    def status(self) -> tuple[bool, int, str]:
+        """(available, priority, reason); a hook that raises becomes an error (raised)."""
+        self.load()
+        hooks = self.hooks()
+        priority = self.priority_override
+        if priority is None:
+            hook = getattr(hooks, "priority", None)
+            value = hook() if callable(hook) else 0
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PluginLoadError(
+                    f"engine kind {self.name!r}: priority() must return an int, got {value!r}",
+                    group="sagellm.engines",
+                    name=self.name,
+                )
+            priority = value
+        check = getattr(hooks, "is_available", None)
+        if not callable(check):
+            return True, priority, "declares no is_available() hook, so assumed available"
+        ok = check()
+        if not isinstance(ok, bool):
+            raise PluginLoadError(
+                f"engine kind {self.name!r}: is_available() must return a bool, got {ok!r}",
+                group="sagellm.engines",
+                name=self.name,
+            )
+        if ok:
+            return True, priority, "is_available() returned True"
+        why = getattr(hooks, "unavailable_reason", None)
+        return False, priority, str(why()) if callable(why) else "is_available() returned False"
+
+
+def _builtin_loader(
+    module: str, cls_name: str, fn_name: str
+) -> Callable[[], tuple[type[BaseEngine] | None, EngineFactoryFn | None]]:
+    def load() -> tuple[type[BaseEngine] | None, EngineFactoryFn | None]:
+        mod = importlib.import_module(module)
+        cls = getattr(mod, cls_name)
+        fn = getattr(mod, fn_name, None)
+        return cls, fn
+
+    return load
+
+
+def _entry_point_loader(
+    kind: str, registry: Any
+) -> Callable[[], tuple[type[BaseEngine] | None, EngineFactoryFn | None]]:
+    def load() -> tuple[type[BaseEngine] | None, EngineFactoryFn | None]:
+        obj = registry.load(kind)  # PluginLoadError / PluginConflictError, by name
+        if isinstance(obj, type) and issubclass(obj, BaseEngine):
+            return obj, None
+        if not callable(obj):
+            raise PluginLoadError(
+                f"sagellm.engines plugin {kind!r} resolves to {obj!r}, which is neither an "
+                "engine class nor a factory(config, backend)",
+                group="sagellm.engines",
+                name=kind,
+            )
+        return None, obj
+
+    return load
+
+
+class EngineFactory:
+    """Class-level registry of engine kinds (see the module docstring)."""
+
+    _lock: ClassVar[threading.RLock] = threading.RLock()
+    _entries: ClassVar[dict[str, EngineEntry]] = {}
+    _aliases: ClassVar[dict[str, str]] = {}
+    _discovered: ClassVar[bool] = False
+    _entry_points: ClassVar[list[importlib.metadata.EntryPoint] | None] = None
+
+    # ------------------------------------------------------------------ discovery
+    @classmethod
+    def _ensure(cls) -> None:
+        with cls._lock:
+            if cls._discovered:
+                return
+            cls._discovered = True
+            for alias, target in ENGINE_ALIASES.items():
+                cls._aliases.setdefault(alias, target)
+            for name, (module, cls_name, fn_name) in BUILTIN_ENGINES.items():
+                if name in cls._entries:
+                    continue
+                cls._entries[name] = EngineEntry(
+                    name=name,
+                    source="builtin",
+                    loader=_builtin_loader(module, cls_name, fn_name),
+                    entry_point=f"{module}:{cls_name}",
+                    package="isagellm-backend",
+                )
+            cls._discover_entry_points()
+
+    @classmethod
+    def _discover_entry_points(cls) -> None:
+        from sagellm_backend.registry import ENGINES_GROUP, PluginRegistry
+
+        registry = PluginRegistry(ENGINES_GROUP, entry_points=cls._entry_points)
+        for kind, record in registry.records().items():
+            own = [
+                s
+                for s in record.sources
+                if s.dist_name is not None
+                and re.sub(r"[-_.]+", "-", s.dist_name).lower() in _OWN_DISTRIBUTIONS
+            ]
+            foreign = [s for s in record.sources if s not in own]
+            target = cls._aliases.get(_norm(kind), _norm(kind))
+            if own and not foreign and target in cls._entries:
+                continue  # our own entry point: the built-in (or its alias) covers it
+            if target in cls._entries and cls._entries[target].source == "builtin":
+                # A third-party distribution claims a built-in kind: refuse to choose.
+                claims = "; ".join(f"{s.package} ({s.value})" for s in record.sources)
+                entry = cls._entries[target]
+                entry.error = PluginConflictError(
+                    f"engine kind {target!r} is built into isagellm-backend and also "
+                    f"registered by {claims}; uninstall the other distribution"
+                )
+                continue
+            cls._entries[kind] = EngineEntry(
+                name=kind,
+                source="entry_point",
+                loader=_entry_point_loader(kind, registry),
+                entry_point=record.value,
+                package=record.package,
+            )
+
+    @classmethod
+    def refresh(cls, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
+        """Forget everything and rediscover the built-ins and the ``sagellm.engines`` group.
+
+        Args:
+            entry_points: use these instead of the installed entry points (tests).
+        """
+        with cls._lock:
+            cls._entries = {}
+            cls._aliases = {}
+            cls._discovered = False
+            cls._entry_points = None if entry_points is None else list(entry_points)
+        cls._ensure()
+
+    @classmethod
+    def clear_registry(cls) -> None:
+        """Remove every kind, built-ins included (:meth:`refresh` brings them back)."""
+        with cls._lock:
+            cls._entries = {}
+            cls._aliases = {}
+            cls._discovered = True
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    def register(
+        cls,
+        engine: type[BaseEngine] | str,
+        engine_class: type[BaseEngine] | None = None,
+        *,
+        factory: EngineFactoryFn | None = None,
+        aliases: Iterable[str] = (),
+        priority: int | None = None,
+        replace: bool = False,
+    ) -> None:
+        """Register a kind: ``register(EngineClass)`` (0.1.1.x) or ``register("kind", ...)``.
+
+        Args:
+            engine: an engine class (its ``backend_type()`` is the kind) or the kind name
+                (case-insensitive; ``-`` equals ``_``).
+            engine_class: the engine class when ``engine`` is a name.
+            factory: ``factory(config, provider)`` for dict/None/foreign configs.
+            aliases: other names of the kind.
+            priority: overrides the class's ``priority()`` for auto-selection.
+            replace: allow replacing a different registration of the kind.
+
+        Raises:
+            ConfigError: bad name/class, neither class nor factory, or the kind is already
+                registered to something else without ``replace=True``.
+        """
+        if isinstance(engine, type):
+            if engine_class is not None:
+                raise ConfigError("register(EngineClass) takes no second engine class")
+            engine_class = engine
+            if not issubclass(engine_class, BaseEngine):
+                raise ConfigError(f"register needs a BaseEngine subclass, got {engine_class!r}")
+            name = engine_class.backend_type()
+        else:
+            name = engine
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"engine kind must be a non-empty string, got {name!r}")
+        if engine_class is not None and not (
+            isinstance(engine_class, type) and issubclass(engine_class, BaseEngine)
+        ):
+            raise ConfigError(
+                f"engine_class for kind {name!r} must be a BaseEngine subclass, "
+                f"got {engine_class!r}"
+            )
+        if engine_class is None and factory is None:
+            raise ConfigError(f"register({name!r}) needs an engine_class or a factory")
+        if factory is not None and not callable(factory):
+            raise ConfigError(f"factory for kind {name!r} must be callable, got {factory!r}")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise ConfigError(f"priority for kind {name!r} must be an int, got {priority!r}")
+        key = _norm(name)
+        alias_keys = tuple(_norm(a) for a in aliases)
+        with cls._lock:
+            cls._ensure()
+            old = cls._entries.get(key)
+            if old is not None and not replace:
+                if old.loader is not None:
+                    with contextlib.suppress(Exception):
+                        old.load()
+                same = old.engine_class is engine_class and old.error is None
+                if not same:
+                    raise ConfigError(
+                        f"engine kind {key!r} is already registered ({old.source}: "
+                        f"{old.engine_class or old.entry_point}); pass replace=True to replace it"
+                    )
+                # Re-registering the same class keeps its factory unless a new one is given.
+                factory = factory or old.factory
+            cls._entries[key] = EngineEntry(
+                name=key,
+                source="registered",
+                engine_class=engine_class,
+                factory=factory,
+                aliases=alias_keys,
+                entry_point=(
+                    f"{engine_class.__module__}:{engine_class.__qualname__}"
+                    if engine_class is not None
+                    else getattr(factory, "__qualname__", repr(factory))
+                ),
+                priority_override=priority,
+            )
+            cls._aliases.pop(key, None)
+            for alias in alias_keys:
+                cls._aliases[alias] = key
+
+    @classmethod
+    def register_engine(
+        cls,
+        engine_class: type[BaseEngine],
+        *,
+        name: str | None = None,
+        factory: EngineFactoryFn | None = None,
+        aliases: Iterable[str] = (),
+        priority: int | None = None,
+        replace: bool = False,
+    ) -> type[BaseEngine]:
+        """Register ``engine_class`` under ``name`` (default ``engine_class.backend_type()``).
+
+        Usable as a class decorator; returns the class.
+        """
+        if not (isinstance(engine_class, type) and issubclass(engine_class, BaseEngine)):
+            raise ConfigError(f"register_engine needs a BaseEngine subclass, got {engine_class!r}")
+        kind = name if name is not None else engine_class.backend_type()
+        cls.register(
+            kind, engine_class, factory=factory, aliases=aliases, priority=priority, replace=replace
+        )
+        return engine_class
+
+    @classmethod
+    def unregister(cls, engine: type[BaseEngine] | str) -> bool:
+        """Remove a kind (by class or name) and its aliases; False if it was not registered."""
+        with cls._lock:
+            cls._ensure()
+            if isinstance(engine, type):
+                keys = [k for k, e in cls._entries.items() if e.engine_class is engine]
+                if not keys and issubclass(engine, BaseEngine):
+                    keys = [_norm(engine.backend_type())]
+            else:
+                key = _norm(engine)
+                keys = [cls._aliases.get(key, key)]
+            removed = False
+            for key in keys:
+                if cls._entries.pop(key, None) is not None:
+                    removed = True
+                    for alias in [a for a, t in cls._aliases.items() if t == key]:
+                        del cls._aliases[alias]
+            return removed
+
+    # ------------------------------------------------------------------ queries
+    @classmethod
+    def resolve_kind(cls, name: str) -> str:
+        """Canonical kind of ``name`` (aliases resolved).
+
+        Raises:
+            ConfigError: unknown kind (the message lists the known ones).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"engine kind must be a non-empty string, got {name!r}")
+        key = _norm(name)
+        with cls._lock:
+            cls._ensure()
+            key = cls._aliases.get(key, key)
+            if key not in cls._entries:
+                raise ConfigError(
+                    f"unknown engine kind {name!r}; valid kinds: "
+                    f"{', '.join(cls._known_names()) or '(none registered)'}, or 'auto' "
+                    f"(available here: {', '.join(cls.available_backends()) or 'none'})"
+                )
+            return key
+
+    @classmethod
+    def _known_names(cls) -> list[str]:
+        return sorted(cls._entries)
+
+    @classmethod
+    def _status(cls, entry: EngineEntry) -> tuple[bool, int, str, BaseException | None]:
+        try:
+            ok, priority, reason = entry.status()
+        except Exception as exc:
+            if entry.error is None:
+                entry.error = exc
+            return False, entry.priority_override or 0, f"{type(exc).__name__}: {exc}", exc
+        return ok, priority, reason, None
+
+    @classmethod
+    def all_backends(cls) -> list[str]:
+        """Every known kind, sorted (broken and unavailable ones included)."""
+        with cls._lock:
+            cls._ensure()
+            return cls._known_names()
+
+    @classmethod
+    def available_backends(cls) -> list[str]:
+        """Kinds that load and can run here, highest priority first (then by name)."""
+        with cls._lock:
+            cls._ensure()
+            entries = list(cls._entries.values())
+        rows = []
+        for entry in entries:
+            ok, priority, _, _ = cls._status(entry)
+            if ok:
+                rows.append((-priority, entry.name))
+        return [name for _, name in sorted(rows)]
+
+    @classmethod
+    def available_engines(cls) -> list[str]:
+        """Same as :meth:`available_backends` (0.1.1.x name)."""
+        return cls.available_backends()
+
+    @classmethod
+    def get_engine_info(cls) -> list[dict[str, Any]]:
+        """Describe every kind, sorted by kind (see :meth:`engine_info` for the keys)."""
+        with cls._lock:
+            cls._ensure()
+            entries = sorted(cls._entries.values(), key=lambda e: e.name)
+        return [cls._info(e) for e in entries]
+
+    @classmethod
+    def engine_info(cls, kind: str) -> dict[str, Any]:
+        """Describe one kind (aliases accepted).
+
+        Keys: ``name`` (engine class name, or the kind when only a factory is known),
+        ``backend_type`` and ``kind`` (the kind), ``priority``, ``is_available``, ``source``
+        (builtin / entry_point / registered), ``entry_point``, ``package``, ``reason``,
+        ``error`` (``"Type: message"`` or None) and ``aliases``.
+
+        Raises:
+            ConfigError: unknown kind.
+        """
+        return cls._info(cls._entries[cls.resolve_kind(kind)])
+
+    @classmethod
+    def _info(cls, entry: EngineEntry) -> dict[str, Any]:
+        ok, priority, reason, error = cls._status(entry)
+        err = entry.error or error
+        aliases = sorted(a for a, t in cls._aliases.items() if t == entry.name)
+        return {
+            "name": entry.engine_class.__name__ if entry.engine_class else entry.name,
+            "backend_type": entry.name,
+            "kind": entry.name,
+            "priority": priority,
+            "is_available": ok,
+            "source": entry.source,
+            "entry_point": entry.entry_point,
+            "package": entry.package,
+            "reason": reason,
+            "error": None if err is None else f"{type(err).__name__}: {err}",
+            "aliases": aliases,
+        }
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def select(cls) -> str:
+        """The kind ``create("auto")`` would use.
+
+        Raises:
+            BackendNotAvailableError: no kind other than the mock with priority >= 0 is
+                available (the message lists every kind's state).
+        """
+        with cls._lock:
+            cls._ensure()
+            entries = list(cls._entries.values())
+        rows = []
+        summary = []
+        for entry in sorted(entries, key=lambda e: e.name):
+            ok, priority, reason, _ = cls._status(entry)
+            summary.append(
+                f"{entry.name}: {'available' if ok else 'unavailable'} (priority {priority}; "
+                f"{reason})"
+            )
+            if ok and priority >= 0 and entry.name not in _NEVER_AUTO:
+                rows.append((-priority, entry.name))
+        if not rows:
+            raise BackendNotAvailableError(
+                "no engine can be auto-selected here (" + "; ".join(summary) + "); ask for "
+                "one by name, e.g. EngineFactory.create('mock')"
+            )
+        return min(rows)[1]
+
+    @classmethod
+    def create(
+        cls, backend_type: str | None = "auto", config: Any = None, provider: Any = None
+    ) -> BaseEngine:
+        """Create an engine.
+
+        Args:
+            backend_type: a kind or alias, or ``"auto"``/None (the ``kind`` of ``config`` if
+                it has one, else the highest-priority available kind).
+            config: the engine's own config (an :class:`EngineConfig` subclass instance), a
+                dict, a sagellm-core ``EngineConfig``, or None.
+            provider: a backend provider to run on (overrides ``config.provider``).
+
+        Raises:
+            ConfigError: unknown kind (valid ones listed), bad config, or not a provider.
+            BackendNotAvailableError: the kind cannot run here (with the reason).
+            PluginLoadError / PluginConflictError: the kind is broken (named).
+        """
+        if provider is not None and not is_backend_provider(provider):
+            raise ConfigError(
+                f"EngineFactory.create provider must be a backend provider, "
+                f"got {type(provider).__name__}"
+            )
+        kind = backend_type
+        if kind is None or _norm(kind) == "auto":
+            cfg_kind = cls._config_kind(config)
+            kind = cfg_kind if cfg_kind is not None and _norm(cfg_kind) != "auto" else None
+        key = cls.select() if kind is None else cls.resolve_kind(kind)
+        entry = cls._entries[key]
+        ok, _, reason, error = cls._status(entry)
+        if error is not None:
+            raise error
+        if not ok:
+            raise BackendNotAvailableError(
+                f"engine kind {key!r} is not available on this machine: {reason}"
+            )
+        engine = cls._build(entry, config, provider)
+        if not all(callable(getattr(engine, m, None)) for m in _ENGINE_METHODS):
+            raise PluginLoadError(
+                f"engine kind {key!r} ({entry.entry_point}) returned {type(engine).__name__}, "
+                f"which lacks {', '.join(m for m in _ENGINE_METHODS if not hasattr(engine, m))}",
+                group="sagellm.engines",
+                name=key,
+            )
+        return cast(BaseEngine, engine)
+
+    @staticmethod
+    def _config_kind(config: Any) -> str | None:
+        if config is None:
+            return None
+        value = config.get("kind") if isinstance(config, Mapping) else getattr(config, "kind", None)
+        return value if isinstance(value, str) and value else None
+
+    @classmethod
+    def _build(cls, entry: EngineEntry, config: Any, provider: Any) -> Any:
+        engine_cls = entry.engine_class
+        if isinstance(config, EngineConfig) and engine_cls is not None:
+            if provider is not None:
+                config = copy.copy(config)
+                config.provider = provider
+            return engine_cls(config)
+        if entry.factory is not None:
+            try:
+                return entry.factory(config, provider)
+            except (BackendError, ValueError, TypeError, ImportError):
+                raise  # the factory's own words about the config or a missing dependency
+            except Exception as exc:
+                raise PluginLoadError(
+                    f"engine kind {entry.name!r} ({entry.entry_point}): the factory raised "
+                    f"{type(exc).__name__}: {exc}",
+                    group="sagellm.engines",
+                    name=entry.name,
+                ) from exc
+        assert engine_cls is not None
+        settings = normalize_engine_config(config, provider)
+        base_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        extra = dict(settings.extra)
+        metadata = extra.pop("metadata", {}) or {}
+        direct = {k: extra.pop(k) for k in list(extra) if k in base_fields}
+        kwargs: dict[str, Any] = {
+            "engine_id": settings.engine_id,
+            "model_path": settings.model_path,
+            "provider": settings.provider,
+            "metadata": {**metadata, **extra},
+            **direct,
+        }
+        if settings.device is not None:
+            kwargs["device"] = settings.device
+        if settings.max_batch_size is not None:
+            kwargs["max_batch_size"] = settings.max_batch_size
+        return engine_cls(EngineConfig(**kwargs))

@@ -1,0 +1,1 @@
+"""The HF engine core shared by HFCudaEngine and CPUEngine: loader, runner, scheduler, detok."""

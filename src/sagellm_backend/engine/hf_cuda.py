@@ -1,0 +1,313 @@
+"""HFCudaEngine: the HF engine core on a CUDA GPU (0.1.1.2 API, continuous batching inside).
+
+Every documented field of :class:`HFCudaEngineConfig` is required (no implicit defaults)
+and validated at construction. The engine loads the model with transformers (dtype,
+device_map through accelerate, bitsandbytes 8/4-bit, trust_remote_code) and serves it with
+the shared core of :mod:`sagellm_backend.engine.hf.core`: continuous batching in a worker
+thread, paged KV in the CUDA provider's pool, prefix caching, streaming with cancellation.
+
+Provider: the config's ``provider`` when injected; otherwise a
+:class:`~sagellm_backend.providers.cuda.CudaBackendProvider` for ``device`` is created at
+``start()`` (a clear :class:`~sagellm_backend.errors.BackendNotAvailableError` when CUDA is
+not there). ``mock_mode=True`` serves simulated generations through a
+:class:`~sagellm_backend.engine.mock.MockEngine` on a
+:class:`~sagellm_backend.providers.mock.MockBackendProvider`; then ``device`` may be any
+string (the CUDA semantics are kept in the config) and nothing needs torch, transformers
+or the hub. Nothing in this module touches a device API: device work goes through the
+provider.
+
+Example (the published configuration)::
+
+    config = HFCudaEngineConfig(
+        engine_id="hf-001", model_path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        device="cuda:0", dtype="float16", device_map="auto", load_in_8bit=False,
+        load_in_4bit=False, trust_remote_code=False, max_new_tokens=256, max_batch_size=8)
+    engine = HFCudaEngine(config)
+    await engine.start()
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sagellm_backend.engine.base import EngineConfig
+from sagellm_backend.engine.hf.core import (
+    HFEngineCore,
+    LoadSettings,
+    check_bool,
+    check_common_fields,
+    check_positive_int,
+    hf_unavailable_reason,
+    make_mock_engine,
+    resolve_engine_options,
+)
+from sagellm_backend.errors import ConfigError
+
+__all__ = ["HFCudaEngine", "HFCudaEngineConfig", "create_cuda_engine"]
+
+_DTYPES = ("float16", "bfloat16", "float32", "auto")
+_DEVICE_RE = re.compile(r"^cuda(:\d+)?$")
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass
+class HFCudaEngineConfig(EngineConfig):
+    """Configuration of :class:`HFCudaEngine`; the documented fields are all required.
+
+    Required (None is rejected): ``engine_id``, ``model_path``, ``device`` (``"cuda"`` or
+    ``"cuda:N"``; any string with ``mock_mode=True``), ``dtype`` (``float16``,
+    ``bfloat16``, ``float32`` or ``auto``), ``device_map`` (``"auto"`` -- or another
+    accelerate strategy: ``balanced``, ``balanced_low_0``, ``sequential`` --, ``"cuda:N"``
+    or a dict module -> device), ``load_in_8bit`` and ``load_in_4bit`` (bools, at most one
+    True; bfloat16 cannot be combined with either), ``trust_remote_code`` (bool),
+    ``max_new_tokens`` (``> 0``) and ``max_batch_size`` (``> 0``).
+
+    Optional tuning (see :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may
+    also be a ``metadata`` key): ``kv_cache_memory_bytes``, ``block_size``,
+    ``enable_prefix_caching``, ``max_num_batched_tokens``, ``max_model_len``,
+    ``max_input_tokens``, ``runner``, ``fuse_projections``.
+
+    Raises:
+        ConfigError: at construction, naming the field, the bad value and a valid example.
+    """
+
+    max_batch_size: int | None = None  # type: ignore[assignment]  # required here
+    dtype: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    load_in_8bit: bool | None = None
+    load_in_4bit: bool | None = None
+    trust_remote_code: bool | None = None
+    max_new_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_input_tokens: int | None = None
+    runner: str = "auto"
+    fuse_projections: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (called at construction and by the engine).
+
+        Raises:
+            ConfigError: the first invalid field, with what a valid value looks like.
+        """
+        owner = "HFCudaEngineConfig"
+        check_common_fields(owner, self)
+        if self.model_path is None:
+            raise ConfigError(
+                f"{owner}.model_path is required (e.g. 'TinyLlama/TinyLlama-1.1B-Chat-v1.0' "
+                "or a model directory), got None"
+            )
+        device = self.device
+        if not isinstance(device, str) or not device:
+            raise ConfigError(f"{owner}.device is required, e.g. 'cuda:0'; got {device!r}")
+        if not self.mock_mode and not _DEVICE_RE.match(device):
+            raise ConfigError(
+                f"{owner}.device must start with 'cuda' ('cuda' or 'cuda:N', e.g. 'cuda:0'); "
+                f"got {device!r} (use CPUEngine for the CPU, or mock_mode=True)"
+            )
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"{owner}.dtype is required, one of {_DTYPES}; got {self.dtype!r}")
+        dm = self.device_map
+        if isinstance(dm, dict):
+            if not dm or not all(isinstance(k, str) for k in dm):
+                raise ConfigError(
+                    f"{owner}.device_map dict must map module names to devices, e.g. "
+                    f"{{'': 'cuda:0'}}; got {dm!r}"
+                )
+        elif not (isinstance(dm, str) and (dm in _DEVICE_MAP_STRATEGIES or _DEVICE_RE.match(dm))):
+            raise ConfigError(
+                f"{owner}.device_map is required: 'auto', 'cuda:N' (e.g. 'cuda:0'), another "
+                f"accelerate strategy {_DEVICE_MAP_STRATEGIES[1:]} or a dict module -> device; "
+                f"got {dm!r}"
+            )
+        load_8 = check_bool(owner, "load_in_8bit", self.load_in_8bit)
+        load_4 = check_bool(owner, "load_in_4bit", self.load_in_4bit)
+        if load_8 and load_4:
+            raise ConfigError(
+                f"{owner}.load_in_8bit and load_in_4bit are mutually exclusive; set at most "
+                "one to True"
+            )
+        if (load_8 or load_4) and self.dtype == "bfloat16":
+            bits = "load_in_8bit" if load_8 else "load_in_4bit"
+            raise ConfigError(
+                f"{owner}.dtype='bfloat16' cannot be combined with {bits}=True; use "
+                "dtype='float16' or 'auto' with quantisation"
+            )
+        check_bool(owner, "trust_remote_code", self.trust_remote_code)
+        check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
+        check_positive_int(owner, "max_batch_size", self.max_batch_size)
+        resolve_engine_options(owner, self)
+
+
+class HFCudaEngine(HFEngineCore):
+    """The HF engine core on a CUDA GPU (see the module docstring).
+
+    Args:
+        config: an :class:`HFCudaEngineConfig` (validated again here).
+        from_core: created through sagellm-core (``component_trace`` starts with it).
+    """
+
+    ENGINE_NAME = "HFCudaEngine"
+
+    def __init__(
+        self, config: HFCudaEngineConfig | EngineConfig, *, from_core: bool = False
+    ) -> None:
+        if not isinstance(config, HFCudaEngineConfig):
+            if not isinstance(config, EngineConfig):
+                raise ConfigError(
+                    f"HFCudaEngine needs an HFCudaEngineConfig, got {type(config).__name__}"
+                )
+            base = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
+            config = HFCudaEngineConfig(**base)  # the required fields are missing: raises
+        config.validate()
+        options = resolve_engine_options("HFCudaEngineConfig", config)
+        assert config.model_path is not None and config.max_new_tokens is not None
+        assert config.max_batch_size is not None and config.dtype is not None
+        load = LoadSettings(
+            model_path=config.model_path,
+            device=config.device,
+            dtype=config.dtype,
+            device_map=config.device_map,
+            load_in_8bit=bool(config.load_in_8bit),
+            load_in_4bit=bool(config.load_in_4bit),
+            trust_remote_code=bool(config.trust_remote_code),
+            low_cpu_mem_usage=True,
+            max_new_tokens=config.max_new_tokens,
+            max_batch_size=config.max_batch_size,
+        )
+        mock = (
+            make_mock_engine(config, type(self).__name__, from_core) if config.mock_mode else None
+        )
+        super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
+        self._cuda_config = config
+
+    @classmethod
+    def backend_type(cls) -> str:
+        """Kind served: ``"cuda"``."""
+        return "cuda"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether torch, transformers and a CUDA device are there."""
+        return cls.unavailable_reason() is None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why the engine cannot run here (missing packages or no CUDA device), or None."""
+        reason = hf_unavailable_reason()
+        if reason is not None:
+            return reason
+        from sagellm_backend.providers.cuda import unavailable_reason
+
+        return unavailable_reason()
+
+    @classmethod
+    def priority(cls) -> int:
+        """Auto-selection priority: the highest built-in engine."""
+        return 100
+
+    def _make_provider(self) -> Any:
+        from sagellm_backend.providers.cuda import create_cuda_backend
+
+        options: dict[str, Any] = {"device": self._cuda_config.device}
+        if self._options.kv_cache_memory_bytes is not None:
+            options["kv_memory_bytes"] = self._options.kv_cache_memory_bytes
+        return create_cuda_backend(options)
+
+    def _check_provider(self, provider: Any) -> None:
+        device_type = getattr(provider.capability(), "device_type", None)
+        if device_type not in (None, "cuda"):
+            raise ConfigError(
+                f"HFCudaEngine needs a cuda provider, got {type(provider).__name__} "
+                f"(device_type {device_type!r}); use mock_mode=True for a simulation"
+            )
+
+    def get_info(self) -> dict[str, Any]:
+        """Engine description (see :meth:`HFEngineCore.get_info`) plus the CUDA settings."""
+        info = super().get_info()
+        cfg = self._cuda_config
+        info.update(
+            dtype=cfg.dtype,
+            device_map=cfg.device_map,
+            load_in_8bit=cfg.load_in_8bit,
+            load_in_4bit=cfg.load_in_4bit,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        return info
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(HFCudaEngineConfig))
+
+#: What :func:`create_cuda_engine` uses for documented fields a sagellm-core config lacks.
+FACTORY_DEFAULTS: dict[str, Any] = {
+    "dtype": "auto",
+    "device_map": "auto",
+    "load_in_8bit": False,
+    "load_in_4bit": False,
+    "trust_remote_code": False,
+}
+
+
+def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
+    """``sagellm.engines`` entry points ``cuda`` / ``hf_cuda``: build an :class:`HFCudaEngine`.
+
+    Args:
+        config: an :class:`HFCudaEngineConfig` (used as is), a sagellm-core
+            ``EngineConfig`` or a dict. ``model``/``model_path``, ``device`` (default
+            ``"cuda:0"``), ``max_batch_size`` (required), ``max_output_tokens`` ->
+            ``max_new_tokens`` (required, or give ``max_new_tokens``), ``max_input_tokens``
+            are mapped; a dict may set any HFCudaEngineConfig field. Fields a sagellm-core
+            config cannot carry take :data:`FACTORY_DEFAULTS` (dtype and device_map
+            ``"auto"``, no quantisation, no remote code).
+        backend: the provider sagellm-core created (a cuda provider).
+
+    Raises:
+        ConfigError: an unknown field, a wrong kind, or a missing/invalid value.
+    """
+    from sagellm_backend.engine._plugin import normalize_engine_config, reject_unknown_keys
+
+    if isinstance(config, HFCudaEngineConfig):
+        if backend is not None:
+            config = copy.copy(config)
+            config.provider = backend
+            config.validate()
+        return HFCudaEngine(config)
+    settings = normalize_engine_config(config, backend)
+    if settings.kind is not None and settings.kind.lower().replace("-", "_") not in (
+        "cuda",
+        "hf_cuda",
+        "hfcuda",
+        "huggingface_cuda",
+        "gpu",
+    ):
+        raise ConfigError(f"create_cuda_engine got engine kind {settings.kind!r}, expected 'cuda'")
+    allowed = set(_CONFIG_FIELDS) - {"engine_id", "model_path", "device", "max_batch_size"}
+    reject_unknown_keys(settings, allowed, "cuda engine")
+    fields: dict[str, Any] = {**FACTORY_DEFAULTS, **settings.extra}
+    fields.pop("provider", None)
+    fields["engine_id"] = settings.engine_id
+    fields["model_path"] = settings.model_path
+    fields["device"] = settings.device or "cuda:0"
+    fields["provider"] = settings.provider
+    fields["max_batch_size"] = settings.max_batch_size
+    if settings.max_output_tokens is not None:
+        given = settings.extra.get("max_new_tokens")
+        if given is not None and given != settings.max_output_tokens:
+            raise ConfigError(
+                f"cuda engine config: max_output_tokens={settings.max_output_tokens} and "
+                f"max_new_tokens={given} disagree; give one"
+            )
+        fields["max_new_tokens"] = settings.max_output_tokens
+    if settings.max_input_tokens is not None:
+        fields["max_input_tokens"] = settings.max_input_tokens
+    return HFCudaEngine(HFCudaEngineConfig(**fields), from_core=settings.from_core)

@@ -1,0 +1,509 @@
+"""KVCacheManager: per-sequence block tables with prefix reuse, on top of a BlockPool.
+
+This is what engines use. A sequence (request) gets a *block table*: the pool pages that hold
+its tokens in order; token ``i`` lives in slot
+``block_table[i // block_size] * block_size + i % block_size`` of the storage.
+
+Prefix caching: every *full* block of a sequence has a chained hash
+(``h_i = hash_fn(h_{i-1}, tokens[i*B:(i+1)*B])``, ``h_{-1} = ROOT_HASH``). Once the engine
+reports that the K/V of a full block are written (:meth:`KVCacheManager.mark_computed`),
+the block's page is registered in the pool's cache under its hash. A later
+:meth:`KVCacheManager.allocate` looks up its own chain and shares the pages of the longest
+cached prefix (refcount + 1), at most ``len(token_ids) - 1`` tokens so that the last token
+is always computed; it returns how many tokens are already cached.
+
+Invariants:
+    * a sequence holds exactly ``ceil(num_tokens / block_size)`` pages, each referenced once
+      by it; shared (prefix) pages are full blocks and are never written again;
+    * only pages whose K/V were reported computed are ever cached, so freeing a sequence
+      that was never computed (or :meth:`free` with ``discard=True``) does not leave
+      unfinished pages in the cache;
+    * :meth:`allocate` and :meth:`append` are all-or-nothing: on
+      :class:`~sagellm_backend.errors.KVCacheExhaustedError` nothing changes (not even the
+      LRU order or the statistics);
+    * ``stats().kv_used_tokens`` counts the token slots filled in referenced pages, a shared
+      page once; ``kv_used_bytes`` is ``referenced pages * page_bytes``.
+
+Thread safety: every public method holds the pool's lock for its whole duration, so one
+manager (and several managers on one pool) can be used from several threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from sagellm_backend.engine.metrics import KVRequestStats
+from sagellm_backend.errors import InvalidKVBlockError, InvalidStateError, KVCacheExhaustedError
+from sagellm_backend.kv.block_pool import ROOT_HASH, BlockHashFn, BlockPool, hash_block_tokens
+from sagellm_backend.kv.spec import KVSpec
+from sagellm_backend.kv.storage import KVStorage
+
+__all__ = ["KVCacheManager", "KVStats"]
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """Snapshot of a manager's KV cache (maps onto the protocol Metrics KV fields).
+
+    Attributes:
+        kv_used_tokens: token slots filled in referenced pages (a shared page counted once).
+        kv_used_bytes: referenced pages * page_bytes.
+        prefix_hit_rate: prefix-cache hit tokens / tokens queried by :meth:`allocate`.
+        evict_count: cached pages evicted so far.
+        evict_ms: milliseconds spent evicting so far.
+        num_pages: pages in the pool.
+        num_free_pages: pages nobody references (cached-but-evictable included).
+        num_cached_pages: pages holding a cached block hash.
+        num_evictable_pages: cached pages nobody references.
+        num_seqs: live sequences.
+        num_seq_tokens: tokens over all live sequences (a shared prefix counted per sequence).
+        prefix_hit_tokens: tokens served from the cache by :meth:`allocate`.
+        prefix_query_tokens: tokens passed to :meth:`allocate`.
+        page_bytes: bytes per page.
+        block_size: tokens per page.
+        total_bytes: num_pages * page_bytes.
+    """
+
+    kv_used_tokens: int
+    kv_used_bytes: int
+    prefix_hit_rate: float
+    evict_count: int
+    evict_ms: float
+    num_pages: int
+    num_free_pages: int
+    num_cached_pages: int
+    num_evictable_pages: int
+    num_seqs: int
+    num_seq_tokens: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+    page_bytes: int
+    block_size: int
+    total_bytes: int
+
+
+class _Seq:
+    """State of one sequence (internal)."""
+
+    __slots__ = (
+        "evict_count",
+        "evict_ms",
+        "hashes",
+        "hit_blocks",
+        "num_computed",
+        "num_registered",
+        "pages",
+        "query_tokens",
+        "tokens",
+    )
+
+    def __init__(self, tokens: list[int], pages: list[int], hashes: list[int], hits: int) -> None:
+        self.tokens = tokens
+        self.pages = pages
+        self.hashes = hashes  # chained hashes of the first len(hashes) full blocks
+        self.hit_blocks = hits  # leading pages that came from the prefix cache
+        self.num_registered = hits  # leading full blocks already cached (or found cached)
+        self.num_computed = 0
+        self.query_tokens = len(tokens)
+        self.evict_count = 0
+        self.evict_ms = 0.0
+
+
+class KVCacheManager:
+    """Per-sequence paged KV allocation with longest-prefix reuse.
+
+    Args:
+        pool: the page pool (may be shared with other managers of the same geometry).
+        spec: KV geometry; ``spec.page_bytes`` must match ``pool.page_bytes`` when that is set.
+        storage: the storage holding the pool's pages (``layer_kv`` for engines), optional.
+        enable_prefix_caching: share cached full blocks between sequences.
+        hash_fn: block hash, :func:`~sagellm_backend.kv.block_pool.hash_block_tokens` by
+            default (fast); :func:`~sagellm_backend.kv.block_pool.sha256_block_hash` for
+            untrusted multi-tenant prompts.
+    """
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        spec: KVSpec,
+        *,
+        storage: KVStorage | None = None,
+        enable_prefix_caching: bool = True,
+        hash_fn: BlockHashFn = hash_block_tokens,
+    ) -> None:
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a BlockPool, got {type(pool).__name__}")
+        if not isinstance(spec, KVSpec):
+            raise TypeError(f"spec must be a KVSpec, got {type(spec).__name__}")
+        if pool.page_bytes and pool.page_bytes != spec.page_bytes:
+            raise ValueError(
+                f"pool pages are {pool.page_bytes} bytes but the spec needs {spec.page_bytes}"
+            )
+        if storage is not None and (
+            storage.num_pages != pool.num_pages or storage.spec.page_bytes != spec.page_bytes
+        ):
+            raise ValueError(
+                f"storage holds {storage.num_pages} pages of {storage.spec.page_bytes} bytes; "
+                f"the pool has {pool.num_pages} pages of {spec.page_bytes} bytes"
+            )
+        self.pool = pool
+        self.spec = spec
+        self.storage = storage
+        self.enable_prefix_caching = bool(enable_prefix_caching) and pool.enable_caching
+        self.hash_fn = hash_fn
+        self._builtin_hash = hash_fn is hash_block_tokens
+        self._block_size = spec.block_size
+        self._page_bytes = spec.page_bytes
+        self._seqs: dict[str, _Seq] = {}
+        self._used_tokens = 0
+        self._hit_tokens = 0
+        self._query_tokens = 0
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int:
+        """Reserve pages for every token of a new sequence; return the cached-token count.
+
+        Reuses the pages of the longest cached prefix of full blocks, at most
+        ``len(token_ids) - 1`` tokens (the last token is always computed).
+
+        Raises:
+            InvalidKVBlockError: ``seq_id`` is already allocated or ``token_ids`` is empty.
+            KVCacheExhaustedError: not enough pages even after eviction; nothing changed.
+        """
+        n = len(token_ids)
+        if n == 0:
+            raise InvalidKVBlockError(f"sequence {seq_id!r}: token_ids is empty")
+        tokens = list(token_ids)
+        pool = self.pool
+        block = self._block_size
+        with pool.lock:
+            if seq_id in self._seqs:
+                raise InvalidKVBlockError(f"sequence {seq_id!r} is already allocated")
+            hashes, hits = self._lookup(tokens)
+            ref = pool._ref
+            hits_free = sum(1 for p in hits if ref[p] == 0)
+            need = -(-n // block) - len(hits)
+            if need > pool._num_free - hits_free:
+                raise KVCacheExhaustedError(
+                    f"KV cache exhausted: sequence {seq_id!r} needs {need} new pages "
+                    f"({n} tokens, {len(hits)} blocks cached); {pool._num_free - hits_free} "
+                    f"free of {pool.num_pages}"
+                )
+            if pool.alloc_guard is not None and need:
+                pool.alloc_guard(need)
+            evict_count, evict_ms = pool.evict_count, pool.evict_ms
+            if hits:
+                pool._incref(hits)
+            new_pages = pool._allocate_unguarded(need)
+            seq = _Seq(tokens, hits + new_pages, hashes, len(hits))
+            seq.evict_count = pool.evict_count - evict_count
+            seq.evict_ms = pool.evict_ms - evict_ms
+            self._seqs[seq_id] = seq
+            cached = len(hits) * block
+            self._used_tokens += n - cached + hits_free * block
+            self._hit_tokens += cached
+            self._query_tokens += n
+            return cached
+
+    def match_prefix(self, token_ids: Sequence[int]) -> int:
+        """Tokens of ``token_ids`` that :meth:`allocate` would take from the cache now.
+
+        Changes nothing (no refcount, LRU or statistics update); capped like
+        :meth:`allocate` at ``len(token_ids) - 1``.
+        """
+        tokens = token_ids if isinstance(token_ids, list | tuple) else list(token_ids)
+        with self.pool.lock:
+            return len(self._lookup(tokens)[1]) * self._block_size
+
+    def _lookup(self, tokens: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Chained hashes up to the first miss, and the cached pages before it (lock held)."""
+        hashes: list[int] = []
+        hits: list[int] = []
+        block = self._block_size
+        max_blocks = (len(tokens) - 1) // block
+        if not self.enable_prefix_caching or max_blocks <= 0:
+            return hashes, hits
+        get = self.pool._cache.get
+        parent = ROOT_HASH
+        if self._builtin_hash:
+            # Block contents are hashed in C; only the chain step runs in Python.
+            contents = islice(map(hash, zip(*[iter(tokens)] * block, strict=False)), max_blocks)
+            for content in contents:
+                parent = hash((parent, content))
+                hashes.append(parent)
+                page = get(parent)
+                if page is None:
+                    break
+                hits.append(page)
+        else:
+            hash_fn = self.hash_fn
+            for start in range(0, max_blocks * block, block):
+                parent = hash_fn(parent, tokens[start : start + block])
+                hashes.append(parent)
+                page = get(parent)
+                if page is None:
+                    break
+                hits.append(page)
+        return hashes, hits
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` tokens fit now without any prefix hit (evictions counted)."""
+        return -(-num_tokens // self._block_size) <= self.pool.num_free
+
+    def append(self, seq_id: str, token_ids: Sequence[int]) -> None:
+        """Extend a sequence by ``token_ids``, allocating pages as needed.
+
+        Raises:
+            InvalidKVBlockError: unknown ``seq_id``.
+            KVCacheExhaustedError: not enough pages; the sequence is unchanged.
+        """
+        k = len(token_ids)
+        if k == 0:
+            return
+        pool = self.pool
+        with pool.lock:
+            seq = self._get(seq_id)
+            total = len(seq.tokens) + k
+            need = -(-total // self._block_size) - len(seq.pages)
+            if need > 0:
+                if need > pool._num_free:
+                    raise KVCacheExhaustedError(
+                        f"KV cache exhausted: sequence {seq_id!r} needs {need} more pages to "
+                        f"grow to {total} tokens; {pool._num_free} free of {pool.num_pages}"
+                    )
+                if pool.alloc_guard is not None:
+                    pool.alloc_guard(need)
+                evict_count, evict_ms = pool.evict_count, pool.evict_ms
+                seq.pages.extend(pool._allocate_unguarded(need))
+                seq.evict_count += pool.evict_count - evict_count
+                seq.evict_ms += pool.evict_ms - evict_ms
+            seq.tokens.extend(token_ids)
+            self._used_tokens += k
+
+    def can_append(self, seq_id: str, num_new_tokens: int) -> bool:
+        """Whether ``seq_id`` can grow by ``num_new_tokens`` tokens now."""
+        with self.pool.lock:
+            seq = self._get(seq_id)
+            need = -(-(len(seq.tokens) + num_new_tokens) // self._block_size) - len(seq.pages)
+            return need <= self.pool._num_free
+
+    def mark_computed(self, seq_id: str, num_tokens: int) -> None:
+        """Report that the K/V of the first ``num_tokens`` tokens are written.
+
+        Full blocks among them become shareable (cached under their chained hash). Smaller
+        values than an earlier call are ignored (computed tokens only grow).
+
+        Raises:
+            InvalidKVBlockError: unknown ``seq_id`` or ``num_tokens`` outside
+                ``0..num_tokens(seq_id)``.
+        """
+        pool = self.pool
+        with pool.lock:
+            seq = self._get(seq_id)
+            if not 0 <= num_tokens <= len(seq.tokens):
+                raise InvalidKVBlockError(
+                    f"sequence {seq_id!r}: num_tokens {num_tokens} is outside 0..{len(seq.tokens)}"
+                )
+            if num_tokens <= seq.num_computed:
+                return
+            seq.num_computed = num_tokens
+            if not self.enable_prefix_caching:
+                return
+            full = num_tokens // self._block_size
+            if full <= seq.num_registered:
+                return
+            self._extend_hashes(seq, full)
+            for i in range(seq.num_registered, full):
+                pool._cache_page(seq.pages[i], seq.hashes[i])
+            seq.num_registered = full
+
+    def _extend_hashes(self, seq: _Seq, full: int) -> None:
+        hashes = seq.hashes
+        tokens = seq.tokens
+        block = self._block_size
+        hash_fn = self.hash_fn
+        while len(hashes) < full:
+            i = len(hashes)
+            parent = hashes[i - 1] if i else ROOT_HASH
+            hashes.append(hash_fn(parent, tokens[i * block : (i + 1) * block]))
+
+    def free(self, seq_id: str, *, discard: bool = False) -> KVRequestStats:
+        """Release a sequence's pages and return its final :class:`KVRequestStats`.
+
+        Cached pages stay cached (evictable) after their last owner frees them; pages are
+        released last block first, so a prefix's first blocks are evicted last.
+
+        Args:
+            seq_id: the sequence.
+            discard: also drop from the prefix cache the pages this sequence registered that
+                nobody else references (use when its K/V may be invalid, e.g. the forward
+                pass failed after :meth:`mark_computed`).
+
+        Raises:
+            InvalidKVBlockError: unknown ``seq_id`` (e.g. freed twice); nothing changes.
+        """
+        pool = self.pool
+        with pool.lock:
+            seq = self._get(seq_id)
+            stats = self._request_stats(seq)
+            del self._seqs[seq_id]
+            ref = pool._ref
+            pages = seq.pages
+            last = len(pages) - 1
+            block = self._block_size
+            released_tokens = 0
+            for i, p in enumerate(pages):
+                if ref[p] == 1:
+                    released_tokens += block if i < last else len(seq.tokens) - last * block
+                    if discard and i >= seq.hit_blocks:
+                        pool._uncache(p)
+            self._used_tokens -= released_tokens
+            pool._free(pages[::-1])
+            return stats
+
+    # ------------------------------------------------------------------ queries
+    def block_table(self, seq_id: str) -> list[int]:
+        """Pages of the sequence in token order (a copy)."""
+        with self.pool.lock:
+            return list(self._get(seq_id).pages)
+
+    def slot_mapping(self, seq_id: str, start: int, end: int) -> list[int]:
+        """Storage slots of tokens ``start .. end-1`` of the sequence.
+
+        Raises:
+            InvalidKVBlockError: unknown ``seq_id`` or not ``0 <= start <= end <= num_tokens``.
+        """
+        with self.pool.lock:
+            seq = self._get(seq_id)
+            if not 0 <= start <= end <= len(seq.tokens):
+                raise InvalidKVBlockError(
+                    f"sequence {seq_id!r}: slot range {start}..{end} is outside "
+                    f"0..{len(seq.tokens)}"
+                )
+            pages = seq.pages
+        block = self._block_size
+        out: list[int] = []
+        i = start
+        while i < end:
+            b, off = divmod(i, block)
+            stop = min(end, (b + 1) * block)
+            base = pages[b] * block
+            out.extend(range(base + off, base + off + (stop - i)))
+            i = stop
+        return out
+
+    def num_tokens(self, seq_id: str) -> int:
+        """Tokens held by the sequence."""
+        with self.pool.lock:
+            return len(self._get(seq_id).tokens)
+
+    def num_computed_tokens(self, seq_id: str) -> int:
+        """Tokens reported by :meth:`mark_computed` (0 at allocation)."""
+        with self.pool.lock:
+            return self._get(seq_id).num_computed
+
+    def num_cached_tokens(self, seq_id: str) -> int:
+        """Tokens of the sequence that came from the prefix cache at allocation."""
+        with self.pool.lock:
+            return self._get(seq_id).hit_blocks * self._block_size
+
+    def token_ids(self, seq_id: str) -> list[int]:
+        """The sequence's tokens (a copy)."""
+        with self.pool.lock:
+            return list(self._get(seq_id).tokens)
+
+    def seq_ids(self) -> list[str]:
+        """Live sequence ids."""
+        with self.pool.lock:
+            return list(self._seqs)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.seq_ids())
+
+    def request_stats(self, seq_id: str) -> KVRequestStats:
+        """KV figures of one live sequence.
+
+        ``used_tokens`` = its tokens, ``used_bytes`` = its pages * page_bytes (shared pages
+        included), ``prefix_hit_rate`` = cached tokens / tokens at allocation,
+        ``evict_count``/``evict_ms`` = evictions its own allocations caused.
+        """
+        with self.pool.lock:
+            return self._request_stats(self._get(seq_id))
+
+    def stats(self) -> KVStats:
+        """Snapshot of the whole cache (see :class:`KVStats`)."""
+        pool = self.pool
+        with pool.lock:
+            used_pages = pool.num_used
+            return KVStats(
+                kv_used_tokens=self._used_tokens,
+                kv_used_bytes=used_pages * self._page_bytes,
+                prefix_hit_rate=self._hit_tokens / self._query_tokens
+                if self._query_tokens
+                else 0.0,
+                evict_count=pool.evict_count,
+                evict_ms=pool.evict_ms,
+                num_pages=pool.num_pages,
+                num_free_pages=pool.num_free,
+                num_cached_pages=pool.num_cached,
+                num_evictable_pages=pool.num_evictable,
+                num_seqs=len(self._seqs),
+                num_seq_tokens=sum(len(s.tokens) for s in self._seqs.values()),
+                prefix_hit_tokens=self._hit_tokens,
+                prefix_query_tokens=self._query_tokens,
+                page_bytes=self._page_bytes,
+                block_size=self._block_size,
+                total_bytes=pool.num_pages * self._page_bytes,
+            )
+
+    # ------------------------------------------------------------------ maintenance
+    def clear_cache(self) -> int:
+        """Evict every cached page nobody references; return how many."""
+        return self.pool.evict_all()
+
+    def reset(self) -> None:
+        """Drop the whole prefix cache and the hit statistics.
+
+        Raises:
+            InvalidStateError: sequences are still allocated.
+        """
+        with self.pool.lock:
+            if self._seqs:
+                raise InvalidStateError(
+                    f"cannot reset the KV manager: {len(self._seqs)} sequences are allocated"
+                )
+            self._hit_tokens = 0
+            self._query_tokens = 0
+        self.pool.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCacheManager(seqs={len(self._seqs)}, pool={self.pool!r}, "
+            f"prefix_caching={self.enable_prefix_caching})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _get(self, seq_id: str) -> _Seq:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise InvalidKVBlockError(f"unknown sequence {seq_id!r} (never allocated or freed)")
+        return seq
+
+    def _request_stats(self, seq: _Seq) -> KVRequestStats:
+        return KVRequestStats(
+            used_tokens=len(seq.tokens),
+            used_bytes=len(seq.pages) * self._page_bytes,
+            prefix_hit_rate=(
+                seq.hit_blocks * self._block_size / seq.query_tokens if seq.query_tokens else 0.0
+            ),
+            evict_count=seq.evict_count,
+            evict_ms=seq.evict_ms,
+        )

@@ -1,0 +1,583 @@
+"""ProviderKV: the KV half of every provider (kv_block_* methods, managers, memory figures).
+
+A provider owns one :class:`ProviderKV` and forwards ``kv_block_alloc/free/copy/migrate``,
+``get_kv_tensor`` and ``create_kv_manager`` to it; the storage is injected
+(:class:`~sagellm_backend.kv.storage.AccountingStorage` for the mock,
+:class:`~sagellm_backend.kv.storage.TorchKVStorage` for torch providers), so every provider
+has the same semantics.
+
+Memory model, per device (the provider's own device plus optional offload devices such as
+a host pool for ``cuda:0 -> cpu``):
+
+* each device has a byte *budget*;
+* the *block pool* behind ``kv_block_alloc`` is created on first use. Its pages are charged
+  to the budget while they are in use when the storage only accounts (mock), or in full
+  when the storage preallocates real memory (torch);
+* each manager made by :meth:`ProviderKV.create_manager` owns a pool of its own, charged in
+  full (it is preallocated) until :meth:`ProviderKV.release_manager`;
+* an allocation that would take the charge over the budget raises
+  :class:`~sagellm_backend.errors.KVCacheExhaustedError` (RESOURCE_EXHAUSTED) and changes
+  nothing.
+
+Blocks: ``kv_block_alloc(num_tokens, dtype)`` reserves ``ceil(num_tokens /
+spec.tokens_per_page(dtype))`` pages of the provider's :class:`KVSpec` (a page is a fixed
+number of bytes; see :mod:`sagellm_backend.kv.storage` for other dtypes). Every block
+carries ``owner`` (the provider id) and a handle that is never reused; a handle below the
+counter that is no longer live is dead, so double free and use after free are detected
+without remembering freed handles.
+
+Thread safety: one lock guards the provider's tables; pool operations nest inside it
+(lock order: provider, then pool; managers only take their pool's lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm_backend.base import KVBlock
+from sagellm_backend.capability import DType, parse_dtype
+from sagellm_backend.errors import (
+    ConfigError,
+    InvalidKVBlockError,
+    InvalidStateError,
+    KVCacheExhaustedError,
+    UnsupportedDeviceError,
+    UnsupportedDTypeError,
+)
+from sagellm_backend.kv.block_pool import BlockHashFn, BlockPool, hash_block_tokens
+from sagellm_backend.kv.manager import KVCacheManager
+from sagellm_backend.kv.spec import DEFAULT_KV_SPEC, KVSpec
+from sagellm_backend.kv.storage import KVStorage, StorageFactory
+
+__all__ = ["ProviderKV"]
+
+
+@dataclass
+class _DeviceKV:
+    """KV state of one device (internal)."""
+
+    device: str
+    budget: int
+    pool_bytes: int | None
+    pool: BlockPool | None = None
+    storage: KVStorage | None = None
+    managers: list[KVCacheManager] = field(default_factory=list)
+    manager_bytes: int = 0
+    peak: int = 0
+
+    def charge(self) -> int:
+        """Bytes of the budget in use now."""
+        total = self.manager_bytes
+        if self.pool is not None and self.storage is not None:
+            total += self.storage.nbytes if self.storage.preallocated else self.pool.used_bytes
+        return total
+
+    def pools(self) -> list[BlockPool]:
+        out = [m.pool for m in self.managers]
+        if self.pool is not None:
+            out.append(self.pool)
+        return out
+
+
+def _check_num_tokens(num_tokens: object) -> int:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+    return num_tokens
+
+
+class ProviderKV:
+    """KV blocks, managers and KV memory figures of one provider.
+
+    Args:
+        owner: the provider's unique id (stamped on every block as ``owner``).
+        device: the provider's device string (``"mock:0"``, ``"cpu"``, ``"cuda:0"``).
+        supported_dtypes: dtypes the provider advertises; others raise
+            :class:`UnsupportedDTypeError`.
+        storage_factory: ``factory(spec, num_pages, device) -> KVStorage``.
+        memory_bytes: KV budget on ``device`` in bytes.
+        spec: geometry of the pages behind ``kv_block_alloc`` (default
+            :data:`~sagellm_backend.kv.spec.DEFAULT_KV_SPEC`).
+        block_pool_bytes: size of the ``kv_block_alloc`` pool on ``device``. Default: the
+            whole budget when the storage only accounts; a quarter of it when the storage
+            preallocates real memory.
+        offload: extra devices that can hold KV (``{"cpu": budget_bytes}``), targets of
+            :meth:`migrate`; their block pools are as large as their budget.
+        aliases: alternative spellings of device names; ``"x"`` already means ``"x:0"``
+            when ``"x:0"`` is one of the devices.
+        alloc_guard: ``guard(n_pages)`` run before every allocation in every pool (fault
+            injection); it may raise, leaving everything unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        device: str,
+        supported_dtypes: Iterable[DType | str],
+        storage_factory: StorageFactory,
+        memory_bytes: int,
+        spec: KVSpec = DEFAULT_KV_SPEC,
+        block_pool_bytes: int | None = None,
+        offload: Mapping[str, int] | None = None,
+        aliases: Mapping[str, str] | None = None,
+        alloc_guard: Callable[[int], None] | None = None,
+    ) -> None:
+        if not owner:
+            raise ConfigError("ProviderKV: owner must be a non-empty string")
+        if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes < 0:
+            raise ConfigError(f"ProviderKV: memory_bytes must be an int >= 0, got {memory_bytes!r}")
+        if block_pool_bytes is not None and block_pool_bytes < 0:
+            raise ConfigError(f"ProviderKV: block_pool_bytes must be >= 0, got {block_pool_bytes}")
+        self.owner = owner
+        self.device = device
+        self.spec = spec
+        self.supported_dtypes: tuple[DType, ...] = tuple(parse_dtype(d) for d in supported_dtypes)
+        if not self.supported_dtypes:
+            raise ConfigError("ProviderKV: supported_dtypes is empty")
+        self._supported = frozenset(self.supported_dtypes)
+        self._factory = storage_factory
+        self._alloc_guard = alloc_guard
+        self._aliases = {k.strip().lower(): v for k, v in (aliases or {}).items()}
+        self._lock = threading.Lock()
+        self._devices: dict[str, _DeviceKV] = {
+            device: _DeviceKV(device, memory_bytes, block_pool_bytes)
+        }
+        for dev, budget in (offload or {}).items():
+            if dev == device:
+                raise ConfigError(
+                    f"ProviderKV: offload device {dev!r} is the provider's own device"
+                )
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+                raise ConfigError(f"ProviderKV: offload budget for {dev!r} must be an int >= 0")
+            self._devices[dev] = _DeviceKV(dev, budget, budget)
+        for dev in self._devices:  # "cuda" means "cuda:0" unless said otherwise
+            base, sep, index = dev.partition(":")
+            if sep and index == "0":
+                self._aliases.setdefault(base.lower(), dev)
+        self._live: dict[int, KVBlock] = {}
+        self._next_handle = 1
+        self._tokens_per_page: dict[DType, int] = {}
+        if not getattr(storage_factory, "preallocated", False):
+            # Accounting pools cost nothing: create the block pool now so that capacity
+            # figures are meaningful before the first allocation.
+            # (A budget below one page is reported by kv_block_alloc instead.)
+            with contextlib.suppress(KVCacheExhaustedError):
+                self._block_pool(self._devices[device])
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def devices(self) -> list[str]:
+        """Devices this provider can hold KV on (its own first)."""
+        return list(self._devices)
+
+    def normalize_device(self, device: str) -> str:
+        """Map ``device`` to one of :attr:`devices`.
+
+        Raises:
+            UnsupportedDeviceError: naming the valid devices.
+        """
+        if isinstance(device, str):
+            if device in self._devices:
+                return device
+            key = device.strip().lower()
+            key = self._aliases.get(key, key)
+            if key in self._devices:
+                return key
+        valid = ", ".join(repr(d) for d in self._devices)
+        raise UnsupportedDeviceError(
+            f"device {device!r} cannot hold KV for provider {self.owner}; valid devices: {valid}"
+        )
+
+    def check_dtype(self, dtype: DType | str) -> DType:
+        """Return ``dtype`` as a :class:`DType` if the provider supports it.
+
+        Raises:
+            UnsupportedDTypeError: naming the supported dtypes.
+        """
+        try:
+            d = dtype if isinstance(dtype, DType) else parse_dtype(dtype)
+        except ValueError:
+            d = None
+        if d is None or d not in self._supported:
+            supported = ", ".join(x.value for x in self.supported_dtypes)
+            shown = dtype.value if isinstance(dtype, DType) else repr(dtype)
+            raise UnsupportedDTypeError(
+                f"dtype {shown} is not supported by provider {self.owner}; "
+                f"supported dtypes: {supported}"
+            )
+        return d
+
+    def tokens_per_page(self, dtype: DType | str) -> int:
+        """Tokens of ``dtype`` per page of the block-API pools."""
+        d = self.check_dtype(dtype)
+        per_page = self._tokens_per_page.get(d)
+        if per_page is None:
+            per_page = self._tokens_per_page[d] = self.spec.tokens_per_page(d)
+        return per_page
+
+    def _device_kv(self, device: str | None) -> _DeviceKV:
+        return self._devices[self.device if device is None else self.normalize_device(device)]
+
+    def _block_pool(self, dev: _DeviceKV) -> tuple[BlockPool, KVStorage]:
+        if dev.pool is not None and dev.storage is not None:
+            return dev.pool, dev.storage
+        page = self.spec.page_bytes
+        preallocated = bool(getattr(self._factory, "preallocated", False))
+        size = dev.pool_bytes
+        if size is None:
+            size = dev.budget // 4 if preallocated else dev.budget
+        if preallocated:
+            size = min(size, dev.budget - dev.charge())
+        num_pages = size // page
+        if num_pages < 1:
+            raise KVCacheExhaustedError(
+                f"KV budget on {dev.device} leaves {size} bytes for the block pool, less than "
+                f"one {page}-byte page of {self.spec}; raise the memory budget or use a smaller "
+                "KV spec"
+            )
+        storage = self._factory(self.spec, num_pages, dev.device)
+        pool = BlockPool(
+            num_pages, page_bytes=page, enable_caching=False, alloc_guard=self._alloc_guard
+        )
+        dev.pool, dev.storage = pool, storage
+        dev.peak = max(dev.peak, dev.charge())
+        return pool, storage
+
+    def _validate(self, block: object, what: str = "block") -> KVBlock:
+        if not isinstance(block, KVBlock):
+            raise InvalidKVBlockError(f"{what} must be a KVBlock, got {type(block).__name__}")
+        if block.owner != self.owner:
+            raise InvalidKVBlockError(
+                f"{what} {block.handle} belongs to provider {block.owner or '(none)'!r}, "
+                f"not {self.owner!r}"
+            )
+        live = self._live.get(block.handle)
+        if live is None:
+            if 0 < block.handle < self._next_handle:
+                raise InvalidKVBlockError(
+                    f"{what} {block.handle} was already freed or migrated (use after free)"
+                )
+            raise InvalidKVBlockError(f"{what} {block.handle} was never allocated here")
+        if live != block:
+            raise InvalidKVBlockError(
+                f"{what} {block.handle} does not match the live block with that handle"
+            )
+        return live
+
+    def _alloc_locked(self, num_tokens: int, dtype: DType, dev: _DeviceKV) -> KVBlock:
+        pool, storage = self._block_pool(dev)
+        n = -(-num_tokens // self.tokens_per_page(dtype))
+        nbytes = n * pool.page_bytes
+        if not storage.preallocated:
+            charge = dev.charge()
+            if charge + nbytes > dev.budget:
+                raise KVCacheExhaustedError(
+                    f"KV memory exhausted on {dev.device}: {num_tokens} {dtype.value} tokens "
+                    f"need {nbytes} bytes ({n} pages); {dev.budget - charge} of "
+                    f"{dev.budget} bytes free"
+                )
+        pages = pool.allocate(n)
+        handle = self._next_handle
+        self._next_handle = handle + 1
+        block = KVBlock(handle, num_tokens, dtype, dev.device, tuple(pages), self.owner, nbytes)
+        self._live[handle] = block
+        charge = dev.charge()
+        if charge > dev.peak:
+            dev.peak = charge
+        return block
+
+    # ------------------------------------------------------------------ block API
+    def alloc(self, num_tokens: int, dtype: DType | str, *, device: str | None = None) -> KVBlock:
+        """Reserve pages for ``num_tokens`` tokens of ``dtype`` (default: own device).
+
+        Raises:
+            ValueError: ``num_tokens <= 0`` (TypeError if not an int).
+            UnsupportedDTypeError: ``dtype`` is not supported (names the supported ones).
+            UnsupportedDeviceError: ``device`` cannot hold KV.
+            KVCacheExhaustedError: not enough pages or budget; nothing changed.
+        """
+        _check_num_tokens(num_tokens)
+        d = self.check_dtype(dtype)
+        with self._lock:
+            return self._alloc_locked(num_tokens, d, self._device_kv(device))
+
+    def free(self, block: KVBlock) -> None:
+        """Release ``block`` (exactly once).
+
+        Raises:
+            InvalidKVBlockError: double free, use after free, or a foreign block; nothing
+                changes.
+        """
+        with self._lock:
+            live = self._validate(block)
+            dev = self._devices[live.device]
+            assert dev.pool is not None
+            dev.pool.free(live.pages)
+            del self._live[live.handle]
+
+    def copy(self, src: KVBlock, dst: KVBlock) -> None:
+        """Copy the K/V of ``src`` into the first ``src.num_tokens`` tokens of ``dst``.
+
+        Works across devices. Tokens of ``dst`` after ``src.num_tokens`` are left as they were.
+
+        Raises:
+            InvalidKVBlockError: a block is not live here, the dtypes differ, or ``dst`` holds
+                fewer tokens than ``src``.
+        """
+        with self._lock:
+            s = self._validate(src, "source block")
+            d = self._validate(dst, "destination block")
+            if s.handle == d.handle:
+                return
+            if s.dtype != d.dtype:
+                raise InvalidKVBlockError(
+                    f"cannot copy a {s.dtype.value} block into a {d.dtype.value} block"
+                )
+            if d.num_tokens < s.num_tokens:
+                raise InvalidKVBlockError(
+                    f"destination block {d.handle} holds {d.num_tokens} tokens, fewer than the "
+                    f"{s.num_tokens} of source block {s.handle}"
+                )
+            per_page = self.tokens_per_page(s.dtype)
+            npages = len(s.pages)
+            tail = s.num_tokens - (npages - 1) * per_page
+            src_storage = self._devices[s.device].storage
+            dst_storage = self._devices[d.device].storage
+            assert src_storage is not None and dst_storage is not None
+            dst_pages = list(d.pages[:npages])
+            if s.device == d.device:
+                src_storage.copy_pages(list(s.pages), dst_pages, tail_tokens=tail, dtype=s.dtype)
+            else:
+                dst_storage.write_pages(
+                    dst_pages,
+                    src_storage.read_pages(list(s.pages)),
+                    tail_tokens=tail,
+                    dtype=s.dtype,
+                )
+
+    def migrate(self, block: KVBlock, target_device: str) -> KVBlock:
+        """Move ``block``'s data to ``target_device`` and release the source.
+
+        Returns the new block (new handle, pages on the target). Migrating to the device the
+        block is already on returns the block unchanged.
+
+        Raises:
+            UnsupportedDeviceError: the target cannot hold KV (lists the valid targets).
+            InvalidKVBlockError: the block is not live here.
+            KVCacheExhaustedError: the target has no room; the source is untouched.
+        """
+        target = self.normalize_device(target_device)
+        with self._lock:
+            src = self._validate(block)
+            if target == src.device:
+                return src
+            src_dev = self._devices[src.device]
+            dst_dev = self._devices[target]
+            new = self._alloc_locked(src.num_tokens, src.dtype, dst_dev)
+            assert src_dev.storage is not None and dst_dev.storage is not None
+            assert src_dev.pool is not None and dst_dev.pool is not None
+            try:
+                data = src_dev.storage.read_pages(list(src.pages))
+                dst_dev.storage.write_pages(list(new.pages), data)
+            except BaseException:
+                dst_dev.pool.free(new.pages)
+                del self._live[new.handle]
+                raise
+            src_dev.pool.free(src.pages)
+            del self._live[src.handle]
+            return new
+
+    def tensor(self, block: KVBlock) -> list[Any]:
+        """Per-page handles of a live block's data, in token order.
+
+        Torch storage: writable zero-copy views ``[num_layers, 2, tokens_per_page(dtype),
+        kv_heads, head_dim]`` in the block's dtype. Accounting storage (mock):
+        :class:`~sagellm_backend.kv.storage.PageRef` descriptors.
+        """
+        with self._lock:
+            live = self._validate(block)
+            storage = self._devices[live.device].storage
+            assert storage is not None
+            return storage.page_views(list(live.pages), live.dtype)
+
+    def read(self, block: KVBlock) -> Any:
+        """A copy of the block's whole pages (``storage.read_pages``)."""
+        with self._lock:
+            live = self._validate(block)
+            storage = self._devices[live.device].storage
+            assert storage is not None
+            return storage.read_pages(list(live.pages))
+
+    def storage_of(self, block: KVBlock) -> KVStorage:
+        """The storage holding a live block's pages."""
+        with self._lock:
+            live = self._validate(block)
+            storage = self._devices[live.device].storage
+            assert storage is not None
+            return storage
+
+    def live_blocks(self) -> list[KVBlock]:
+        """Blocks allocated and not yet freed."""
+        with self._lock:
+            return list(self._live.values())
+
+    # ------------------------------------------------------------------ managers
+    def create_manager(
+        self,
+        spec: KVSpec | None = None,
+        *,
+        memory_bytes: int | None = None,
+        num_pages: int | None = None,
+        enable_prefix_caching: bool = True,
+        device: str | None = None,
+        hash_fn: BlockHashFn = hash_block_tokens,
+    ) -> KVCacheManager:
+        """Build a :class:`KVCacheManager` with its own pool and storage.
+
+        Size: ``num_pages`` pages, or as many as fit in ``memory_bytes``, or (neither given)
+        everything left of the device's budget. The pool is charged to the budget in full.
+
+        Raises:
+            ConfigError: both ``memory_bytes`` and ``num_pages`` given, or a negative size.
+            UnsupportedDTypeError: ``spec.dtype`` is not supported.
+            KVCacheExhaustedError: the budget cannot hold the pool (or a single page).
+        """
+        spec = self.spec if spec is None else spec
+        if not isinstance(spec, KVSpec):
+            raise ConfigError(f"spec must be a KVSpec, got {type(spec).__name__}")
+        self.check_dtype(spec.dtype)
+        if memory_bytes is not None and num_pages is not None:
+            raise ConfigError("give memory_bytes or num_pages, not both")
+        for name, value in (("memory_bytes", memory_bytes), ("num_pages", num_pages)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+        with self._lock:
+            dev = self._device_kv(device)
+            available = dev.budget - dev.charge()
+            if num_pages is None:
+                size = available if memory_bytes is None else memory_bytes
+                num_pages = size // spec.page_bytes
+            need = num_pages * spec.page_bytes
+            if num_pages < 1 or need > available:
+                raise KVCacheExhaustedError(
+                    f"cannot create a KV manager of {num_pages} pages ({need} bytes, "
+                    f"{spec.page_bytes} per page) on {dev.device}: {available} of "
+                    f"{dev.budget} budget bytes are free"
+                )
+            storage = self._factory(spec, num_pages, dev.device)
+            pool = BlockPool(
+                num_pages,
+                page_bytes=spec.page_bytes,
+                enable_caching=enable_prefix_caching,
+                alloc_guard=self._alloc_guard,
+            )
+            manager = KVCacheManager(
+                pool,
+                spec,
+                storage=storage,
+                enable_prefix_caching=enable_prefix_caching,
+                hash_fn=hash_fn,
+            )
+            dev.managers.append(manager)
+            dev.manager_bytes += need
+            dev.peak = max(dev.peak, dev.charge())
+            return manager
+
+    def release_manager(self, manager: KVCacheManager) -> None:
+        """Return a manager's pool to the budget (the manager must hold no sequences).
+
+        Raises:
+            InvalidStateError: sequences are still allocated in it.
+            InvalidKVBlockError: the manager was not created here (or already released).
+        """
+        with self._lock:
+            for dev in self._devices.values():
+                for i, m in enumerate(dev.managers):
+                    if m is manager:
+                        if len(manager):
+                            raise InvalidStateError(
+                                f"cannot release a KV manager holding {len(manager)} sequences"
+                            )
+                        del dev.managers[i]
+                        dev.manager_bytes -= manager.pool.num_pages * manager.spec.page_bytes
+                        return
+        raise InvalidKVBlockError("this KV manager was not created by this provider")
+
+    def managers(self, device: str | None = None) -> list[KVCacheManager]:
+        """Managers created on ``device`` (default: own device) and not released."""
+        with self._lock:
+            return list(self._device_kv(device).managers)
+
+    # ------------------------------------------------------------------ figures
+    def clear_cache(self) -> int:
+        """Evict every unreferenced cached page in every pool; return how many."""
+        with self._lock:
+            pools = [p for dev in self._devices.values() for p in dev.pools()]
+        return sum(p.evict_all() for p in pools)
+
+    def evict_cached(self) -> int:
+        """Alias of :meth:`clear_cache`."""
+        return self.clear_cache()
+
+    def device_stats(self, device: str | None = None) -> dict[str, int]:
+        """KV figures of one device in bytes/counts.
+
+        Keys: ``kv_budget_bytes``, ``kv_allocated_bytes`` (charged to the budget),
+        ``kv_peak_bytes``, ``kv_reserved_bytes`` (bytes that exist: preallocated pools and
+        managers), ``kv_pool_bytes`` (KV capacity: managers' pools plus the block pool, an
+        accounting block pool counted only up to what the budget leaves it),
+        ``kv_used_bytes`` (pages in use * page bytes), ``num_kv_blocks`` (live blocks
+        there), ``num_kv_managers``, ``kv_evict_count``.
+        """
+        with self._lock:
+            dev = self._device_kv(device)
+            pools = dev.pools()
+            reserved = dev.manager_bytes
+            capacity = dev.manager_bytes
+            if dev.pool is not None and dev.storage is not None:
+                if dev.storage.preallocated:
+                    reserved += dev.storage.nbytes
+                    capacity += dev.storage.nbytes
+                else:  # accounting pool: bounded by what the budget leaves it
+                    capacity += min(dev.pool.total_bytes, max(dev.budget - dev.manager_bytes, 0))
+            return {
+                "kv_budget_bytes": dev.budget,
+                "kv_allocated_bytes": dev.charge(),
+                "kv_peak_bytes": dev.peak,
+                "kv_reserved_bytes": reserved,
+                "kv_pool_bytes": capacity,
+                "kv_used_bytes": sum(p.used_bytes for p in pools),
+                "num_kv_blocks": sum(1 for b in self._live.values() if b.device == dev.device),
+                "num_kv_managers": len(dev.managers),
+                "kv_evict_count": sum(p.evict_count for p in pools),
+            }
+
+    def stats(self) -> dict[str, int]:
+        """KV figures of the provider: :meth:`device_stats` of its own device, plus more.
+
+        Adds ``offload_kv_used_bytes`` and ``offload_kv_budget_bytes`` summed over the
+        offload devices; ``num_kv_blocks`` counts live blocks on every device.
+        """
+        out = self.device_stats()
+        offload_used = 0
+        offload_budget = 0
+        for dev in self.devices[1:]:
+            s = self.device_stats(dev)
+            offload_used += s["kv_used_bytes"]
+            offload_budget += s["kv_budget_bytes"]
+        out["offload_kv_used_bytes"] = offload_used
+        out["offload_kv_budget_bytes"] = offload_budget
+        with self._lock:
+            out["num_kv_blocks"] = len(self._live)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ProviderKV(owner={self.owner!r}, devices={self.devices}, spec={self.spec})"

@@ -1,0 +1,200 @@
+"""load_model_and_tokenizer: the tiny models load through it; every failure is clear."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+from sagellm_backend.engine.hf import loader
+from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, resolve_torch_dtype
+from sagellm_backend.engine.tiny_models import ensure_tiny_model
+from sagellm_backend.errors import BackendNotAvailableError, ConfigError, DependencyMissingError
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "sagellm_backend" / "engine"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    ensure_tiny_model("tiny-llama", root)
+    ensure_tiny_model("tiny-gpt2", root)
+    return root
+
+
+def _path(models: Path, name: str) -> str:
+    return str(next(models.glob(f"{name}-v*")))
+
+
+def _load(path: str, **kw: Any) -> tuple[Any, Any]:
+    args: dict[str, Any] = {
+        "device": "cpu",
+        "dtype": "float32",
+        "device_map": None,
+        "load_in_8bit": False,
+        "load_in_4bit": False,
+        "trust_remote_code": False,
+    }
+    args.update(kw)
+    return load_model_and_tokenizer(path, **args)
+
+
+def test_loads_tiny_llama_in_eval_mode(models: Path) -> None:
+    model, tok = _load(_path(models, "tiny-llama"))
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert model.device.type == "cpu"
+    assert tok.pad_token_id == 0 == model.generation_config.pad_token_id
+    ids = torch.tensor([tok("hello")["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32)],
+)
+def test_dtype_mapping(models: Path, dtype: str, expected: torch.dtype) -> None:
+    model, _ = _load(_path(models, "tiny-gpt2"), dtype=dtype)
+    assert model.dtype == expected
+
+
+def test_dtype_aliases_and_bad_names() -> None:
+    assert resolve_torch_dtype("bf16") is torch.bfloat16
+    assert resolve_torch_dtype("FP16") is torch.float16
+    assert resolve_torch_dtype("auto") == "auto"
+    with pytest.raises(ConfigError, match=r"dtype 'int3' is not supported; valid values"):
+        resolve_torch_dtype("int3")
+
+
+def test_device_map_is_passed_to_transformers(
+    models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if importlib.util.find_spec("accelerate") is None:
+        pytest.skip("accelerate not installed")
+    import transformers
+
+    seen: dict[str, Any] = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = _load(_path(models, "tiny-llama"), device_map="auto")
+    assert seen["device_map"] == "auto"
+    assert seen["dtype"] is torch.float32
+    assert model.device.type == "cpu"
+
+
+def test_pad_token_falls_back_to_eos(models: Path, tmp_path: Path) -> None:
+    src = Path(_path(models, "tiny-gpt2"))
+    dst = tmp_path / "no-pad"
+    shutil.copytree(src, dst)
+    cfg_file = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("pad_token")
+    cfg_file.write_text(json.dumps(cfg))
+    gen_file = dst / "generation_config.json"
+    gen = json.loads(gen_file.read_text())
+    gen.pop("pad_token_id")
+    gen_file.write_text(json.dumps(gen))
+    model, tok = _load(str(dst))
+    assert tok.pad_token == "</s>"
+    assert tok.pad_token_id == tok.eos_token_id == model.generation_config.pad_token_id
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/no/such/model-dir", "./missing-model", "a/b/c"])
+def test_missing_path_that_is_not_a_hub_id(path: str) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist and is not a Hugging Face hub id"):
+        _load(path)
+
+
+def test_hub_id_that_cannot_be_resolved_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="no-such-org/no-such-model"):
+        _load("no-such-org/no-such-model")
+
+
+def test_file_and_dir_without_config(tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="is a file"):
+        _load(str(f))
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
+        _load(str(tmp_path))
+
+
+def test_unsupported_architecture_names_model_type(tmp_path: Path) -> None:
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"model_type 'vit'.*no causal-LM class.*llama"):
+        _load(str(tmp_path))
+
+
+def test_unknown_model_type(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "frobnicator"}))
+    with pytest.raises(ConfigError, match=r"model_type 'frobnicator'.*does not know"):
+        _load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        ({"dtype": "int4"}, "dtype 'int4'"),
+        ({"device": "gpu0"}, "device 'gpu0' is not a valid torch device"),
+        ({"device_map": "everywhere"}, "device_map 'everywhere'"),
+        ({"device_map": 3}, "device_map must be"),
+        ({"load_in_8bit": True, "load_in_4bit": True}, "mutually exclusive"),
+    ],
+)
+def test_bad_arguments(models: Path, kw: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        _load(_path(models, "tiny-llama"), **kw)
+
+
+@pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
+def test_quantisation_without_bitsandbytes(
+    models: Path, monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
+    real = importlib.util.find_spec
+
+    def no_bnb(name: str, *a: Any) -> Any:
+        return None if name == "bitsandbytes" else real(name, *a)
+
+    monkeypatch.setattr(loader.importlib.util, "find_spec", no_bnb)
+    with pytest.raises(DependencyMissingError, match=r"pip install 'isagellm-backend\[quant\]'"):
+        _load(_path(models, "tiny-llama"), **{flag: True})
+
+
+def test_transformers_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(DependencyMissingError, match=r"pip install 'isagellm-backend\[hf\]'"):
+        _load("/any/model")
+
+
+def test_device_torch_cannot_use(models: Path) -> None:
+    if torch.backends.cuda.is_built():
+        pytest.skip("this torch has CUDA: placing on cuda may succeed")
+    with pytest.raises(BackendNotAvailableError, match=r"cannot move model .* to device 'cuda:0'"):
+        _load(_path(models, "tiny-llama"), device="cuda:0")
+
+
+def test_no_direct_cuda_calls_in_engine_helpers() -> None:
+    for rel in ("hf/loader.py", "hf/detok.py", "tiny_models.py"):
+        assert "torch.cuda" not in (SRC / rel).read_text(), rel
