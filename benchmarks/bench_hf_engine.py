@@ -36,7 +36,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,11 +120,9 @@ def p50(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def repeat(n: int, fn: Callable[[], PhaseResult]) -> PhaseResult:
-    """Run ``fn`` ``n`` times; return the run with the median time, all times attached."""
-    runs = [fn() for _ in range(n)]
-    runs_sorted = sorted(runs, key=lambda r: r.seconds)
-    best = runs_sorted[len(runs_sorted) // 2]
+def median_run(runs: list[PhaseResult]) -> PhaseResult:
+    """The run with the median time, with every run's time and the highest RSS attached."""
+    best = copy.copy(sorted(runs, key=lambda r: r.seconds)[len(runs) // 2])
     best.runs_s = [r.seconds for r in runs]
     best.peak_rss_mb = max(r.peak_rss_mb for r in runs)
     return best
@@ -238,35 +236,42 @@ def make_engine(model_path: str, args: argparse.Namespace, *, prefix_caching: bo
         model_path=model_path,
         device="cpu",
         max_batch_size=args.max_batch_size,
-        max_new_tokens=max(args.new_tokens, 64),
+        max_new_tokens=args.new_tokens,
         torch_dtype=args.dtype,
         trust_remote_code=False,
         low_cpu_mem_usage=True,
         load_in_8bit=False,
         num_threads=args.threads,
-        metadata={"enable_prefix_caching": prefix_caching},
+        enable_prefix_caching=prefix_caching,
     )
     return CPUEngine(config)
 
 
-def make_request(i: int, text: str, new_tokens: int, tag: str) -> Any:
+def make_request(i: int, ids: list[int], new_tokens: int, tag: str) -> Any:
+    """A greedy request for exactly ``new_tokens`` tokens on the prompt ids ``ids``.
+
+    The ids go in ``metadata["prompt_token_ids"]`` so the engine computes on exactly the
+    tokens ``generate`` gets; the prompt text is only informative.
+    """
     from sagellm_protocol import Request
 
     return Request(
         request_id=f"{tag}-{i}",
         trace_id=f"bench-{tag}",
         model="bench",
-        prompt=text,
+        prompt=f"<{len(ids)} prompt tokens>",
         max_tokens=new_tokens,
         stream=False,
         temperature=None,
         top_p=None,
-        metadata={"ignore_eos": True},
+        metadata={"ignore_eos": True, "prompt_token_ids": list(ids)},
     )
 
 
-async def _engine_concurrent(engine: Any, texts: list[str], n: int, tag: str) -> tuple[Any, float]:
-    reqs = [make_request(i, t, n, tag) for i, t in enumerate(texts)]
+async def _engine_concurrent(
+    engine: Any, prompts: list[list[int]], n: int, tag: str
+) -> tuple[Any, float]:
+    reqs = [make_request(i, ids, n, tag) for i, ids in enumerate(prompts)]
     t0 = time.perf_counter()
     responses = await asyncio.gather(*(engine.execute(r) for r in reqs))
     return responses, time.perf_counter() - t0
@@ -283,7 +288,7 @@ def run_engine_concurrent(
 ) -> tuple[PhaseResult, list[list[int]]]:
     with RssSampler() as rss:
         responses, secs = loop.run_until_complete(
-            _engine_concurrent(engine, wl.texts, wl.new_tokens, "conc")
+            _engine_concurrent(engine, wl.ids, wl.new_tokens, "conc")
         )
     _check_responses(responses, "engine concurrent")
     outputs = [list(r.output_tokens) for r in responses]
@@ -309,9 +314,9 @@ def run_engine_single(
     outputs: list[list[int]] = []
     ttft: list[float] = []
     with RssSampler() as rss, timed() as t:
-        for i, text in enumerate(wl.texts):
+        for i, ids in enumerate(wl.ids):
             resp = loop.run_until_complete(
-                engine.execute(make_request(i, text, wl.new_tokens, "single"))
+                engine.execute(make_request(i, ids, wl.new_tokens, "single"))
             )
             _check_responses([resp], "engine single")
             outputs.append(list(resp.output_tokens))
@@ -331,18 +336,23 @@ def run_engine_single(
 
 
 def run_prefix(
-    engine: Any, texts: list[str], system: str, n: int, loop: asyncio.AbstractEventLoop, tag: str
+    engine: Any,
+    prompts: list[list[int]],
+    system: list[int],
+    n: int,
+    loop: asyncio.AbstractEventLoop,
+    tag: str,
 ) -> PhaseResult:
     # Warm the cache with the system prompt alone (the first user of a shared prefix),
     # then send every request at once.
     warm = loop.run_until_complete(engine.execute(make_request(0, system, 1, f"{tag}-warm")))
     _check_responses([warm], f"prefix warm-up ({tag})")
     with RssSampler() as rss:
-        responses, secs = loop.run_until_complete(_engine_concurrent(engine, texts, n, tag))
+        responses, secs = loop.run_until_complete(_engine_concurrent(engine, prompts, n, tag))
     _check_responses(responses, f"prefix ({tag})")
     n_out = sum(len(r.output_tokens) for r in responses)
     return PhaseResult(
-        f"engine, shared 512-token prefix, prefix cache {tag}",
+        f"engine, shared {len(system)}-token prefix, prefix cache {tag}",
         secs,
         n_out,
         n_out / secs,
@@ -375,20 +385,29 @@ def compare(name: str, got: list[list[int]], ref: list[list[int]]) -> dict[str, 
     return {"identical": not bad, "mismatches": bad}
 
 
-def print_table(phases: dict[str, PhaseResult]) -> None:
-    seq = phases.get("sequential")
-    static = phases.get("static")
+def pass_ratio(runs: dict[str, list[PhaseResult]], num: str, den: str) -> float | None:
+    """Median over passes of ``num`` tok/s / ``den`` tok/s, each ratio inside one pass."""
+    if num not in runs or den not in runs:
+        return None
+    values = [a.tok_per_s / b.tok_per_s for a, b in zip(runs[num], runs[den], strict=True)]
+    return float(statistics.median(values))
+
+
+def print_table(runs: dict[str, list[PhaseResult]]) -> None:
+    """Median tok/s per phase; ratio columns are per-pass ratios' medians."""
     hdr = f"{'phase':<50} {'tok/s':>8} {'vs seq':>7} {'vs static':>9} {'TTFT p50':>9} {'RSS MB':>7}"
     print()
     print(hdr)
     print("-" * len(hdr))
-    for r in phases.values():
-        vs_seq = f"{r.tok_per_s / seq.tok_per_s:.2f}x" if seq else "-"
-        vs_static = f"{r.tok_per_s / static.tok_per_s:.2f}x" if static else "-"
+    for key, passes in runs.items():
+        r = median_run(passes)
+        vs_seq = pass_ratio(runs, key, "sequential")
+        vs_static = pass_ratio(runs, key, "static")
         ttft = f"{r.ttft_p50_ms:.1f}" if r.ttft_p50_ms is not None else "-"
         print(
-            f"{r.name:<50} {r.tok_per_s:>8.1f} {vs_seq:>7} {vs_static:>9} {ttft:>9} "
-            f"{r.peak_rss_mb:>7.0f}"
+            f"{r.name:<50} {r.tok_per_s:>8.1f} "
+            f"{f'{vs_seq:.2f}x' if vs_seq else '-':>7} "
+            f"{f'{vs_static:.2f}x' if vs_static else '-':>9} {ttft:>9} {r.peak_rss_mb:>7.0f}"
         )
 
 
@@ -399,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, help="number of requests (default 16, quick 8)")
     ap.add_argument("--new-tokens", type=int, help="new tokens per request (default 64)")
     ap.add_argument("--prefix-len", type=int, default=512, help="shared system prompt tokens")
-    ap.add_argument("--repeat", type=int, default=1, help="median of N passes per phase")
+    ap.add_argument("--repeat", type=int, default=1, help="N interleaved passes; medians")
     ap.add_argument("--threads", type=int, default=_THREADS_DEFAULT, help="torch threads")
     ap.add_argument("--dtype", default="float32", help="float32|bfloat16|float16|auto")
     ap.add_argument("--max-batch-size", type=int, default=16)
@@ -466,79 +485,66 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         model.generate(torch.tensor([wl.ids[0]]), generation_config=gen_warm)
 
-    phases: dict[str, PhaseResult] = {}
-    checks: dict[str, Any] = {}
-    ref: list[list[int]] = []
-
-    def seq() -> PhaseResult:
-        nonlocal ref
-        res, ref = run_sequential(model, tokenizer, wl)
-        return res
-
-    phases["sequential"] = repeat(args.repeat, seq)
-    static_out: list[list[int]] = []
-
-    def static() -> PhaseResult:
-        nonlocal static_out
-        res, static_out = run_static(model, tokenizer, wl)
-        return res
-
-    phases["static"] = repeat(args.repeat, static)
-    print()
-    checks["static"] = compare("static batch", static_out, ref)
-
     engine_note = "skipped (--skip-engine)" if args.skip_engine else engine_available()
+    loop = asyncio.new_event_loop()
+    engines: dict[str, Any] = {}
     if engine_note is None:
-        # The throughput phases run with the prefix cache off: every pass recomputes every
-        # prompt, as generate does (with it on, repeated prompts would be cache hits).
-        del model  # the engine loads its own copy
-        loop = asyncio.new_event_loop()
-        engine = make_engine(model_path, args, prefix_caching=False)
-        loop.run_until_complete(engine.start())
-        try:
-            # Warm the engine's shapes with one short request (not measured).
-            loop.run_until_complete(engine.execute(make_request(0, texts[0], 2, "warm")))
-            conc_out: list[list[int]] = []
-            single_out: list[list[int]] = []
-
-            def conc() -> PhaseResult:
-                nonlocal conc_out
-                res, conc_out = run_engine_concurrent(engine, wl, loop)
-                return res
-
-            def single() -> PhaseResult:
-                nonlocal single_out
-                res, single_out = run_engine_single(engine, wl, loop)
-                return res
-
-            phases["engine_concurrent"] = repeat(args.repeat, conc)
-            phases["engine_single"] = repeat(args.repeat, single)
-            checks["engine_concurrent"] = compare("engine concurrent", conc_out, ref)
-            checks["engine_single"] = compare("engine one at a time", single_out, ref)
-            if not args.skip_prefix:
-                system, prefix_texts = prefix_workload(tokenizer, rng, vocab_words, args)
-                phases["prefix_off"] = repeat(
-                    args.repeat,
-                    lambda: run_prefix(engine, prefix_texts, system, args.new_tokens, loop, "off"),
-                )
-        finally:
-            loop.run_until_complete(engine.stop())
+        # The throughput phases use the engine with the prefix cache off, so every pass
+        # recomputes every prompt as generate does; a second engine has it on.
+        engines["off"] = make_engine(model_path, args, prefix_caching=False)
         if not args.skip_prefix:
-            engine = make_engine(model_path, args, prefix_caching=True)
-            loop.run_until_complete(engine.start())
-            try:
-                phases["prefix_on"] = repeat(
-                    args.repeat,
-                    lambda: run_prefix(engine, prefix_texts, system, args.new_tokens, loop, "on"),
-                )
-            finally:
-                loop.run_until_complete(engine.stop())
-        loop.close()
+            engines["on"] = make_engine(model_path, args, prefix_caching=True)
+        for eng in engines.values():
+            loop.run_until_complete(eng.start())
+            # Warm the engine's shapes with one short request (not measured).
+            loop.run_until_complete(eng.execute(make_request(0, wl.ids[0], 2, "warm")))
     else:
         print(f"\nengine section skipped: {engine_note}")
 
-    print_table(phases)
-    summary = summarize(phases)
+    # Phases are interleaved pass by pass, so load drift on a shared machine hits every
+    # phase alike; each ratio is computed inside a pass and its median reported.
+    runs: dict[str, list[PhaseResult]] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    system_text = make_texts(tokenizer, rng, [args.prefix_len], vocab_words)[0]
+    system_ids = list(tokenizer(system_text)["input_ids"])
+    try:
+        for i in range(args.repeat):
+            print(f"pass {i + 1}/{args.repeat} ...", flush=True)
+            res, outputs["sequential"] = run_sequential(model, tokenizer, wl)
+            runs.setdefault("sequential", []).append(res)
+            res, outputs["static"] = run_static(model, tokenizer, wl)
+            runs.setdefault("static", []).append(res)
+            if "off" in engines:
+                res, outputs["engine_concurrent"] = run_engine_concurrent(engines["off"], wl, loop)
+                runs.setdefault("engine_concurrent", []).append(res)
+                res, outputs["engine_single"] = run_engine_single(engines["off"], wl, loop)
+                runs.setdefault("engine_single", []).append(res)
+            if "on" in engines:
+                # Fresh user questions each pass (same system prompt) so earlier passes'
+                # prompts are not cache hits for later ones.
+                pass_rng = random.Random(args.seed * 1000 + i)
+                prompts = prefix_prompts(tokenizer, pass_rng, vocab_words, system_ids, args)
+                for tag in ("off", "on"):
+                    res = run_prefix(engines[tag], prompts, system_ids, args.new_tokens, loop, tag)
+                    runs.setdefault(f"prefix_{tag}", []).append(res)
+    finally:
+        for eng in engines.values():
+            loop.run_until_complete(eng.stop())
+        loop.close()
+
+    print()
+    checks: dict[str, Any] = {}
+    ref = outputs["sequential"]
+    for key, label in (
+        ("static", "static batch"),
+        ("engine_concurrent", "engine concurrent"),
+        ("engine_single", "engine one at a time"),
+    ):
+        if key in outputs:
+            checks[key] = compare(label, outputs[key], ref)
+    phases = {k: median_run(v) for k, v in runs.items()}
+    print_table(runs)
+    summary = summarize(runs)
     for k, v in summary.items():
         print(f"  {k}: {v}")
     if args.json:
@@ -556,9 +562,11 @@ def main(argv: list[str] | None = None) -> int:
             },
             "load_s": load_s,
             "load_avg_start": load_avg,
+            "system_prompt_tokens": len(system_ids),
             "load_avg_end": os.getloadavg(),
             "engine": engine_note or "measured",
             "phases": {k: asdict(v) for k, v in phases.items()},
+            "passes": {k: [asdict(r) for r in v] for k, v in runs.items()},
             "checks": checks,
             "summary": summary,
         }
@@ -567,33 +575,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prefix_workload(
-    tokenizer: Any, rng: random.Random, vocab_words: list[str], args: argparse.Namespace
-) -> tuple[str, list[str]]:
-    """A ``prefix_len``-token system prompt and one request per user question after it."""
-    system = make_texts(tokenizer, rng, [args.prefix_len], vocab_words)[0]
+def prefix_prompts(
+    tokenizer: Any,
+    rng: random.Random,
+    vocab_words: list[str],
+    system: list[int],
+    args: argparse.Namespace,
+) -> list[list[int]]:
+    """One request per user question (16-64 tokens), each starting with ``system``'s ids."""
     questions = make_texts(
         tokenizer, rng, [rng.randint(16, 64) for _ in range(args.requests)], vocab_words
     )
-    return system, [f"{system}\n{q}" for q in questions]
+    tails = [list(tokenizer("\n" + q, add_special_tokens=False)["input_ids"]) for q in questions]
+    return [system + t for t in tails]
 
 
-def summarize(phases: dict[str, PhaseResult]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    seq, static = phases.get("sequential"), phases.get("static")
-    if seq and static:
-        out["static_vs_sequential"] = round(static.tok_per_s / seq.tok_per_s, 3)
-    conc, single = phases.get("engine_concurrent"), phases.get("engine_single")
-    if conc and static and seq:
-        out["engine_vs_static"] = round(conc.tok_per_s / static.tok_per_s, 3)
-        out["engine_vs_sequential"] = round(conc.tok_per_s / seq.tok_per_s, 3)
-    if single and seq:
-        out["engine_single_vs_generate"] = round(single.tok_per_s / seq.tok_per_s, 3)
-    on, off = phases.get("prefix_on"), phases.get("prefix_off")
-    if on and off and on.ttft_p50_ms and off.ttft_p50_ms:
-        out["prefix_ttft_speedup"] = round(off.ttft_p50_ms / on.ttft_p50_ms, 3)
-        out["prefix_hit_rate"] = round(on.extra["prefix_hit_rate"], 3)
-    return out
+def summarize(runs: dict[str, list[PhaseResult]]) -> dict[str, Any]:
+    """Median over passes of each ratio, every ratio taken inside one pass."""
+
+    def ratio(num: str, den: str, attr: str = "tok_per_s") -> float | None:
+        if num not in runs or den not in runs:
+            return None
+        values = [
+            getattr(a, attr) / getattr(b, attr)
+            for a, b in zip(runs[num], runs[den], strict=True)
+            if getattr(a, attr) and getattr(b, attr)
+        ]
+        return round(float(statistics.median(values)), 3) if values else None
+
+    out: dict[str, Any] = {
+        "static_vs_sequential": ratio("static", "sequential"),
+        "engine_vs_static": ratio("engine_concurrent", "static"),
+        "engine_vs_sequential": ratio("engine_concurrent", "sequential"),
+        "engine_single_vs_generate": ratio("engine_single", "sequential"),
+        "prefix_ttft_speedup": ratio("prefix_off", "prefix_on", "ttft_p50_ms"),
+    }
+    if "prefix_on" in runs:
+        out["prefix_hit_rate"] = round(
+            statistics.median(r.extra["prefix_hit_rate"] for r in runs["prefix_on"]), 3
+        )
+    return {k: v for k, v in out.items() if v is not None}
 
 
 if __name__ == "__main__":

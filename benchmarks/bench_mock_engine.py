@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import gc
 import json
 import platform
 import random
@@ -61,11 +63,16 @@ WORDS = [
 ]
 
 
-def make_requests(n: int, max_tokens: int | tuple[int, int], seed: int = 0) -> list[Request]:
+def make_requests(
+    n: int,
+    max_tokens: int | tuple[int, int],
+    seed: int = 0,
+    prompt_words: tuple[int, int] = (4, 24),
+) -> list[Request]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        words = rng.choices(WORDS, k=rng.randint(4, 24))
+        words = rng.choices(WORDS, k=rng.randint(*prompt_words))
         mt = max_tokens if isinstance(max_tokens, int) else rng.randint(*max_tokens)
         out.append(
             Request(
@@ -129,8 +136,13 @@ class BaselineLoop:
         return await fut
 
 
-async def drive(execute: Any, requests: list[Request], concurrency: int) -> float:
-    """Run every request through ``execute`` with ``concurrency`` workers; return seconds."""
+async def drive(execute: Any, requests: list[Request], concurrency: int) -> tuple[float, float]:
+    """Run every request through ``execute`` with ``concurrency`` workers.
+
+    Returns:
+        (wall seconds, process CPU seconds). On a shared machine the CPU time is the fairer
+        figure: the wall time also counts the time other processes held the cores.
+    """
     it = iter(requests)
 
     async def worker() -> None:
@@ -139,21 +151,32 @@ async def drive(execute: Any, requests: list[Request], concurrency: int) -> floa
             if resp.finish_reason == "error":
                 raise RuntimeError(f"request {req.request_id} failed: {resp.error}")
 
-    t0 = time.perf_counter()
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 async def bench_throughput(
-    n: int, concurrency: int, batch: int, max_tokens: int, repeats: int
+    n: int,
+    concurrency: int,
+    batch: int,
+    max_tokens: int,
+    repeats: int,
+    prompt_words: tuple[int, int] = (4, 24),
 ) -> dict[str, Any]:
-    requests = make_requests(n, max_tokens)
+    requests = make_requests(n, max_tokens, prompt_words=prompt_words)
+    prompt_tokens = statistics.mean(
+        len(MockEngine(MockEngineConfig("tok")).tokenizer.encode(r.prompt)) for r in requests[:500]
+    )
     base_times, eng_times = [], []
     for _ in range(repeats):
         baseline = BaselineLoop(batch, max_tokens)
         baseline.task = asyncio.create_task(baseline.run())
         base_times.append(await drive(baseline.execute, requests, concurrency))
         baseline.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await baseline.task
         engine = MockEngine(
             MockEngineConfig("bench", 0.0, 0.0, max_batch_size=batch, kv_num_pages=8192)
         )
@@ -163,19 +186,29 @@ async def bench_throughput(
         assert info["completed"] == n * 1 and info["failed"] == 0, info
         assert info["kv"]["num_seqs"] == 0
         await engine.stop()
-    base = statistics.median(base_times)
-    eng = statistics.median(eng_times)
+    base = statistics.median(t for t, _ in base_times)
+    eng = statistics.median(t for t, _ in eng_times)
+    base_cpu = statistics.median(c for _, c in base_times)
+    eng_cpu = statistics.median(c for _, c in eng_times)
     return {
         "requests": n,
         "concurrency": concurrency,
         "max_batch_size": batch,
         "max_tokens": max_tokens,
+        "prompt_words": list(prompt_words),
+        "mean_prompt_tokens": prompt_tokens,
         "repeats": repeats,
         "baseline_req_per_s": n / base,
         "engine_req_per_s": n / eng,
         "engine_tokens_per_s": n * max_tokens / eng,
         "engine_vs_baseline": base / eng,
-        "engine_req_per_s_all": [n / t for t in eng_times],
+        "baseline_req_per_cpu_s": n / base_cpu,
+        "engine_req_per_cpu_s": n / eng_cpu,
+        "engine_vs_baseline_cpu": base_cpu / eng_cpu,
+        "engine_us_per_request_cpu": eng_cpu / n * 1e6,
+        "engine_req_per_cpu_s_best": n / min(c for _, c in eng_times),
+        "baseline_req_per_cpu_s_best": n / min(c for _, c in base_times),
+        "engine_req_per_s_all": [n / t for t, _ in eng_times],
     }
 
 
@@ -233,9 +266,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "throughput": [],
     }
+    words = (args.prompt_words[0], args.prompt_words[1])
     for mt in args.max_tokens:
         results["throughput"].append(
-            await bench_throughput(args.requests, args.concurrency, args.batch, mt, args.repeats)
+            await bench_throughput(
+                args.requests, args.concurrency, args.batch, mt, args.repeats, words
+            )
         )
     results["streams"] = await bench_streams(args.streams, args.stream_batch)
     return results
@@ -248,6 +284,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256, help="engine max_batch_size")
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--prompt-words", type=int, nargs=2, default=[4, 24], help="prompt length range, words"
+    )
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--stream-batch", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
@@ -262,11 +301,17 @@ def main() -> int:
         print("MockEngine, zero simulated latency (one engine, one event loop)")
         for r in results["throughput"]:
             print(
-                f"  execute: {r['requests']} requests x {r['max_tokens']} tokens, "
-                f"concurrency {r['concurrency']}, batch {r['max_batch_size']}: "
-                f"{r['engine_req_per_s']:,.0f} req/s ({r['engine_tokens_per_s']:,.0f} tok/s); "
-                f"baseline loop {r['baseline_req_per_s']:,.0f} req/s; "
-                f"ratio {r['engine_vs_baseline']:.2f}x (median of {r['repeats']})"
+                f"  execute: {r['requests']} requests, prompts "
+                f"~{r['mean_prompt_tokens']:.0f} tokens, {r['max_tokens']} output tokens, "
+                f"concurrency {r['concurrency']}, batch {r['max_batch_size']} "
+                f"(median of {r['repeats']}):\n"
+                f"    wall: {r['engine_req_per_s']:,.0f} req/s "
+                f"({r['engine_tokens_per_s']:,.0f} tok/s); baseline loop "
+                f"{r['baseline_req_per_s']:,.0f} req/s; ratio {r['engine_vs_baseline']:.2f}x\n"
+                f"    cpu:  {r['engine_req_per_cpu_s']:,.0f} req per CPU-s "
+                f"({r['engine_us_per_request_cpu']:.1f} us/request); baseline loop "
+                f"{r['baseline_req_per_cpu_s']:,.0f}; ratio {r['engine_vs_baseline_cpu']:.2f}x; "
+                f"best run {r['engine_req_per_cpu_s_best']:,.0f} req per CPU-s"
             )
         s = results["streams"]
         print(

@@ -475,6 +475,98 @@ def test_create_wraps_unexpected_factory_failures_and_checks_the_result(site: Fa
         registry.create("const")
 
 
+def test_create_asks_the_availability_hook_whatever_names_the_kind(site: FakeSite) -> None:
+    mod = site.provider_module(
+        "avail",
+        """
+        def down(config=None, **kw):
+            CALLS.append(("down", config))
+            return Provider(config, **kw)
+        down.is_available = lambda: False
+        down.unavailable_reason = lambda: "xpu driver 9 needed, found 7"
+
+        def _boom():
+            raise OSError("driver query crashed")
+
+        def crashing_hook(config=None, **kw):
+            CALLS.append(("crash", config))
+            return Provider(config, **kw)
+        crashing_hook.is_available = _boom
+        """,
+    )
+    site.dist("vendor", "1.0", backends(xdown=f"{mod}:down", xhook=f"{mod}:crashing_hook"))
+    registry = BackendRegistry(entry_points=site.entry_points(), environ={})
+    for create in (
+        lambda: registry.create("xdown"),
+        lambda: registry.create(config={"kind": "xdown"}),
+        lambda: BackendRegistry(
+            entry_points=site.entry_points(), environ={"SAGELLM_BACKEND": "xdown"}
+        ).create(),
+    ):
+        with pytest.raises(BackendNotAvailableError, match="xpu driver 9 needed, found 7") as info:
+            create()
+        assert "'xdown'" in str(info.value)
+    for create in (lambda: registry.create("xhook"), lambda: registry.select("xhook")):
+        with pytest.raises(PluginLoadError, match=r"'xhook'.*driver query crashed") as err:
+            create()
+        assert (err.value.group, err.value.name) == (BACKENDS_GROUP, "xhook")
+        assert isinstance(err.value.__cause__, OSError)
+    assert sys.modules[mod].CALLS == []  # no factory ran
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        ("ValueError('pool_mb must be > 0')", ValueError),
+        ("TypeError(\"factory() got an unexpected keyword argument 'bogus'\")", TypeError),
+        ("ImportError('libxpu.so not found')", ImportError),
+        ("ConfigError('device xpu:9 does not exist')", ConfigError),
+        ("DependencyMissingError('pip install xpu-runtime')", ImportError),
+        ("BackendNotAvailableError('device lost')", BackendNotAvailableError),
+    ],
+)
+def test_factory_errors_keep_their_type_and_name_the_plugin(
+    site: FakeSite, raised: str, expected: type[Exception]
+) -> None:
+    mod = site.provider_module(
+        "raise",
+        f"""
+        from sagellm_backend.errors import (
+            BackendNotAvailableError, ConfigError, DependencyMissingError,
+        )
+
+        def raising(config=None, **kw):
+            raise {raised}
+        """,
+    )
+    site.dist("vendor-x", "3.1", backends(xpu=f"{mod}:raising"))
+    registry = BackendRegistry(entry_points=site.entry_points(), environ={})
+    for _ in range(2):  # each failure carries exactly one note
+        with pytest.raises(expected) as info:
+            registry.create("xpu")
+        assert type(info.value).__name__ == raised.split("(")[0]
+        note = f"while creating backend 'xpu' from entry point {BACKENDS_GROUP}: xpu = {mod}:"
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1 and notes[0].startswith(note), notes
+        assert f"{mod}:raising (vendor-x==3.1)" in notes[0]
+
+
+def test_cli_one_line_error_shows_the_notes(site: FakeSite) -> None:
+    from sagellm_backend.commands._common import describe_exception
+
+    mod = site.provider_module(
+        "cli", "def bad(config=None, **kw):\n    raise ValueError('pool_mb\\nmust be > 0')\n"
+    )
+    site.dist("vendor", "1.0", backends(xpu=f"{mod}:bad"))
+    registry = BackendRegistry(entry_points=site.entry_points(), environ={})
+    with pytest.raises(ValueError) as info:
+        registry.create("xpu")
+    line = describe_exception(info.value)
+    assert "\n" not in line
+    assert line.startswith("ValueError: pool_mb must be > 0 (while creating backend 'xpu'")
+    assert describe_exception(ValueError("plain")) == "ValueError: plain"
+
+
 def test_a_failed_import_is_attempted_once_per_registry(site: FakeSite) -> None:
     log = site.root / "imports.log"
     bad = site.module(

@@ -52,7 +52,11 @@ __all__ = [
 ]
 
 #: Modules imported by :func:`build_parser` that register further subcommands on import.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "sagellm_backend.commands.generate",
+    "sagellm_backend.commands.bench",
+    "sagellm_backend.commands.demo",
+)
 
 
 @dataclass(frozen=True)

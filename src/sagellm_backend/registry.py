@@ -21,6 +21,19 @@ Invariants (the faults of other plugin systems this module avoids):
   with the chosen ``kind`` and a human-readable ``reason`` (also logged at INFO).
 * **The mock is never auto-selected.** Kinds with a negative priority (the built-in
   ``mock``) are created only when asked for by name.
+* **Creating checks like selecting.** :meth:`BackendRegistry.create` goes through
+  :meth:`BackendRegistry.select` whatever names the kind (argument, config ``kind``,
+  ``SAGELLM_BACKEND`` or auto), so the ``is_available()`` hook is asked before the factory
+  is called: an unavailable kind raises
+  :class:`~sagellm_backend.errors.BackendNotAvailableError` with the plugin's reason, a
+  raising hook a :class:`~sagellm_backend.errors.PluginLoadError` naming the plugin --
+  exactly what ``select(kind)`` raises. ``EngineFactory.create`` does the same for engines.
+* **Factory errors keep their type and name the plugin.** A factory's configuration or
+  dependency error (:class:`~sagellm_backend.errors.BackendError`, ``ValueError``,
+  ``TypeError``, ``ImportError``) is re-raised as is, so callers can still catch
+  ``ValueError`` / ``ConfigError`` / ``DependencyMissingError``, with a PEP 678 note
+  (``exc.__notes__``, shown in tracebacks and by the CLI) naming the kind, the entry point
+  and the distribution; anything else is wrapped in a ``PluginLoadError`` (cause chained).
 
 Plugin hooks (all optional, looked up on the object the entry point resolves to -- a
 provider class with classmethods, or a factory function carrying attributes -- and, when it
@@ -485,6 +498,16 @@ class PluginRegistry:
         return False, str(text) if text else "is_available() returned False"
 
 
+def add_note_once(exc: BaseException, note: str) -> None:
+    """Attach ``note`` (PEP 678) to ``exc`` unless it already carries it.
+
+    Used where an exception passes through unwrapped, to say which plugin raised it; an
+    exception re-raised through the same path twice (a cached object) gets the note once.
+    """
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
 def _hook(obj: Any, name: str) -> Callable[[], Any] | None:
     """A plugin hook: an attribute of the entry-point object, else of its defining module."""
     found = getattr(obj, name, None)
@@ -616,6 +639,10 @@ class BackendRegistry(PluginRegistry):
     def create(self, kind: str | None = None, config: Any = None, **kwargs: Any) -> Any:
         """Create a backend provider.
 
+        The kind goes through :meth:`select` first, however it is named, so a kind whose
+        ``is_available()`` hook says no is refused before its factory runs (as by
+        ``select(kind)`` and ``EngineFactory.create``).
+
         Args:
             kind: backend kind, or None/``"auto"`` to :meth:`select` one. When None and
                 ``config`` has a ``kind`` (a sagellm-core ``BackendConfig``, or a dict with a
@@ -629,15 +656,19 @@ class BackendRegistry(PluginRegistry):
 
         Raises:
             ConfigError: unknown kind; or whatever configuration error the factory raises.
-            PluginLoadError: the plugin failed to import, its factory raised an unexpected
-                exception (chained), or it returned something that is not a provider.
+            PluginLoadError: the plugin failed to import, its availability hooks raised, its
+                factory raised an unexpected exception (chained), or it returned something
+                that is not a provider.
             PluginConflictError: two distributions register the kind.
-            BackendNotAvailableError: auto-selection found nothing, or the factory refused.
+            BackendNotAvailableError: the kind's ``is_available()`` hook returned False (the
+                message gives its reason), auto-selection found nothing, or the factory
+                refused.
+            ValueError / TypeError / ImportError / BackendError: the factory's own error,
+                re-raised with its type and a note naming the plugin (``exc.__notes__``).
         """
         if kind is None:
             kind = _config_kind(config)
-        if kind is None or kind == _AUTO:
-            kind = self.select(kind).kind
+        kind = self.select(kind).kind  # load + availability hooks, for a named kind too
         factory = self.load(kind)
         if not callable(factory):
             raise PluginLoadError(
@@ -648,8 +679,17 @@ class BackendRegistry(PluginRegistry):
             )
         try:
             provider = factory(config, **kwargs) if config is not None else factory(**kwargs)
-        except (BackendError, ValueError, ImportError):
-            raise  # configuration errors, missing device/dependency: the factory's own words
+        except (BackendError, ValueError, TypeError, ImportError) as exc:
+            # Configuration errors, missing device/dependency: the factory's own words and
+            # type (callers catch ValueError/ConfigError/DependencyMissingError), plus which
+            # plugin said them.
+            record = self.record(kind)
+            add_note_once(
+                exc,
+                f"while creating backend {kind!r} from entry point {self.group}: {kind} = "
+                f"{record.value} ({record.package})",
+            )
+            raise
         except Exception as exc:
             raise PluginLoadError(
                 f"{self.group} plugin {kind!r} ({self.record(kind).value}): the factory raised "

@@ -171,6 +171,46 @@ def test_register_engine_decorator_and_factory() -> None:
 
 
 @pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("max_batch_size must be >= 1"),
+        TypeError("make() got an unexpected keyword argument 'x'"),
+        ImportError("libfoo missing"),
+        ConfigError("device 'npu:3' does not exist"),
+        BackendNotAvailableError("device lost"),
+    ],
+)
+def test_factory_errors_keep_their_type_and_name_the_kind(error: Exception) -> None:
+    def make(config: Any, provider: Any) -> _FakeEngine:
+        raise error
+
+    EngineFactory.register("noisy", factory=make)
+    for _ in range(2):  # the same object raised twice carries the note once
+        with pytest.raises(type(error)) as info:
+            EngineFactory.create("noisy", {})
+        assert info.value is error
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1, notes
+        assert notes[0].startswith("while creating engine kind 'noisy' (registered ")
+        assert "make" in notes[0]
+
+
+def test_engine_class_errors_name_the_kind_and_factory_crashes_are_wrapped() -> None:
+    with pytest.raises(ConfigError, match="mock_mode") as info:
+        EngineFactory.create("mock", {"engine_id": "m", "mock_mode": "yes"})
+    assert any("engine kind 'mock' (builtin" in n for n in info.value.__notes__)
+
+    def crash(config: Any, provider: Any) -> _FakeEngine:
+        raise KeyError("handle")
+
+    EngineFactory.register("crashy", factory=crash)
+    with pytest.raises(PluginLoadError, match=r"'crashy'.*factory raised KeyError") as err:
+        EngineFactory.create("crashy", {})
+    assert isinstance(err.value.__cause__, KeyError)
+    assert not getattr(err.value, "__notes__", [])  # the message names the kind already
+
+
+@pytest.mark.parametrize(
     ("args", "kwargs", "needle"),
     [
         (("",), {"factory": lambda c, p: None}, "non-empty"),

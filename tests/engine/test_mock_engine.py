@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -161,6 +162,21 @@ async def test_repeated_prompt_hits_the_prefix_cache(engine: MockEngine) -> None
     assert first.metrics.prefix_hit_rate == 0.0
     assert second.metrics.prefix_hit_rate > 0.8
     assert second.output_tokens == first.output_tokens
+
+
+async def test_long_generation_kv_and_multi_turn_prefix_hits(engine: MockEngine) -> None:
+    prompt = " ".join(f"w{i}" for i in range(20))
+    first = await engine.execute(make_request(prompt, 40))
+    n_prompt = len(engine.tokenizer.encode(prompt))
+    spec = engine.kv_manager.spec  # type: ignore[union-attr]
+    assert first.metrics.kv_used_tokens == n_prompt + 39
+    assert first.metrics.kv_used_bytes == -(-(n_prompt + 39) // spec.block_size) * spec.page_bytes
+    # Next turn: the previous prompt + answer is a cached prefix (output blocks included).
+    second = await engine.execute(make_request(prompt + first.output_text + " next", 2))
+    full_blocks = (n_prompt + 39) // spec.block_size
+    n_second = len(engine.tokenizer.encode(prompt + first.output_text + " next"))
+    assert second.metrics.prefix_hit_rate == pytest.approx(full_blocks * spec.block_size / n_second)
+    assert engine.kv_manager.stats().num_seqs == 0  # type: ignore[union-attr]
 
 
 async def test_prefix_caching_can_be_disabled(engine_factory: Any) -> None:
@@ -416,6 +432,26 @@ def test_config_keeps_the_0112_constructor() -> None:
 def test_config_validation_names_the_field(kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         MockEngineConfig("e", **kwargs)
+
+
+BOOL_FIELDS = ("mock_mode", "enable_prefix_caching", "fail_at_start", "strict_model")
+
+
+def test_every_bool_field_is_covered() -> None:
+    annotated = {f.name for f in dataclasses.fields(MockEngineConfig) if f.type in ("bool", bool)}
+    assert annotated == set(BOOL_FIELDS)
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+@pytest.mark.parametrize("value", ["yes", "False", 1, 0, None, 1.0])
+def test_bool_fields_are_type_checked(name: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        MockEngineConfig("e", **{name: value})
+    message = str(info.value)
+    assert f"MockEngineConfig.{name} must be a bool (True/False)" in message, message
+    assert repr(value) in message
+    for flag in (True, False):
+        assert getattr(MockEngineConfig("e", **{name: flag}), name) is flag
 
 
 def test_engine_id_must_be_non_empty() -> None:

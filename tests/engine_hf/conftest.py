@@ -70,9 +70,7 @@ class Reference:
     def __init__(self, path: str) -> None:
         from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
 
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            path, device="cpu", dtype="float32"
-        )
+        self.model, self.tokenizer = load_model_and_tokenizer(path, device="cpu", dtype="float32")
         self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
     def ids(self, prompt: str) -> list[int]:

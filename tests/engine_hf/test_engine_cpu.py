@@ -12,6 +12,7 @@ from sagellm_protocol import ErrorCode, Request
 from .conftest import PROMPTS, Reference, make_request, wait_until
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
 
 # ---------------------------------------------------------------------------- correctness
@@ -116,7 +117,7 @@ async def test_stream_deltas_concatenate_to_the_execute_text(llama_engine: Any) 
     for prompt in (PROMPTS[2], PROMPTS[5]):
         req = make_request(prompt, 24)
         events = [ev async for ev in llama_engine.stream(req)]
-        assert [e.event for e in events][0] == "start" and events[-1].event == "end"
+        assert events[0].event == "start" and events[-1].event == "end"
         assert all(e.event == "delta" for e in events[1:-1])
         deltas = events[1:-1]
         end = events[-1]
@@ -286,7 +287,11 @@ async def test_bad_requests_get_error_responses_and_the_engine_keeps_serving(
             ErrorCode.INVALID_ARGUMENT,
             "max_tokens",
         ),
-        (make_request("hi", 4, prompt_token_ids=[1, 5, 99999]), ErrorCode.INVALID_ARGUMENT, "99999"),
+        (
+            make_request("hi", 4, prompt_token_ids=[1, 5, 99999]),
+            ErrorCode.INVALID_ARGUMENT,
+            "99999",
+        ),
         (make_request("hi", 4, prompt_token_ids=[]), ErrorCode.INVALID_ARGUMENT, "no tokens"),
         (make_request("hi", 4, seed="x"), ErrorCode.INVALID_ARGUMENT, "seed"),
         (make_request("hi", 4, ignore_eos="yes"), ErrorCode.INVALID_ARGUMENT, "ignore_eos"),
@@ -405,3 +410,107 @@ async def test_metrics_come_from_measurement(llama_engine: Any) -> None:
     assert "runner:paged" in m.component_trace
     info = llama_engine.get_info()
     assert info["runner"] == "paged" and info["engine_type"] == "CPUEngine"
+
+
+async def test_a_dead_scheduler_thread_fails_requests_instead_of_hanging(
+    engine_factory: Any, tiny_llama: str, monkeypatch: Any
+) -> None:
+    engine = engine_factory(tiny_llama, max_new_tokens=500)
+    await engine.start()
+    sched = engine._scheduler
+
+    def die() -> bool:
+        raise SystemExit("scheduler killed by the test")  # not an Exception: ends the thread
+
+    monkeypatch.setattr(sched, "_step", die)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)
+    resp = await asyncio.wait_for(engine.execute(make_request(PROMPTS[0], 100)), 5)
+    assert resp.finish_reason == "error" and resp.error is not None
+    await wait_until(lambda: not sched.is_alive)
+    assert not await engine.health_check()
+    later = await engine.execute(make_request(PROMPTS[0], 3))
+    assert later.finish_reason == "error"
+    assert later.error is not None and later.error.code == ErrorCode.UNAVAILABLE
+    await engine.stop()
+    await engine.start()  # a fresh scheduler thread
+    ok = await engine.execute(make_request(PROMPTS[0], 3))
+    assert ok.finish_reason == "length"
+
+
+def test_results_for_a_closed_loop_cancel_the_request() -> None:
+    from sagellm_backend.engine.hf.core import _Handle
+    from sagellm_backend.engine.hf.scheduler import GenSequence, SamplingParams, TokenEvent
+
+    loop = asyncio.new_event_loop()
+    handle = _Handle(loop, make_request())
+    loop.close()
+    cancelled: list[str] = []
+    handle.on_orphan = cancelled.append
+    handle.seq = GenSequence("s1", [1, 2], 4, SamplingParams(), False, True, handle.post)
+    handle.post(TokenEvent((5,)))
+    assert cancelled == ["s1"]
+
+
+async def test_stop_during_a_long_step_still_returns_in_time(
+    engine_factory: Any, tiny_llama: str, llama_ref: Reference, monkeypatch: Any
+) -> None:
+    engine = engine_factory(tiny_llama, max_new_tokens=500)
+    await engine.start()
+    runner = engine._runner
+    real = runner.execute
+    slow = {"on": True}
+
+    def sluggish(chunks: Any) -> Any:
+        if slow["on"]:
+            time.sleep(2.5)  # a step longer than stop() waits for
+        return real(chunks)
+
+    monkeypatch.setattr(runner, "execute", sluggish)
+    task = asyncio.create_task(engine.execute(make_request(PROMPTS[0], 50)))
+    await asyncio.sleep(0.2)
+    t0 = time.perf_counter()
+    await engine.stop()
+    resp = await asyncio.wait_for(task, 1.0)
+    assert time.perf_counter() - t0 < 2.0
+    assert resp.finish_reason == "error" and resp.error is not None
+    slow["on"] = False
+    await engine.start()  # waits for the old step to end, then serves again
+    assert _kv_seqs(engine) == 0
+    ok = await engine.execute(make_request(PROMPTS[0], 4))
+    assert ok.output_tokens == llama_ref.greedy(PROMPTS[0], 4)
+
+
+async def test_extreme_sampling_settings_do_not_break_the_batch(
+    llama_engine: Any, llama_ref: Reference
+) -> None:
+    bystander = asyncio.create_task(llama_engine.execute(make_request(PROMPTS[3], 20)))
+    sharp = make_request(PROMPTS[0], 8, temperature=1e-45, seed=1)
+    narrow = make_request(PROMPTS[0], 8, temperature=1.0, top_p=1e-300, seed=1)
+    for req in (sharp, narrow):  # both collapse to the argmax token
+        resp = await llama_engine.execute(req)
+        assert resp.finish_reason == "length", resp.error
+        assert resp.output_tokens == llama_ref.greedy(PROMPTS[0], 8)
+    for bad, word in (
+        (make_request(PROMPTS[0], 4, temperature=1.0, seed=2**64), "seed"),
+        (make_request("a\ud800b", 4), "prompt"),
+    ):
+        resp = await llama_engine.execute(bad)
+        assert resp.finish_reason == "error" and resp.error is not None
+        assert resp.error.code == ErrorCode.INVALID_ARGUMENT and word in resp.error.message
+    assert (await bystander).output_tokens == llama_ref.greedy(PROMPTS[3], 20)
+
+
+async def test_restart_after_stopping_a_decoding_batch_serves_a_full_batch(
+    engine_factory: Any, tiny_llama: str, llama_ref: Reference
+) -> None:
+    engine = engine_factory(tiny_llama, max_batch_size=4, max_new_tokens=500)
+    for _ in range(2):
+        await engine.start()
+        tasks = [asyncio.create_task(engine.execute(make_request(p, 400))) for p in PROMPTS[:3]]
+        await wait_until(lambda: engine.get_info()["scheduler"]["tokens_generated"] >= 12)
+        await engine.stop()
+        assert all(r.finish_reason == "error" for r in await asyncio.gather(*tasks))
+    await engine.start()
+    results = await asyncio.gather(*(engine.execute(make_request(p, 5)) for p in PROMPTS[:4]))
+    for p, r in zip(PROMPTS[:4], results, strict=True):
+        assert r.output_tokens == llama_ref.greedy(p, 5), r.error

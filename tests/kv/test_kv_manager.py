@@ -43,7 +43,7 @@ def test_two_requests_sharing_a_three_block_prefix() -> None:
     assert rb == KVRequestStats(
         used_tokens=58,
         used_bytes=4 * SPEC.page_bytes,
-        prefix_hit_rate=pytest.approx(48 / 58),
+        prefix_hit_rate=48 / 58,
         evict_count=0,
         evict_ms=0.0,
     )
@@ -286,3 +286,45 @@ def test_threads_allocate_append_free() -> None:
     assert m.pool.num_free == 64
     m.pool.check_invariants()
     assert m.stats().prefix_hit_tokens > 0
+
+
+def test_managers_sharing_a_pool_report_their_own_footprint() -> None:
+    """kv_used_* of a manager = distinct pages of its own sequences, whoever else shares."""
+    pool = BlockPool(16, page_bytes=SPEC.page_bytes)
+    a, b = KVCacheManager(pool, SPEC), KVCacheManager(pool, SPEC)
+    prompt = list(range(40))  # 2 full blocks + 8 tokens
+    a.allocate("x", prompt)
+    a.mark_computed("x", 40)
+    assert b.allocate("y", prompt) == 32  # shares the two full pages a holds
+    b.allocate("z", [*prompt[:32], 99])  # same two pages, held twice by b
+    sa, sb = a.stats(), b.stats()
+    assert (sa.kv_used_tokens, sa.kv_used_bytes) == (40, 3 * SPEC.page_bytes)
+    # b: pages {p0, p1, y's tail, z's tail}; p0/p1 once although two of its seqs hold them
+    assert (sb.kv_used_tokens, sb.kv_used_bytes) == (32 + 8 + 1, 4 * SPEC.page_bytes)
+    assert sa.num_pages - sa.num_free_pages == pool.num_used == 2 + 1 + 1 + 1
+    a.free("x")  # b still holds the shared pages: a's footprint drops to nothing
+    assert (a.stats().kv_used_tokens, a.stats().kv_used_bytes) == (0, 0)
+    assert b.stats().kv_used_tokens == 41
+    b.free("y")
+    assert (b.stats().kv_used_tokens, b.stats().kv_used_bytes) == (33, 3 * SPEC.page_bytes)
+    b.free("z")
+    assert pool.num_used == 0
+    assert (b.stats().kv_used_tokens, b.stats().kv_used_bytes) == (0, 0)
+    assert (a.stats().kv_used_tokens, b.stats().kv_used_tokens) == (0, 0)
+
+
+def test_used_tokens_exact_when_one_manager_rehits_its_own_page() -> None:
+    """A hit on a page this manager already holds adds no usage; on a cached free one it does."""
+    m = make()
+    prompt = list(range(33))
+    m.allocate("a", prompt)
+    m.mark_computed("a", 33)
+    m.allocate("b", prompt)  # 2 shared pages + own tail
+    assert m.stats().kv_used_tokens == 33 + 1
+    m.free("a")
+    m.free("b")
+    assert m.stats().kv_used_tokens == 0 and m.pool.num_cached == 2
+    m.allocate("c", prompt)  # hits the two cached (unreferenced) pages: they count again
+    assert (m.stats().kv_used_tokens, m.stats().kv_used_bytes) == (33, 3 * SPEC.page_bytes)
+    m.free("c", discard=True)  # c registered nothing itself: the cached pages stay
+    assert m.pool.num_cached == 2 and m.stats().kv_used_tokens == 0

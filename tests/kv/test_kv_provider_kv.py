@@ -76,7 +76,7 @@ def test_unsupported_dtype_names_supported() -> None:
         accounting().alloc(4, DType.BF16)
     assert isinstance(info.value, ValueError)
     with pytest.raises(UnsupportedDTypeError):
-        accounting().alloc(4, "float64")  # type: ignore[arg-type]
+        accounting().alloc(4, "float64")
 
 
 def test_budget_exhaustion_is_all_or_nothing() -> None:

@@ -46,7 +46,7 @@ def test_invalid_spec(kwargs: dict[str, object]) -> None:
 
 
 def test_dtype_names_are_parsed() -> None:
-    assert KVSpec(1, 1, 2, dtype="bfloat16").dtype is DType.BF16  # type: ignore[arg-type]
+    assert KVSpec(1, 1, 2, dtype="bfloat16").dtype is DType.BF16
 
 
 def test_page_too_small_for_wider_dtype() -> None:

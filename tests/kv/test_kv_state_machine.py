@@ -163,7 +163,9 @@ class KVMachine(RuleBasedStateMachine):
                 fill[p] = max(fill.get(p, 0), min(B, len(toks) - i * B))
         s = self.m.stats()
         assert s.kv_used_tokens == sum(fill.values())
-        assert s.kv_used_bytes == self.pool.num_used * SPEC.page_bytes
+        # the manager's own pages (the raw pool users are not its footprint)
+        assert s.kv_used_bytes == len(fill) * SPEC.page_bytes
+        assert s.num_pages - s.num_free_pages == len(set(fill) | set(self.raw))
         assert s.num_seqs == len(self.tokens)
         assert 0.0 <= s.prefix_hit_rate <= 1.0
 

@@ -112,6 +112,9 @@ def test_imitating_other_hardware() -> None:
         {"fail_kv_after_pages": -1},
         {"kernel_latency_ms": -1},
         {"failing_kernels": "matmul"},
+        {"failing_kernels": {"matmul": "boom"}},
+        {"device_ids": [0, -1]},
+        {"device_ids": ["a"]},
     ],
 )
 def test_invalid_config_raises_config_error(kwargs: dict[str, Any]) -> None:
@@ -155,7 +158,7 @@ def test_unrecorded_event_is_an_error() -> None:
 def test_collectives_single_rank_identity() -> None:
     b = MockBackendProvider()
     data = [1.0, 2.0, 3.0]
-    assert b.all_reduce(data, "sum") is None
+    b.all_reduce(data, "sum")
     assert data == [1.0, 2.0, 3.0]
     gathered = b.all_gather(data)
     assert gathered == data and gathered is not data

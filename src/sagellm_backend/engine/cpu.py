@@ -52,7 +52,8 @@ class CPUEngineConfig(EngineConfig):
             support).
         num_threads: torch intra-op threads (process-wide); None keeps torch's setting.
         kv_cache_memory_bytes, block_size, enable_prefix_caching, max_num_batched_tokens,
-            max_model_len, max_input_tokens, runner, fuse_projections: see
+            max_model_len, max_input_tokens, runner, fuse_projections, prepack_weights,
+            decode_workspace_bytes: see
             :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may also be given
             as a ``metadata`` key of the same name.
 
@@ -75,6 +76,8 @@ class CPUEngineConfig(EngineConfig):
     max_input_tokens: int | None = None
     runner: str = "auto"
     fuse_projections: bool = True
+    prepack_weights: bool = True
+    decode_workspace_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         owner = "CPUEngineConfig"

@@ -19,6 +19,12 @@ Invariants:
       (no silent fallback to a simulation).
     * An unknown kind raises :class:`~sagellm_backend.errors.ConfigError` listing the kinds
       that exist; aliases (``hf_cuda`` -> ``cuda``, ...) resolve before lookup.
+    * :meth:`EngineFactory.create` asks the kind's ``is_available()`` hook before building
+      anything, for a named kind too (``BackendRegistry.create`` does the same).
+    * An engine class's or factory's own error (:class:`~sagellm_backend.errors.BackendError`,
+      ``ValueError``, ``TypeError``, ``ImportError``; anything from an engine class) keeps its
+      type and gets a PEP 678 note (``exc.__notes__``) naming the kind and where it comes
+      from; any other exception of a factory is wrapped in a ``PluginLoadError`` (chained).
     * All state is class-level and guarded by one lock.
 
 Example:
@@ -50,6 +56,7 @@ from sagellm_backend.errors import (
     PluginConflictError,
     PluginLoadError,
 )
+from sagellm_backend.registry import add_note_once
 
 __all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", "EngineFactoryFn"]
 
@@ -603,6 +610,21 @@ class EngineFactory:
 
     @classmethod
     def _build(cls, entry: EngineEntry, config: Any, provider: Any) -> Any:
+        package = f", from {entry.package}" if entry.package else ""
+        note = f"while creating engine kind {entry.name!r} ({entry.source} {entry.entry_point}"
+        note += f"{package})"
+        try:
+            return cls._construct(entry, config, provider)
+        except PluginLoadError as exc:
+            if (exc.group, exc.name) != ("sagellm.engines", entry.name):  # ours name it
+                add_note_once(exc, note)
+            raise
+        except Exception as exc:
+            add_note_once(exc, note)
+            raise
+
+    @classmethod
+    def _construct(cls, entry: EngineEntry, config: Any, provider: Any) -> Any:
         engine_cls = entry.engine_class
         if isinstance(config, EngineConfig) and engine_cls is not None:
             if provider is not None:

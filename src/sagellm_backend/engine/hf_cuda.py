@@ -69,7 +69,8 @@ class HFCudaEngineConfig(EngineConfig):
     Optional tuning (see :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may
     also be a ``metadata`` key): ``kv_cache_memory_bytes``, ``block_size``,
     ``enable_prefix_caching``, ``max_num_batched_tokens``, ``max_model_len``,
-    ``max_input_tokens``, ``runner``, ``fuse_projections``.
+    ``max_input_tokens``, ``runner``, ``fuse_projections``, ``prepack_weights``,
+    ``decode_workspace_bytes``.
 
     Raises:
         ConfigError: at construction, naming the field, the bad value and a valid example.
@@ -90,6 +91,8 @@ class HFCudaEngineConfig(EngineConfig):
     max_input_tokens: int | None = None
     runner: str = "auto"
     fuse_projections: bool = True
+    prepack_weights: bool = True
+    decode_workspace_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         self.validate()

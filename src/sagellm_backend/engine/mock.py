@@ -28,7 +28,9 @@ Metrics: times from :class:`~sagellm_backend.engine.metrics.RequestTimeline` (pr
 decode_ms are the measured durations of the steps the request took part in); the KV fields
 from the manager's per-request stats at completion; ``peak_mem_mb`` is the peak of the
 engine's KV pool use (the only memory a simulated model has); ``error_rate`` over every
-request this engine finished.
+request this engine finished. Generated tokens reach the KV manager once per page (pages are
+allocated exactly when needed), so mid-flight token counts in ``get_info()["kv"]`` may lag by
+less than one page per running request; per-request figures at completion are exact.
 """
 
 from __future__ import annotations
@@ -276,6 +278,17 @@ def _check_int(name: str, value: Any, lo: int, *, optional: bool = False) -> int
     return value
 
 
+def _check_bool(name: str, value: Any) -> None:
+    # Strict: 1, "yes" or None are not flags (a truthy string would silently enable a mode).
+    if not isinstance(value, bool):
+        raise ConfigError(f"MockEngineConfig.{name} must be a bool (True/False), got {value!r}")
+
+
+def _bool_fields(cls: type[EngineConfig]) -> tuple[str, ...]:
+    """Names of the dataclass fields of ``cls`` annotated ``bool`` (base class included)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.type in ("bool", bool))
+
+
 @dataclass(init=False)
 class MockEngineConfig(EngineConfig):
     """Configuration of :class:`MockEngine` (0.1.1.2 constructor kept, options added).
@@ -405,16 +418,11 @@ class MockEngineConfig(EngineConfig):
                 "MockEngineConfig: give kv_memory_bytes or kv_num_pages, not both "
                 f"(got {kv_memory_bytes!r} and {kv_num_pages!r})"
             )
-        for name, flag in (
-            ("enable_prefix_caching", enable_prefix_caching),
-            ("fail_at_start", fail_at_start),
-            ("strict_model", strict_model),
-        ):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"MockEngineConfig.{name} must be a bool, got {flag!r}")
         self.enable_prefix_caching = enable_prefix_caching
         self.fail_at_start = fail_at_start
         self.strict_model = strict_model
+        for name in _bool_fields(type(self)):  # every bool field, the base ones included
+            _check_bool(name, getattr(self, name))
         sse = _check_int("slow_step_every", slow_step_every, 0)
         assert sse is not None
         self.slow_step_every = sse
@@ -449,6 +457,7 @@ class _Seq:
     need_pages: int = 0
     held_pages: int = 0
     kv_tokens: int = 0
+    pending: list[int] = field(default_factory=list)
     has_kv: bool = False
     prefilled: bool = False
 
@@ -981,17 +990,21 @@ class MockEngine(BaseEngine):
             if pos + 1 >= seq.max_tokens:
                 self._finish(seq, "length", None)
                 continue
-            # The token's K/V is written by the next step: account it now.
-            try:
-                kv.append(seq.seq_id, (token,))
-            except KVCacheExhaustedError as exc:  # e.g. an injected provider fault
-                self._finish(seq, "error", exc.to_protocol())
-                continue
+            # The token's K/V is written by the next step. It is handed to the KV manager
+            # when it needs a new page (then with the tokens pending since the last page)
+            # and at the end, so there is one manager call per page, not per token.
             seq.kv_tokens += 1
-            held = -(-seq.kv_tokens // block_size)
-            if held != seq.held_pages:
-                self._reserved_pages -= held - seq.held_pages
-                seq.held_pages = held
+            pending = seq.pending
+            pending.append(token)
+            if seq.kv_tokens > seq.held_pages * block_size:
+                try:
+                    kv.append(seq.seq_id, pending)
+                except KVCacheExhaustedError as exc:  # e.g. an injected provider fault
+                    self._finish(seq, "error", exc.to_protocol())
+                    continue
+                pending.clear()
+                seq.held_pages += 1
+                self._reserved_pages -= 1
             keep.append(seq)
         self._batch = keep
         used = kv.pool.num_used * kv.spec.page_bytes
@@ -1012,15 +1025,14 @@ class MockEngine(BaseEngine):
     def _finish(self, seq: _Seq, reason: FinishReason, error: Error | None) -> None:
         """Release the request and hand its terminal result to the consumer."""
         failed = reason == "error"
-        if (
-            seq.has_kv
-            and self._cfg.enable_prefix_caching
-            and not failed
-            and seq.kv_tokens > len(seq.prompt_ids)  # the prompt was marked at prefill
-        ):
+        if seq.has_kv and not failed and seq.kv_tokens > len(seq.prompt_ids):
             kv = self._kv
             assert kv is not None
-            kv.mark_computed(seq.seq_id, seq.kv_tokens)
+            if seq.pending:  # fits in the pages already held: no allocation, cannot fail
+                kv.append(seq.seq_id, seq.pending)
+                seq.pending.clear()
+            if self._cfg.enable_prefix_caching:  # the prompt was marked at prefill
+                kv.mark_computed(seq.seq_id, seq.kv_tokens)
         kv_stats = self._release(seq, discard=failed)
         metrics = build_metrics(
             seq.timeline,

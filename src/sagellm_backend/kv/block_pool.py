@@ -169,6 +169,18 @@ class BlockPool:
         lock = self.lock
         lock.acquire()  # explicit acquire/release: ~2x cheaper than `with` on CPython 3.11
         try:
+            if n == 1 and self._num_free and self.alloc_guard is None:
+                # Fast path (decode steps grow sequences one page at a time).
+                nxt = self._next
+                head = self._head
+                p = nxt[head]
+                if self._hash[p] is None:
+                    q = nxt[p]
+                    nxt[head] = q
+                    self._prev[q] = head
+                    self._ref[p] = 1
+                    self._num_free -= 1
+                    return [p]
             return self._allocate(n)
         finally:
             lock.release()
@@ -183,6 +195,21 @@ class BlockPool:
         lock = self.lock
         lock.acquire()
         try:
+            if type(pages) is list and len(pages) == 1:
+                # Fast path: one exclusively owned, uncached page goes to the queue head.
+                p = pages[0]
+                ref = self._ref
+                if type(p) is int and 0 <= p < self._n and ref[p] == 1 and self._hash[p] is None:
+                    ref[p] = 0
+                    nxt = self._next
+                    head = self._head
+                    b = nxt[head]
+                    nxt[head] = p
+                    self._prev[p] = head
+                    nxt[p] = b
+                    self._prev[b] = p
+                    self._num_free += 1
+                    return
             self._free(pages)
         finally:
             lock.release()
@@ -400,9 +427,12 @@ class BlockPool:
                         f"page {p} freed {k} times but has only {ref[p]} reference(s)"
                     )
 
-    def _free(self, pages: Iterable[int]) -> None:
+    def _free(self, pages: Iterable[int], validate: bool = True) -> None:
+        # validate=False: the caller guarantees distinct, referenced, in-range page ids
+        # (the manager's own block tables).
         seq = pages if type(pages) is list or type(pages) is tuple else list(pages)
-        self._validate_decref(seq)
+        if validate:
+            self._validate_decref(seq)
         ref = self._ref
         hashes = self._hash
         nxt = self._next
@@ -434,18 +464,23 @@ class BlockPool:
         self._next[a] = b
         self._prev[b] = a
 
-    def _incref(self, pages: Iterable[int]) -> None:
+    def _incref(self, pages: Iterable[int], validate: bool = True) -> None:
+        # validate=False: the caller guarantees in-range pages that are in use or cached
+        # (prefix-cache hits found under the same lock).
         seq = pages if isinstance(pages, list | tuple) else list(pages)
         n = self._n
         ref = self._ref
         hashes = self._hash
-        for p in seq:
-            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n:
-                raise InvalidKVBlockError(f"page id {p!r} is not in this pool (valid: 0..{n - 1})")
-            if ref[p] == 0 and hashes[p] is None:
-                raise InvalidKVBlockError(
-                    f"page {p} is free and caches nothing; only cached pages can be shared"
-                )
+        if validate:
+            for p in seq:
+                if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n:
+                    raise InvalidKVBlockError(
+                        f"page id {p!r} is not in this pool (valid: 0..{n - 1})"
+                    )
+                if ref[p] == 0 and hashes[p] is None:
+                    raise InvalidKVBlockError(
+                        f"page {p} is free and caches nothing; only cached pages can be shared"
+                    )
         for p in seq:
             if ref[p] == 0:
                 self._unlink(p)

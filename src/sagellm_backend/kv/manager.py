@@ -21,8 +21,15 @@ Invariants:
     * :meth:`allocate` and :meth:`append` are all-or-nothing: on
       :class:`~sagellm_backend.errors.KVCacheExhaustedError` nothing changes (not even the
       LRU order or the statistics);
-    * ``stats().kv_used_tokens`` counts the token slots filled in referenced pages, a shared
-      page once; ``kv_used_bytes`` is ``referenced pages * page_bytes``.
+    * ``stats().kv_used_tokens`` and ``stats().kv_used_bytes`` are *this manager's*
+      footprint: the distinct pages referenced by its live sequences (a page shared by
+      several of them counted once), as filled token slots and as ``pages * page_bytes``.
+      They are exact whatever else uses the pool: with one pool shared by several managers,
+      a page that two managers reference counts for both, and the pool-wide occupancy is
+      ``(num_pages - num_free_pages) * page_bytes``. Both are 0 when the manager holds no
+      sequence. A shared page is always a full block in every sequence holding it (only
+      full, computed blocks are cached), so its filled slots are ``block_size``; a
+      sequence's partial last page is never shared.
 
 Thread safety: every public method holds the pool's lock for its whole duration, so one
 manager (and several managers on one pool) can be used from several threads.
@@ -48,11 +55,12 @@ class KVStats:
     """Snapshot of a manager's KV cache (maps onto the protocol Metrics KV fields).
 
     Attributes:
-        kv_used_tokens: token slots filled in referenced pages (a shared page counted once).
-        kv_used_bytes: referenced pages * page_bytes.
+        kv_used_tokens: token slots filled in the distinct pages referenced by this
+            manager's live sequences (a page shared by several of them counted once).
+        kv_used_bytes: those distinct pages * page_bytes.
         prefix_hit_rate: prefix-cache hit tokens / tokens queried by :meth:`allocate`.
-        evict_count: cached pages evicted so far.
-        evict_ms: milliseconds spent evicting so far.
+        evict_count: cached pages evicted from the pool so far.
+        evict_ms: milliseconds spent evicting from the pool so far.
         num_pages: pages in the pool.
         num_free_pages: pages nobody references (cached-but-evictable included).
         num_cached_pages: pages holding a cached block hash.
@@ -64,6 +72,11 @@ class KVStats:
         page_bytes: bytes per page.
         block_size: tokens per page.
         total_bytes: num_pages * page_bytes.
+
+    ``kv_used_*``, ``num_seqs``, ``num_seq_tokens`` and ``prefix_*`` describe the manager;
+    ``evict_*``, ``num_pages`` and ``num_*_pages`` describe its pool (shared with the other
+    managers and direct users of that pool, if any). Pool-wide bytes in use are
+    ``(num_pages - num_free_pages) * page_bytes`` (>= ``kv_used_bytes``).
     """
 
     kv_used_tokens: int
@@ -157,6 +170,9 @@ class KVCacheManager:
         self._block_size = spec.block_size
         self._page_bytes = spec.page_bytes
         self._seqs: dict[str, _Seq] = {}
+        # page -> how many of this manager's live sequences reference it; its length is the
+        # manager's distinct pages, and _used_tokens their filled slots (kv_used_* stats).
+        self._page_refs: dict[int, int] = {}
         self._used_tokens = 0
         self._hit_tokens = 0
         self._query_tokens = 0
@@ -195,14 +211,22 @@ class KVCacheManager:
                 pool.alloc_guard(need)
             evict_count, evict_ms = pool.evict_count, pool.evict_ms
             if hits:
-                pool._incref(hits)
+                pool._incref(hits, validate=False)
             new_pages = pool._allocate_unguarded(need)
             seq = _Seq(tokens, hits + new_pages, hashes, len(hits))
             seq.evict_count = pool.evict_count - evict_count
             seq.evict_ms = pool.evict_ms - evict_ms
             self._seqs[seq_id] = seq
             cached = len(hits) * block
-            self._used_tokens += n - cached + hits_free * block
+            page_refs = self._page_refs
+            held = 0  # hit pages another of our sequences already references: not new usage
+            for p in hits:
+                count = page_refs.get(p, 0)
+                held += count > 0
+                page_refs[p] = count + 1
+            for p in new_pages:
+                page_refs[p] = 1
+            self._used_tokens += n - held * block
             self._hit_tokens += cached
             self._query_tokens += n
             return cached
@@ -276,9 +300,14 @@ class KVCacheManager:
                 if pool.alloc_guard is not None:
                     pool.alloc_guard(need)
                 evict_count, evict_ms = pool.evict_count, pool.evict_ms
-                seq.pages.extend(pool._allocate_unguarded(need))
+                new_pages = pool._allocate_unguarded(need)
+                seq.pages.extend(new_pages)
+                page_refs = self._page_refs
+                for p in new_pages:
+                    page_refs[p] = 1
                 seq.evict_count += pool.evict_count - evict_count
                 seq.evict_ms += pool.evict_ms - evict_ms
+            # the new tokens land in the (never shared) partial last page or in new pages
             seq.tokens.extend(token_ids)
             self._used_tokens += k
 
@@ -350,17 +379,22 @@ class KVCacheManager:
             stats = self._request_stats(seq)
             del self._seqs[seq_id]
             ref = pool._ref
+            page_refs = self._page_refs
             pages = seq.pages
             last = len(pages) - 1
             block = self._block_size
             released_tokens = 0
             for i, p in enumerate(pages):
-                if ref[p] == 1:
+                count = page_refs[p] - 1
+                if count:
+                    page_refs[p] = count  # another of our sequences holds it (a full block)
+                else:
+                    del page_refs[p]
                     released_tokens += block if i < last else len(seq.tokens) - last * block
-                    if discard and i >= seq.hit_blocks:
-                        pool._uncache(p)
+                if discard and ref[p] == 1 and i >= seq.hit_blocks:
+                    pool._uncache(p)
             self._used_tokens -= released_tokens
-            pool._free(pages[::-1])
+            pool._free(pages[::-1], validate=False)
             return stats
 
     # ------------------------------------------------------------------ queries
@@ -439,13 +473,12 @@ class KVCacheManager:
             return self._request_stats(self._get(seq_id))
 
     def stats(self) -> KVStats:
-        """Snapshot of the whole cache (see :class:`KVStats`)."""
+        """Snapshot of this manager and its pool (see :class:`KVStats` for which is which)."""
         pool = self.pool
         with pool.lock:
-            used_pages = pool.num_used
             return KVStats(
                 kv_used_tokens=self._used_tokens,
-                kv_used_bytes=used_pages * self._page_bytes,
+                kv_used_bytes=len(self._page_refs) * self._page_bytes,
                 prefix_hit_rate=self._hit_tokens / self._query_tokens
                 if self._query_tokens
                 else 0.0,

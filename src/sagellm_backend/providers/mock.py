@@ -580,7 +580,10 @@ class MockBackendProvider:
 
         self.provider_id = f"mock-{uuid.uuid4().hex[:12]}"
         self.device = device
-        self.device_ids: tuple[int, ...] = tuple(int(i) for i in device_ids or ())
+        ids = tuple(device_ids or ())
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ConfigError(f"device_ids must be non-negative integers, got {list(ids)!r}")
+        self.device_ids: tuple[int, ...] = ids
         self.world_size = world_size
         self.rank = rank
         self.has_graph_exec = has_graph_exec
@@ -611,6 +614,16 @@ class MockBackendProvider:
             )
         self._kernel_faults: dict[str, BaseException | type[BaseException] | None] = {}
         if isinstance(failing_kernels, Mapping):
+            for name, err in failing_kernels.items():
+                if not (
+                    err is None
+                    or isinstance(err, BaseException)
+                    or (isinstance(err, type) and issubclass(err, BaseException))
+                ):
+                    raise ConfigError(
+                        f"failing_kernels[{name!r}] must be an exception instance or class, "
+                        f"got {err!r}"
+                    )
             self._kernel_faults.update(failing_kernels)
         elif failing_kernels is not None:
             if isinstance(failing_kernels, str):
@@ -624,7 +637,7 @@ class MockBackendProvider:
             for name, impl, description in _BUILTIN_KERNELS[kind]:
                 self._kernels.register(name, impl, kind=kind, description=description)
 
-        aliases = {}
+        aliases: dict[str, str] = {}
         if ":" in device:
             aliases[device.split(":", 1)[0]] = device
         self.kv = ProviderKV(

@@ -25,9 +25,9 @@ Face causal LM:
 
 Per-request options (``Request.metadata``): ``ignore_eos`` (bool), ``seed`` (int, seeds the
 request's sampler), ``stop_token_ids`` (list of ints that end the request with ``"stop"``),
-``prompt_token_ids`` (list of ints used instead of tokenizing ``prompt``). Sampling is greedy unless ``temperature > 0``; ``top_p`` applies when sampling.
-``max_tokens`` is capped by the engine's ``max_new_tokens`` and by the context left after
-the prompt.
+``prompt_token_ids`` (list of ints used instead of tokenizing ``prompt``). Sampling is
+greedy unless ``temperature > 0``; ``top_p`` applies when sampling. ``max_tokens`` is capped
+by the engine's ``max_new_tokens`` and by the context left after the prompt.
 
 Invariants (besides :mod:`sagellm_backend.engine.base`'s):
     * A bad request (prompt longer than the context or ``max_input_tokens``, empty after
@@ -44,7 +44,6 @@ Invariants (besides :mod:`sagellm_backend.engine.base`'s):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -70,7 +69,12 @@ from sagellm_backend.engine.metrics import (
     RequestTimeline,
     build_metrics,
 )
-from sagellm_backend.errors import ConfigError, KVCacheExhaustedError, to_protocol_error
+from sagellm_backend.errors import (
+    BackendNotAvailableError,
+    ConfigError,
+    KVCacheExhaustedError,
+    to_protocol_error,
+)
 
 if TYPE_CHECKING:
     from sagellm_backend.engine.hf.runner import ModelRunner
@@ -118,6 +122,13 @@ class EngineOptions:
         runner: ``"auto"`` (paged for Llama-family models, else the fallback), ``"paged"``
             (error if the model is not supported) or ``"hf"`` (always the fallback).
         fuse_projections: fuse plain q/k/v and gate/up linear weights (paged runner).
+        prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
+            MKL-prepacked copy of the linear weights for decode steps of 4..16 tokens,
+            which run padded to 16 rows (paged runner; a second copy of the linear
+            weights' memory, so turn it off for models that barely fit in RAM).
+        decode_workspace_bytes: on CPU, bytes of the contiguous decode workspace that
+            mirrors the decoding sequences' K/V so that decode attention does not gather
+            pages every step (paged runner; 0 turns it off; beyond it steps gather).
     """
 
     kv_cache_memory_bytes: int | None = None
@@ -128,6 +139,8 @@ class EngineOptions:
     max_input_tokens: int | None = None
     runner: str = "auto"
     fuse_projections: bool = True
+    prepack_weights: bool = True
+    decode_workspace_bytes: int = 512 << 20
 
 
 #: Option name -> default (the config dataclasses declare fields with these defaults).
@@ -148,7 +161,10 @@ def _check_option(owner: str, name: str, value: Any) -> Any:
     elif name in ("block_size", "max_num_batched_tokens"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad("an integer >= 1")
-    elif name in ("enable_prefix_caching", "fuse_projections"):
+    elif name == "decode_workspace_bytes":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("an integer >= 0 (0 turns the workspace off)")
+    elif name in ("enable_prefix_caching", "fuse_projections", "prepack_weights"):
         if not isinstance(value, bool):
             raise bad("a bool (True or False)")
     elif name == "runner" and value not in RUNNER_CHOICES:
@@ -309,7 +325,7 @@ class LoadSettings:
 class _Handle:
     """The consumer side of one request: a queue the worker thread posts events to."""
 
-    __slots__ = ("done", "loop", "prompt_len", "queue", "request", "seq")
+    __slots__ = ("done", "loop", "on_orphan", "prompt_len", "queue", "request", "seq")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: Request) -> None:
         self.loop = loop
@@ -318,11 +334,15 @@ class _Handle:
         self.seq: GenSequence | None = None
         self.done = False
         self.prompt_len = 0
+        self.on_orphan: Any = None
 
     def post(self, event: Any) -> None:
         """Called from the worker thread."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+        try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the consumer's loop is closed: nobody will ever listen
+            if self.on_orphan is not None and self.seq is not None:
+                self.on_orphan(self.seq.seq_id)
 
 
 class HFEngineCore(BaseEngine):
@@ -533,6 +553,13 @@ class HFEngineCore(BaseEngine):
                 block_size=opts.block_size,
                 max_context=context,
                 fuse_projections=opts.fuse_projections,
+                prepack_weights=opts.prepack_weights,
+                decode_workspace_rows=(
+                    load.max_batch_size
+                    if model_device(model).type == "cpu" and opts.decode_workspace_bytes
+                    else 0
+                ),
+                decode_workspace_bytes=opts.decode_workspace_bytes,
             )
         else:
             runner = HFCacheRunner(model, max_context=context)
@@ -561,6 +588,7 @@ class HFEngineCore(BaseEngine):
         from sagellm_backend.engine.hf.scheduler import Scheduler
 
         assert self._runner is not None and self._kv is not None and self._load_settings
+        self._runner.reset()  # no sequence of an earlier run is alive any more
         sched = Scheduler(
             self._runner,
             self._kv,
@@ -773,7 +801,13 @@ class HFEngineCore(BaseEngine):
                 )
             ids = [int(t) for t in given]
         else:
-            ids = list(self._tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+            try:
+                ids = list(self._tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+            except Exception as exc:  # e.g. a lone surrogate: not encodable as UTF-8
+                raise ConfigError(
+                    f"request.prompt cannot be tokenized ({type(exc).__name__}: {exc}); give "
+                    "valid Unicode text"
+                ) from exc
         if not ids:
             raise ConfigError("request.prompt tokenizes to no tokens; give a prompt with some text")
         bad = [t for t in ids if not 0 <= t < self._vocab_size]
@@ -816,8 +850,12 @@ class HFEngineCore(BaseEngine):
                     f"request.metadata['ignore_eos'] must be a bool, got {ignore_eos!r}"
                 )
             seed = metadata.get("seed")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-                raise ConfigError(f"request.metadata['seed'] must be an int, got {seed!r}")
+            if seed is not None and (
+                isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
+            ):
+                raise ConfigError(
+                    f"request.metadata['seed'] must be an int in [0, 2**64), got {seed!r}"
+                )
             stop_ids = metadata.get("stop_token_ids", ())
             if not isinstance(stop_ids, list | tuple | set | frozenset) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
@@ -848,10 +886,16 @@ class HFEngineCore(BaseEngine):
             timeline=timeline,
         )
         handle.seq = seq
+        handle.on_orphan = self._scheduler.cancel
         try:
             self._scheduler.submit(seq)
         except KVCacheExhaustedError as exc:
             return None, self._error_result(request, exc)
+        except RuntimeError as exc:  # the scheduler thread died (see the log)
+            unavailable = BackendNotAvailableError(
+                f"{type(self).__name__} {self.engine_id!r} cannot serve: {exc}"
+            )
+            return None, self._error_result(request, unavailable)
         self._handles[seq.seq_id] = handle
         return handle, None
 

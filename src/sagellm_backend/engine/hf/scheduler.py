@@ -335,23 +335,25 @@ class Scheduler:
     def _main(self) -> None:
         import torch
 
-        try:
-            if self._thread_init is not None:
-                self._thread_init()
-            with torch.inference_mode():
+        # Everything, the final clean-up included, runs in inference mode: the runner's
+        # per-sequence state (inference tensors) is updated when sequences are released.
+        with torch.inference_mode():
+            try:
+                if self._thread_init is not None:
+                    self._thread_init()
                 self._loop()
-        except BaseException as exc:  # pragma: no cover - a bug in the loop itself
-            _log.exception("HF scheduler thread crashed")
-            self._terminate_all(to_protocol_error(exc))
-            raise
-        else:
-            self._terminate_all(
-                Error(
-                    code=ErrorCode.UNAVAILABLE,
-                    message="the engine stopped before the request finished",
-                    retryable=True,
+            except BaseException as exc:
+                _log.exception("HF scheduler thread crashed")
+                self._terminate_all(to_protocol_error(exc))
+                raise
+            else:
+                self._terminate_all(
+                    Error(
+                        code=ErrorCode.UNAVAILABLE,
+                        message="the engine stopped before the request finished",
+                        retryable=True,
+                    )
                 )
-            )
 
     def _loop(self) -> None:
         while True:
@@ -401,7 +403,7 @@ class Scheduler:
             self.kv.mark_computed(seq.seq_id, seq.num_computed)
             self._tokens_computed += len(chunk.token_ids)
         sampled = [seq for chunk, seq in zip(chunks, owners, strict=True) if chunk.need_logits]
-        tokens = self._sample(logits, sampled) if sampled else []
+        tokens, failures = self._sample(logits, sampled) if sampled else ([], {})
         t1 = now()
         self._steps += 1
         dt_ms = (t1 - t0) * 1000.0
@@ -411,6 +413,13 @@ class Scheduler:
             else:
                 seq.timeline.decode_ms += dt_ms
         for seq, tok in zip(sampled, tokens, strict=True):
+            failure = failures.get(seq.seq_id)
+            if failure is not None:  # only this request's sampler failed
+                self._running.remove(seq)
+                kv = self._release_kv(seq, discard=False)
+                error = to_protocol_error(failure)
+                self._finish(seq, FinishEvent("error", list(seq.output_ids), error, kv))
+                continue
             self._emit(seq, tok, t1)
         return True
 
@@ -522,30 +531,49 @@ class Scheduler:
         self._waiting.appendleft(seq)
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, seqs: list[GenSequence]) -> list[int]:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[GenSequence]
+    ) -> tuple[list[int], dict[str, Exception]]:
+        """One token per row: argmax for greedy rows, a draw for the others.
+
+        Returns the tokens and, by seq_id, the error of any row whose sampling failed (that
+        request alone fails; the batch goes on).
+        """
+        tokens: list[int] = logits.argmax(dim=-1).tolist()
+        failures: dict[str, Exception] = {}
+        for i, seq in enumerate(seqs):
+            if seq.sampling.greedy:
+                continue
+            try:
+                tokens[i] = self._draw(logits[i], seq)
+            except Exception as exc:
+                _log.warning("sampling for %s failed: %s", seq.seq_id, exc)
+                failures[seq.seq_id] = exc
+        return tokens, failures
+
+    def _draw(self, row: torch.Tensor, seq: GenSequence) -> int:
+        """Sample from ``softmax(row / temperature)`` restricted to the top-p nucleus."""
         import torch
 
-        tokens: list[int] = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            params = seq.sampling
-            if params.greedy:
-                continue
-            row = logits[i]
-            assert params.temperature is not None
-            row = row / params.temperature
-            if params.top_p is not None and params.top_p < 1.0:
-                sorted_logits, order = torch.sort(row, descending=True)
-                probs = torch.softmax(sorted_logits, dim=-1)
-                cum = torch.cumsum(probs, dim=-1)
-                # Drop tokens once the mass before them already reaches top_p (keep >= 1).
-                drop = (cum - probs) >= params.top_p
-                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-                row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
-            probs = torch.softmax(row, dim=-1)
-            if seq.generator is None:
-                seq.generator = self._make_generator(params.seed)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
-        return tokens
+        params = seq.sampling
+        assert params.temperature is not None
+        # Shift so the largest logit is 0 before dividing: a tiny temperature then sends
+        # the others to -inf (a sharp but valid distribution) instead of overflowing.
+        row = (row - row.max()) / params.temperature
+        if params.top_p is not None and params.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            cum = torch.cumsum(probs, dim=-1)
+            # Drop tokens once the mass before them already reaches top_p; the most likely
+            # token always stays (top_p may round to 0 in the logits' dtype).
+            drop = (cum - probs) >= params.top_p
+            drop[0] = False
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            row = torch.full_like(row, float("-inf")).scatter(0, order, sorted_logits)
+        probs = torch.softmax(row, dim=-1)
+        if seq.generator is None:
+            seq.generator = self._make_generator(params.seed)
+        return int(torch.multinomial(probs, 1, generator=seq.generator).item())
 
     def _make_generator(self, seed: int | None) -> Any:
         import random
@@ -584,8 +612,9 @@ class Scheduler:
                 _log.exception("freeing the KV of %s failed", seq.seq_id)
         try:
             self.runner.release(seq.seq_id)
-        except Exception:  # pragma: no cover
-            _log.exception("releasing runner state of %s failed", seq.seq_id)
+        except Exception:  # pragma: no cover - never leave stale per-sequence state
+            _log.exception("releasing runner state of %s failed; resetting it", seq.seq_id)
+            self.runner.reset()
         return stats
 
     def _finish(self, seq: GenSequence, event: FinishEvent) -> None:

@@ -1,0 +1,232 @@
+"""``sagellm-backend demo``: the library at work in one command, offline.
+
+Steps, each printed as it happens (stdout):
+
+1. the installed backends (entry points ``sagellm.backends``) with their state, priority
+   and package, why unavailable ones are unavailable, and the backend auto-selection with
+   its reason; the engine kind follows it (``--engine`` overrides);
+2. the model: by default the offline ``tiny-llama`` (built on first use and cached; its
+   weights are random, so its text is gibberish), or ``--model`` (any Hugging Face model
+   directory or hub id the machine can load);
+3. the engine (CPUEngine on the cpu backend, HFCudaEngine on cuda, MockEngine on mock),
+   started;
+4. one request streamed token by token (each delta printed as it arrives; control
+   characters escaped), then the request's protocol Metrics as a table of every field,
+   timestamps and component_trace included.
+
+Exit status: 0 on success; 1 when the engine cannot be created or started, the backend
+selection fails (e.g. ``SAGELLM_BACKEND`` names an unknown kind) or the request fails; 2
+for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import textwrap
+import time
+from typing import Any, TextIO
+
+from sagellm_backend.cli import Command, register_command
+from sagellm_backend.commands._common import (
+    add_engine_arguments,
+    create_engine,
+    engine_description,
+    engine_settings,
+    guarded,
+    make_request,
+    metrics_rows,
+    positive_int,
+    quiet_transformers,
+    resolve_engine_kind,
+    resolve_model,
+    temperature_value,
+    top_p_value,
+)
+from sagellm_backend.commands._table import render_table, safe_text, terminal_width
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PROMPT", "add_arguments", "run"]
+
+#: The model the demo runs when ``--model`` is not given (built offline on first use).
+DEFAULT_MODEL = "tiny-llama"
+#: The prompt the demo sends when ``--prompt`` is not given.
+DEFAULT_PROMPT = "Once upon a time, a tiny language model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``demo``."""
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default {DEFAULT_PROMPT!r})"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="most tokens to generate (>= 1, default 32)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=temperature_value,
+        default=None,
+        metavar="T",
+        help="sampling temperature in [0, 2]; 0 or unset: greedy",
+    )
+    parser.add_argument(
+        "--top-p", type=top_p_value, default=None, metavar="P", help="nucleus threshold (0, 1]"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the request's sampler")
+    add_engine_arguments(
+        parser,
+        model_help=(
+            f"a Hugging Face model directory or hub id to run instead of the offline "
+            f"{DEFAULT_MODEL!r} (random weights); also tiny-gpt2 or bench-llama"
+        ),
+    )
+
+
+def _wrap(text: str, indent: str, width: int) -> str:
+    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent + "  ")
+
+
+def _backends_section(out: TextIO, width: int) -> None:
+    from sagellm_backend.registry import BACKENDS_GROUP, list_backends
+
+    statuses = list_backends()
+    out.write(f"[1/4] Backends found (entry points {BACKENDS_GROUP})\n")
+    rows = [[s.name, s.state.value, str(s.priority), s.package] for s in statuses]
+    if rows:
+        out.write(render_table(["KIND", "STATE", "PRIORITY", "PACKAGE"], rows, indent=2) + "\n")
+    else:
+        out.write("  (no backend plugins installed)\n")
+    for s in statuses:
+        if not s.available:
+            out.write(_wrap(f"{s.name} is {s.state.value}: {s.reason}", "  ", width) + "\n")
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Execute ``demo`` (see the module docstring)."""
+    from sagellm_backend._version import __version__
+
+    width = min(terminal_width(), 100)
+    out.write(f"sageLLM backend demo (sagellm-backend {__version__})\n\n")
+    _backends_section(out, width)
+    if args.engine == "auto":
+        kind, reason = resolve_engine_kind("auto")
+        out.write(f"  Selected backend: {kind}\n")
+        out.write(_wrap(f"because: {reason}", "    ", width) + "\n")
+        out.write(f"  Engine kind: {kind} (follows the selected backend)\n\n")
+    else:
+        kind, reason = resolve_engine_kind(args.engine)
+        out.write(f"  Engine kind: {kind} ({reason}; backend auto-selection not used)\n\n")
+    out.flush()
+
+    out.write("[2/4] Model\n")
+    model_path, label = resolve_model(
+        kind, args.model, default=None if kind == "mock" else DEFAULT_MODEL, err=err
+    )
+    out.write(_wrap(f"{label}{_model_note(label, kind)}", "  ", width) + "\n")
+    if model_path is not None and model_path != label:
+        out.write(f"  path: {model_path}\n")
+    out.write("\n[3/4] Engine\n")
+    out.flush()
+    settings = engine_settings(
+        args,
+        kind=kind,
+        model_path=model_path,
+        model_label=label,
+        engine_id=f"demo-{kind}",
+        max_batch_size=1,
+        max_new_tokens=args.max_tokens,
+    )
+    engine = create_engine(settings)
+    if kind != "mock":
+        quiet_transformers()
+    metadata: dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
+    request = make_request(
+        "demo-1",
+        model=label,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        stream=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        metadata=metadata,
+    )
+    end = asyncio.run(_stream(engine, request, args, out))
+    out.write("\nMetrics of this request (protocol Metrics, every field)\n")
+    out.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(end.metrics), indent=2))
+    out.write("\n")
+    out.flush()
+    if end.finish_reason == "error":
+        error = end.error
+        what = f"{error.code}: {error.message}" if error is not None else "unknown error"
+        err.write(f"sagellm-backend demo: error: the request failed: {what}\n")
+        return 1
+    return 0
+
+
+def _model_note(label: str, kind: str) -> str:
+    if kind == "mock":
+        return ": no weights, the mock engine simulates one (deterministic pseudo-words)"
+    from sagellm_backend.engine.tiny_models import list_tiny_models, tiny_model_spec
+
+    if label in list_tiny_models():
+        spec = tiny_model_spec(label)
+        return (
+            f": {spec.description}; built offline and cached. Its weights are random, so the "
+            "text is gibberish: pass --model for a real model"
+        )
+    return ""
+
+
+async def _stream(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:
+    """Start the engine, stream the request to ``out`` delta by delta, stop; the end event."""
+    from sagellm_protocol import StreamEventDelta, StreamEventEnd, StreamEventStart
+
+    t0 = time.perf_counter()
+    await engine.start()
+    try:
+        out.write(f"  {engine_description(engine)}, started in {time.perf_counter() - t0:.2f} s\n")
+        out.write(f"\n[4/4] Generation, streamed token by token (at most {args.max_tokens})\n")
+        out.write(f"  prompt: {safe_text(request.prompt)}\n")
+        out.write("  output: ")
+        out.flush()
+        end: Any = None
+        deltas = 0
+        prompt_tokens: int | None = None
+        async for event in engine.stream(request):
+            if isinstance(event, StreamEventStart):
+                prompt_tokens = event.prompt_tokens
+            elif isinstance(event, StreamEventDelta):
+                deltas += 1
+                out.write(safe_text(event.chunk).replace("\n", "\n          "))
+                out.flush()
+            elif isinstance(event, StreamEventEnd):
+                end = event
+        if end is None:  # pragma: no cover - the engine contract guarantees an end event
+            raise RuntimeError("the engine's stream ended without an end event")
+        prompt = "?" if prompt_tokens is None else str(prompt_tokens)
+        out.write(
+            f"\n  ({prompt} prompt tokens; {len(end.output_tokens)} output tokens in {deltas} "
+            f"deltas; finish reason {end.finish_reason})\n"
+        )
+        return end
+    finally:
+        await engine.stop()
+
+
+register_command(
+    Command(
+        name="demo",
+        help="show the backends, pick one, stream a generation and its metrics (offline)",
+        add_arguments=add_arguments,
+        run=guarded("demo", run),
+        description=(
+            "The one-command tour: list the installed backends and the auto-selected one "
+            "(with the reason), load the offline tiny model (or --model), stream a generation "
+            "token by token through the engine, and print the request's metrics. Works with "
+            "no network."
+        ),
+    )
+)

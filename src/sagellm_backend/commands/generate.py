@@ -1,0 +1,204 @@
+"""``sagellm-backend generate``: run one request through an engine.
+
+Output (stdout):
+
+* default: the generated text (with ``--stream``, printed chunk by chunk as the engine
+  produces it), then a one-line summary on stderr (engine, tokens, finish reason, TTFT,
+  TPOT, tokens/s); ``--metrics`` adds the table of every Metrics field on stderr;
+* ``--json``: the protocol :class:`~sagellm_protocol.Response` as one JSON object
+  (``Response.model_dump_json()``); with ``--stream`` one JSON object per protocol stream
+  event (JSON Lines: ``start``, ``delta``..., ``end``; the end event carries the Response
+  fields).
+
+Exit status: 0 when the request finished (``stop`` or ``length``), 1 when the engine could
+not be created/started or the request ended with ``finish_reason="error"`` (its protocol
+error on one line on stderr; with ``--json`` the Response/end event is printed first), 2 for
+bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any, TextIO
+
+from sagellm_backend.cli import Command, register_command
+from sagellm_backend.commands._common import (
+    UsageError,
+    add_engine_arguments,
+    create_engine,
+    engine_description,
+    engine_settings,
+    guarded,
+    make_request,
+    metrics_rows,
+    positive_int,
+    quiet_transformers,
+    resolve_engine_kind,
+    resolve_model,
+    temperature_value,
+    top_p_value,
+)
+from sagellm_backend.commands._table import fmt_ms, render_table
+
+__all__ = ["add_arguments", "run"]
+
+_MODEL_HELP = (
+    "model to load: a Hugging Face model directory, a hub id ('org/name'), or a built-in "
+    "offline model (tiny-llama, tiny-gpt2, bench-llama). Required for cpu and cuda; "
+    "optional for mock (its name only)"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``generate``."""
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="most tokens to generate (>= 1, default 64)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=temperature_value,
+        default=None,
+        metavar="T",
+        help="sampling temperature in [0, 2]; 0 or unset: greedy",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=top_p_value,
+        default=None,
+        metavar="P",
+        help="nucleus sampling threshold in (0, 1] (applies when sampling)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the request's sampler (HF engines)"
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating after the end-of-sequence token (exactly --max-tokens tokens)",
+    )
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the protocol Response as JSON (with --stream: one JSON line per event)",
+    )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also print every Metrics field of the request (stderr)",
+    )
+    add_engine_arguments(parser, model_help=_MODEL_HELP)
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Execute ``generate`` (see the module docstring for output and exit status)."""
+    if args.top_p is not None and not args.temperature:
+        raise UsageError("--top-p applies when sampling: give --temperature > 0 as well")
+    kind, _reason = resolve_engine_kind(args.engine)
+    model_path, label = resolve_model(kind, args.model, err=err)
+    settings = engine_settings(
+        args,
+        kind=kind,
+        model_path=model_path,
+        model_label=label,
+        engine_id=f"cli-generate-{kind}",
+        max_batch_size=1,
+        max_new_tokens=args.max_tokens,
+    )
+    engine = create_engine(settings)
+    if kind != "mock":
+        quiet_transformers()
+    metadata: dict[str, Any] = {}
+    if args.ignore_eos:
+        metadata["ignore_eos"] = True
+    if args.seed is not None:
+        metadata["seed"] = args.seed
+    request = make_request(
+        "generate-1",
+        model=label,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        stream=args.stream,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        metadata=metadata,
+    )
+    result = asyncio.run(_generate(engine, request, args, out))
+    if not args.json:
+        if not result.output_text.endswith("\n"):
+            out.write("\n")
+        out.flush()
+        m = result.metrics
+        err.write(
+            f"[{engine_description(engine)}; {len(result.output_tokens)} tokens, finish "
+            f"{result.finish_reason}; TTFT {fmt_ms(m.ttft_ms)} ms, TPOT {fmt_ms(m.tpot_ms)} "
+            f"ms, {m.throughput_tps:.1f} tok/s]\n"
+        )
+    if args.metrics:
+        err.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(result.metrics)) + "\n")
+    if result.finish_reason == "error":
+        error = result.error
+        what = f"{error.code}: {error.message}" if error is not None else "unknown error"
+        err.write(f"sagellm-backend generate: error: the request failed: {what}\n")
+        return 1
+    return 0
+
+
+async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:
+    """Start the engine, run the request (streamed or not), stop; returns the Response."""
+    from sagellm_protocol import Response, StreamEventDelta, StreamEventEnd
+
+    await engine.start()
+    try:
+        if not args.stream:
+            response = await engine.execute(request)
+            if args.json:
+                out.write(response.model_dump_json() + "\n")
+            else:
+                out.write(response.output_text)
+            return response
+        end: Any = None
+        async for event in engine.stream(request):
+            if args.json:
+                out.write(event.model_dump_json() + "\n")
+                out.flush()
+            elif isinstance(event, StreamEventDelta):
+                out.write(event.chunk)
+                out.flush()
+            if isinstance(event, StreamEventEnd):
+                end = event
+        if end is None:  # pragma: no cover - the engine contract guarantees an end event
+            raise RuntimeError("the engine's stream ended without an end event")
+        return Response(
+            request_id=end.request_id,
+            trace_id=end.trace_id,
+            output_text=end.output_text,
+            output_tokens=list(end.output_tokens),
+            finish_reason=end.finish_reason,
+            metrics=end.metrics,
+            error=end.error,
+        )
+    finally:
+        await engine.stop()
+
+
+register_command(
+    Command(
+        name="generate",
+        help="run one request through an engine (text, streamed text or protocol JSON)",
+        add_arguments=add_arguments,
+        run=guarded("generate", run),
+        description=(
+            "Run one request through the cpu, cuda or mock engine and print the generated "
+            "text (--stream: as it is produced) or the protocol Response as JSON (--json). "
+            "Exit status 1 when the engine cannot start or the request fails, 2 for bad "
+            "arguments."
+        ),
+    )
+)

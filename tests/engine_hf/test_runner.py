@@ -1,0 +1,233 @@
+"""Model runners against the model's own forward: packed prefill, prefix, decode, fallback."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+from sagellm_backend.engine.hf.runner import (
+    HFCacheRunner,
+    PagedDecoderRunner,
+    SeqChunk,
+    mkl_prepack_available,
+    model_context_length,
+    paged_unsupported_reason,
+)
+
+from .conftest import Reference
+
+pytestmark = pytest.mark.hf
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "sagellm_backend" / "engine"
+BS = 16
+
+
+class Pool:
+    """Flat-slot K/V tensors shaped like TorchKVStorage.layer_kv (NaN-filled on purpose)."""
+
+    def __init__(self, model: Any, num_pages: int = 64) -> None:
+        cfg = model.config
+        kvh = cfg.num_key_value_heads
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        self.data = torch.full((cfg.num_hidden_layers, 2, num_pages * BS, kvh, hd), float("nan"))
+        self.next = 0
+
+    def layer_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i, 0], self.data[i, 1]
+
+    def pages(self, n: int) -> list[int]:
+        out = list(range(self.next, self.next + n))
+        self.next += n
+        return out
+
+
+def _prompts(vocab: int, n: int = 5, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(rng.randint(1, 50))] for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("fuse", "prepack", "ws_rows"), [(True, True, 8), (False, False, 0), (True, True, 3)]
+)
+def test_paged_runner_matches_generate_with_joins_chunks_and_prefix(
+    tiny_llama: str, llama_ref: Reference, fuse: bool, prepack: bool, ws_rows: int
+) -> None:
+    model = Reference(tiny_llama).model  # a private copy: the runner fuses its weights
+    pool = Pool(model)
+    runner = PagedDecoderRunner(
+        model,
+        pool.layer_kv,
+        block_size=BS,
+        max_context=2048,
+        fuse_projections=fuse,
+        prepack_weights=prepack,
+        decode_workspace_rows=ws_rows,
+    )
+    assert runner.prepacked == (prepack and mkl_prepack_available())
+    n_new = 10
+    prompts = _prompts(model.config.vocab_size)
+    tables = [pool.pages((len(p) + n_new) // BS + 1) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [0] * len(prompts)
+    with torch.inference_mode():
+        for step in range(n_new + len(prompts) + 1):
+            chunks, who = [], []
+            for i, p in enumerate(prompts):
+                if i > step or len(outs[i]) >= n_new:
+                    continue  # sequence i joins at step i
+                toks = p + outs[i]
+                end = len(toks)
+                if i == 0 and done[0] == 0 and len(p) > 3:
+                    end = 3  # a partial prompt chunk: no logits
+                chunks.append(
+                    SeqChunk(str(i), toks[done[i] : end], done[i], tables[i], end == len(toks))
+                )
+                who.append(i if end == len(toks) else None)
+                done[i] = end
+            if not chunks:
+                continue
+            logits = runner.execute(chunks)
+            assert logits.dtype == torch.float32
+            rows = iter(logits.argmax(-1).tolist())
+            for w in who:
+                if w is not None:
+                    outs[w].append(next(rows))
+                    if len(outs[w]) == n_new and w % 2:
+                        runner.release(str(w))  # finished: its workspace row is reused
+        # Prefix reuse: a new sequence sharing the full blocks of prompt 1 (already written).
+        base = prompts[1] + outs[1]
+        shared = (len(prompts[1]) - 1) // BS
+        if shared:
+            table = tables[1][:shared] + pool.pages(3)
+            logits = runner.execute([SeqChunk("x", base[shared * BS :], shared * BS, table, True)])
+            assert int(logits[0].argmax()) == llama_ref.greedy(base, 1)[0]
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == llama_ref.greedy(p, n_new)
+
+
+def test_fused_weights_are_views_and_the_model_still_generates(
+    tiny_llama: str, llama_ref: Reference
+) -> None:
+    fused = Reference(tiny_llama)
+    model = fused.model
+    attn = model.model.layers[0].self_attn
+    PagedDecoderRunner(model, Pool(model).layer_kv, block_size=BS, max_context=2048)
+    q, k = attn.q_proj.weight, attn.k_proj.weight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    prompt = list(range(5, 30))
+    assert fused.greedy(prompt, 8) == llama_ref.greedy(prompt, 8)
+
+
+def test_paged_runner_rejects_bad_inputs(tiny_llama: str) -> None:
+    model = Reference(tiny_llama).model
+    pool = Pool(model)
+    runner = PagedDecoderRunner(model, pool.layer_kv, block_size=BS, max_context=64)
+    with pytest.raises(ValueError, match="block table"):
+        runner.execute([SeqChunk("a", list(range(5, 40)), 0, [0], True)])
+    with pytest.raises(ValueError, match="context length"):
+        runner.execute([SeqChunk("a", list(range(5, 80)), 0, pool.pages(5), True)])
+    bad = torch.zeros(64 * BS, 3, 7)
+    with pytest.raises(ValueError, match="kv_heads, head_dim"):
+        PagedDecoderRunner(model, lambda i: (bad, bad), block_size=BS, max_context=64)
+
+
+def test_fallback_runner_matches_generate_for_gpt2(tiny_gpt2: str, gpt2_ref: Reference) -> None:
+    model = Reference(tiny_gpt2).model
+    assert paged_unsupported_reason(model) is not None
+    assert model_context_length(model.config) == 1024
+    runner = HFCacheRunner(model, max_context=1024)
+    prompts = _prompts(model.config.vocab_size, 3, seed=3)
+    outs: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        logits = runner.execute([SeqChunk(str(i), p, 0, [], True) for i, p in enumerate(prompts)])
+        for o, t in zip(outs, logits.argmax(-1).tolist(), strict=True):
+            o.append(t)
+        for _ in range(7):
+            chunks = [
+                SeqChunk(str(i), [o[-1]], len(p) + len(o) - 1, [], True)
+                for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
+            ]
+            for o, t in zip(outs, runner.execute(chunks).argmax(-1).tolist(), strict=True):
+                o.append(t)
+        with pytest.raises(ValueError, match="holds no cache"):
+            runner.execute([SeqChunk("new", [5, 6], 4, [], True)])
+    runner.release("0")
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == gpt2_ref.greedy(p, 8)
+
+
+def test_no_device_specific_calls_in_the_engine_code() -> None:
+    hf = SRC / "hf"
+    files = [SRC / "cpu.py", SRC / "hf_cuda.py"]
+    files += [hf / n for n in ("__init__.py", "core.py", "runner.py", "scheduler.py")]
+    offenders = [
+        f"{f.name}:{n}"
+        for f in files
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if re.search(r"torch\.cuda|\.cuda\(", line)
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "llama-rope-scaled"])
+def test_paged_runner_covers_the_llama_family(model_type: str) -> None:
+    """Qwen2 (q/k/v bias), Qwen3 (q/k norms), Mistral, Llama with llama3 rope scaling."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    geometry: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 256,
+    }
+    if model_type == "llama-rope-scaled":
+        model_type = "llama"
+        geometry["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    if model_type == "qwen3":
+        geometry["head_dim"] = 16
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **geometry)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ref = Reference.__new__(Reference)
+    ref.model, ref._cache = AutoModelForCausalLM.from_config(config).eval(), {}
+    ref.model.load_state_dict(model.state_dict())
+    pool = Pool(model, num_pages=16)
+    runner = PagedDecoderRunner(model, pool.layer_kv, block_size=BS, max_context=256)
+    prompts = _prompts(300, 3, seed=5)
+    tables = [pool.pages(5) for _ in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        logits = runner.execute(
+            [
+                SeqChunk(str(i), p, 0, t, True)
+                for i, (p, t) in enumerate(zip(prompts, tables, strict=True))
+            ]
+        )
+        for o, tok in zip(outs, logits.argmax(-1).tolist(), strict=True):
+            o.append(tok)
+        for _ in range(5):
+            chunks = [
+                SeqChunk(str(i), [o[-1]], len(p) + len(o) - 1, t, True)
+                for i, (p, o, t) in enumerate(zip(prompts, outs, tables, strict=True))
+            ]
+            for o, tok in zip(outs, runner.execute(chunks).argmax(-1).tolist(), strict=True):
+                o.append(tok)
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == ref.greedy(p, 6)
