@@ -18,13 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from sagellm_protocol import Request, Response, StreamEventDelta, StreamEventEnd, StreamEventStart
 
 __all__ = ["BaseEngine", "EngineConfig", "StreamEvent"]
 
-StreamEvent = StreamEventStart | StreamEventDelta | StreamEventEnd
+StreamEvent: TypeAlias = StreamEventStart | StreamEventDelta | StreamEventEnd
 
 
 @dataclass
