@@ -388,14 +388,7 @@ def test_hf_engine_on_a_provider_of_the_wrong_kind(tiny_llama: str) -> None:
         "empty",
         "config.json",
         "tokenizer.json",
-        pytest.param(
-            "model.safetensors",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (engine/hf/loader.py): truncated weights raise a raw "
-                "safetensors SafetensorError, not a BackendError naming the model path",
-            ),
-        ),
+        "model.safetensors",
     ],
 )
 def test_hf_start_with_a_broken_model_fails_cleanly(

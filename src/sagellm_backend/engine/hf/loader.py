@@ -307,11 +307,18 @@ def load_model_and_tokenizer(
             )
         kwargs["device_map"] = device_map
 
+    unreadable: tuple[type[BaseException], ...] = (OSError,)
+    try:  # a truncated or corrupt .safetensors file raises safetensors' own error type
+        from safetensors import SafetensorError
+
+        unreadable = (OSError, SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors ships with transformers
+        pass
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as exc:
         raise DependencyMissingError(f"loading {model_path!r} failed: {exc}") from exc
-    except OSError as exc:
+    except unreadable as exc:
         raise ConfigError(f"cannot load the weights of model {model_path!r}: {exc}") from exc
     except (RuntimeError, AssertionError) as exc:
         if device_map is not None:
