@@ -30,37 +30,20 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from sagellm_protocol import Metrics, Request, Response
 
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
 
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "engines",
-    "batch",
-    "tokens",
-    "in",
-    "paged",
-    "caches",
-    "and",
-    "schedulers",
-    "admit",
-    "requests",
-    "step",
-    "by",
-    "step",
-]
+# _workload sits next to this file: on sys.path when run as a script, added when loaded by path.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workload import MOCK_BENCH_WORDS
+from _workload import WORDS as ALL_WORDS
+
+WORDS = ALL_WORDS[:MOCK_BENCH_WORDS]
 
 
 def make_requests(

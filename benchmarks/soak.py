@@ -53,51 +53,26 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sagellm_protocol import Request
+
+# _workload sits next to this file: on sys.path when run as a script, added when loaded by path.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workload import WORDS
 
 MAX_RSS_GROWTH = 0.05
 #: Threads some libraries start once per process (not engine threads): tqdm's monitor,
 #: started by transformers' weight-loading progress bar.
 GLOBAL_THREAD_PREFIXES = ("tqdm_monitor",)
 
-_WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "engines",
-    "batch",
-    "tokens",
-    "in",
-    "paged",
-    "caches",
-    "and",
-    "schedulers",
-    "admit",
-    "requests",
-    "step",
-    "by",
-    "step",
-    "under",
-    "load",
-    "with",
-    "prefix",
-    "reuse",
-]
-
 
 def _prompt(rng: random.Random, max_words: int) -> str:
     n = rng.choice((1, 2, 5, 10, 20, 40, 80, max_words))
     n = rng.randint(1, n)
-    return " ".join(rng.choice(_WORDS) for _ in range(n))
+    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 @dataclass
@@ -350,6 +325,56 @@ def _warmup_size(n: int) -> int:
     return max(16, min(500, n // 10))
 
 
+def _workload_plans(
+    requests: int, *, seed: int, cancel_fraction: float, max_words: int, max_tokens: int, hf: bool
+) -> tuple[list[Plan], list[Plan]]:
+    """(measured plans, warm-up plans) of a workload; the warm-up's seed is ``seed + 1``."""
+    plans = make_plans(
+        requests,
+        seed=seed,
+        cancel_fraction=cancel_fraction,
+        max_words=max_words,
+        max_tokens=max_tokens,
+        hf=hf,
+    )
+    warmup = make_plans(
+        _warmup_size(requests),
+        seed=seed + 1,
+        cancel_fraction=cancel_fraction,
+        max_words=max_words,
+        max_tokens=max_tokens,
+        hf=hf,
+    )
+    return plans, warmup
+
+
+def _run_soak(
+    make_engine: Callable[[], Awaitable[Any]],
+    accounted: Callable[[Any], int],
+    idle: Callable[[Any], bool],
+    plans: list[Plan],
+    warmup: list[Plan],
+    *,
+    concurrency: int,
+    hf: bool,
+) -> tuple[dict[str, Any], set[int | None]]:
+    """Run :func:`_soak` in a fresh event loop: (its figures, the threads alive before it)."""
+    threads = {t.ident for t in threading.enumerate()}
+    result = asyncio.run(
+        _soak(
+            make_engine,
+            lambda e: e.kv_manager,
+            accounted,
+            idle,
+            plans,
+            warmup,
+            concurrency=concurrency,
+            hf=hf,
+        )
+    )
+    return result, threads
+
+
 def run_mock_soak(
     requests: int = 2000,
     *,
@@ -362,16 +387,8 @@ def run_mock_soak(
     from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
     from sagellm_backend.providers.mock import MockBackendProvider
 
-    plans = make_plans(
+    plans, warmup = _workload_plans(
         requests, seed=seed, cancel_fraction=cancel_fraction, max_words=200, max_tokens=64, hf=False
-    )
-    warmup = make_plans(
-        _warmup_size(requests),
-        seed=seed + 1,
-        cancel_fraction=cancel_fraction,
-        max_words=200,
-        max_tokens=64,
-        hf=False,
     )
     provider = MockBackendProvider()
 
@@ -399,18 +416,8 @@ def run_mock_soak(
         info = engine.get_info()
         return bool(info["waiting"] == 0 and info["running"] == 0)
 
-    threads = {t.ident for t in threading.enumerate()}
-    result = asyncio.run(
-        _soak(
-            make_engine,
-            lambda e: e.kv_manager,
-            accounted,
-            idle,
-            plans,
-            warmup,
-            concurrency=concurrency,
-            hf=False,
-        )
+    result, threads = _run_soak(
+        make_engine, accounted, idle, plans, warmup, concurrency=concurrency, hf=False
     )
     result["workload"] = "mock"
     result["fault_rate"] = fault_rate
@@ -469,16 +476,8 @@ def run_hf_soak(
     from sagellm_backend.engine.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model(model))
-    plans = make_plans(
+    plans, warmup = _workload_plans(
         requests, seed=seed, cancel_fraction=cancel_fraction, max_words=120, max_tokens=32, hf=True
-    )
-    warmup = make_plans(
-        _warmup_size(requests),
-        seed=seed + 1,
-        cancel_fraction=cancel_fraction,
-        max_words=120,
-        max_tokens=32,
-        hf=True,
     )
     engine = _hf_engine(path, device)
 
@@ -493,18 +492,8 @@ def run_hf_soak(
         sched = e.get_info()["scheduler"]
         return bool(sched["waiting"] == 0 and sched["running"] == 0)
 
-    threads = {t.ident for t in threading.enumerate()}
-    result = asyncio.run(
-        _soak(
-            make_engine,
-            lambda e: e.kv_manager,
-            accounted,
-            idle,
-            plans,
-            warmup,
-            concurrency=concurrency,
-            hf=True,
-        )
+    result, threads = _run_soak(
+        make_engine, accounted, idle, plans, warmup, concurrency=concurrency, hf=True
     )
     result["workload"] = f"hf ({model}, {type(engine).__name__} on {device})"
     return _finish_checks(result, threads)

@@ -32,6 +32,7 @@ __all__ = [
     "EngineSettings",
     "UsageError",
     "add_engine_arguments",
+    "add_sampling_arguments",
     "create_engine",
     "describe_exception",
     "engine_settings",
@@ -43,6 +44,7 @@ __all__ = [
     "percentile",
     "positive_int",
     "quiet_transformers",
+    "request_error_text",
     "resolve_engine_kind",
     "resolve_model",
     "temperature_value",
@@ -71,26 +73,25 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------- arg types
 
 
-def positive_int(text: str) -> int:
-    """Parse (argparse type) an integer >= 1."""
+def _int_at_least(text: str, minimum: int) -> int:
+    valid = f"an integer >= {minimum}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse (argparse type) an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """Parse (argparse type) an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def _float(text: str, valid: str) -> float:
@@ -127,6 +128,42 @@ def top_p_value(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
     return value
+
+
+# ----------------------------------------------------------------------------- request args
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int) -> None:
+    """Add the options of one request: ``--max-tokens``, ``--temperature``, ``--top-p``, ``--seed``.
+
+    Their destinations: ``max_tokens`` (>= 1, default ``default_max_tokens``),
+    ``temperature`` (None or in [0, 2]), ``top_p`` (None or in (0, 1]), ``seed`` (None or an
+    int).
+    """
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=default_max_tokens,
+        metavar="N",
+        help=f"most tokens to generate (>= 1, default {default_max_tokens})",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=temperature_value,
+        default=None,
+        metavar="T",
+        help="sampling temperature in [0, 2]; 0 or unset: greedy",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=top_p_value,
+        default=None,
+        metavar="P",
+        help="nucleus sampling threshold in (0, 1] (applies when sampling)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the request's sampler (HF engines)"
+    )
 
 
 # ----------------------------------------------------------------------------- engine args
@@ -359,7 +396,9 @@ def create_engine(settings: EngineSettings) -> Any:
     cpu: :class:`~sagellm_backend.engine.cpu.CPUEngine`; cuda:
     :class:`~sagellm_backend.engine.hf_cuda.HFCudaEngine` with ``device_map`` = the device;
     mock: :class:`~sagellm_backend.engine.mock.MockEngine`. ``max_num_batched_tokens`` is
-    raised to ``max_batch_size`` when needed (one decode token per running request).
+    raised to ``max_batch_size`` when needed (one decode token per running request). After
+    creating a cpu or cuda engine (which load transformers anyway) it calls
+    :func:`quiet_transformers`.
 
     Raises:
         ConfigError: an invalid setting (the engine config's own message).
@@ -370,7 +409,7 @@ def create_engine(settings: EngineSettings) -> Any:
         from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
 
         assert s.model_path is not None
-        return CPUEngine(
+        engine: Any = CPUEngine(
             CPUEngineConfig(
                 engine_id=s.engine_id,
                 model_path=s.model_path,
@@ -384,11 +423,13 @@ def create_engine(settings: EngineSettings) -> Any:
                 max_num_batched_tokens=batched,
             )
         )
+        quiet_transformers()
+        return engine
     if s.kind == "cuda":
         from sagellm_backend.engine.hf_cuda import HFCudaEngine, HFCudaEngineConfig
 
         device = s.device or "cuda:0"
-        return HFCudaEngine(
+        engine = HFCudaEngine(
             HFCudaEngineConfig(
                 engine_id=s.engine_id,
                 model_path=s.model_path,
@@ -404,6 +445,8 @@ def create_engine(settings: EngineSettings) -> Any:
                 max_num_batched_tokens=batched,
             )
         )
+        quiet_transformers()
+        return engine
     if s.kind == "mock":
         from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
 
@@ -492,6 +535,11 @@ def make_request(
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+def request_error_text(error: Any) -> str:
+    """``"CODE: message"`` of a failed request's protocol error (``"unknown error"`` if None)."""
+    return f"{error.code}: {error.message}" if error is not None else "unknown error"
 
 
 def describe_exception(exc: BaseException) -> str:

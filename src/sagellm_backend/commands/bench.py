@@ -71,7 +71,7 @@ from sagellm_backend.commands._common import (
     peak_rss_bytes,
     percentile,
     positive_int,
-    quiet_transformers,
+    request_error_text,
     resolve_engine_kind,
     resolve_model,
 )
@@ -588,9 +588,7 @@ async def _warmup(engine: Any, wl: Workload, label: str, count: int) -> None:
         )
         response = await engine.execute(request)
         if response.finish_reason == "error":
-            err = response.error
-            what = f"{err.code}: {err.message}" if err is not None else "unknown error"
-            raise RuntimeError(f"the warm-up request failed: {what}")
+            raise RuntimeError(f"the warm-up request failed: {request_error_text(response.error)}")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -1125,8 +1123,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_new_tokens=args.output_len,
     )
     engine = create_engine(settings)
-    if kind != "mock":
-        quiet_transformers()
     started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     load_at_start = _load_average()
     report = asyncio.run(_bench(engine, args, kind, label, file_prompts, n, concurrency, err))

@@ -30,18 +30,16 @@ from typing import Any, TextIO
 from sagellm_backend.cli import Command, register_command
 from sagellm_backend.commands._common import (
     add_engine_arguments,
+    add_sampling_arguments,
     create_engine,
     engine_description,
     engine_settings,
     guarded,
     make_request,
     metrics_rows,
-    positive_int,
-    quiet_transformers,
+    request_error_text,
     resolve_engine_kind,
     resolve_model,
-    temperature_value,
-    top_p_value,
 )
 from sagellm_backend.commands._table import render_table, safe_text, terminal_width
 
@@ -58,24 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt", default=DEFAULT_PROMPT, help=f"the prompt (default {DEFAULT_PROMPT!r})"
     )
-    parser.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=32,
-        metavar="N",
-        help="most tokens to generate (>= 1, default 32)",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=temperature_value,
-        default=None,
-        metavar="T",
-        help="sampling temperature in [0, 2]; 0 or unset: greedy",
-    )
-    parser.add_argument(
-        "--top-p", type=top_p_value, default=None, metavar="P", help="nucleus threshold (0, 1]"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the request's sampler")
+    add_sampling_arguments(parser, default_max_tokens=32)
     add_engine_arguments(
         parser,
         model_help=(
@@ -140,8 +121,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_new_tokens=args.max_tokens,
     )
     engine = create_engine(settings)
-    if kind != "mock":
-        quiet_transformers()
     metadata: dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
     request = make_request(
         "demo-1",
@@ -159,8 +138,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     out.write("\n")
     out.flush()
     if end.finish_reason == "error":
-        error = end.error
-        what = f"{error.code}: {error.message}" if error is not None else "unknown error"
+        what = request_error_text(end.error)
         err.write(f"sagellm-backend demo: error: the request failed: {what}\n")
         return 1
     return 0

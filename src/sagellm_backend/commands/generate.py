@@ -26,18 +26,16 @@ from sagellm_backend.cli import Command, register_command
 from sagellm_backend.commands._common import (
     UsageError,
     add_engine_arguments,
+    add_sampling_arguments,
     create_engine,
     engine_description,
     engine_settings,
     guarded,
     make_request,
     metrics_rows,
-    positive_int,
-    quiet_transformers,
+    request_error_text,
     resolve_engine_kind,
     resolve_model,
-    temperature_value,
-    top_p_value,
 )
 from sagellm_backend.commands._table import fmt_ms, render_table
 
@@ -53,30 +51,7 @@ _MODEL_HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``generate``."""
     parser.add_argument("--prompt", required=True, help="the prompt text")
-    parser.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=64,
-        metavar="N",
-        help="most tokens to generate (>= 1, default 64)",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=temperature_value,
-        default=None,
-        metavar="T",
-        help="sampling temperature in [0, 2]; 0 or unset: greedy",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=top_p_value,
-        default=None,
-        metavar="P",
-        help="nucleus sampling threshold in (0, 1] (applies when sampling)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="seed of the request's sampler (HF engines)"
-    )
+    add_sampling_arguments(parser, default_max_tokens=64)
     parser.add_argument(
         "--ignore-eos",
         action="store_true",
@@ -112,8 +87,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_new_tokens=args.max_tokens,
     )
     engine = create_engine(settings)
-    if kind != "mock":
-        quiet_transformers()
     metadata: dict[str, Any] = {}
     if args.ignore_eos:
         metadata["ignore_eos"] = True
@@ -143,8 +116,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.metrics:
         err.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(result.metrics)) + "\n")
     if result.finish_reason == "error":
-        error = result.error
-        what = f"{error.code}: {error.message}" if error is not None else "unknown error"
+        what = request_error_text(result.error)
         err.write(f"sagellm-backend generate: error: the request failed: {what}\n")
         return 1
     return 0

@@ -14,21 +14,23 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
+    EngineOptionFields,
     HFEngineCore,
     LoadSettings,
     check_bool,
     check_common_fields,
     check_positive_int,
+    face_config_fields,
     hf_unavailable_reason,
     make_mock_engine,
     resolve_engine_options,
+    with_provider,
 )
 from sagellm_backend.errors import ConfigError
 
@@ -38,7 +40,7 @@ _VALID_DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 @dataclass
-class CPUEngineConfig(EngineConfig):
+class CPUEngineConfig(EngineOptionFields):
     """Configuration of :class:`CPUEngine` (the 0.1.1.2 fields, plus tuning options).
 
     Attributes:
@@ -54,8 +56,9 @@ class CPUEngineConfig(EngineConfig):
         kv_cache_memory_bytes, block_size, enable_prefix_caching, max_num_batched_tokens,
             max_model_len, max_input_tokens, runner, fuse_projections, prepack_weights,
             decode_workspace_bytes: see
-            :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may also be given
-            as a ``metadata`` key of the same name.
+            :class:`~sagellm_backend.engine.hf.core.EngineOptions` (keyword-only, from
+            :class:`~sagellm_backend.engine.hf.core.EngineOptionFields`); each may also be
+            given as a ``metadata`` key of the same name.
 
     Raises:
         ConfigError: at construction, naming the field, the bad value and what is valid.
@@ -68,16 +71,6 @@ class CPUEngineConfig(EngineConfig):
     low_cpu_mem_usage: bool = True
     load_in_8bit: bool = False
     num_threads: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_input_tokens: int | None = None
-    runner: str = "auto"
-    fuse_projections: bool = True
-    prepack_weights: bool = True
-    decode_workspace_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         owner = "CPUEngineConfig"
@@ -177,14 +170,6 @@ class CPUEngine(HFEngineCore):
 
             torch.set_num_threads(n)
 
-    def _check_provider(self, provider: Any) -> None:
-        device_type = getattr(provider.capability(), "device_type", None)
-        if device_type not in (None, "cpu"):
-            raise ConfigError(
-                f"CPUEngine needs a cpu provider, got {type(provider).__name__} "
-                f"(device_type {device_type!r})"
-            )
-
     def get_info(self) -> dict[str, Any]:
         """Engine description (see :meth:`HFEngineCore.get_info`) plus the CPU settings."""
         info = super().get_info()
@@ -195,9 +180,6 @@ class CPUEngine(HFEngineCore):
             num_threads=cfg.num_threads,
         )
         return info
-
-
-_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(CPUEngineConfig))
 
 
 def create_cpu_engine(config: Any = None, backend: Any = None) -> CPUEngine:
@@ -214,34 +196,12 @@ def create_cpu_engine(config: Any = None, backend: Any = None) -> CPUEngine:
     Raises:
         ConfigError: an unknown field, a wrong kind or an invalid value.
     """
-    from sagellm_backend.engine._plugin import normalize_engine_config, reject_unknown_keys
+    from sagellm_backend.engine._plugin import normalize_engine_config
 
     if isinstance(config, CPUEngineConfig):
-        if backend is not None:
-            config = copy.copy(config)
-            config.provider = backend
-            config.__post_init__()
-        return CPUEngine(config)
+        return CPUEngine(with_provider(config, backend))
     settings = normalize_engine_config(config, backend)
     if settings.kind is not None and settings.kind.lower() not in ("cpu", "hf_cpu", "cpu_engine"):
         raise ConfigError(f"create_cpu_engine got engine kind {settings.kind!r}, expected 'cpu'")
-    allowed = set(_CONFIG_FIELDS) - {"engine_id", "model_path", "device", "max_batch_size"}
-    reject_unknown_keys(settings, allowed, "cpu engine")
-    fields: dict[str, Any] = dict(settings.extra)
-    fields.pop("provider", None)
-    fields["engine_id"] = settings.engine_id
-    fields["model_path"] = settings.model_path
-    fields["device"] = settings.device or "cpu"
-    fields["provider"] = settings.provider
-    if settings.max_batch_size is not None:
-        fields["max_batch_size"] = settings.max_batch_size
-    if settings.max_output_tokens is not None:
-        if "max_new_tokens" in fields and fields["max_new_tokens"] != settings.max_output_tokens:
-            raise ConfigError(
-                f"cpu engine config: max_output_tokens={settings.max_output_tokens} and "
-                f"max_new_tokens={fields['max_new_tokens']} disagree; give one"
-            )
-        fields["max_new_tokens"] = settings.max_output_tokens
-    if settings.max_input_tokens is not None:
-        fields["max_input_tokens"] = settings.max_input_tokens
+    fields = face_config_fields(settings, CPUEngineConfig, "cpu", default_device="cpu")
     return CPUEngine(CPUEngineConfig(**fields), from_core=settings.from_core)

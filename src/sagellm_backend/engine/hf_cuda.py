@@ -28,7 +28,6 @@ Example (the published configuration)::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -36,14 +35,17 @@ from typing import Any
 
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
+    EngineOptionFields,
     HFEngineCore,
     LoadSettings,
     check_bool,
     check_common_fields,
     check_positive_int,
+    face_config_fields,
     hf_unavailable_reason,
     make_mock_engine,
     resolve_engine_options,
+    with_provider,
 )
 from sagellm_backend.errors import ConfigError
 
@@ -55,7 +57,7 @@ _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
-class HFCudaEngineConfig(EngineConfig):
+class HFCudaEngineConfig(EngineOptionFields):
     """Configuration of :class:`HFCudaEngine`; the documented fields are all required.
 
     Required (None is rejected): ``engine_id``, ``model_path``, ``device`` (``"cuda"`` or
@@ -66,8 +68,9 @@ class HFCudaEngineConfig(EngineConfig):
     True; bfloat16 cannot be combined with either), ``trust_remote_code`` (bool),
     ``max_new_tokens`` (``> 0``) and ``max_batch_size`` (``> 0``).
 
-    Optional tuning (see :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may
-    also be a ``metadata`` key): ``kv_cache_memory_bytes``, ``block_size``,
+    Optional tuning, keyword-only (see
+    :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may also be a ``metadata``
+    key): ``kv_cache_memory_bytes``, ``block_size``,
     ``enable_prefix_caching``, ``max_num_batched_tokens``, ``max_model_len``,
     ``max_input_tokens``, ``runner``, ``fuse_projections``, ``prepack_weights``,
     ``decode_workspace_bytes``.
@@ -83,16 +86,6 @@ class HFCudaEngineConfig(EngineConfig):
     load_in_4bit: bool | None = None
     trust_remote_code: bool | None = None
     max_new_tokens: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_input_tokens: int | None = None
-    runner: str = "auto"
-    fuse_projections: bool = True
-    prepack_weights: bool = True
-    decode_workspace_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +154,7 @@ class HFCudaEngine(HFEngineCore):
     """
 
     ENGINE_NAME = "HFCudaEngine"
+    PROVIDER_HINT = "; use mock_mode=True for a simulation"
 
     def __init__(
         self, config: HFCudaEngineConfig | EngineConfig, *, from_core: bool = False
@@ -227,14 +221,6 @@ class HFCudaEngine(HFEngineCore):
             options["kv_memory_bytes"] = self._options.kv_cache_memory_bytes
         return create_cuda_backend(options)
 
-    def _check_provider(self, provider: Any) -> None:
-        device_type = getattr(provider.capability(), "device_type", None)
-        if device_type not in (None, "cuda"):
-            raise ConfigError(
-                f"HFCudaEngine needs a cuda provider, got {type(provider).__name__} "
-                f"(device_type {device_type!r}); use mock_mode=True for a simulation"
-            )
-
     def get_info(self) -> dict[str, Any]:
         """Engine description (see :meth:`HFEngineCore.get_info`) plus the CUDA settings."""
         info = super().get_info()
@@ -248,8 +234,6 @@ class HFCudaEngine(HFEngineCore):
         )
         return info
 
-
-_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(HFCudaEngineConfig))
 
 #: What :func:`create_cuda_engine` uses for documented fields a sagellm-core config lacks.
 FACTORY_DEFAULTS: dict[str, Any] = {
@@ -277,14 +261,10 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
     Raises:
         ConfigError: an unknown field, a wrong kind, or a missing/invalid value.
     """
-    from sagellm_backend.engine._plugin import normalize_engine_config, reject_unknown_keys
+    from sagellm_backend.engine._plugin import normalize_engine_config
 
     if isinstance(config, HFCudaEngineConfig):
-        if backend is not None:
-            config = copy.copy(config)
-            config.provider = backend
-            config.validate()
-        return HFCudaEngine(config)
+        return HFCudaEngine(with_provider(config, backend))
     settings = normalize_engine_config(config, backend)
     if settings.kind is not None and settings.kind.lower().replace("-", "_") not in (
         "cuda",
@@ -294,23 +274,7 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
         "gpu",
     ):
         raise ConfigError(f"create_cuda_engine got engine kind {settings.kind!r}, expected 'cuda'")
-    allowed = set(_CONFIG_FIELDS) - {"engine_id", "model_path", "device", "max_batch_size"}
-    reject_unknown_keys(settings, allowed, "cuda engine")
-    fields: dict[str, Any] = {**FACTORY_DEFAULTS, **settings.extra}
-    fields.pop("provider", None)
-    fields["engine_id"] = settings.engine_id
-    fields["model_path"] = settings.model_path
-    fields["device"] = settings.device or "cuda:0"
-    fields["provider"] = settings.provider
-    fields["max_batch_size"] = settings.max_batch_size
-    if settings.max_output_tokens is not None:
-        given = settings.extra.get("max_new_tokens")
-        if given is not None and given != settings.max_output_tokens:
-            raise ConfigError(
-                f"cuda engine config: max_output_tokens={settings.max_output_tokens} and "
-                f"max_new_tokens={given} disagree; give one"
-            )
-        fields["max_new_tokens"] = settings.max_output_tokens
-    if settings.max_input_tokens is not None:
-        fields["max_input_tokens"] = settings.max_input_tokens
+    fields = face_config_fields(
+        settings, HFCudaEngineConfig, "cuda", default_device="cuda:0", defaults=FACTORY_DEFAULTS
+    )
     return HFCudaEngine(HFCudaEngineConfig(**fields), from_core=settings.from_core)

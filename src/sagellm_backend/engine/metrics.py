@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sagellm_protocol import Metrics, Timestamps
+from sagellm_protocol import Metrics
 
 __all__ = ["ErrorRateCounter", "KVRequestStats", "RequestTimeline", "build_metrics", "now"]
 
@@ -41,7 +41,7 @@ def to_wall(t: float) -> float:
     return t + _WALL_OFFSET
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestTimeline:
     """Instants (monotonic seconds) in the life of one request.
 
@@ -90,6 +90,11 @@ class KVRequestStats:
     evict_ms: float = 0.0
 
 
+_NO_KV = KVRequestStats()
+# Metrics' own pydantic-core validator (the one ``Metrics(**kw)`` runs), called directly.
+_validate_metrics = Metrics.__pydantic_validator__.validate_python
+
+
 class ErrorRateCounter:
     """Thread-safe count of finished and failed requests of one engine."""
 
@@ -120,42 +125,68 @@ def build_metrics(
     kv: KVRequestStats | None = None,
     component_trace: list[str] | None = None,
 ) -> Metrics:
-    """Build protocol Metrics from a finished request's timeline (see module docstring)."""
-    timeline.mark_completed()
+    """Build protocol Metrics from a finished request's timeline (see module docstring).
+
+    The result is fully validated by the protocol model's own validator (one call for
+    Metrics and its nested Timestamps, fed a prepared dict: the same checks and the same
+    ``model_fields_set`` as keyword construction, without the per-model ``__init__``
+    overhead). Lists passed in are copied by validation, never shared with the result.
+    """
     completed = timeline.completed
-    assert completed is not None
-    first = timeline.first_token
+    if completed is None:
+        completed = timeline.completed = now()
+    queued = timeline.queued
     times = timeline.token_times
-    itl = [(b - a) * 1000.0 for a, b in itertools.pairwise(times)]
     n = len(times)
-    ttft = (first - timeline.queued) * 1000.0 if first is not None else 0.0
-    tbt = sum(itl) / len(itl) if itl else 0.0
-    tpot = (completed - first) * 1000.0 / (n - 1) if first is not None and n > 1 else 0.0
-    elapsed = completed - timeline.queued
+    tbt = tpot = 0.0
+    itl: list[float] = []
+    if n:
+        first = times[0]
+        ttft = (first - queued) * 1000.0
+        if n > 1:
+            itl = [(b - a) * 1000.0 for a, b in itertools.pairwise(times)]
+            tbt = sum(itl) / len(itl)
+            tpot = (completed - first) * 1000.0 / (n - 1)
+            if min(itl) < 0.0:
+                itl = [x if x > 0.0 else 0.0 for x in itl]
+        executed = first
+    else:
+        ttft = 0.0
+        executed = completed
+    elapsed = completed - queued
     throughput = n / elapsed if elapsed > 0 else 0.0
-    scheduled = timeline.scheduled if timeline.scheduled is not None else completed
-    executed = first if first is not None else completed
-    kv = kv or KVRequestStats()
-    return Metrics(
-        ttft_ms=max(ttft, 0.0),
-        tbt_ms=max(tbt, 0.0),
-        tpot_ms=max(tpot, 0.0),
-        throughput_tps=max(throughput, 0.0),
-        peak_mem_mb=max(int(peak_mem_mb), 0),
-        error_rate=min(max(error_rate, 0.0), 1.0),
-        kv_used_tokens=kv.used_tokens,
-        kv_used_bytes=kv.used_bytes,
-        prefix_hit_rate=min(max(kv.prefix_hit_rate, 0.0), 1.0),
-        evict_count=kv.evict_count,
-        evict_ms=kv.evict_ms,
-        prefill_ms=max(timeline.prefill_ms, 0.0),
-        decode_ms=max(timeline.decode_ms, 0.0),
-        itl_list=[max(x, 0.0) for x in itl],
-        timestamps=Timestamps(
-            queued_at=to_wall(timeline.queued),
-            scheduled_at=to_wall(scheduled),
-            executed_at=to_wall(executed),
-            completed_at=to_wall(completed),
-        ),
-        component_trace=list(component_trace) if component_trace else None,
+    scheduled = timeline.scheduled
+    if scheduled is None:
+        scheduled = completed
+    if kv is None:
+        kv = _NO_KV
+    hit = kv.prefix_hit_rate
+    peak = int(peak_mem_mb)
+    prefill = timeline.prefill_ms
+    decode = timeline.decode_ms
+    metrics: Metrics = _validate_metrics(
+        {
+            "ttft_ms": ttft if ttft > 0.0 else 0.0,
+            "tbt_ms": tbt if tbt > 0.0 else 0.0,
+            "tpot_ms": tpot if tpot > 0.0 else 0.0,
+            "throughput_tps": throughput if throughput > 0.0 else 0.0,
+            "peak_mem_mb": peak if peak > 0 else 0,
+            "error_rate": 0.0 if error_rate < 0.0 else (1.0 if error_rate > 1.0 else error_rate),
+            "kv_used_tokens": kv.used_tokens,
+            "kv_used_bytes": kv.used_bytes,
+            "prefix_hit_rate": 0.0 if hit < 0.0 else (1.0 if hit > 1.0 else hit),
+            "evict_count": kv.evict_count,
+            "evict_ms": kv.evict_ms,
+            "prefill_ms": prefill if prefill > 0.0 else 0.0,
+            "decode_ms": decode if decode > 0.0 else 0.0,
+            "itl_list": itl,
+            "timestamps": {
+                "queued_at": queued + _WALL_OFFSET,
+                "scheduled_at": scheduled + _WALL_OFFSET,
+                "executed_at": executed + _WALL_OFFSET,
+                "completed_at": completed + _WALL_OFFSET,
+            },
+            "component_trace": component_trace or None,
+        }
     )
+    return metrics

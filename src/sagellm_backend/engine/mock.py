@@ -133,7 +133,12 @@ def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int]]:
     return pieces, {p: offset + i for i, p in enumerate(pieces)}
 
 
-_PIECE_RE = re.compile(r" ?[a-z]{1,3}|[\s\S]")
+# A piece is a word (" ?[a-z]{1,3}", looked up) or a maximal run of characters that cannot
+# start a word (neither a letter nor a space before a letter), which is byte-encoded whole:
+# the same ids as splitting that run into single characters, with one regex match.
+_validate_response = Response.__pydantic_validator__.validate_python
+
+_PIECE_RE = re.compile(r" ?[a-z]{1,3}|(?:[^a-z ]| (?![a-z]))+")
 _CHUNK_CACHE_SIZE = 1 << 16
 
 
@@ -198,13 +203,13 @@ class MockTokenizer:
     def _encode_chunk(self, text: str) -> tuple[int, ...]:
         ids: list[int] = []
         lookup = self._piece_to_id.get
-        off = self.BYTE_OFFSET
+        byte_id = _BYTE_IDS.__getitem__
         for piece in _PIECE_RE.findall(text):
             tid = lookup(piece)
             if tid is not None:
                 ids.append(tid)
             else:
-                ids.extend(b + off for b in piece.encode("utf-8", "surrogatepass"))
+                ids.extend(map(byte_id, piece.encode("utf-8", "surrogatepass")))
         return tuple(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -233,6 +238,10 @@ class MockTokenizer:
     def token_text(self, token_id: int) -> str:
         """Text of one generated (word) token."""
         return self._pieces[token_id - self.WORD_OFFSET]
+
+
+#: byte value -> its token id (read by MockTokenizer._encode_chunk)
+_BYTE_IDS = tuple(range(MockTokenizer.BYTE_OFFSET, MockTokenizer.BYTE_OFFSET + 256))
 
 
 _CONFIG_FIELDS = (
@@ -662,15 +671,21 @@ class MockEngine(BaseEngine):
             self._cancel(seq)
             raise
         assert channel.metrics is not None
-        return Response(
-            request_id=seq.request.request_id,
-            trace_id=seq.request.trace_id,
-            output_text=channel.text,
-            output_tokens=list(channel.tokens),
-            finish_reason=channel.finish_reason,
-            metrics=channel.metrics,
-            error=channel.error,
+        request = seq.request
+        # Response's own validator (what Response(**kw) runs) on a prepared dict; it copies
+        # output_tokens, so the channel's list is never shared with the result.
+        response: Response = _validate_response(
+            {
+                "request_id": request.request_id,
+                "trace_id": request.trace_id,
+                "output_text": "".join(channel.texts),
+                "output_tokens": channel.tokens,
+                "finish_reason": channel.finish_reason,
+                "metrics": channel.metrics,
+                "error": channel.error,
+            }
         )
+        return response
 
     def stream(self, request: Request) -> AsyncIterator[StreamEvent]:
         """Yield start, deltas and end for ``request`` (see :mod:`engine.base` invariants).
@@ -865,11 +880,15 @@ class MockEngine(BaseEngine):
         assert kv is not None
         block_size = kv.spec.block_size
         total_pages = kv.pool.num_pages
-        limit = self._cfg.max_batch_size
-        while self._waiting and len(self._batch) < limit:
-            seq = self._waiting[0]
+        cfg = self._cfg
+        limit = cfg.max_batch_size
+        failure_rate = cfg.simulate_failure_rate
+        waiting = self._waiting
+        batch = self._batch
+        while waiting and len(batch) < limit:
+            seq = waiting[0]
             if seq.channel.cancelled:
-                self._waiting.popleft()
+                waiting.popleft()
                 self._counts["cancelled"] += 1
                 continue
             # KV held at the end: prompt + every output token but the last.
@@ -892,7 +911,7 @@ class MockEngine(BaseEngine):
                 )
                 continue
             if not kv.can_allocate((need + self._reserved_pages) * block_size):
-                if self._batch:
+                if batch:
                     return  # wait for running requests to free pages
                 # Nothing running can free pages: the pool is held elsewhere.
                 self._waiting.popleft()
@@ -909,22 +928,23 @@ class MockEngine(BaseEngine):
             try:
                 kv.allocate(seq.seq_id, seq.prompt_ids)
             except KVCacheExhaustedError as exc:
-                if self._batch:
+                if batch:
                     return
-                self._waiting.popleft()
+                waiting.popleft()
                 self._finish(seq, "error", exc.to_protocol())
                 continue
-            self._waiting.popleft()
+            waiting.popleft()
             seq.has_kv = True
-            seq.kv_tokens = len(seq.prompt_ids)
-            seq.held_pages = -(-seq.kv_tokens // block_size)
+            seq.kv_tokens = prompt_len = len(seq.prompt_ids)
+            seq.held_pages = held = -(-prompt_len // block_size)
             seq.need_pages = need
-            self._reserved_pages += need - seq.held_pages
-            seq.fail = self._cfg.simulate_failure_rate > 0 and (
-                self._rng.random() < self._cfg.simulate_failure_rate
-            )
-            seq.timeline.mark_scheduled()
-            self._batch.append(seq)
+            self._reserved_pages += need - held
+            if failure_rate > 0:
+                seq.fail = self._rng.random() < failure_rate
+            tl = seq.timeline
+            if tl.scheduled is None:  # RequestTimeline.mark_scheduled, inlined
+                tl.scheduled = now()
+            batch.append(seq)
 
     def _step_seconds(self, prefill: bool, decode: bool) -> float:
         cfg = self._cfg
@@ -954,6 +974,9 @@ class MockEngine(BaseEngine):
         eos_p = self._cfg.eos_probability
         tok = self.tokenizer
         n_words = tok.num_output_words
+        pieces = tok._pieces
+        word_offset = MockTokenizer.WORD_OFFSET
+        mark_computed = kv.mark_computed
         keep: list[_Seq] = []
         for seq in self._batch:
             tl = seq.timeline
@@ -961,7 +984,7 @@ class MockEngine(BaseEngine):
                 seq.prefilled = True
                 tl.prefill_ms += elapsed_ms
                 if caching:
-                    kv.mark_computed(seq.seq_id, len(seq.prompt_ids))
+                    mark_computed(seq.seq_id, len(seq.prompt_ids))
                 if seq.fail:
                     self._finish(
                         seq,
@@ -978,15 +1001,16 @@ class MockEngine(BaseEngine):
                     continue
             else:
                 tl.decode_ms += elapsed_ms
-            pos = len(seq.channel.tokens)
+            channel = seq.channel
+            pos = len(channel.tokens)
             h = _mix64(seq.prompt_hash ^ (pos * 0x9E3779B97F4A7C15 & _MASK64))
             if eos_p > 0 and (_mix64(h) >> 11) * (1.0 / (1 << 53)) < eos_p:
                 tl.mark_tokens(0, t1)
                 self._finish(seq, "stop", None)
                 continue
-            token = MockTokenizer.WORD_OFFSET + h % n_words
-            seq.channel.push(token, tok.token_text(token))
-            tl.mark_tokens(1, t1)
+            word = h % n_words
+            channel.push(word_offset + word, pieces[word])  # the word's text (token_text)
+            tl.token_times.append(t1)  # tl.mark_tokens(1, t1); scheduled was set at admission
             if pos + 1 >= seq.max_tokens:
                 self._finish(seq, "length", None)
                 continue

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 from sagellm_backend.engine.metrics import KVRequestStats
 from sagellm_backend.errors import InvalidKVBlockError, InvalidStateError, KVCacheExhaustedError
@@ -95,6 +94,10 @@ class KVStats:
     page_bytes: int
     block_size: int
     total_bytes: int
+
+
+def _unknown_seq(seq_id: str) -> InvalidKVBlockError:
+    return InvalidKVBlockError(f"unknown sequence {seq_id!r} (never allocated or freed)")
 
 
 class _Seq:
@@ -194,42 +197,57 @@ class KVCacheManager:
         tokens = list(token_ids)
         pool = self.pool
         block = self._block_size
-        with pool.lock:
-            if seq_id in self._seqs:
+        lock = pool.lock
+        lock.acquire()  # explicit acquire/release (cheaper than `with` on the hot path)
+        try:
+            seqs = self._seqs
+            if seq_id in seqs:
                 raise InvalidKVBlockError(f"sequence {seq_id!r} is already allocated")
-            hashes, hits = self._lookup(tokens)
-            ref = pool._ref
-            hits_free = sum(1 for p in hits if ref[p] == 0)
-            need = -(-n // block) - len(hits)
+            if n > block and self.enable_prefix_caching:  # some full block could be cached
+                hashes, hits = self._lookup(tokens)
+            else:
+                hashes, hits = [], []
+            num_hits = len(hits)
+            if num_hits:
+                ref = pool._ref
+                hits_free = sum(1 for p in hits if ref[p] == 0)
+            else:
+                hits_free = 0
+            need = -(-n // block) - num_hits
             if need > pool._num_free - hits_free:
                 raise KVCacheExhaustedError(
                     f"KV cache exhausted: sequence {seq_id!r} needs {need} new pages "
-                    f"({n} tokens, {len(hits)} blocks cached); {pool._num_free - hits_free} "
+                    f"({n} tokens, {num_hits} blocks cached); {pool._num_free - hits_free} "
                     f"free of {pool.num_pages}"
                 )
-            if pool.alloc_guard is not None and need:
-                pool.alloc_guard(need)
+            guard = pool.alloc_guard
+            if guard is not None and need:
+                guard(need)
             evict_count, evict_ms = pool.evict_count, pool.evict_ms
-            if hits:
-                pool._incref(hits, validate=False)
-            new_pages = pool._allocate_unguarded(need)
-            seq = _Seq(tokens, hits + new_pages, hashes, len(hits))
-            seq.evict_count = pool.evict_count - evict_count
-            seq.evict_ms = pool.evict_ms - evict_ms
-            self._seqs[seq_id] = seq
-            cached = len(hits) * block
             page_refs = self._page_refs
             held = 0  # hit pages another of our sequences already references: not new usage
-            for p in hits:
-                count = page_refs.get(p, 0)
-                held += count > 0
-                page_refs[p] = count + 1
+            if num_hits:
+                pool._incref(hits, validate=False)
+                for p in hits:
+                    count = page_refs.get(p, 0)
+                    held += count > 0
+                    page_refs[p] = count + 1
+            new_pages = pool._allocate_unguarded(need)
             for p in new_pages:
                 page_refs[p] = 1
+            seq = _Seq(tokens, hits + new_pages if num_hits else new_pages, hashes, num_hits)
+            evicted = pool.evict_count - evict_count
+            if evicted:  # evict_ms only grows together with evict_count
+                seq.evict_count = evicted
+                seq.evict_ms = pool.evict_ms - evict_ms
+            seqs[seq_id] = seq
+            cached = num_hits * block
             self._used_tokens += n - held * block
             self._hit_tokens += cached
             self._query_tokens += n
             return cached
+        finally:
+            lock.release()
 
     def match_prefix(self, token_ids: Sequence[int]) -> int:
         """Tokens of ``token_ids`` that :meth:`allocate` would take from the cache now.
@@ -252,10 +270,10 @@ class KVCacheManager:
         get = self.pool._cache.get
         parent = ROOT_HASH
         if self._builtin_hash:
-            # Block contents are hashed in C; only the chain step runs in Python.
-            contents = islice(map(hash, zip(*[iter(tokens)] * block, strict=False)), max_blocks)
-            for content in contents:
-                parent = hash((parent, content))
+            # hash_block_tokens inlined: block contents are hashed in C (tuple of a slice);
+            # only the chain step runs in Python.
+            for start in range(0, max_blocks * block, block):
+                parent = hash((parent, hash(tuple(tokens[start : start + block]))))
                 hashes.append(parent)
                 page = get(parent)
                 if page is None:
@@ -329,8 +347,12 @@ class KVCacheManager:
                 ``0..num_tokens(seq_id)``.
         """
         pool = self.pool
-        with pool.lock:
-            seq = self._get(seq_id)
+        lock = pool.lock
+        lock.acquire()
+        try:
+            seq = self._seqs.get(seq_id)
+            if seq is None:
+                raise _unknown_seq(seq_id)
             if not 0 <= num_tokens <= len(seq.tokens):
                 raise InvalidKVBlockError(
                     f"sequence {seq_id!r}: num_tokens {num_tokens} is outside 0..{len(seq.tokens)}"
@@ -341,22 +363,48 @@ class KVCacheManager:
             if not self.enable_prefix_caching:
                 return
             full = num_tokens // self._block_size
-            if full <= seq.num_registered:
+            registered = seq.num_registered
+            if full <= registered:
                 return
-            self._extend_hashes(seq, full)
-            for i in range(seq.num_registered, full):
-                pool._cache_page(seq.pages[i], seq.hashes[i])
+            if len(seq.hashes) < full:
+                self._extend_hashes(seq, full)
+            pages = seq.pages
+            hashes = seq.hashes
+            cache_page = pool._cache_page
+            if pool.enable_caching:
+                # Fast path of BlockPool._cache_page for our own pages (in range, referenced
+                # by this sequence): an uncached page under a hash nobody caches yet. Every
+                # other case (already cached, duplicate hash) goes through the pool.
+                page_hash = pool._hash
+                cache = pool._cache
+                for i in range(registered, full):
+                    page = pages[i]
+                    h = hashes[i]
+                    if page_hash[page] is None and h not in cache:
+                        page_hash[page] = h
+                        cache[h] = page
+                    else:
+                        cache_page(page, h)
+            else:
+                for i in range(registered, full):
+                    cache_page(pages[i], hashes[i])
             seq.num_registered = full
+        finally:
+            lock.release()
 
     def _extend_hashes(self, seq: _Seq, full: int) -> None:
         hashes = seq.hashes
         tokens = seq.tokens
         block = self._block_size
+        parent = hashes[-1] if hashes else ROOT_HASH
+        builtin = self._builtin_hash
         hash_fn = self.hash_fn
-        while len(hashes) < full:
-            i = len(hashes)
-            parent = hashes[i - 1] if i else ROOT_HASH
-            hashes.append(hash_fn(parent, tokens[i * block : (i + 1) * block]))
+        for start in range(len(hashes) * block, full * block, block):
+            if builtin:  # hash_block_tokens inlined
+                parent = hash((parent, hash(tuple(tokens[start : start + block]))))
+            else:
+                parent = hash_fn(parent, tokens[start : start + block])
+            hashes.append(parent)
 
     def free(self, seq_id: str, *, discard: bool = False) -> KVRequestStats:
         """Release a sequence's pages and return its final :class:`KVRequestStats`.
@@ -374,28 +422,40 @@ class KVCacheManager:
             InvalidKVBlockError: unknown ``seq_id`` (e.g. freed twice); nothing changes.
         """
         pool = self.pool
-        with pool.lock:
-            seq = self._get(seq_id)
+        lock = pool.lock
+        lock.acquire()
+        try:
+            seq = self._seqs.pop(seq_id, None)
+            if seq is None:
+                raise _unknown_seq(seq_id)
             stats = self._request_stats(seq)
-            del self._seqs[seq_id]
-            ref = pool._ref
             page_refs = self._page_refs
             pages = seq.pages
-            last = len(pages) - 1
             block = self._block_size
-            released_tokens = 0
-            for i, p in enumerate(pages):
+            num_tokens = len(seq.tokens)
+            # Filled slots of the pages nobody else of ours holds: all of the sequence's
+            # tokens minus those on pages another sequence still references.
+            released_tokens = num_tokens
+            last_page = pages[-1]
+            for p in pages:
                 count = page_refs[p] - 1
                 if count:
                     page_refs[p] = count  # another of our sequences holds it (a full block)
+                    released_tokens -= (
+                        block if p != last_page else num_tokens - (len(pages) - 1) * block
+                    )
                 else:
                     del page_refs[p]
-                    released_tokens += block if i < last else len(seq.tokens) - last * block
-                if discard and ref[p] == 1 and i >= seq.hit_blocks:
-                    pool._uncache(p)
+            if discard:
+                ref = pool._ref
+                for i in range(seq.hit_blocks, len(pages)):
+                    if ref[pages[i]] == 1:
+                        pool._uncache(pages[i])
             self._used_tokens -= released_tokens
             pool._free(pages[::-1], validate=False)
             return stats
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------ queries
     def block_table(self, seq_id: str) -> list[int]:
@@ -527,7 +587,7 @@ class KVCacheManager:
     def _get(self, seq_id: str) -> _Seq:
         seq = self._seqs.get(seq_id)
         if seq is None:
-            raise InvalidKVBlockError(f"unknown sequence {seq_id!r} (never allocated or freed)")
+            raise _unknown_seq(seq_id)
         return seq
 
     def _request_stats(self, seq: _Seq) -> KVRequestStats:

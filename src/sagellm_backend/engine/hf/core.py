@@ -44,13 +44,14 @@ Invariants (besides :mod:`sagellm_backend.engine.base`'s):
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sagellm_protocol import Error, ErrorCode, Request, Response
 
@@ -77,6 +78,7 @@ from sagellm_backend.errors import (
 )
 
 if TYPE_CHECKING:
+    from sagellm_backend.engine._plugin import PluginEngineSettings
     from sagellm_backend.engine.hf.runner import ModelRunner
     from sagellm_backend.engine.hf.scheduler import FinishEvent, GenSequence, Scheduler
     from sagellm_backend.engine.mock import MockEngine
@@ -85,15 +87,18 @@ if TYPE_CHECKING:
 __all__ = [
     "ENGINE_OPTION_DEFAULTS",
     "RUNNER_CHOICES",
+    "EngineOptionFields",
     "EngineOptions",
     "HFEngineCore",
     "LoadSettings",
     "check_bool",
     "check_common_fields",
     "check_positive_int",
+    "face_config_fields",
     "hf_unavailable_reason",
     "make_mock_engine",
     "resolve_engine_options",
+    "with_provider",
 ]
 
 _log = logging.getLogger(__name__)
@@ -147,6 +152,35 @@ class EngineOptions:
 ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(EngineOptions)
 }
+
+
+@dataclass(kw_only=True)
+class EngineOptionFields(EngineConfig):
+    """Base of the face configs: :class:`EngineConfig` plus the :class:`EngineOptions` fields.
+
+    The option fields are keyword-only, so they follow every positional field a face
+    declares (its published positional order is kept). Invariant: the names and defaults
+    equal :data:`ENGINE_OPTION_DEFAULTS` (checked at import); the values are validated by
+    :func:`resolve_engine_options`.
+    """
+
+    kv_cache_memory_bytes: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_input_tokens: int | None = None
+    runner: str = "auto"
+    fuse_projections: bool = True
+    prepack_weights: bool = True
+    decode_workspace_bytes: int = 512 << 20
+
+
+_BASE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+if {
+    f.name: f.default for f in dataclasses.fields(EngineOptionFields) if f.name not in _BASE_FIELDS
+} != ENGINE_OPTION_DEFAULTS:  # pragma: no cover - a development error
+    raise AssertionError("EngineOptionFields and EngineOptions declare different options")
 
 
 def _check_option(owner: str, name: str, value: Any) -> Any:
@@ -294,6 +328,68 @@ def make_mock_engine(config: EngineConfig, engine_name: str, from_core: bool) ->
     )
 
 
+_FaceConfigT = TypeVar("_FaceConfigT", bound=EngineConfig)
+
+
+def with_provider(config: _FaceConfigT, backend: Any) -> _FaceConfigT:
+    """``config`` itself, or (``backend`` given) a copy on that provider, validated again.
+
+    Raises:
+        ConfigError: ``backend`` is not a backend provider.
+    """
+    if backend is None:
+        return config
+    config = copy.copy(config)
+    config.provider = backend
+    config.__post_init__()  # type: ignore[attr-defined]  # the face configs validate there
+    return config
+
+
+def face_config_fields(
+    settings: PluginEngineSettings,
+    config_cls: type[EngineConfig],
+    label: str,
+    *,
+    default_device: str,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Map normalised factory settings to keyword arguments of a face config.
+
+    ``settings.extra`` may hold any field of ``config_cls`` but the ones mapped from the
+    sagellm-core names (``engine_id``, ``model_path``, ``device``, ``max_batch_size``) and
+    overrides ``defaults``; ``max_output_tokens`` becomes ``max_new_tokens`` (an extra
+    ``max_new_tokens`` that is not None must agree); a setting that is None is left to the
+    config's default. ``device`` falls back to ``default_device``.
+
+    Raises:
+        ConfigError: an unknown extra key (naming ``label``) or disagreeing token limits.
+    """
+    from sagellm_backend.engine._plugin import reject_unknown_keys
+
+    allowed = {f.name for f in dataclasses.fields(config_cls)}
+    allowed -= {"engine_id", "model_path", "device", "max_batch_size"}
+    reject_unknown_keys(settings, allowed, f"{label} engine")
+    fields: dict[str, Any] = {**(defaults or {}), **settings.extra}
+    fields.pop("provider", None)
+    fields["engine_id"] = settings.engine_id
+    fields["model_path"] = settings.model_path
+    fields["device"] = settings.device or default_device
+    fields["provider"] = settings.provider
+    if settings.max_batch_size is not None:
+        fields["max_batch_size"] = settings.max_batch_size
+    if settings.max_output_tokens is not None:
+        given = settings.extra.get("max_new_tokens")
+        if given is not None and given != settings.max_output_tokens:
+            raise ConfigError(
+                f"{label} engine config: max_output_tokens={settings.max_output_tokens} and "
+                f"max_new_tokens={given} disagree; give one"
+            )
+        fields["max_new_tokens"] = settings.max_output_tokens
+    if settings.max_input_tokens is not None:
+        fields["max_input_tokens"] = settings.max_input_tokens
+    return fields
+
+
 @dataclass(frozen=True)
 class LoadSettings:
     """How an engine face loads its model (mapped from its config).
@@ -360,6 +456,8 @@ class HFEngineCore(BaseEngine):
     """
 
     ENGINE_NAME: ClassVar[str] = "HFEngineCore"
+    #: Appended to the wrong-provider error of :meth:`_check_provider`.
+    PROVIDER_HINT: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -405,8 +503,20 @@ class HFEngineCore(BaseEngine):
         """Thread settings for the scheduler thread (default: none)."""
 
     def _check_provider(self, provider: Any) -> None:
-        """Reject a provider that cannot hold this engine's KV (default: accept)."""
-        del provider
+        """Reject a provider whose ``device_type`` is not :meth:`backend_type`.
+
+        A provider whose capability has no ``device_type`` is accepted.
+
+        Raises:
+            ConfigError: naming the engine, the provider and its device type.
+        """
+        expected = self.backend_type()
+        device_type = getattr(provider.capability(), "device_type", None)
+        if device_type not in (None, expected):
+            raise ConfigError(
+                f"{self.ENGINE_NAME} needs a {expected} provider, got {type(provider).__name__} "
+                f"(device_type {device_type!r}){self.PROVIDER_HINT}"
+            )
 
     # ------------------------------------------------------------------ properties
     @property
