@@ -11,7 +11,7 @@ Invariants:
       does, and a missing package raises
       :class:`~sagellm_backend.errors.DependencyMissingError` with the pip command.
     * ``device="auto"`` asks the provider layer (``sagellm_backend.providers.cuda``) whether
-      CUDA can be used; this module never calls ``torch.cuda`` itself.
+      CUDA can be used; this module never calls the CUDA runtime itself.
     * ``encode(text)`` returns one vector, ``encode(texts)`` one vector per text in order;
       with ``normalize=True`` every vector has unit L2 norm; results do not depend on how
       the texts are batched (up to float rounding).

@@ -133,11 +133,12 @@ def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int]]:
     return pieces, {p: offset + i for i, p in enumerate(pieces)}
 
 
+# Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
+_validate_response = Response.__pydantic_validator__.validate_python
+
 # A piece is a word (" ?[a-z]{1,3}", looked up) or a maximal run of characters that cannot
 # start a word (neither a letter nor a space before a letter), which is byte-encoded whole:
 # the same ids as splitting that run into single characters, with one regex match.
-_validate_response = Response.__pydantic_validator__.validate_python
-
 _PIECE_RE = re.compile(r" ?[a-z]{1,3}|(?:[^a-z ]| (?![a-z]))+")
 _CHUNK_CACHE_SIZE = 1 << 16
 
@@ -517,6 +518,8 @@ class MockEngine(BaseEngine):
         self._reserved_pages = 0
         self._seq_counter = 0
         self._step_count = 0
+        # set by _cancel: some channel may have been cancelled since the last batch scan
+        self._cancel_seen = False
         self._peak_kv_bytes = 0
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
 
@@ -666,7 +669,9 @@ class MockEngine(BaseEngine):
             return early
         channel = seq.channel
         try:
-            await channel.wait_finished()
+            if not channel.finished:
+                assert self._loop is not None  # _submit checked we run on it
+                await channel.finished_future(self._loop)
         except asyncio.CancelledError:
             self._cancel(seq)
             raise
@@ -826,6 +831,7 @@ class MockEngine(BaseEngine):
         if seq.channel.finished:
             return
         seq.channel.cancel()
+        self._cancel_seen = True
         if self._wakeup is not None:
             self._wakeup.set()
         if not self._running:  # stopped: nothing else will clean up
@@ -861,6 +867,15 @@ class MockEngine(BaseEngine):
                 self._batch.clear()
 
     def _drop_cancelled(self) -> None:
+        # Only _cancel cancels a channel, and it sets _cancel_seen: no scan without one.
+        if self._cancel_seen:
+            self._cancel_seen = False
+            self._drop_cancelled_running()
+        while self._waiting and self._waiting[0].channel.cancelled:
+            self._waiting.popleft()
+            self._counts["cancelled"] += 1
+
+    def _drop_cancelled_running(self) -> None:
         if any(s.channel.cancelled for s in self._batch):
             keep: list[_Seq] = []
             for seq in self._batch:
@@ -870,9 +885,6 @@ class MockEngine(BaseEngine):
                 else:
                     keep.append(seq)
             self._batch = keep
-        while self._waiting and self._waiting[0].channel.cancelled:
-            self._waiting.popleft()
-            self._counts["cancelled"] += 1
 
     def _admit(self) -> None:
         """Move queued requests into the batch while slots and KV pages allow (FIFO)."""
@@ -960,8 +972,9 @@ class MockEngine(BaseEngine):
     async def _step(self) -> None:
         self._step_count += 1
         batch = self._batch
-        any_prefill = any(not s.prefilled for s in batch)
-        any_decode = any(s.prefilled for s in batch)
+        states = {s.prefilled for s in batch}  # one scan for both questions
+        any_prefill = False in states
+        any_decode = True in states
         t0 = now()
         await asyncio.sleep(self._step_seconds(any_prefill, any_decode))
         t1 = now()
@@ -1002,14 +1015,27 @@ class MockEngine(BaseEngine):
             else:
                 tl.decode_ms += elapsed_ms
             channel = seq.channel
-            pos = len(channel.tokens)
-            h = _mix64(seq.prompt_hash ^ (pos * 0x9E3779B97F4A7C15 & _MASK64))
+            tokens = channel.tokens
+            pos = len(tokens)
+            # h = _mix64(seq.prompt_hash ^ (pos * 0x9E3779B97F4A7C15 & _MASK64)), inlined
+            x = ((seq.prompt_hash ^ (pos * 0x9E3779B97F4A7C15 & _MASK64)) + 0x9E3779B97F4A7C15) & (
+                _MASK64
+            )
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+            h = x ^ (x >> 31)
             if eos_p > 0 and (_mix64(h) >> 11) * (1.0 / (1 << 53)) < eos_p:
                 tl.mark_tokens(0, t1)
                 self._finish(seq, "stop", None)
                 continue
             word = h % n_words
-            channel.push(word_offset + word, pieces[word])  # the word's text (token_text)
+            token = word_offset + word
+            # channel.push(token, tok.token_text(token)), inlined: a channel in the batch is
+            # never finished (finishing removes it from the batch)
+            tokens.append(token)
+            channel.texts.append(pieces[word])
+            if channel._event is not None:
+                channel._event.set()
             tl.token_times.append(t1)  # tl.mark_tokens(1, t1); scheduled was set at admission
             if pos + 1 >= seq.max_tokens:
                 self._finish(seq, "length", None)

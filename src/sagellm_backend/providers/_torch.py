@@ -5,7 +5,7 @@ contract on torch: capability enforcement, streams/events, memory statistics, th
 real tensors (through :class:`~sagellm_backend.kv.provider_kv.ProviderKV`), the kernel
 registry and collectives on ``torch.distributed``. What differs per device lives in a small
 *device layer* (:class:`DeviceLayer`): the cpu one in :mod:`.cpu`, the cuda one in :mod:`.cuda`
-(the only module allowed to touch ``torch.cuda``). CPU tests therefore exercise nearly all of
+(the only module allowed to call the CUDA runtime). CPU tests therefore exercise nearly all of
 the CUDA provider's code.
 
 This module does not import torch at import time: torch is imported when a provider is
