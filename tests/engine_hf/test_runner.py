@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 import torch
 
 from sagellm_backend.engine.hf.runner import (
+    BUFFER_MIN_ROWS,
     HFCacheRunner,
     PagedDecoderRunner,
     SeqChunk,
@@ -109,6 +110,52 @@ def test_paged_runner_matches_generate_with_joins_chunks_and_prefix(
             table = tables[1][:shared] + pool.pages(3)
             logits = runner.execute([SeqChunk("x", base[shared * BS :], shared * BS, table, True)])
             assert int(logits[0].argmax()) == llama_ref.greedy(base, 1)[0]
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == llama_ref.greedy(p, n_new)
+
+
+def test_large_packed_prefill_uses_reused_buffers_and_matches_generate(
+    tiny_llama: str, llama_ref: Reference
+) -> None:
+    """Prefill steps over BUFFER_MIN_ROWS rows write q/k/v and gate/up into reused buffers.
+
+    Two large steps (the second smaller than the first, so a buffer prefix is reused) and
+    then batched decode through the workspace (several rows refilled at once) must give
+    generate's greedy tokens.
+    """
+    model = Reference(tiny_llama).model
+    pool = Pool(model)
+    runner = PagedDecoderRunner(
+        model, pool.layer_kv, block_size=BS, max_context=2048, decode_workspace_rows=8
+    )
+    rng = random.Random(7)
+    vocab = model.config.vocab_size
+    waves = [
+        [[rng.randrange(4, vocab) for _ in range(n)] for n in (40, 33, 57)],
+        [[rng.randrange(4, vocab) for _ in range(n)] for n in (45, 30)],
+    ]
+    assert all(sum(map(len, w)) > BUFFER_MIN_ROWS for w in waves)
+    n_new = 6
+    prompts = [p for w in waves for p in w]
+    tables = [pool.pages((len(p) + n_new) // BS + 1) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        first = 0
+        for wave in waves:
+            ids = range(first, first + len(wave))
+            first += len(wave)
+            chunks = [SeqChunk(str(i), list(prompts[i]), 0, tables[i], True) for i in ids]
+            for i, tok in zip(ids, runner.execute(chunks).argmax(-1).tolist(), strict=True):
+                outs[i].append(tok)
+            assert {"qkv", "gate_up"} <= set(runner._bufs)
+        assert runner._bufs["gate_up"].shape[0] == sum(map(len, waves[0]))
+        for _ in range(n_new - 1):
+            chunks = [
+                SeqChunk(str(i), [outs[i][-1]], len(p) + len(outs[i]) - 1, tables[i], True)
+                for i, p in enumerate(prompts)
+            ]
+            for i, tok in enumerate(runner.execute(chunks).argmax(-1).tolist()):
+                outs[i].append(tok)
     for p, out in zip(prompts, outs, strict=True):
         assert out == llama_ref.greedy(p, n_new)
 

@@ -24,6 +24,9 @@ Two runners share that contract:
   - per-step metadata (slots, positions, rotary tables, masks, page indices) is built once
     and shared by all layers, and logits are computed only for the last token of the
     chunks that need them.
+  - steps over :data:`BUFFER_MIN_ROWS` rows (prefill) write the fused q/k/v and gate/up
+    outputs into buffers reused by every layer and step, and run the activation and
+    gating in place: a fresh multi-megabyte tensor per layer costs page faults each time.
 
   Rotary embeddings come from the model's own ``rotary_emb`` (so rope scaling is honoured):
   a cos/sin table over the whole context is computed once at start, or per step for
@@ -56,6 +59,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from torch import nn
 
 __all__ = [
+    "BUFFER_MIN_ROWS",
     "PACK_MIN_ROWS",
     "PACK_ROWS",
     "PAGED_MODEL_TYPES",
@@ -226,6 +230,9 @@ def _fuse_linears(mods: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor
 PACK_ROWS = 16
 # Steps with fewer real tokens than this run unpadded (a 1-row GEMV beats a 16-row GEMM).
 PACK_MIN_ROWS = 4
+# Steps with more rows than this write the fused q/k/v and gate/up outputs into reused buffers.
+BUFFER_MIN_ROWS = 64
+_SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
 _FUSED_RMSNORM_CLASSES = frozenset(
     {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 )
@@ -446,6 +453,9 @@ class _DecodeWorkspace:
         if len(self.seq_of) + joining > self.rows:  # cannot happen; stay correct anyway
             self.clear()
         bs = self.runner.block_size
+        h_kv, cap = self.runner.num_kv_heads, self.capacity
+        src: list[int] = []  # pool slots of the positions to refill
+        dst: list[int] = []  # (row * kv_heads) * capacity + position, head 0
         for c in decode:
             row = self.row_of.get(c.seq_id)
             if row is None:
@@ -455,16 +465,30 @@ class _DecodeWorkspace:
                 self.lens.append(0)
             if self.lens[row] != c.start:  # new row, or out of step with the pool: refill
                 bt = c.block_table
-                slots = torch.tensor(
-                    [bt[p // bs] * bs + p % bs for p in range(c.start)],
-                    dtype=torch.long,
-                    device=self.runner.device,
-                )
-                for lay, wk, wv in zip(self.runner._layers, self.k, self.v, strict=True):
-                    wk[row, :, : c.start].copy_(lay.k_cache.index_select(0, slots).transpose(0, 1))
-                    wv[row, :, : c.start].copy_(lay.v_cache.index_select(0, slots).transpose(0, 1))
+                src.extend(bt[p // bs] * bs + p % bs for p in range(c.start))
+                base = row * h_kv * cap
+                dst.extend(range(base, base + c.start))
             self.lens[row] = c.start + 1
+        if src:
+            self._refill(src, dst)
         return True
+
+    def _refill(self, src: list[int], dst: list[int]) -> None:
+        """Copy pool slots ``src`` into the rows at flat head-0 offsets ``dst``.
+
+        One gather and one scatter per layer and K/V for all refilled rows together: row
+        ``r``, head ``h``, position ``p`` is row ``(r * kv_heads + h) * capacity + p`` of the
+        buffer viewed as ``[-1, head_dim]``.
+        """
+        r = self.runner
+        dev = r.device
+        src_t = torch.tensor(src, dtype=torch.long, device=dev)
+        heads = torch.arange(r.num_kv_heads, dtype=torch.long, device=dev) * self.capacity
+        dst_t = (torch.tensor(dst, dtype=torch.long, device=dev).view(-1, 1) + heads).view(-1)
+        d = r.head_dim
+        for lay, wk, wv in zip(r._layers, self.k, self.v, strict=True):
+            wk.view(-1, d).index_copy_(0, dst_t, lay.k_cache.index_select(0, src_t).view(-1, d))
+            wv.view(-1, d).index_copy_(0, dst_t, lay.v_cache.index_select(0, src_t).view(-1, d))
 
     def release(self, seq_id: str) -> None:
         """Drop a sequence's row, moving the last row into it."""
@@ -580,6 +604,9 @@ class PagedDecoderRunner:
         # (0 * NaN), so pages are zeroed before their first use (lazily: memory the pool
         # never hands out is never touched). Stale finite values are harmless.
         self._zeroed_pages = 0
+        # Reused outputs of the fused projections for large (prefill) steps: a fresh
+        # multi-megabyte tensor per layer costs page faults on every step (see _proj_into).
+        self._bufs: dict[str, torch.Tensor] = {}
         self._ws = (
             _DecodeWorkspace(self, decode_workspace_rows, decode_workspace_bytes)
             if decode_workspace_rows > 0
@@ -804,7 +831,7 @@ class PagedDecoderRunner:
         for li, layer in enumerate(self._layers):
             h = layer.input_norm(x)
             if layer.qkv is not None:
-                qkv = layer.qkv(h)
+                qkv = self._proj_into("qkv", layer.qkv, h)
                 if layer.q_norm is None and layer.k_norm is None:
                     # q and k are adjacent: one rotary pass over both.
                     qk = self._rope(qkv[:, : q_width + kv_width].view(t, h_q + h_kv, d), cos, sin)
@@ -830,8 +857,17 @@ class PagedDecoderRunner:
             h = layer.post_norm(x)
             if layer.gate_up is not None:
                 assert layer.act_fn is not None and layer.down is not None
-                gate, up = layer.gate_up(h).chunk(2, dim=-1)
-                x = x + layer.down(layer.act_fn(gate) * up)
+                gate_up = self._proj_into("gate_up", layer.gate_up, h)
+                gate, up = gate_up.chunk(2, dim=-1)
+                if gate_up.data_ptr() == self._bufs.get("gate_up", gate_up).data_ptr():
+                    # Our buffer: activate and gate in place (same kernels, same values).
+                    if type(layer.act_fn).__name__ in _SILU_CLASSES:
+                        act = F.silu(gate, inplace=True)
+                    else:
+                        act = layer.act_fn(gate)
+                    x = x + layer.down(act.mul_(up))
+                else:
+                    x = x + layer.down(layer.act_fn(gate) * up)
             else:
                 x = x + layer.mlp(h)
         if step.out_prefix:
@@ -842,6 +878,29 @@ class PagedDecoderRunner:
             assert step.out_rows is not None
             logits = self._lm_head(self._norm(x.index_select(0, step.out_rows)))
         return logits.float()
+
+    def _proj_into(self, name: str, lin: _Linear, h: torch.Tensor) -> torch.Tensor:
+        """``lin(h)``; for steps over :data:`BUFFER_MIN_ROWS` rows, into buffer ``name``.
+
+        The buffer is reused by every layer and step (a result is dead before the next
+        layer writes the buffer again), so large steps allocate nothing here. Plain
+        weights only: ``torch.mm`` into the buffer is the GEMM ``F.linear`` runs.
+        """
+        t = h.shape[0]
+        w = lin.weight
+        if t <= BUFFER_MIN_ROWS or w is None or lin.module is not None or h.dim() != 2:
+            return lin(h)
+        n = int(w.shape[0])
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < t or buf.shape[1] != n or buf.dtype != h.dtype:
+            buf = torch.empty((t, n), dtype=h.dtype, device=h.device)
+            self._bufs[name] = buf
+        out = buf[:t]
+        if lin.bias is None:
+            torch.mm(h, w.t(), out=out)
+        else:
+            torch.addmm(lin.bias, h, w.t(), out=out)
+        return out
 
     def _qk_norm_rope(
         self,
