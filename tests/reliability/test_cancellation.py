@@ -67,6 +67,32 @@ def _mock_kv_empty(engine: MockEngine, provider: MockBackendProvider) -> bool:
     )
 
 
+async def _read_then_stop(engine: Any, request: Any, k: int, how: str) -> int:
+    """Stream ``request``, stop reading after ``k`` tokens; return the tokens read.
+
+    ``how="aclose"`` closes the generator explicitly; otherwise it is abandoned and the
+    event loop's async-generator finaliser closes it once it is garbage.
+    """
+    got = 0
+    gen = cast(AsyncGenerator[Any, None], engine.stream(request))
+    if how == "aclose":
+        async with contextlib.aclosing(gen) as events:
+            async for ev in events:
+                if ev.event == "delta":
+                    got += len(ev.chunk_tokens)
+                    if got >= k:
+                        break
+        return got
+    async for ev in gen:
+        if ev.event == "delta":
+            got += len(ev.chunk_tokens)
+            if got >= k:
+                break
+    del gen, ev
+    gc.collect()
+    return got
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("phase", PHASES)
 async def test_mock_cancel_task(phase: str, mode: str) -> None:
@@ -134,23 +160,7 @@ async def test_mock_stream_consumer_stops_after_k_tokens(k: int, how: str) -> No
         asyncio.create_task(engine.execute(make_request(words(4, i), 25))) for i in range(3)
     ]
     request = make_request(words(8), 50)
-    got = 0
-    gen = cast(AsyncGenerator[Any, None], engine.stream(request))
-    if how == "aclose":
-        async with contextlib.aclosing(gen) as events:
-            async for ev in events:
-                if ev.event == "delta":
-                    got += len(ev.chunk_tokens)
-                    if got >= k:
-                        break
-    else:
-        async for ev in gen:
-            if ev.event == "delta":
-                got += len(ev.chunk_tokens)
-                if got >= k:
-                    break
-        del gen, ev  # the loop's async-generator finaliser closes it
-        gc.collect()
+    got = await _read_then_stop(engine, request, k, how)
     assert got >= k
     kv = engine.kv_manager
     assert kv is not None
@@ -315,23 +325,7 @@ def test_hf_stream_consumer_stops_after_k_tokens(cpu_engine_factory: Any, how: s
         ]
         for k in (1, 4):
             request = make_request(words(8, k), 50, ignore_eos=True)
-            got = 0
-            gen = cast(AsyncGenerator[Any, None], engine.stream(request))
-            if how == "aclose":
-                async with contextlib.aclosing(gen) as events:
-                    async for ev in events:
-                        if ev.event == "delta":
-                            got += len(ev.chunk_tokens)
-                            if got >= k:
-                                break
-            else:
-                async for ev in gen:
-                    if ev.event == "delta":
-                        got += len(ev.chunk_tokens)
-                        if got >= k:
-                            break
-                del gen, ev
-                gc.collect()
+            got = await _read_then_stop(engine, request, k, how)
             assert got >= k
             rid: str = request.request_id
 
