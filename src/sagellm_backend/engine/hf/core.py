@@ -79,9 +79,9 @@ from sagellm_backend.errors import (
 
 if TYPE_CHECKING:
     from sagellm_backend.engine._plugin import PluginEngineSettings
-    from sagellm_backend.engine.hf.runner import ModelRunner
     from sagellm_backend.engine.hf.scheduler import FinishEvent, GenSequence, Scheduler
     from sagellm_backend.engine.mock import MockEngine
+    from sagellm_backend.engine.runners.base import ModelRunner
     from sagellm_backend.kv.manager import KVCacheManager
 
 __all__ = [

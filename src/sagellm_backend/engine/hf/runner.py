@@ -52,11 +52,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from torch import nn
+
+from sagellm_backend.engine.runners.base import ModelRunner, SeqChunk
 
 __all__ = [
     "BUFFER_MIN_ROWS",
@@ -79,47 +81,6 @@ PAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # Rope types whose frequencies depend on the sequence length: no precomputed table.
 _DYNAMIC_ROPE_TYPES = frozenset({"dynamic", "longrope"})
-
-
-@dataclass(slots=True)
-class SeqChunk:
-    """One sequence's share of a step.
-
-    Attributes:
-        seq_id: the sequence (KV manager id).
-        token_ids: tokens whose K/V are computed now (``>= 1``).
-        start: position of ``token_ids[0]``; tokens ``0..start-1`` are already in the cache.
-        block_table: the sequence's pages, covering at least ``start + len(token_ids)``
-            tokens (paged runner only).
-        need_logits: return logits for the last token of this chunk.
-    """
-
-    seq_id: str
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    need_logits: bool
-
-
-class ModelRunner(Protocol):
-    """What the scheduler needs from a runner (see the module docstring)."""
-
-    name: str
-    uses_paged_kv: bool
-    device: torch.device
-    vocab_size: int
-
-    def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
-        """Compute the chunks; return float32 logits ``[n_need_logits, vocab]``."""
-        ...
-
-    def release(self, seq_id: str) -> None:
-        """Forget any per-sequence state (no-op when there is none)."""
-        ...
-
-    def reset(self) -> None:
-        """Forget every sequence's state (no sequence is running)."""
-        ...
 
 
 # ---------------------------------------------------------------------------- helpers

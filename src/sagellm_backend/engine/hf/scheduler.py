@@ -55,7 +55,7 @@ from sagellm_backend.errors import KVCacheExhaustedError, to_protocol_error
 if TYPE_CHECKING:
     import torch
 
-    from sagellm_backend.engine.hf.runner import ModelRunner, SeqChunk
+    from sagellm_backend.engine.runners.base import ModelRunner, SeqChunk
     from sagellm_backend.kv.manager import KVCacheManager
 
 __all__ = [
@@ -463,7 +463,7 @@ class Scheduler:
         return tuple(seq.token_slice(0, self.block_size))
 
     def _build_chunks(self) -> tuple[list[SeqChunk], list[GenSequence]]:
-        from sagellm_backend.engine.hf.runner import SeqChunk
+        from sagellm_backend.engine.runners.base import SeqChunk
 
         chunks: list[SeqChunk] = []
         owners: list[GenSequence] = []

@@ -1,0 +1,69 @@
+"""The runner interface: what a scheduler step hands a runner, and what it gets back.
+
+A scheduler step hands the runner a list of :class:`SeqChunk` -- for every scheduled
+sequence, the tokens whose K/V are computed in this step (a whole or partial prompt, or the
+one token sampled last step) -- and gets back float32 logits for the chunks that asked for
+them (``need_logits``), one row per such chunk, in chunk order.
+
+Invariants:
+    * Runners never touch the KV manager: the scheduler passes block tables in chunks and
+      reports computed tokens to the manager after :meth:`ModelRunner.execute` returns.
+    * A runner never decides who runs; a scheduler never touches tensors.
+    * This module imports no torch at run time (the mock runner needs none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["ModelRunner", "SeqChunk"]
+
+
+@dataclass(slots=True)
+class SeqChunk:
+    """One sequence's share of a step.
+
+    Attributes:
+        seq_id: the sequence (KV manager id).
+        token_ids: tokens whose K/V are computed now (``>= 1``).
+        start: position of ``token_ids[0]``; tokens ``0..start-1`` are already in the cache.
+        block_table: the sequence's pages, covering at least ``start + len(token_ids)``
+            tokens (paged runners only).
+        need_logits: return logits for the last token of this chunk.
+    """
+
+    seq_id: str
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    need_logits: bool
+
+
+class ModelRunner(Protocol):
+    """What the scheduler needs from a runner.
+
+    Attributes:
+        name: short runner name shown by ``get_info()`` and ``info --model``.
+        uses_paged_kv: K/V live in the provider's paged pool (prefix pages are reusable).
+        device: the device logits come back on (a ``torch.device`` for torch runners).
+        vocab_size: width of a logits row.
+    """
+
+    name: str
+    uses_paged_kv: bool
+    device: Any
+    vocab_size: int
+
+    def execute(self, chunks: Sequence[SeqChunk]) -> Any:
+        """Compute the chunks; return float32 logits ``[n_need_logits, vocab]``."""
+        ...
+
+    def release(self, seq_id: str) -> None:
+        """Forget any per-sequence state (no-op when there is none)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every sequence's state (no sequence is running)."""
+        ...
