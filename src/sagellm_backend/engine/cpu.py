@@ -52,7 +52,12 @@ class CPUEngineConfig(EngineOptionFields):
         low_cpu_mem_usage: transformers 4.x loading option (5.x always loads lazily).
         load_in_8bit: bitsandbytes int8 weights (needs a bitsandbytes build with CPU
             support).
-        num_threads: torch intra-op threads (process-wide); None keeps torch's setting.
+        num_threads: torch intra-op threads (process-wide); None keeps torch's setting
+            (with tensor parallelism: per rank, None = cores / tensor_parallel_size).
+        tensor_parallel_size: processes the model is sharded over (``1``: none); it must
+            divide the attention heads, kv heads and MLP width.
+        distributed_backend: ``"auto"`` (gloo here), ``"gloo"``.
+        distributed_timeout_s: timeout of every collective between the ranks.
         kv_cache_memory_bytes, block_size, enable_prefix_caching, max_num_batched_tokens,
             max_model_len, max_input_tokens, runner, fuse_projections, prepack_weights,
             decode_workspace_bytes: see
@@ -71,6 +76,10 @@ class CPUEngineConfig(EngineOptionFields):
     low_cpu_mem_usage: bool = True
     load_in_8bit: bool = False
     num_threads: int | None = None
+    # Tensor parallelism (see sagellm_backend.engine.hf.distributed).
+    tensor_parallel_size: int = 1
+    distributed_backend: str = "auto"
+    distributed_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         owner = "CPUEngineConfig"
@@ -91,6 +100,9 @@ class CPUEngineConfig(EngineOptionFields):
         if self.num_threads is not None:
             check_positive_int(owner, "num_threads", self.num_threads)
         resolve_engine_options(owner, self)
+        from sagellm_backend.engine.hf.distributed import check_tp_fields
+
+        check_tp_fields(owner, self, "cpu")
 
 
 class CPUEngine(HFEngineCore):

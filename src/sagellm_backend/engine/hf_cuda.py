@@ -73,7 +73,10 @@ class HFCudaEngineConfig(EngineOptionFields):
     key): ``kv_cache_memory_bytes``, ``block_size``,
     ``enable_prefix_caching``, ``max_num_batched_tokens``, ``max_model_len``,
     ``max_input_tokens``, ``runner``, ``fuse_projections``, ``prepack_weights``,
-    ``decode_workspace_bytes``.
+    ``decode_workspace_bytes``; tensor parallelism: ``tensor_parallel_size`` (default 1;
+    must divide the heads, kv heads and MLP width, at most the visible GPUs; each rank
+    holds its shard on one GPU, ``device_map`` is then ignored), ``distributed_backend``
+    (``"auto"`` = nccl, ``"nccl"``, ``"gloo"``), ``distributed_timeout_s``.
 
     Raises:
         ConfigError: at construction, naming the field, the bad value and a valid example.
@@ -86,6 +89,10 @@ class HFCudaEngineConfig(EngineOptionFields):
     load_in_4bit: bool | None = None
     trust_remote_code: bool | None = None
     max_new_tokens: int | None = None
+    # Tensor parallelism (see sagellm_backend.engine.hf.distributed).
+    tensor_parallel_size: int = 1
+    distributed_backend: str = "auto"
+    distributed_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +150,9 @@ class HFCudaEngineConfig(EngineOptionFields):
         check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
         check_positive_int(owner, "max_batch_size", self.max_batch_size)
         resolve_engine_options(owner, self)
+        from sagellm_backend.engine.hf.distributed import check_tp_fields
+
+        check_tp_fields(owner, self, "cuda")
 
 
 class HFCudaEngine(HFEngineCore):

@@ -493,6 +493,7 @@ class HFEngineCore(BaseEngine):
         self._max_context = 0
         self._vocab_size = 0
         self._start_lock: asyncio.Lock | None = None
+        self._tp: Any = None  # distributed.TensorParallelGroup when tensor_parallel_size > 1
 
     # ------------------------------------------------------------------ face hooks
     def _make_provider(self) -> Any:
@@ -580,6 +581,8 @@ class HFEngineCore(BaseEngine):
                 await asyncio.to_thread(zombie.stop, None)
             if self._model is None:
                 await asyncio.to_thread(self._load)
+            elif self._tp is not None:  # tensor parallelism: fresh workers after a stop()
+                await asyncio.to_thread(self._tp.relaunch)
             self._start_scheduler()
             self._loop = asyncio.get_running_loop()
             self._running = True
@@ -607,6 +610,13 @@ class HFEngineCore(BaseEngine):
             provider = self._make_provider()
             self._owns_provider = True
         self._check_provider(provider)
+        tp = None
+        if getattr(self.config, "tensor_parallel_size", 1) > 1:
+            from sagellm_backend.engine.hf.distributed import TensorParallelGroup
+
+            tp = TensorParallelGroup(self.config, load, opts, provider, self.backend_type())
+            load = tp.load  # one device per rank
+            tp.launch()  # spawned workers load the model while this rank does
         model, tokenizer = load_model_and_tokenizer(
             load.model_path,
             device=load.device,
@@ -617,6 +627,8 @@ class HFEngineCore(BaseEngine):
             trust_remote_code=load.trust_remote_code,
             low_cpu_mem_usage=load.low_cpu_mem_usage,
         )
+        if tp is not None:  # this rank's shard (under torchrun, ranks > 0 serve here and exit)
+            model = tp.shard(model)
         context = model_context_length(model.config)
         if opts.max_model_len is not None:
             context = min(context, opts.max_model_len)
@@ -673,6 +685,9 @@ class HFEngineCore(BaseEngine):
             )
         else:
             runner = HFCacheRunner(model, max_context=context)
+        if tp is not None:
+            runner = tp.start(runner, kv, load.max_batch_size)
+            self._tp = tp
         eos: set[int] = set()
         for source in (getattr(model, "generation_config", None), tokenizer):
             value = getattr(source, "eos_token_id", None)
@@ -744,6 +759,8 @@ class HFEngineCore(BaseEngine):
                 handle.queue.put_nowait(FinishEvent("error", outs, stopped, None))
         elif self._kv is not None:
             self._kv.clear_cache()
+        if self._tp is not None:
+            await asyncio.to_thread(self._tp.shutdown)
         # Let the consumers see the terminal events posted by the worker thread.
         await asyncio.sleep(0)
 
@@ -751,7 +768,8 @@ class HFEngineCore(BaseEngine):
         """True when running and (real mode) the scheduler thread is alive."""
         if self._mock is not None:
             return await self._mock.health_check()
-        return self._running and self._scheduler is not None and self._scheduler.is_alive
+        tp_ok = self._tp is None or self._tp.healthy
+        return tp_ok and self._running and self._scheduler is not None and self._scheduler.is_alive
 
     def get_info(self) -> dict[str, Any]:
         """Engine description plus model, runner, scheduler and KV figures."""
@@ -772,6 +790,8 @@ class HFEngineCore(BaseEngine):
             info["scheduler"] = dataclasses.asdict(self._scheduler.stats())
         if self._kv is not None:
             info["kv"] = dataclasses.asdict(self._kv.stats())
+        if self._tp is not None:
+            info["tensor_parallel"] = self._tp.info()
         return info
 
     # ------------------------------------------------------------------ requests
