@@ -235,7 +235,7 @@ def _colwise_conv1d(mod: nn.Module, rank: int, world: int, sections: int) -> nn.
     new_b = torch.cat([_slice(x, 0, rank, world) for x in bs], dim=0).contiguous()
     mod.weight = nn.Parameter(new_w, requires_grad=False)
     mod.bias = nn.Parameter(new_b, requires_grad=False)
-    mod.nf = int(new_w.shape[1])
+    setattr(mod, "nf", int(new_w.shape[1]))  # noqa: B010 - Conv1D's width attribute
     return mod
 
 
@@ -244,7 +244,8 @@ def shard_model(model: Any, rank: int, world_size: int, all_reduce: AllReduce) -
 
     Args:
         model: a loaded ``*ForCausalLM`` of a supported family, on one device.
-        rank / world_size: this rank and the number of ranks.
+        rank: this rank (``0 <= rank < world_size``).
+        world_size: the number of ranks.
         all_reduce: in-place sum of a tensor over the ranks (run by every row-parallel
             layer's forward).
 
@@ -310,9 +311,7 @@ def shard_model(model: Any, rank: int, world_size: int, all_reduce: AllReduce) -
             new = _colwise_conv1d(mod, rank, world_size, 1)
         else:  # rowwise_conv1d
             w, b = _conv1d_parts(mod)
-            new = RowParallelConv1D(
-                _slice(w, 0, rank, world_size), b.detach().clone(), all_reduce
-            )
+            new = RowParallelConv1D(_slice(w, 0, rank, world_size), b.detach().clone(), all_reduce)
         if new is not mod:
             _replace(base, name, new)
         count += 1

@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -96,7 +97,9 @@ def resolve_backend(backend: str, device_type: str) -> str:
         ConfigError: an unknown backend, or nccl for a cpu engine.
     """
     if backend not in DISTRIBUTED_BACKENDS:
-        raise ConfigError(f"distributed_backend must be one of {DISTRIBUTED_BACKENDS}, got {backend!r}")
+        raise ConfigError(
+            f"distributed_backend must be one of {DISTRIBUTED_BACKENDS}, got {backend!r}"
+        )
     if backend == "auto":
         return "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl" and device_type != "cuda":
@@ -133,7 +136,11 @@ def _geometry(config: dict[str, Any]) -> dict[str, int]:
     kv = int(config.get("num_key_value_heads") or heads)
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
     inter = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
-    return {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": int(inter)}
+    return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": int(inter),
+    }
 
 
 def _cuda_device_count() -> int:
@@ -255,7 +262,13 @@ def _encode(
     tokens: list[int] = []
     tables: list[int] = []
     for c in chunks:
-        meta += [seq_num(c.seq_id), c.start, len(c.token_ids), len(c.block_table), int(c.need_logits)]
+        meta += [
+            seq_num(c.seq_id),
+            c.start,
+            len(c.token_ids),
+            len(c.block_table),
+            int(c.need_logits),
+        ]
         tokens += c.token_ids
         tables += c.block_table
     header = torch.tensor(
@@ -289,7 +302,7 @@ def _paged_runner(model: Any, kv: KVCacheManager, init: dict[str, Any]) -> Model
 
     return PagedDecoderRunner(
         model,
-        kv.storage.layer_kv,  # type: ignore[attr-defined]
+        kv.storage.layer_kv,  # type: ignore[union-attr]
         block_size=init["block_size"],
         max_context=init["max_context"],
         fuse_projections=init["fuse_projections"],
@@ -417,8 +430,12 @@ def _spawned_worker(
         torch.set_num_threads(settings.cpu_threads())
     provider = None
     try:
+        from transformers.utils import logging as hf_logging
+
         from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
 
+        # No progress bars here: tqdm's lock is a named semaphore, and rank 0 shows them.
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         provider = _make_provider(settings, rank, kv_bytes)
         model, _ = load_model_and_tokenizer(
             load.model_path,
@@ -444,6 +461,11 @@ def _spawned_worker(
     finally:
         with contextlib.suppress(Exception):
             provider.shutdown_distributed()
+    # Skip the interpreter teardown (about a second of freeing the model and torch state):
+    # nothing of this process outlives it, and stop() waits for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------- rank 0 side
@@ -575,7 +597,14 @@ class TensorParallelGroup:
             load = replace(self.load, device=self.settings.device_of(rank))
             proc = ctx.Process(
                 target=_spawned_worker,
-                args=(rank, self.settings, load, self._init_method, kv_bytes or self._kv_bytes, child),
+                args=(
+                    rank,
+                    self.settings,
+                    load,
+                    self._init_method,
+                    kv_bytes or self._kv_bytes,
+                    child,
+                ),
                 name=f"sagellm-tp-rank{rank}",
                 daemon=True,
             )
@@ -605,7 +634,11 @@ class TensorParallelGroup:
                 with contextlib.suppress(Exception):
                     self.provider.shutdown_distributed()
             raise SystemExit(0)
-        geo = shard_geometry(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config)
+        geo = shard_geometry(
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
         valid = valid_tp_sizes(geo)
         if self.settings.size not in valid:
             self.shutdown()
@@ -641,7 +674,9 @@ class TensorParallelGroup:
         opts = self.options
         spec = kv.spec
         num_pages = int(kv.stats().num_pages)
-        workspace = max_batch_size if self.load.device == "cpu" and opts.decode_workspace_bytes else 0
+        workspace = (
+            max_batch_size if self.load.device == "cpu" and opts.decode_workspace_bytes else 0
+        )
         self._init = {
             "runner": local.name,
             "num_pages": num_pages,
@@ -702,19 +737,20 @@ class TensorParallelGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.shutdown()
-                raise BackendNotAvailableError("tensor-parallel workers did not load the model in time")
-            ready = wait([*pending, *(p.sentinel for p in pending.values())], timeout=left)
-            for obj in ready:
-                conn = obj if obj in pending else None
-                if conn is None:
-                    proc = next(p for p in pending.values() if p.sentinel == obj)
-                    conn = next(c for c, p in pending.items() if p is proc)
+                raise BackendNotAvailableError(
+                    "tensor-parallel workers did not load the model in time"
+                )
+            ready = set(wait([*pending, *(p.sentinel for p in pending.values())], timeout=left))
+            for conn, proc in list(pending.items()):
+                if conn not in ready and proc.sentinel not in ready:
+                    continue
                 try:
                     kind, detail = conn.recv()
                 except (EOFError, OSError):
-                    kind, detail = "error", f"exited with code {pending[conn].exitcode}"
+                    proc.join(0.5)
+                    kind, detail = "error", f"exited with code {proc.exitcode}"
                 if kind != "loaded":
-                    rank = self._procs.index(pending[conn]) + 1
+                    rank = self._procs.index(proc) + 1
                     self.shutdown()
                     raise BackendNotAvailableError(
                         f"tensor-parallel worker rank {rank} failed to start: {detail}"
@@ -729,7 +765,13 @@ class TensorParallelGroup:
 
         sentinels = [p.sentinel for p in self._procs]
         while not self._stop_event.is_set():
-            if wait(sentinels, timeout=0.2):
+            ready = wait(sentinels, timeout=0.2)
+            if ready:
+                if self._closing:
+                    return
+                for proc in self._procs:
+                    if proc.sentinel in ready:
+                        proc.join(0.5)  # reap it: its exit code goes into the message
                 if not self._closing:
                     self.mark_broken(self.describe_failure())
                 return
@@ -752,6 +794,9 @@ class TensorParallelGroup:
         if runner is not None and self._running and self._broken is None:
             runner.send_control(_SHUTDOWN, blocking=False, wait_s=0.5)
         self._stop_event.set()
+        for t in self._threads:  # the monitor must not reap a worker while we do
+            t.join(0.6)
+        self._threads = []
         deadline = time.monotonic() + _SHUTDOWN_WAIT_S
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -768,9 +813,6 @@ class TensorParallelGroup:
             with contextlib.suppress(Exception):
                 proc.close()
         self._procs, self._conns = [], []
-        for t in self._threads:
-            t.join(0.5)
-        self._threads = []
         lock_free = runner is None or runner.acquire(1.0)
         try:
             if lock_free:
