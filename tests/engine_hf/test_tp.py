@@ -98,7 +98,16 @@ def tp_engine() -> Iterator[Any]:
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running()}
+    """Live child processes, less multiprocessing's resource tracker (one per process, kept
+    by Python for the life of the parent; it is not ours to stop)."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p.pid != tracker
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -285,6 +294,36 @@ def test_a_hung_worker_times_out_and_stop_kills_it(tiny_llama: str, tp_engine: A
     assert out.finish_reason == "error" and "timed out" in out.error.message
     assert waited < 20
     assert stop_s < 5.0
+    assert not _alive(pid)
+    assert _children() <= before
+
+
+def test_stop_while_a_step_waits_on_a_hung_worker_returns_in_time(
+    tiny_llama: str, tp_engine: Any
+) -> None:
+    before = _children()
+    engine = tp_engine(tiny_llama, distributed_timeout_s=120.0)
+
+    async def go() -> tuple[list[Any], float, int]:
+        await engine.start()
+        pid = engine.get_info()["tensor_parallel"]["worker_pids"][0]
+        first = await engine.execute(make_request(PROMPTS[0], 2))
+        assert first.finish_reason == "length"
+        os.kill(pid, signal.SIGSTOP)  # the next step blocks in a collective (120 s timeout)
+        tasks = [
+            asyncio.create_task(engine.execute(make_request(PROMPTS[i], 30))) for i in range(4)
+        ]
+        await asyncio.sleep(1.0)
+        assert not any(t.done() for t in tasks)
+        t0 = time.monotonic()
+        await engine.stop()
+        stop_s = time.monotonic() - t0
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return outs, stop_s, pid
+
+    outs, stop_s, pid = run(go())
+    assert stop_s < 5.0
+    assert all(o.finish_reason == "error" for o in outs)
     assert not _alive(pid)
     assert _children() <= before
 

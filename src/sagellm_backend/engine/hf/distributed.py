@@ -511,6 +511,13 @@ class TensorParallelGroup:
             torchrun=torchrun,
         )
         self.rank = int(os.environ.get("RANK", "0")) if torchrun else 0
+        if torchrun and self.rank == 0 and device_type == "cuda":
+            want = self.settings.device_of(0)
+            if device not in (want, "cuda" if want == "cuda:0" else want):
+                raise ConfigError(
+                    f"under torchrun rank 0 runs on its LOCAL_RANK device {want}; set "
+                    f"device={want!r} (got {device!r})"
+                )
         self.load = replace(load, device=self.settings.device_of(self.rank), device_map=None)
         self.options = options
         self.provider = provider
@@ -581,6 +588,8 @@ class TensorParallelGroup:
         if self.settings.torchrun:
             if self.settings.device_type == "cpu":
                 _set_threads(self.settings.cpu_threads())
+            elif self.rank > 0:  # this rank's own GPU (cuda:LOCAL_RANK) for NCCL and its KV
+                self.provider = _make_provider(self.settings, self.rank, self._kv_bytes)
             self.provider.init_distributed(timeout_s=self.settings.timeout_s)
             return
         import torch.multiprocessing as mp
@@ -791,13 +800,16 @@ class TensorParallelGroup:
         """Stop every worker and leave the group (within about 3 s; idempotent)."""
         self._closing = True
         runner = self._runner
+        sent = False
         if runner is not None and self._running and self._broken is None:
-            runner.send_control(_SHUTDOWN, blocking=False, wait_s=0.5)
+            sent = runner.send_control(_SHUTDOWN, blocking=False, wait_s=0.5)
         self._stop_event.set()
         for t in self._threads:  # the monitor must not reap a worker while we do
             t.join(0.6)
         self._threads = []
-        deadline = time.monotonic() + _SHUTDOWN_WAIT_S
+        # Workers told to shut down exit by themselves; any other is stopped at once (a
+        # step blocked on a hung rank ends when that rank's connection closes).
+        deadline = time.monotonic() + (_SHUTDOWN_WAIT_S if sent else 0.0)
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self._procs:
