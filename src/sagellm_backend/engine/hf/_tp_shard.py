@@ -40,13 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from sagellm_backend.engine.hf.distributed import model_geometry
+
 __all__ = [
     "GPT2_PLAN",
     "CommStats",
     "RowParallelConv1D",
     "RowParallelLinear",
     "ShardInfo",
-    "shard_geometry",
     "shard_model",
 ]
 
@@ -152,30 +153,6 @@ def _text_config(config: Any) -> Any:
     return getter() if callable(getter) else config
 
 
-def shard_geometry(config: Any) -> dict[str, int]:
-    """Head and MLP counts sharding must divide (from an HF config object or dict).
-
-    Returns ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}``.
-    """
-
-    def get(name: str, *alts: str) -> Any:
-        for key in (name, *alts):
-            val = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-            if val is not None:
-                return val
-        return None
-
-    heads = int(get("num_attention_heads", "n_head") or 0)
-    kv = int(get("num_key_value_heads") or heads)
-    hidden = int(get("hidden_size", "n_embd") or 0)
-    inter = get("intermediate_size", "n_inner")
-    return {
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "intermediate_size": int(inter) if inter else 4 * hidden,
-    }
-
-
 def _pattern(p: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(p).replace(r"\*", r"\d+") + "$")
 
@@ -257,7 +234,7 @@ def shard_model(model: Any, rank: int, world_size: int, all_reduce: AllReduce) -
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
     config = _text_config(model.config)
-    geo = shard_geometry(config)
+    geo = model_geometry(config)
     for key, val in geo.items():
         if val % world_size:
             raise ValueError(f"{key}={val} is not divisible by tensor_parallel_size={world_size}")

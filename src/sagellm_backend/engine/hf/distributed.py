@@ -73,6 +73,7 @@ __all__ = [
     "TensorParallelGroup",
     "TensorParallelRunner",
     "check_tp_fields",
+    "model_geometry",
     "resolve_backend",
     "valid_tp_sizes",
 ]
@@ -131,15 +132,29 @@ def _local_config(model_path: str) -> dict[str, Any] | None:
     return text if isinstance(text, dict) else data
 
 
-def _geometry(config: dict[str, Any]) -> dict[str, int]:
-    heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
-    kv = int(config.get("num_key_value_heads") or heads)
-    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
-    inter = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
+def model_geometry(config: Any) -> dict[str, int]:
+    """Head and MLP counts a tensor-parallel size must divide (HF config object or dict).
+
+    Returns ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}`` (GPT-2
+    names ``n_head`` / ``n_inner`` / ``n_embd`` understood; no kv heads: the heads; no MLP
+    width: ``4 * hidden``).
+    """
+
+    def get(*names: str) -> Any:
+        for key in names:
+            val = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+            if val is not None:
+                return val
+        return None
+
+    heads = int(get("num_attention_heads", "n_head") or 0)
+    kv = int(get("num_key_value_heads") or heads)
+    hidden = int(get("hidden_size", "n_embd") or 0)
+    inter = get("intermediate_size", "n_inner")
     return {
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
-        "intermediate_size": int(inter),
+        "intermediate_size": int(inter) if inter else 4 * hidden,
     }
 
 
@@ -199,7 +214,7 @@ def check_tp_fields(owner: str, config: Any, device_type: str) -> None:
     model_path = getattr(config, "model_path", None)
     local = _local_config(model_path) if isinstance(model_path, str) else None
     if local is not None:
-        geo = _geometry(local)
+        geo = model_geometry(local)
         valid = valid_tp_sizes(geo, max_size)
         if size not in valid:
             raise ConfigError(
@@ -362,13 +377,14 @@ def _serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
 
     from sagellm_backend.capability import DType
     from sagellm_backend.engine.hf._tp_shard import CommStats, shard_model, timed_all_reduce
+    from sagellm_backend.errors import KVCacheExhaustedError
     from sagellm_backend.kv.spec import KVSpec
 
     timeout = _timedelta(settings.timeout_s)
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     comm = CommStats()
     shard = shard_model(
-        model, rank, settings.size, timed_all_reduce(lambda t: dist.all_reduce(t), comm)
+        model, rank, settings.size, timed_all_reduce(lambda t: provider.all_reduce(t, "sum"), comm)
     )
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0, group=ctrl)
@@ -376,9 +392,18 @@ def _serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
     spec = KVSpec.from_model_config(
         model.config, block_size=init["block_size"], dtype=DType(init["kv_dtype"])
     )
-    kv = provider.create_kv_manager(spec, num_pages=init["num_pages"], enable_prefix_caching=False)
+    kv_provider = provider
+    try:
+        kv = provider.create_kv_manager(
+            spec, num_pages=init["num_pages"], enable_prefix_caching=False
+        )
+    except KVCacheExhaustedError:  # this provider's budget is smaller than rank 0's pool
+        kv_provider = _make_provider(settings, rank, init["num_pages"] * spec.page_bytes)
+        kv = kv_provider.create_kv_manager(
+            spec, num_pages=init["num_pages"], enable_prefix_caching=False
+        )
     runner = LOCAL_RUNNERS[init["runner"]](model, kv, init)
-    dist.gather_object(_rank_report(rank, provider, kv, shard), None, dst=0, group=ctrl)
+    dist.gather_object(_rank_report(rank, kv_provider, kv, shard), None, dst=0, group=ctrl)
     header = torch.empty(_HEADER_LEN, dtype=torch.long)
     status = torch.zeros(1, dtype=torch.long)
     with torch.inference_mode():
@@ -629,12 +654,7 @@ class TensorParallelGroup:
             SystemExit: (torchrun, rank > 0) when rank 0 shut the group down.
             ConfigError: the model cannot be sharded at this size (valid sizes named).
         """
-        from sagellm_backend.engine.hf._tp_shard import (
-            CommStats,
-            shard_geometry,
-            shard_model,
-            timed_all_reduce,
-        )
+        from sagellm_backend.engine.hf._tp_shard import CommStats, shard_model, timed_all_reduce
 
         if self.settings.torchrun and self.rank > 0:
             try:
@@ -643,10 +663,9 @@ class TensorParallelGroup:
                 with contextlib.suppress(Exception):
                     self.provider.shutdown_distributed()
             raise SystemExit(0)
-        geo = shard_geometry(
-            model.config.get_text_config()
-            if hasattr(model.config, "get_text_config")
-            else model.config
+        config = model.config
+        geo = model_geometry(
+            config.get_text_config() if hasattr(config, "get_text_config") else config
         )
         valid = valid_tp_sizes(geo)
         if self.settings.size not in valid:
@@ -703,10 +722,23 @@ class TensorParallelGroup:
                 f"runner {local.name!r} has no tensor-parallel worker counterpart; "
                 f"valid: {sorted(LOCAL_RUNNERS)}"
             )
-        self._connect(kv)
+        self._connect_or_clean_up(kv)
         self._runner = TensorParallelRunner(local, self)
         self._runner.kv_for_reports = kv
         return self._runner
+
+    def _connect_or_clean_up(self, kv: Any) -> None:
+        """:meth:`_connect`; on failure no worker outlives it and the error names the rank."""
+        try:
+            self._connect(kv)
+        except BackendNotAvailableError:
+            self.shutdown()
+            raise
+        except Exception as exc:
+            time.sleep(0.2)  # let a crashed worker's exit code be seen
+            reason = self.describe_failure(exc)
+            self.shutdown()
+            raise BackendNotAvailableError(f"tensor-parallel start failed: {reason}") from exc
 
     def _connect(self, kv: Any) -> None:
         import torch.distributed as dist
@@ -853,7 +885,7 @@ class TensorParallelGroup:
             )
         assert self._runner is not None
         self.launch()
-        self._connect(self._runner.kv_for_reports)
+        self._connect_or_clean_up(self._runner.kv_for_reports)
         self._runner.restarted()
 
     def info(self) -> dict[str, Any]:
