@@ -38,6 +38,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _workload import WORDS
 
 
+def _probe_rank(rank: int, port: int, shapes: list[tuple[int, int]], iters: int, out: Any) -> None:
+    """One rank of the all-reduce probe: time ``iters`` gloo all-reduces per shape."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        times = []
+        for rows, cols in shapes:
+            t = torch.ones(rows, cols)
+            for _ in range(5):
+                dist.all_reduce(t)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                dist.all_reduce(t)
+            times.append((time.perf_counter() - t0) / iters)
+        if rank == 0:
+            out.send(times)
+    finally:
+        dist.destroy_process_group()
+
+
+def probe_all_reduce(shapes: list[tuple[int, int]], iters: int) -> list[float]:
+    """Seconds per gloo all-reduce of each ``[rows, cols]`` fp32 shape, 2 local processes.
+
+    Both processes do nothing else, so this is the communication itself, without the wait
+    for a slower rank that the engine's all-reduce time also contains.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    procs = [ctx.Process(target=_probe_rank, args=(r, port, shapes, iters, send)) for r in range(2)]
+    for p in procs:
+        p.start()
+    times: list[float] = recv.recv()
+    for p in procs:
+        p.join()
+    return times
+
+
 def make_prompts(rng: random.Random, n: int) -> list[str]:
     """``n`` seeded prompts of about 16-200 tokens (words from the shared vocabulary)."""
     return [
@@ -124,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in all (split by rank)")
     ap.add_argument("--repeat", type=int, default=1, help="passes per size; median reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-probe", action="store_true", help="skip the all-reduce probe")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = ap.parse_args(argv)
     requests = args.requests or (8 if args.quick else 16)
@@ -185,10 +242,39 @@ def main(argv: list[str] | None = None) -> int:
                 3,
             ),
         )
+    probe: dict[str, Any] = {}
+    p2 = results[1]["pass"]
+    if not args.no_probe and p2.get("steps"):
+        from sagellm_backend.engine.tiny_models import tiny_model_spec
+
+        hidden = tiny_model_spec("bench-llama").hidden_size if not args.model else None
+        if hidden is None:
+            import json as _json
+
+            cfg = _json.loads((Path(model_path) / "config.json").read_text())
+            hidden = int(cfg.get("hidden_size") or cfg.get("n_embd"))
+        shapes = [(1, hidden), (requests, hidden), (2048, hidden)]
+        secs = probe_all_reduce(shapes, 50 if args.quick else 200)
+        print("\ngloo all-reduce between 2 otherwise idle local processes (fp32):")
+        for (r, c), t in zip(shapes, secs, strict=True):
+            print(f"  [{r:>5} x {c}] {r * c * 4 / 1024:>8.1f} KiB  {t * 1e6:>9.1f} us")
+        # Linear cost model from the probe: a fixed latency per call plus a cost per byte.
+        per_byte = (secs[2] - secs[0]) / ((2048 - 1) * hidden * 4)
+        latency = secs[0] - per_byte * hidden * 4
+        wire_s = latency * p2["all_reduce_calls"] + per_byte * p2["all_reduce_bytes"]
+        wire = wire_s / p2["step_s"]
+        print(
+            f"engine at 2 ranks: {p2['all_reduce_calls'] / p2['steps']:.0f} all-reduces and "
+            f"{p2['all_reduce_bytes'] / p2['steps'] / 1024:.0f} KiB per step; at the probe's "
+            f"{latency * 1e6:.0f} us + {per_byte * 2**20 * 1e3:.2f} ms/MiB the communication "
+            f"itself is {100 * wire:.1f}% of step time (the rest of the measured "
+            f"{100 * p2['all_reduce_s'] / p2['step_s']:.1f}% is waiting for the slower rank)"
+        )
+        probe = {"shapes": shapes, "seconds": secs, "wire_share": wire}
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "tokens"} for r in results]
         Path(args.json).write_text(
-            json.dumps({"results": slim, "mismatches": mismatches}, indent=2)
+            json.dumps({"results": slim, "mismatches": mismatches, "probe": probe}, indent=2)
         )
     return 0
 
