@@ -16,8 +16,8 @@ Modules, one per job:
   latency percentiles, memory and KV figures, an optional plain-transformers baseline
   measured in the same run, and a pass/fail table against the sageLLM contract
   (``workload``, ``loadgen``, ``stats``, ``report``);
-* shared helpers: ``_common`` (error handling), ``_options`` (argument types and
-  options), ``_engine`` (engine choice and creation), ``_metrics`` (Metrics table,
+* shared helpers: ``_common`` (engine choice and creation, requests, errors and exit
+  statuses), ``_options`` (argument types and options), ``_metrics`` (Metrics table,
   percentiles), ``_table`` (terminal tables, progress line).
 
 Note: the name ``main`` here is the function (the console script's target), which hides

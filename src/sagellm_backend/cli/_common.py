@@ -1,10 +1,17 @@
-"""How the ``sagellm-backend`` commands fail: usage errors, one-line errors, exit statuses.
+"""What the ``generate``, ``bench`` and ``demo`` commands share: the engine and failing.
 
-:func:`guarded` is the wrapper every ``run`` goes through: a :class:`UsageError` becomes
-the subcommand's usage message and exit status 2, any other exception one line on stderr
-and exit status 1 (the traceback only with ``--log-level DEBUG``), Ctrl-C exit 130.
+* the resolution of ``--engine`` to an engine kind (:func:`resolve_engine_kind`; ``auto``
+  follows the backend auto-selection) and of ``--model`` to what the engine loads
+  (:func:`resolve_model`; the built-in offline models are accepted by name);
+  :func:`engine_settings` gathers the engine options into :class:`EngineSettings`, which
+  :func:`create_engine` turns into an engine; :func:`make_request` builds a protocol
+  Request;
+* :func:`guarded`, the wrapper every ``run`` goes through: a :class:`UsageError` becomes
+  the subcommand's usage message and exit status 2, any other exception one line on stderr
+  and exit status 1 (the traceback only with ``--log-level DEBUG``), Ctrl-C exit 130.
 
-Invariant: importing this module imports neither torch nor transformers.
+Invariant: importing this module imports neither torch nor transformers; the engine
+modules are imported inside :func:`create_engine`.
 """
 
 from __future__ import annotations
@@ -12,16 +19,341 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["UsageError", "describe_exception", "guarded", "request_error_text"]
+__all__ = [
+    "BUILTIN_KINDS",
+    "DEFAULT_DTYPE",
+    "EngineSettings",
+    "UsageError",
+    "create_engine",
+    "describe_exception",
+    "engine_description",
+    "engine_settings",
+    "guarded",
+    "make_request",
+    "quiet_transformers",
+    "request_error_text",
+    "resolve_engine_kind",
+    "resolve_model",
+]
 
 _log = logging.getLogger("sagellm_backend.cli")
+
+#: Engine kinds with a built-in engine class.
+BUILTIN_KINDS = ("cpu", "cuda", "mock")
+#: ``--dtype`` when not given, per engine kind.
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "auto"}
 
 
 class UsageError(Exception):
     """A bad combination of arguments: reported with the usage line, exit status 2."""
+
+
+def resolve_engine_kind(requested: str) -> tuple[str, str]:
+    """Map ``--engine`` to an engine kind and the reason for it.
+
+    ``auto`` follows :func:`sagellm_backend.registry.select_backend` (``SAGELLM_BACKEND``,
+    else the highest-priority available backend; the mock is never auto-selected).
+
+    Raises:
+        ConfigError: ``SAGELLM_BACKEND`` names an unknown kind, or the selected backend
+            kind has no built-in engine.
+        BackendNotAvailableError: no backend can run here, or the one named is unavailable.
+    """
+    if requested != "auto":
+        return requested, f"requested with --engine {requested}"
+    from sagellm_backend.errors import ConfigError
+    from sagellm_backend.registry import select_backend
+
+    selection = select_backend()
+    if selection.kind not in BUILTIN_KINDS:
+        raise ConfigError(
+            f"backend {selection.kind!r} was selected ({selection.reason}) but has no "
+            f"built-in engine; pass --engine with one of {', '.join(BUILTIN_KINDS)}"
+        )
+    return selection.kind, selection.reason
+
+
+def _tiny_cached(name: str) -> bool:
+    from sagellm_backend.engine.tiny_models import BUILDER_VERSION, default_cache_root
+
+    return (default_cache_root() / f"{name}-v{BUILDER_VERSION}" / "config.json").is_file()
+
+
+def resolve_model(
+    kind: str,
+    model: str | None,
+    *,
+    default: str | None = None,
+    err: TextIO | None = None,
+) -> tuple[str | None, str]:
+    """Turn ``--model`` into what the engine loads, and a label for display.
+
+    * ``None``: ``default`` when given; the mock needs no model; else a :class:`UsageError`.
+    * A built-in offline model name (``tiny-llama``, ``bench-llama``, ...) that is not a
+      local path: built on first use (cached) by
+      :func:`~sagellm_backend.engine.tiny_models.ensure_tiny_model`; its directory.
+    * An existing path: itself. Something that looks like a local path but does not exist:
+      a :class:`UsageError`. Anything else is passed on as a Hugging Face hub id.
+
+    Returns:
+        ``(model_path, label)``; ``model_path`` is None only for the mock without a model.
+    """
+    from sagellm_backend.engine.tiny_models import ensure_tiny_model, list_tiny_models
+
+    tiny = list_tiny_models()
+    if model is None:
+        if default is None:
+            if kind == "mock":
+                return None, "mock"
+            raise UsageError(
+                f"--model is required for the {kind} engine: a Hugging Face model directory, "
+                f"a hub id ('org/name'), or a built-in offline model ({', '.join(tiny)})"
+            )
+        model = default
+    if not model.strip():
+        raise UsageError("--model must not be empty")
+    path = Path(model).expanduser()
+    if model in tiny and not path.exists():
+        if kind == "mock":
+            return model, model
+        if err is not None and not _tiny_cached(model):
+            err.write(f"building the offline model {model!r} (first use, cached afterwards)\n")
+            err.flush()
+        return str(ensure_tiny_model(model)), model
+    if kind == "mock" or path.exists():
+        return (str(path) if path.exists() else model), model
+    if model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1:
+        raise UsageError(
+            f"--model {model!r}: no such directory; give a Hugging Face model directory, a hub "
+            f"id ('org/name') or a built-in offline model ({', '.join(tiny)})"
+        )
+    return model, model
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything :func:`create_engine` needs (resolved from the command line).
+
+    Attributes:
+        kind: ``cpu``, ``cuda`` or ``mock``.
+        model_path: what the engine loads (None: the mock without a model).
+        model_label: the model as the user named it (display, ``Request.model``).
+        engine_id: id of the engine (stream events, logs).
+        max_batch_size: most requests per engine step (>= 1).
+        max_new_tokens: most tokens one request may produce (>= 1).
+        dtype: weights dtype (None: the kind's default).
+        device: GPU for the cuda engine (None: ``cuda:0``).
+        threads: torch threads for the cpu engine (None: torch's setting).
+        prefix_caching: reuse a repeated prompt prefix's KV.
+        trust_remote_code: allow checkpoint code.
+        mock_ttft_ms / mock_latency_ms: the mock's simulated step durations.
+    """
+
+    kind: str
+    model_path: str | None
+    model_label: str
+    engine_id: str
+    max_batch_size: int
+    max_new_tokens: int
+    dtype: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    prefix_caching: bool = True
+    trust_remote_code: bool = False
+    mock_ttft_ms: float = 50.0
+    mock_latency_ms: float = 10.0
+
+
+def engine_settings(
+    args: argparse.Namespace,
+    *,
+    kind: str,
+    model_path: str | None,
+    model_label: str,
+    engine_id: str,
+    max_batch_size: int,
+    max_new_tokens: int,
+) -> EngineSettings:
+    """Build :class:`EngineSettings` from the options of :func:`add_engine_arguments`.
+
+    Raises:
+        UsageError: an option that does not apply to ``kind`` (``--device`` off cuda).
+    """
+    if args.device is not None and kind != "cuda":
+        raise UsageError(f"--device applies to --engine cuda only (the engine is {kind})")
+    if args.device is not None and not _valid_cuda_device(args.device):
+        raise UsageError(f"--device must be 'cuda' or 'cuda:N' (e.g. cuda:0), got {args.device!r}")
+    return EngineSettings(
+        kind=kind,
+        model_path=model_path,
+        model_label=model_label,
+        engine_id=engine_id,
+        max_batch_size=max_batch_size,
+        max_new_tokens=max_new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        prefix_caching=args.prefix_caching,
+        trust_remote_code=args.trust_remote_code,
+        mock_ttft_ms=args.mock_ttft_ms,
+        mock_latency_ms=args.mock_latency_ms,
+    )
+
+
+def _valid_cuda_device(device: str) -> bool:
+    if device == "cuda":
+        return True
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+def create_engine(settings: EngineSettings) -> Any:
+    """Create (not start) the engine ``settings`` describe.
+
+    cpu: :class:`~sagellm_backend.engine.cpu.CPUEngine`; cuda:
+    :class:`~sagellm_backend.engine.hf_cuda.HFCudaEngine` with ``device_map`` = the device;
+    mock: :class:`~sagellm_backend.engine.mock.MockEngine`. ``max_num_batched_tokens`` is
+    raised to ``max_batch_size`` when needed (one decode token per running request). After
+    creating a cpu or cuda engine (which load transformers anyway) it calls
+    :func:`quiet_transformers`.
+
+    Raises:
+        ConfigError: an invalid setting (the engine config's own message).
+    """
+    s = settings
+    batched = max(2048, s.max_batch_size)
+    if s.kind == "cpu":
+        from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
+
+        assert s.model_path is not None
+        engine: Any = CPUEngine(
+            CPUEngineConfig(
+                engine_id=s.engine_id,
+                model_path=s.model_path,
+                device="cpu",
+                max_batch_size=s.max_batch_size,
+                max_new_tokens=s.max_new_tokens,
+                torch_dtype=s.dtype or DEFAULT_DTYPE["cpu"],
+                trust_remote_code=s.trust_remote_code,
+                num_threads=s.threads,
+                enable_prefix_caching=s.prefix_caching,
+                max_num_batched_tokens=batched,
+            )
+        )
+        quiet_transformers()
+        return engine
+    if s.kind == "cuda":
+        from sagellm_backend.engine.hf_cuda import HFCudaEngine, HFCudaEngineConfig
+
+        device = s.device or "cuda:0"
+        engine = HFCudaEngine(
+            HFCudaEngineConfig(
+                engine_id=s.engine_id,
+                model_path=s.model_path,
+                device=device,
+                max_batch_size=s.max_batch_size,
+                dtype=s.dtype or DEFAULT_DTYPE["cuda"],
+                device_map=device,
+                load_in_8bit=False,
+                load_in_4bit=False,
+                trust_remote_code=s.trust_remote_code,
+                max_new_tokens=s.max_new_tokens,
+                enable_prefix_caching=s.prefix_caching,
+                max_num_batched_tokens=batched,
+            )
+        )
+        quiet_transformers()
+        return engine
+    if s.kind == "mock":
+        from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
+
+        return MockEngine(
+            MockEngineConfig(
+                s.engine_id,
+                simulate_latency_ms=s.mock_latency_ms,
+                simulate_ttft_ms=s.mock_ttft_ms,
+                default_max_tokens=s.max_new_tokens,
+                enable_prefix_caching=s.prefix_caching,
+                model_path=s.model_path,
+                device="mock",
+                max_batch_size=s.max_batch_size,
+            )
+        )
+    raise UsageError(f"unknown engine kind {s.kind!r}; valid: {', '.join(BUILTIN_KINDS)}")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' info logs and weight-loading progress bars.
+
+    Skipped when the root logger shows INFO (``--log-level INFO``/``DEBUG``). Imports
+    transformers (call it only for engines that load it anyway).
+    """
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        return
+    import importlib
+
+    try:
+        hf_logging: Any = importlib.import_module("transformers.utils.logging")
+    except ImportError:  # the engine reports the missing dependency itself
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def engine_description(engine: Any) -> str:
+    """One line: engine class, device, runner and provider (what ``get_info`` knows)."""
+    info: Mapping[str, Any] = engine.get_info()
+    parts = [str(info.get("engine_type", type(engine).__name__))]
+    device = info.get("device")
+    if device:
+        parts.append(f"on {device}")
+    extras = []
+    if info.get("runner"):
+        extras.append(f"{info['runner']} runner")
+    provider = info.get("provider") or type(getattr(engine, "provider", None)).__name__
+    if provider and provider != "NoneType":
+        extras.append(f"provider {provider}")
+    if info.get("mock_mode") or info.get("engine_type") == "MockEngine":
+        extras.append("simulated model")
+    if extras:
+        parts.append(f"({', '.join(extras)})")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def make_request(
+    request_id: str,
+    *,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    stream: bool,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    trace_id: str | None = None,
+) -> Any:
+    """A protocol :class:`~sagellm_protocol.Request` (temperature 0 or None: greedy)."""
+    from sagellm_protocol import Request
+
+    return Request(
+        request_id=request_id,
+        trace_id=trace_id or f"cli-{request_id}",
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        stream=stream,
+        temperature=temperature if temperature else None,
+        top_p=top_p,
+        metadata=metadata or None,
+    )
 
 
 def request_error_text(error: Any) -> str:

@@ -27,12 +27,13 @@ import textwrap
 import time
 from typing import Any, TextIO
 
-from sagellm_backend.cli._common import guarded, request_error_text
-from sagellm_backend.cli._engine import (
+from sagellm_backend.cli._common import (
     create_engine,
     engine_description,
     engine_settings,
+    guarded,
     make_request,
+    request_error_text,
     resolve_engine_kind,
     resolve_model,
 )

@@ -22,12 +22,14 @@ import argparse
 import asyncio
 from typing import Any, TextIO
 
-from sagellm_backend.cli._common import UsageError, guarded, request_error_text
-from sagellm_backend.cli._engine import (
+from sagellm_backend.cli._common import (
+    UsageError,
     create_engine,
     engine_description,
     engine_settings,
+    guarded,
     make_request,
+    request_error_text,
     resolve_engine_kind,
     resolve_model,
 )

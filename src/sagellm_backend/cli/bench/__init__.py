@@ -50,11 +50,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sagellm_backend.cli._common import UsageError, guarded
-from sagellm_backend.cli._engine import (
+from sagellm_backend.cli._common import (
+    UsageError,
     create_engine,
     engine_description,
     engine_settings,
+    guarded,
     resolve_engine_kind,
     resolve_model,
 )

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagellm_backend.cli._common import UsageError
-from sagellm_backend.cli._engine import make_request
+from sagellm_backend.cli._common import UsageError, make_request
 
 __all__ = [
     "DEFAULT_INPUT_LEN",
