@@ -7,9 +7,13 @@ busy 2-core machine: importing torch and transformers, loading the model).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,3 +358,67 @@ def test_start_stop_restart_leave_no_process_port_or_shared_memory(
             s.bind(("127.0.0.1", port))  # the rendezvous port is free again
     assert _shm() <= before_shm
     assert not run(engine.health_check())
+
+
+_TORCHRUN_SCRIPT = """
+import asyncio, json, os, sys
+from sagellm_protocol import Request
+from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
+
+
+async def main():
+    engine = CPUEngine(CPUEngineConfig(
+        engine_id="torchrun", model_path=sys.argv[1], max_batch_size=8, max_new_tokens=64,
+        kv_cache_memory_bytes=8 << 20, tensor_parallel_size=2))
+    await engine.start()  # ranks > 0 serve inside and exit when rank 0 stops
+    assert os.environ["RANK"] == "0"
+    request = Request(request_id="r", trace_id="t", model="m", prompt=sys.argv[2],
+                      max_tokens=int(sys.argv[3]), stream=False, metadata={"ignore_eos": True})
+    out = await engine.execute(request)
+    info = engine.get_info()["tensor_parallel"]
+    await engine.stop()
+    print("RESULT " + json.dumps({"tokens": out.output_tokens, "launch": info["launch"],
+                                  "ranks": [r["rank"] for r in info["ranks"]]}), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_torchrun_group_serves_from_rank_0(
+    tiny_llama: str, llama_single: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent(_TORCHRUN_SCRIPT))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            str(script),
+            tiny_llama,
+            PROMPTS[2],
+            str(MAX_TOKENS[2]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1  # only rank 0 returns to the script
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["launch"] == "torchrun" and result["ranks"] == [0, 1]
+    assert result["tokens"] == llama_single[0][2]
