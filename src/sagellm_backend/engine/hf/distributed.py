@@ -383,9 +383,13 @@ def _serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
     timeout = _timedelta(settings.timeout_s)
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     comm = CommStats()
-    shard = shard_model(
-        model, rank, settings.size, timed_all_reduce(lambda t: provider.all_reduce(t, "sum"), comm)
-    )
+    reducing = [False]  # off while the runner is built: a runner may probe the model then
+
+    def reduce(t: torch.Tensor) -> None:
+        if reducing[0]:
+            provider.all_reduce(t, "sum")
+
+    shard = shard_model(model, rank, settings.size, timed_all_reduce(reduce, comm))
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0, group=ctrl)
     init: dict[str, Any] = box[0]
@@ -403,6 +407,7 @@ def _serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
             spec, num_pages=init["num_pages"], enable_prefix_caching=False
         )
     runner = LOCAL_RUNNERS[init["runner"]](model, kv, init)
+    reducing[0] = True
     dist.gather_object(_rank_report(rank, kv_provider, kv, shard), None, dst=0, group=ctrl)
     header = torch.empty(_HEADER_LEN, dtype=torch.long)
     status = torch.zeros(1, dtype=torch.long)
@@ -561,6 +566,7 @@ class TensorParallelGroup:
         self._stop_event = threading.Event()
         self.ctrl: Any = None
         self.shard_info: Any = None
+        self._reducing = False  # row-parallel layers all-reduce (off until connected)
 
     # ------------------------------------------------------------------ state
     @property
@@ -593,8 +599,16 @@ class TensorParallelGroup:
         return "; ".join(dead)
 
     def describe_failure(self, exc: BaseException | None = None) -> str:
-        """A message naming the failed ranks (or the collective error)."""
+        """A message naming the failed ranks (or the collective error).
+
+        A collective usually fails (connection reset) a moment before the dead worker's
+        exit is visible: wait up to 1 s for it, so the message names the rank.
+        """
         dead = self._dead_workers()
+        deadline = time.monotonic() + 1.0
+        while not dead and self._procs and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = self._dead_workers()
         if dead:
             return f"tensor-parallel worker {dead}"
         if exc is not None:
@@ -685,6 +699,8 @@ class TensorParallelGroup:
         return model
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
+        if not self._reducing:  # before the first start: the local runner may probe the model
+            return
         if self._broken is not None:
             raise BackendNotAvailableError(self._broken)
         try:
@@ -716,6 +732,7 @@ class TensorParallelGroup:
             "prepack_weights": opts.prepack_weights,
             "decode_workspace_rows": workspace,
             "decode_workspace_bytes": opts.decode_workspace_bytes,
+            "max_batch_size": max_batch_size,
         }
         if local.name not in LOCAL_RUNNERS:
             raise ConfigError(
@@ -757,6 +774,7 @@ class TensorParallelGroup:
         mine = _rank_report(0, self.provider, kv, self.shard_info)
         dist.gather_object(mine, reports, dst=0, group=self.ctrl)
         self.ranks = [r for r in reports if isinstance(r, dict)]
+        self._reducing = True
         self._running = True
         self._stop_event.clear()
         self._threads = [
