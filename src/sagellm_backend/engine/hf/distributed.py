@@ -159,9 +159,13 @@ def model_geometry(config: Any) -> dict[str, int]:
 
 
 def _cuda_device_count() -> int:
-    import torch
+    """Visible CUDA devices, asked through the cuda provider module (0 without CUDA)."""
+    from sagellm_backend.providers.cuda import unavailable_reason
 
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    count = 0
+    while count < 1024 and unavailable_reason(count) is None:
+        count += 1
+    return count
 
 
 def check_tp_fields(owner: str, config: Any, device_type: str) -> None:
