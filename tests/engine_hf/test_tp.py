@@ -193,6 +193,7 @@ def test_llama_two_ranks_match_the_single_process_engine(
     ranks = tp["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["pid"] for r in ranks}) == 2
+    assert {r["plan"] for r in ranks} == {"tp_plan"}  # the model's own base_model_tp_plan
     # Each rank's pool holds half the heads: half the bytes per page, so the same KV
     # memory holds twice the pages.
     cfg = model_1.config
@@ -227,6 +228,7 @@ def test_gpt2_two_ranks_match_the_single_process_engine(
     assert info["runner"] == info_1["runner"]
     ranks = info["tensor_parallel"]["ranks"]
     assert len(ranks) == 2
+    assert {r["plan"] for r in ranks} == {"gpt2"}  # ours: GPT-2 declares no tp_plan
     total, split = _sharded_param_bytes(model_1, ("attn.c_attn", "attn.c_proj", "mlp.c_"))
     for r in ranks:
         assert r["num_heads"] == r["num_kv_heads"] == model_1.config.n_head // 2

@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "RowParallelLinear",
     "ShardInfo",
     "shard_model",
+    "timed_all_reduce",
 ]
 
 #: Our plan for GPT-2 (transformers declares none): module pattern -> split style.
@@ -145,7 +146,6 @@ class ShardInfo:
     head_dim: int
     layers_sharded: int
     weight_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _text_config(config: Any) -> Any:
@@ -234,6 +234,8 @@ def shard_model(model: Any, rank: int, world_size: int, all_reduce: AllReduce) -
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
     config = _text_config(model.config)
+    if getattr(config, "tensor_parallel_shard", None) is not None:
+        raise ValueError(f"the model is already a shard {config.tensor_parallel_shard}")
     geo = model_geometry(config)
     for key, val in geo.items():
         if val % world_size:
@@ -313,7 +315,7 @@ def shard_model(model: Any, rank: int, world_size: int, all_reduce: AllReduce) -
         config.num_key_value_heads = local_kv
         if getattr(config, "intermediate_size", None):
             config.intermediate_size = geo["intermediate_size"] // world_size
-    config.tp_size_sharded = world_size
+    config.tensor_parallel_shard = (rank, world_size)  # marks a sharded config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return ShardInfo(
         rank=rank,

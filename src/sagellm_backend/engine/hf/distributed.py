@@ -365,6 +365,7 @@ def _rank_report(rank: int, provider: Any, kv: Any, shard: Any) -> dict[str, Any
     return {
         "rank": rank,
         "pid": os.getpid(),
+        "plan": shard.plan,
         "num_heads": shard.num_heads,
         "num_kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
