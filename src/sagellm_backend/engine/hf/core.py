@@ -587,14 +587,8 @@ class HFEngineCore(BaseEngine):
     def _load(self) -> None:
         """Load model + tokenizer, create provider, KV manager and runner (worker thread)."""
         from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-        from sagellm_backend.engine.hf.runner import (
-            HFCacheRunner,
-            PagedDecoderRunner,
-            model_compute_dtype,
-            model_context_length,
-            model_device,
-            paged_unsupported_reason,
-        )
+        from sagellm_backend.engine.hf.runner import model_compute_dtype, model_context_length
+        from sagellm_backend.engine.runners.select import describe_runner, select_runner
         from sagellm_backend.kv.spec import KVSpec
 
         load = self._load_settings
@@ -620,12 +614,9 @@ class HFEngineCore(BaseEngine):
         context = model_context_length(model.config)
         if opts.max_model_len is not None:
             context = min(context, opts.max_model_len)
-        reason = paged_unsupported_reason(model)
-        if opts.runner == "paged" and reason is not None:
-            raise ConfigError(f"runner='paged' cannot run model {load.model_path!r}: {reason}")
-        paged = opts.runner != "hf" and reason is None
-        if not paged and opts.runner == "auto":
-            _log.info("using the HF-cache fallback runner for %s: %s", load.model_path, reason)
+        kind, reason = describe_runner(model, opts.runner)  # ConfigError for a refused 'paged'
+        paged = kind == "paged"
+        _log.info("runner %s for %s: %s", kind, load.model_path, reason)
 
         dtype = model_compute_dtype(model)
         from sagellm_backend.capability import DType
@@ -641,38 +632,14 @@ class HFEngineCore(BaseEngine):
             memory_bytes=opts.kv_cache_memory_bytes,
             enable_prefix_caching=opts.enable_prefix_caching and paged,
         )
-        runner: ModelRunner
-        if paged:
-            storage = kv.storage
-            layer_kv = getattr(storage, "layer_kv", None)
-            if layer_kv is None:
-                raise ConfigError(
-                    f"provider {type(provider).__name__} keeps no KV tensors (its storage "
-                    f"{type(storage).__name__} has no layer_kv); the paged runner needs a "
-                    "torch provider (cpu or cuda)"
-                )
-            if model_device(model) != layer_kv(0)[0].device:
-                raise ConfigError(
-                    f"the model is on {model_device(model)} but provider "
-                    f"{type(provider).__name__} keeps KV on {layer_kv(0)[0].device}; give "
-                    "the engine a provider for the model's device"
-                )
-            runner = PagedDecoderRunner(
-                model,
-                layer_kv,
-                block_size=opts.block_size,
-                max_context=context,
-                fuse_projections=opts.fuse_projections,
-                prepack_weights=opts.prepack_weights,
-                decode_workspace_rows=(
-                    load.max_batch_size
-                    if model_device(model).type == "cpu" and opts.decode_workspace_bytes
-                    else 0
-                ),
-                decode_workspace_bytes=opts.decode_workspace_bytes,
-            )
-        else:
-            runner = HFCacheRunner(model, max_context=context)
+        runner: ModelRunner = select_runner(
+            model,
+            kv.storage,
+            block_size=opts.block_size,
+            max_context=context,
+            runner=opts.runner,
+            max_batch_size=load.max_batch_size,
+        )
         eos: set[int] = set()
         for source in (getattr(model, "generation_config", None), tokenizer):
             value = getattr(source, "eos_token_id", None)

@@ -98,19 +98,26 @@ def model_compute_dtype(model: Any) -> torch.dtype:
 
 
 def model_context_length(config: Any) -> int:
-    """Longest sequence the model handles exactly (positions, sliding window).
+    """Longest sequence the model handles: ``max_position_embeddings`` (GPT-2:
+    ``n_positions``; 2048 when the config has neither).
 
-    ``max_position_embeddings`` (GPT-2: ``n_positions``), capped by ``sliding_window`` when
-    the model applies one: beyond the window our attention would differ from the model's.
+    A sliding window does not shorten it: every runner honours the window (the paged
+    runners in their attention, the batched fallback through the model's own mask).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if not isinstance(n, int) or n <= 0:
         n = 2048
+    return int(n)
+
+
+def _active_sliding_window(config: Any) -> int | None:
+    """The sliding window the model applies (None when it applies none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
     if isinstance(window, int) and window > 0 and getattr(text, "use_sliding_window", True):
-        n = min(n, window)
-    return int(n)
+        return window
+    return None
 
 
 def _single_device(model: Any) -> bool:
@@ -142,6 +149,9 @@ def paged_unsupported_reason(model: Any) -> str | None:
         for name in ("mlp", "input_layernorm", "post_attention_layernorm"):
             if not isinstance(getattr(layer, name, None), nn.Module):
                 return f"decoder layer has no {name}"
+    window = _active_sliding_window(config)
+    if window is not None and window < model_context_length(config):
+        return f"sliding window {window} (the hand-written forward attends to the whole context)"
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1 is not supported"
     if not _single_device(model):
