@@ -32,12 +32,13 @@ import os
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hf_engine import (  # noqa: E402 - after the path setup
+from bench_hf_engine import (
     PhaseResult,
     Workload,
     compare,
@@ -127,13 +128,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             model.generate(torch.tensor([wl.ids[0]]), max_new_tokens=2, do_sample=False)
         for i in range(args.repeat):
             print(f"  pass {i + 1}/{args.repeat}", flush=True)
+            phases: list[tuple[str, Any]] = []
             if not args.skip_sequential:
-                res, outputs["sequential"] = run_sequential(model, tokenizer, wl)
-                runs.setdefault("sequential", []).append(res)
-            res, outputs["static"] = run_static(model, tokenizer, wl)
-            runs.setdefault("static", []).append(res)
+                phases.append(("sequential", lambda: run_sequential(model, tokenizer, wl)))
+            phases.append(("static", lambda: run_static(model, tokenizer, wl)))
             for key, eng in engines.items():
-                res, outputs[key] = run_engine_concurrent(eng, wl, loop)
+                phases.append((key, lambda eng=eng: run_engine_concurrent(eng, wl, loop)))
+            for key, fn in phases:
+                cpu0 = time.process_time()
+                res, outputs[key] = fn()
+                res.extra["cpu_s"] = time.process_time() - cpu0
                 runs.setdefault(key, []).append(res)
     finally:
         for eng in engines.values():
@@ -146,26 +150,48 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if k != ref_key
     }
 
-    def ratio(num: str, den: str) -> float | None:
+    def ratio(num: str, den: str, cpu: bool = False) -> float | None:
         if num not in runs or den not in runs:
             return None
-        vals = [a.tok_per_s / b.tok_per_s for a, b in zip(runs[num], runs[den], strict=True)]
+        if cpu:  # output tokens per CPU-second of this process
+            vals = [
+                (a.output_tokens / a.extra["cpu_s"]) / (b.output_tokens / b.extra["cpu_s"])
+                for a, b in zip(runs[num], runs[den], strict=True)
+            ]
+        else:
+            vals = [a.tok_per_s / b.tok_per_s for a, b in zip(runs[num], runs[den], strict=True)]
         return float(statistics.median(vals))
 
+    def fmt(x: float | None) -> str:
+        return f"{x:.2f}x" if x else "-"
+
     table: dict[str, Any] = {}
-    print(f"  {'phase':<16} {'tok/s':>8} {'vs static':>9} {'vs seq':>7}")
+    print(
+        f"  {'phase':<16} {'tok/s':>8} {'vs static':>9} {'vs seq':>7} {'tok/cpu-s':>9} "
+        f"{'vs static (cpu)':>15}"
+    )
     for key, passes in runs.items():
         tps = float(statistics.median(r.tok_per_s for r in passes))
+        tpc = float(statistics.median(r.output_tokens / r.extra["cpu_s"] for r in passes))
         vs_static, vs_seq = ratio(key, "static"), ratio(key, "sequential")
-        table[key] = {"tok_per_s": tps, "vs_static": vs_static, "vs_sequential": vs_seq}
+        vs_static_cpu = ratio(key, "static", cpu=True)
+        table[key] = {
+            "tok_per_s": tps,
+            "tok_per_cpu_s": tpc,
+            "vs_static": vs_static,
+            "vs_static_cpu": vs_static_cpu,
+            "vs_sequential": vs_seq,
+            "runs_s": [r.seconds for r in passes],
+        }
         print(
-            f"  {key:<16} {tps:>8.1f} {f'{vs_static:.2f}x' if vs_static else '-':>9} "
-            f"{f'{vs_seq:.2f}x' if vs_seq else '-':>7}"
+            f"  {key:<16} {tps:>8.1f} {fmt(vs_static):>9} {fmt(vs_seq):>7} {tpc:>9.1f} "
+            f"{fmt(vs_static_cpu):>15}"
         )
     if "engine_llama" in runs:
         r = ratio("engine_llama", "engine")
-        table["handwritten_vs_generic"] = r
-        print(f"  hand-written Llama runner vs generic paged runner: {r:.2f}x")
+        rc = ratio("engine_llama", "engine", cpu=True)
+        table["handwritten_vs_generic"] = {"wall": r, "cpu": rc}
+        print(f"  hand-written Llama runner vs generic paged runner: {fmt(r)} (cpu {fmt(rc)})")
     return {"model": name, "params": n_params, "phases": table, "identical": checks}
 
 

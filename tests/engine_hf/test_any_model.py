@@ -109,9 +109,7 @@ async def test_concurrent_mixed_requests_equal_solo_generate(
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma2", "tiny-bloom"])
-async def test_preemption_under_a_small_pool_keeps_outputs(
-    name: str, engine_factory: Any
-) -> None:
+async def test_preemption_under_a_small_pool_keeps_outputs(name: str, engine_factory: Any) -> None:
     path, ref = _ref(name)
     vocab = int(ref.model.get_input_embeddings().weight.shape[0])
     work = [(ids, 24) for ids, _ in _workload(vocab, seed=7)]

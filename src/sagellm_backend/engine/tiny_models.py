@@ -106,9 +106,7 @@ def _spec_dict(spec: TinyModelSpec) -> dict[str, Any]:
     return out
 
 
-def _tiny(
-    name: str, architecture: str, seed: int, description: str, **kw: Any
-) -> TinyModelSpec:
+def _tiny(name: str, architecture: str, seed: int, description: str, **kw: Any) -> TinyModelSpec:
     """A 2-layer, hidden-64 model of ``architecture`` (vocab 1024, 4 heads / 2 KV heads)."""
     extra = tuple(sorted(kw.pop("extra", {}).items()))
     geometry: dict[str, Any] = {

@@ -98,8 +98,9 @@ def model_compute_dtype(model: Any) -> torch.dtype:
 
 
 def model_context_length(config: Any) -> int:
-    """Longest sequence the model handles: ``max_position_embeddings`` (GPT-2:
-    ``n_positions``; 2048 when the config has neither).
+    """Longest sequence the model handles.
+
+    ``max_position_embeddings`` (GPT-2: ``n_positions``; 2048 when the config has neither).
 
     A sliding window does not shorten it: every runner honours the window (the paged
     runners in their attention, the batched fallback through the model's own mask).

@@ -193,13 +193,24 @@ class HFBatchedRunner:
             h = held[r]
             if h is None:
                 h = _SeqKV(
-                    keys=[lay.keys.new_empty(lay.keys.shape[1], 0, lay.keys.shape[3]) for lay in layers],
-                    values=[lay.values.new_empty(lay.values.shape[1], 0, lay.values.shape[3]) for lay in layers],
+                    keys=[
+                        lay.keys.new_empty(lay.keys.shape[1], 0, lay.keys.shape[3])
+                        for lay in layers
+                    ],
+                    values=[
+                        lay.values.new_empty(lay.values.shape[1], 0, lay.values.shape[3])
+                        for lay in layers
+                    ],
                     length=0,
                 )
                 self._seqs[c.seq_id] = h
             for li, lay in enumerate(layers):
-                h.append(li, lay.keys[r, :, big_c : big_c + n], lay.values[r, :, big_c : big_c + n], h.length)
+                h.append(
+                    li,
+                    lay.keys[r, :, big_c : big_c + n],
+                    lay.values[r, :, big_c : big_c + n],
+                    h.length,
+                )
             h.length += n
         logits = out.logits
         result: list[torch.Tensor] = []

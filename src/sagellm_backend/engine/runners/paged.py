@@ -185,9 +185,10 @@ def dense_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference causal attention of one sequence: ``q [H, n, D]`` at positions
-    ``start..start+n-1`` over ``k``/``v [Hkv, start+n, D]`` (positions ``0..start+n-1``).
+    """Reference causal attention of one sequence.
 
+    ``q [H, n, D]`` holds positions ``start..start+n-1``; ``k``/``v [Hkv, start+n, D]``
+    positions ``0..start+n-1``.
     A key at position ``j`` is visible to the query at ``i`` when ``j <= i`` and, with a
     window ``w``, ``i - j < w`` (transformers' convention). Returns ``[H, n, D]``.
     """
@@ -508,7 +509,7 @@ class PagedRunner:
 
     # ------------------------------------------------------------------ forward
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
-        """Run one step over ``chunks`` (see :class:`~sagellm_backend.engine.runners.base.ModelRunner`)."""
+        """Run one step over ``chunks`` (see :class:`~.base.ModelRunner`)."""
         step, ids, positions, wanted = self._prepare(chunks)
         rows = torch.tensor(wanted, dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {"use_cache": False}

@@ -95,7 +95,9 @@ def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, st
     return "hf-batched", reason
 
 
-def describe_runner_for_path(path: str | Path, *, trust_remote_code: bool = False) -> dict[str, str]:
+def describe_runner_for_path(
+    path: str | Path, *, trust_remote_code: bool = False
+) -> dict[str, str]:
     """``describe_runner`` for a model directory (reads only its config).
 
     Returns:
@@ -106,8 +108,12 @@ def describe_runner_for_path(path: str | Path, *, trust_remote_code: bool = Fals
     """
     from transformers import AutoConfig
 
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{str(path)!r} is not a model directory (it has no config.json)")
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, local_files_only=True
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read a transformers config from {str(path)!r}: {exc}") from exc
     name, reason = describe_runner(config)
