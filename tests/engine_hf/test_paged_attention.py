@@ -152,6 +152,11 @@ def test_outside_a_step_the_hook_is_dense_attention() -> None:
         want = _reference(q[0, :, i : i + 1].transpose(0, 1), k[0].transpose(0, 1),
                           v[0].transpose(0, 1), range(i, i + 1), 0.5, 2, None, None)  # fmt: skip
         torch.testing.assert_close(out[0, i : i + 1], want, rtol=1e-4, atol=1e-5)
+    # Queries of the last 2 positions over 5 cached keys (a decode with an HF cache).
+    out, _ = P.paged_attention(torch.nn.Module(), q[:, :, 3:], k, v, None, scaling=0.5)
+    want = _reference(q[0, :, 3:].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                      range(3, 5), 0.5, None, None, None)  # fmt: skip
+    torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-5)
 
 
 def test_runner_refuses_bad_chunks_and_kv_geometry() -> None:

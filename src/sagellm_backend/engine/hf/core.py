@@ -547,7 +547,7 @@ class HFEngineCore(BaseEngine):
 
     @property
     def runner_name(self) -> str | None:
-        """``"paged"`` or ``"hf-cache"`` once started (None before)."""
+        """``"paged"`` or ``"hf-batched"`` once started (None before)."""
         return None if self._runner is None else self._runner.name
 
     @property

@@ -283,7 +283,8 @@ def paged_attention(
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~mask, float("-inf")
             )
-    elif window is not None:
+    elif window is not None or 1 < n < length:
+        # Queries are the last n positions (a cache may hold earlier keys).
         mask = _window_mask(
             torch.arange(length - n, length, device=query.device).view(-1, 1),
             torch.arange(length, device=query.device).view(1, -1),
@@ -291,7 +292,8 @@ def paged_attention(
             window,
             query.dtype,
         )
-    out = _attend(query, key, value, mask, scale, softcap, sinks, causal=mask is None)
+    causal = mask is None and n == length and n > 1
+    out = _attend(query, key, value, mask, scale, softcap, sinks, causal=causal)
     return out.transpose(1, 2).contiguous(), None
 
 
