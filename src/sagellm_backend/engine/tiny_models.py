@@ -250,6 +250,8 @@ _SPECS: dict[str, TinyModelSpec] = {
         "(~33M params; bench-llama's size)",
     ),
 }
+# Smallest first: the 2-layer test models, then the benchmark models.
+_SPECS = dict(sorted(_SPECS.items(), key=lambda item: item[0].startswith("bench-")))
 
 # A few KB of varied text: the tokenizer learns real merges from it, and the tests and
 # the demo use it as sample text.  Written for this module.
