@@ -9,8 +9,8 @@ Face causal LM:
 * ``start()`` loads the model and tokenizer (in a worker thread, through
   :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`), creates or adopts the
   backend provider, asks it for a :class:`~sagellm_backend.kv.manager.KVCacheManager` sized
-  for the model's KV geometry, builds a model runner (the paged runner for Llama-family
-  models, the ``DynamicCache`` fallback otherwise) and starts the
+  for the model's KV geometry, builds a model runner (``runners.select.select_runner``: the
+  generic paged runner where the model supports custom attention, else the batched fallback) and starts the
   :class:`~sagellm_backend.engine.hf.scheduler.Scheduler` thread. The model, provider, KV
   manager and runner are kept across ``stop()``/``start()``.
 * ``execute``/``stream`` tokenize and validate on the event loop, hand a
@@ -124,16 +124,13 @@ class EngineOptions:
             fit); bounds step latency and so ``stop()`` latency.
         max_model_len: cap on prompt + output length (None: the model's context length).
         max_input_tokens: cap on prompt length (None: only the context bounds it).
-        runner: ``"auto"`` (paged for Llama-family models, else the fallback), ``"paged"``
-            (error if the model is not supported) or ``"hf"`` (always the fallback).
-        fuse_projections: fuse plain q/k/v and gate/up linear weights (paged runner).
-        prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
-            MKL-prepacked copy of the linear weights for decode steps of 4..16 tokens,
-            which run padded to 16 rows (paged runner; a second copy of the linear
-            weights' memory, so turn it off for models that barely fit in RAM).
-        decode_workspace_bytes: on CPU, bytes of the contiguous decode workspace that
-            mirrors the decoding sequences' K/V so that decode attention does not gather
-            pages every step (paged runner; 0 turns it off; beyond it steps gather).
+        runner: ``"auto"`` (paged where the model supports custom attention functions, else
+            the batched fallback), ``"paged"`` (error if the model is not supported) or
+            ``"hf"`` (always the fallback).
+        fuse_projections: accepted and validated, no effect (it tuned the hand-written
+            Llama runner, removed since: the generic paged runner was as fast).
+        prepack_weights: accepted and validated, no effect (as ``fuse_projections``).
+        decode_workspace_bytes: accepted and validated, no effect (as ``fuse_projections``).
     """
 
     kv_cache_memory_bytes: int | None = None

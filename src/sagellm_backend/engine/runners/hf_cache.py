@@ -181,7 +181,9 @@ class HFBatchedRunner:
             kwargs["logits_to_keep"] = torch.tensor(keep_cols or [0], dtype=torch.long, device=dev)
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kwargs)
-        new_cache = getattr(out, "past_key_values", None) or cache
+        new_cache = getattr(out, "past_key_values", None)
+        if new_cache is None:
+            new_cache = cache
         layers = getattr(new_cache, "layers", None)
         if layers is None:
             raise RuntimeError(
