@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +119,59 @@ def test_pad_token_falls_back_to_eos(models: Path, tmp_path: Path) -> None:
 # ---- errors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/no/such/model-dir", "./missing-model", "a/b/c"])
-def test_missing_path_that_is_not_a_hub_id(path: str) -> None:
-    with pytest.raises(ConfigError, match=r"does not exist and is not a Hugging Face hub id"):
+@pytest.mark.parametrize(
+    ("path", "resolved"),
+    [
+        ("/no/such/model-dir", "/no/such/model-dir"),
+        ("./missing-model", "{cwd}/missing-model"),
+        ("~/no-such-model-dir-xyz", "{home}/no-such-model-dir-xyz"),
+        ("models/tiny/llama", "{cwd}/models/tiny/llama"),
+    ],
+)
+def test_missing_local_path_fails_at_once_naming_the_directory(
+    path: str, resolved: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = resolved.format(cwd=tmp_path, home=Path.home())
+    with pytest.raises(ConfigError) as err:
         _load(path)
+    msg = str(err.value)
+    assert "does not exist" in msg and f"no local directory {expected!r}" in msg, msg
+    assert f"working directory {str(tmp_path)!r}" in msg, msg
 
 
-def test_hub_id_that_cannot_be_resolved_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="no-such-org/no-such-model"):
+def test_hub_id_that_cannot_be_resolved_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.5: 'models/tiny-llama' could be a hub id: the error says both answers."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        _load("models/tiny-llama")
+    msg = str(err.value)
+    assert f"no local directory {str(tmp_path / 'models' / 'tiny-llama')!r}" in msg, msg
+    assert f"working directory {str(tmp_path)!r}" in msg, msg
+    assert "HF_HUB_OFFLINE" in msg and "answered" in msg, msg
+
+
+def test_unreachable_hub_fails_fast_with_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.5: no network -> the local hub cache only, one clear error, in seconds."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
         _load("no-such-org/no-such-model")
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert "cannot connect to the Hugging Face hub http://127.0.0.1:9" in msg, msg
+    assert "no local directory" in msg and "HF_HUB_OFFLINE=1" in msg, msg
 
 
 def test_file_and_dir_without_config(tmp_path: Path) -> None:
