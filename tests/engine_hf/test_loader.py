@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import sys
 import time
@@ -242,3 +243,48 @@ def test_device_torch_cannot_use(models: Path) -> None:
 def test_no_direct_cuda_calls_in_engine_helpers() -> None:
     for rel in ("hf/loader.py", "hf/detok.py", "tiny_models.py"):
         assert "torch.cuda" not in (SRC / rel).read_text(), rel
+
+
+# ---- issue 19 through the engine: wrong checkpoints say what is wrong ------------------
+
+
+def _copy_with_config(models: Path, tmp_path: Path, name: str, **changes: Any) -> str:
+    dst = tmp_path / f"{name}-edited"
+    shutil.copytree(_path(models, name), dst)
+    cfg_file = dst / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(changes)
+    cfg_file.write_text(json.dumps(cfg))
+    return str(dst)
+
+
+async def test_config_that_does_not_match_the_weights(
+    models: Path, tmp_path: Path, engine_factory: Any
+) -> None:
+    """Issue 19.6: a ConfigError naming the path and the mismatched tensors."""
+    path = _copy_with_config(models, tmp_path, "tiny-llama", intermediate_size=96)
+    engine = engine_factory(path)
+    with pytest.raises(ConfigError) as err:
+        await engine.start()
+    msg = str(err.value)
+    assert path in msg and "do not match its config.json" in msg, msg
+    assert "mlp.gate_proj.weight: checkpoint [128, 64] vs config [96, 64]" in msg, msg
+    assert "mlp.down_proj.weight: checkpoint [64, 128] vs config [64, 96]" in msg, msg
+    assert not engine.is_running and engine.model is None
+
+
+async def test_zero_context_length_says_which_context_is_used(
+    models: Path, tmp_path: Path, engine_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19.9: max_position_embeddings 0 -> a warning naming the context used and why."""
+    path = _copy_with_config(models, tmp_path, "tiny-llama", max_position_embeddings=0)
+    engine = engine_factory(path)
+    with caplog.at_level(logging.WARNING, logger="sagellm_backend.engine.hf.loader"):
+        await engine.start()
+    warned = [
+        r.getMessage() for r in caplog.records if "max_position_embeddings=0" in r.getMessage()
+    ]
+    assert len(warned) == 1, caplog.text
+    assert f"uses a context of {engine.max_context} tokens" in warned[0]
+    assert path in warned[0] and "max_model_len" in warned[0]
+    assert engine.max_context == 2048

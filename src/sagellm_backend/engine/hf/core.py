@@ -79,7 +79,6 @@ from sagellm_backend.errors import (
 
 if TYPE_CHECKING:
     from sagellm_backend.engine._plugin import PluginEngineSettings
-    from sagellm_backend.engine.hf.loader import WeightMemory
     from sagellm_backend.engine.hf.scheduler import FinishEvent, GenSequence, Scheduler
     from sagellm_backend.engine.mock import MockEngine
     from sagellm_backend.engine.runners.base import ModelRunner
@@ -507,7 +506,7 @@ class HFEngineCore(BaseEngine):
         self._max_context = 0
         self._vocab_size = 0
         self._start_lock: asyncio.Lock | None = None
-        self._weights: WeightMemory | None = None
+        self._quantization: str | None = None
 
     # ------------------------------------------------------------------ face hooks
     def _make_provider(self) -> Any:
@@ -601,11 +600,7 @@ class HFEngineCore(BaseEngine):
 
     def _load(self) -> None:
         """Load model + tokenizer, create provider, KV manager and runner (worker thread)."""
-        from sagellm_backend.engine.hf.loader import (
-            load_model_and_tokenizer,
-            quantization_name,
-            weight_memory,
-        )
+        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, quantization_name
         from sagellm_backend.engine.hf.runner import (
             HFCacheRunner,
             PagedDecoderRunner,
@@ -712,7 +707,7 @@ class HFEngineCore(BaseEngine):
         self._max_context = context
         self._vocab_size = runner.vocab_size
         quant = quantization_name(load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type)
-        self._weights = weight_memory(model, quant)
+        self._quantization = quant
         self._trace = [
             *self._trace_base,
             f"runner:{runner.name}",
@@ -798,10 +793,14 @@ class HFEngineCore(BaseEngine):
             info["scheduler"] = dataclasses.asdict(self._scheduler.stats())
         if self._kv is not None:
             info["kv"] = dataclasses.asdict(self._kv.stats())
-        if self._weights is not None:  # bytes of parameters, buffers and quantisation state
-            info["weight_memory_bytes"] = self._weights.total_bytes
-            info["weight_memory"] = dataclasses.asdict(self._weights)
-            info["quantization"] = self._weights.quantization
+        if self._model is not None and self._quantization is not None:
+            from sagellm_backend.engine.hf.loader import weight_memory
+
+            # Measured now: bitsandbytes may repack its state on the first forward.
+            weights = weight_memory(self._model, self._quantization)
+            info["weight_memory_bytes"] = weights.total_bytes
+            info["weight_memory"] = dataclasses.asdict(weights)
+            info["quantization"] = weights.quantization
         return info
 
     # ------------------------------------------------------------------ requests
