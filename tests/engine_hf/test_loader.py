@@ -165,6 +165,9 @@ def test_unreachable_hub_fails_fast_with_one_message(
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.lower(), raising=False)
     monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
     with pytest.raises(ConfigError) as err:

@@ -169,7 +169,14 @@ def _hub_offline() -> bool:
 
 
 def _hub_unreachable() -> str | None:
-    """Why the hub endpoint cannot be reached (a short TCP probe), or None when it can."""
+    """Why the hub endpoint cannot be reached (a short TCP probe), or None when it can.
+
+    Behind a proxy (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` set) a direct
+    connection says nothing, so no probe is made (None).
+    """
+    proxies = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    if any(os.environ.get(v) or os.environ.get(v.lower()) for v in proxies):
+        return None
     constants = importlib.import_module("huggingface_hub.constants")
     endpoint = str(getattr(constants, "ENDPOINT", "https://huggingface.co"))
     url = urlparse(endpoint)
