@@ -291,3 +291,19 @@ async def test_zero_context_length_says_which_context_is_used(
     assert f"uses a context of {engine.max_context} tokens" in warned[0]
     assert path in warned[0] and "max_model_len" in warned[0]
     assert engine.max_context == 2048
+
+
+async def test_mistyped_relative_path_through_the_engine(
+    engine_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.5 as a user meets it: CPUEngine.start() names the missing directory."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("models/tiny-llama", "./models/tiny-llama"):
+        engine = engine_factory(path)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError) as err:
+            await engine.start()
+        assert time.monotonic() - t0 < 10
+        msg = str(err.value)
+        assert f"no local directory {str(tmp_path / 'models' / 'tiny-llama')!r}" in msg, msg
+        assert not engine.is_running and engine.model is None
