@@ -11,8 +11,8 @@ Face causal LM:
   backend provider, asks it for a :class:`~sagellm_backend.kv.manager.KVCacheManager` sized
   for the model's KV geometry, builds a model runner (``runners.select.select_runner``: the
   generic paged runner where the model supports custom attention, else the batched
-  fallback) and starts the :class:`~sagellm_backend.engine.hf.scheduler.Scheduler` thread. The model, provider, KV
-  manager and runner are kept across ``stop()``/``start()``.
+  fallback) and starts the :class:`~sagellm_backend.engine.hf.scheduler.Scheduler` thread.
+  The model, provider, KV manager and runner are kept across ``stop()``/``start()``.
 * ``execute``/``stream`` tokenize and validate on the event loop, hand a
   :class:`~sagellm_backend.engine.hf.scheduler.GenSequence` to the scheduler and await its
   events, which the worker thread posts with ``loop.call_soon_threadsafe`` into a
