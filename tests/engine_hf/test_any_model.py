@@ -129,7 +129,7 @@ async def test_preemption_under_a_small_pool_keeps_outputs(name: str, engine_fac
     await wait_until(lambda: engine.kv_manager.stats().num_seqs == 0)
 
 
-@pytest.mark.parametrize("name", ["tiny-phi3", "tiny-bloom"])
+@pytest.mark.parametrize("name", list(MODELS))
 async def test_stream_closed_mid_way_frees_its_blocks(name: str, engine_factory: Any) -> None:
     path, ref = _ref(name)
     vocab = int(ref.model.get_input_embeddings().weight.shape[0])
