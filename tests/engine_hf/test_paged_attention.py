@@ -246,3 +246,45 @@ def test_batched_fallback_matches_generate_and_checks_continuity() -> None:
     runner.release("a")
     with pytest.raises(ValueError, match="holds 0"):
         runner.execute([SeqChunk("a", [1], 5, [], True)])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_prepacked_weights_and_padded_steps_match_the_plain_runner(name: str) -> None:
+    """Steps of 4..15 tokens run padded to 16 rows on prepacked weights (Conv1D included)."""
+    if not P.mkl_prepack_available():
+        pytest.skip("this torch has no MKL prepacking")
+    from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.kv.spec import KVSpec
+
+    path = str(ensure_tiny_model(name))
+    runners = []
+    for prepack in (True, False):
+        model, _ = load_model_and_tokenizer(path, device="cpu", dtype="float32")
+        spec = KVSpec.from_model_config(model.config, block_size=BS, dtype="fp32")
+        data = torch.full((spec.num_layers, 2, 64 * BS, spec.num_kv_heads, spec.head_dim), 7.0)
+        runner = P.PagedRunner(
+            model,
+            lambda i, d=data: (d[i, 0], d[i, 1]),
+            block_size=BS,
+            max_context=256,
+            prepack_weights=prepack,
+        )
+        assert runner.prepacked == prepack
+        runners.append((runner, data))
+    packed_model = runners[0][0].model
+    assert any("forward" in m.__dict__ for m in packed_model.modules())
+    prompts = [[5 + i, 17, 3 * i + 9, 40][: 1 + i % 4] for i in range(16)]
+    for batch in (5, 16, 2):  # padded, exact, unpadded
+        chunks = [SeqChunk(str(i), p, 0, [4 * i, 4 * i + 1], True) for i, p in enumerate(prompts)]
+        chunks = chunks[:batch]
+        outs = [r.execute(chunks) for r, _ in runners]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        steps = [
+            SeqChunk(c.seq_id, [int(outs[0][i].argmax())], len(c.token_ids), c.block_table, True)
+            for i, c in enumerate(chunks)
+        ]
+        outs = [r.execute(steps) for r, _ in runners]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        # Pad rows wrote nothing: both pools hold the same K/V.
+        torch.testing.assert_close(runners[0][1], runners[1][1], rtol=1e-4, atol=1e-4)

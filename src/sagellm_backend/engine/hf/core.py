@@ -129,7 +129,10 @@ class EngineOptions:
             ``"hf"`` (always the fallback).
         fuse_projections: accepted and validated, no effect (it tuned the hand-written
             Llama runner, removed since: the generic paged runner was as fast).
-        prepack_weights: accepted and validated, no effect (as ``fuse_projections``).
+        prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
+            MKL-prepacked copy of the plain linear weights for steps of 4..16 tokens, which
+            run padded to 16 rows (paged runner; a second copy of the linear weights'
+            memory, so turn it off for models that barely fit in RAM).
         decode_workspace_bytes: accepted and validated, no effect (as ``fuse_projections``).
     """
 
@@ -654,6 +657,7 @@ class HFEngineCore(BaseEngine):
             max_context=context,
             runner=opts.runner,
             max_batch_size=load.max_batch_size,
+            prepack_weights=opts.prepack_weights,
         )
         eos: set[int] = set()
         for source in (getattr(model, "generation_config", None), tokenizer):

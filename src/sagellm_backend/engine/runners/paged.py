@@ -20,6 +20,13 @@ Model attention features arrive as keyword arguments (``scaling``, ``sliding_win
 feature this function cannot honour is refused when the runner is built (a probe forward
 records what every layer passes), naming the feature.
 
+On CPU with fp32 weights and an MKL build of torch (``prepack_weights``), every plain
+``nn.Linear`` (and GPT-2's ``Conv1D``) also gets an MKL-prepacked copy of its weight for
+inputs of :data:`PACK_ROWS` rows, and steps of :data:`PACK_MIN_ROWS` to
+:data:`PACK_ROWS` - 1 tokens are padded to :data:`PACK_ROWS` rows (pad rows are neither
+written to the pool nor returned): small decode GEMMs then skip repacking the weight on
+every call. Quantised, hooked or any other modules are left as they are.
+
 Invariants:
     * The step metadata lives in a thread-local slot only while :meth:`PagedRunner.execute`
       runs the forward; outside it (for instance ``model.generate`` on the same model)
@@ -44,6 +51,8 @@ from sagellm_backend.engine.runners.base import SeqChunk
 
 __all__ = [
     "ATTN_NAME",
+    "PACK_MIN_ROWS",
+    "PACK_ROWS",
     "PagedRunner",
     "dense_attention",
     "paged_attention",
@@ -76,6 +85,68 @@ _IGNORED_KWARGS = frozenset(
 _HONOURED_KWARGS = frozenset({"scaling", "sliding_window", "softcap", "s_aux"})
 
 _local = threading.local()
+
+#: Rows of the static step shape the prepacked weights are made for.
+PACK_ROWS = 16
+#: Steps with fewer real tokens than this run unpadded (a 1-row GEMV beats a 16-row GEMM).
+PACK_MIN_ROWS = 4
+
+
+def mkl_prepack_available() -> bool:
+    """Whether this torch can prepack fp32 linear weights with MKL (x86 CPU builds)."""
+    ops = getattr(torch.ops, "mkl", None)
+    mkl_on: Callable[[], bool] = torch.backends.mkl.is_available
+    return (
+        bool(mkl_on())
+        and ops is not None
+        and hasattr(ops, "_mkl_reorder_linear_weight")
+        and hasattr(ops, "_mkl_linear")
+    )
+
+
+def _prepack_linears(model: Any) -> int:
+    """Give plain fp32 CPU ``nn.Linear``/``Conv1D`` modules a prepacked fast path.
+
+    The module's ``forward`` (an instance attribute, so the class is untouched) runs
+    ``_mkl_linear`` on the packed copy for ``[1, PACK_ROWS, in]`` inputs and the original
+    computation otherwise. Returns how many modules were given the fast path.
+    """
+    count = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        if getattr(module, "_hf_hook", None) is not None or "forward" in module.__dict__:
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            continue
+        if type(module) is torch.nn.Linear:
+            origin = weight
+        elif kind == "Conv1D" and type(module).__module__.startswith("transformers."):
+            origin = weight.t()  # Conv1D keeps [in, out]
+        else:
+            continue
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(origin.detach().contiguous(), PACK_ROWS)
+        module.forward = _packed_forward(module.forward, packed, origin, module.bias)
+        count += 1
+    return count
+
+
+def _packed_forward(
+    plain: Callable[[torch.Tensor], torch.Tensor],
+    packed: torch.Tensor,
+    origin: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == PACK_ROWS:
+            flat = x[0].contiguous()
+            out: torch.Tensor = torch.ops.mkl._mkl_linear(flat, packed, origin, bias, PACK_ROWS)
+            return out.unsqueeze(0)
+        return plain(x)
+
+    return forward
 
 
 @dataclass(slots=True)
@@ -325,7 +396,8 @@ class _Step:
     """Metadata of one step, shared by every layer."""
 
     runner: PagedRunner
-    slots: torch.Tensor  # [T]
+    num_real: int  # real tokens: the first rows (the rest pad the step to PACK_ROWS)
+    slots: torch.Tensor  # [num_real]
     prefills: list[_Prefill]
     dec_row: int
     dec_count: int
@@ -365,6 +437,9 @@ class PagedRunner:
             model's compute dtype on the model's device.
         block_size: tokens per page.
         max_context: longest sequence (positions beyond it are refused).
+        prepack_weights: on CPU with fp32 weights and MKL, prepack plain linear weights for
+            :data:`PACK_ROWS`-row steps (see the module docstring; a second copy of those
+            weights' memory). Ignored where unsupported.
 
     Raises:
         ValueError: the model cannot run on this runner (the message names the feature) or
@@ -380,6 +455,7 @@ class PagedRunner:
         *,
         block_size: int,
         max_context: int,
+        prepack_weights: bool = False,
     ) -> None:
         self.name = "paged"
         self.model = model
@@ -413,6 +489,13 @@ class PagedRunner:
         self._zeroed_pages = 0
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self.prepacked = (
+            prepack_weights
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and mkl_prepack_available()
+            and _prepack_linears(model) > 0
+        )
 
     # ------------------------------------------------------------------ metadata
     def _validate(self, chunks: Sequence[SeqChunk]) -> None:
@@ -490,8 +573,13 @@ class PagedRunner:
             dec_q = torch.tensor([c.start for c in decode], dtype=torch.long, device=dev)
             dec_q = dec_q.view(-1, 1)
             dec_ctx = dec_q + 1
+        num_real = len(ids)
+        if self.prepacked and PACK_MIN_ROWS <= num_real < PACK_ROWS:
+            ids.extend([0] * (PACK_ROWS - num_real))  # static shape for the packed GEMMs
+            positions.extend([0] * (PACK_ROWS - num_real))
         step = _Step(
             runner=self,
+            num_real=num_real,
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefills,
             dec_row=dec_row,
@@ -548,12 +636,18 @@ class PagedRunner:
         k = key[0].transpose(0, 1)  # [T, Hkv, D]
         v = value[0].transpose(0, 1)
         k_cache, v_cache = self._k[li], self._v[li]
-        k_cache.index_copy_(0, step.slots, k)
-        v_cache.index_copy_(0, step.slots, v)
         t, h, d = q.shape
         h_kv = k.shape[1]
+        real = step.num_real
+        k_cache.index_copy_(0, step.slots, k if real == t else k[:real])
+        v_cache.index_copy_(0, step.slots, v if real == t else v[:real])
         single = len(step.prefills) + (1 if step.dec_count else 0) == 1
-        out = None if single else q.new_empty(t, h, d)
+        if single and real == t:
+            out = None
+        elif real == t:
+            out = q.new_empty(t, h, d)
+        else:
+            out = q.new_zeros(t, h, d)  # pad rows: zeros
         for seg in step.prefills:
             r0, n = seg.row, seg.length
             qs = q[r0 : r0 + n].transpose(0, 1).unsqueeze(0)

@@ -134,6 +134,7 @@ def select_runner(
     max_context: int,
     runner: str = "auto",
     max_batch_size: int = 64,
+    prepack_weights: bool = False,
 ) -> ModelRunner:
     """Build the runner :func:`describe_runner` names for ``model``.
 
@@ -145,6 +146,7 @@ def select_runner(
         max_context: longest sequence served.
         runner: ``"auto"``, ``"paged"`` or ``"hf"`` (see :func:`describe_runner`).
         max_batch_size: most sequences one step runs (sizes the fallback's batches).
+        prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 MKL fast path).
 
     Raises:
         ConfigError: ``runner="paged"`` and the model cannot be served by it, or the KV
@@ -167,7 +169,13 @@ def select_runner(
                 "give the engine a provider for the model's device"
             )
         try:
-            return PagedRunner(model, layer_kv, block_size=block_size, max_context=max_context)
+            return PagedRunner(
+                model,
+                layer_kv,
+                block_size=block_size,
+                max_context=max_context,
+                prepack_weights=prepack_weights,
+            )
         except ValueError as exc:
             if runner == "paged":
                 raise ConfigError(f"runner='paged' cannot serve this model: {exc}") from exc
