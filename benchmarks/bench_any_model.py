@@ -21,7 +21,7 @@ Greedy outputs are compared token by token with 1. The machine may be shared: co
 only the ratios printed by one run.
 
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
-      [--repeat N] [--requests N] [--new-tokens N] [--json FILE]
+      [--quick] [--repeat N] [--requests N] [--new-tokens N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -202,14 +202,17 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="bench-gpt2,bench-phi3,bench-llama")
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens")
+    ap.add_argument("--requests", type=int, help="number of requests (default 16, quick 8)")
+    ap.add_argument("--new-tokens", type=int, help="new tokens per request (default 64)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=_THREADS_DEFAULT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sequential", action="store_true", help="no one-at-a-time phase")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    args.requests = args.requests or (8 if args.quick else 16)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     if min(args.requests, args.new_tokens, args.repeat, args.threads) < 1:
         ap.error("--requests, --new-tokens, --repeat and --threads must be >= 1")
     args.dtype = "float32"
