@@ -9,10 +9,10 @@ Face causal LM:
 * ``start()`` loads the model and tokenizer (in a worker thread, through
   :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`), creates or adopts the
   backend provider, asks it for a :class:`~sagellm_backend.kv.manager.KVCacheManager` sized
-  for the model's KV geometry, builds a model runner (the paged runner for Llama-family
-  models, the ``DynamicCache`` fallback otherwise) and starts the
-  :class:`~sagellm_backend.engine.hf.scheduler.Scheduler` thread. The model, provider, KV
-  manager and runner are kept across ``stop()``/``start()``.
+  for the model's KV geometry, builds a model runner (``runners.select.select_runner``: the
+  generic paged runner where the model supports custom attention, else the batched
+  fallback) and starts the :class:`~sagellm_backend.engine.hf.scheduler.Scheduler` thread.
+  The model, provider, KV manager and runner are kept across ``stop()``/``start()``.
 * ``execute``/``stream`` tokenize and validate on the event loop, hand a
   :class:`~sagellm_backend.engine.hf.scheduler.GenSequence` to the scheduler and await its
   events, which the worker thread posts with ``loop.call_soon_threadsafe`` into a
@@ -124,16 +124,16 @@ class EngineOptions:
             fit); bounds step latency and so ``stop()`` latency.
         max_model_len: cap on prompt + output length (None: the model's context length).
         max_input_tokens: cap on prompt length (None: only the context bounds it).
-        runner: ``"auto"`` (paged for Llama-family models, else the fallback), ``"paged"``
-            (error if the model is not supported) or ``"hf"`` (always the fallback).
-        fuse_projections: fuse plain q/k/v and gate/up linear weights (paged runner).
+        runner: ``"auto"`` (paged where the model supports custom attention functions, else
+            the batched fallback), ``"paged"`` (error if the model is not supported) or
+            ``"hf"`` (always the fallback).
+        fuse_projections: accepted and validated, no effect (it tuned the hand-written
+            Llama runner, removed since: the generic paged runner was as fast).
         prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
-            MKL-prepacked copy of the linear weights for decode steps of 4..16 tokens,
-            which run padded to 16 rows (paged runner; a second copy of the linear
-            weights' memory, so turn it off for models that barely fit in RAM).
-        decode_workspace_bytes: on CPU, bytes of the contiguous decode workspace that
-            mirrors the decoding sequences' K/V so that decode attention does not gather
-            pages every step (paged runner; 0 turns it off; beyond it steps gather).
+            MKL-prepacked copy of the plain linear weights for steps of 4..16 tokens, which
+            run padded to 16 rows (paged runner; a second copy of the linear weights'
+            memory, so turn it off for models that barely fit in RAM).
+        decode_workspace_bytes: accepted and validated, no effect (as ``fuse_projections``).
     """
 
     kv_cache_memory_bytes: int | None = None
@@ -291,6 +291,14 @@ def check_common_fields(owner: str, config: Any) -> None:
         raise ConfigError(f"{owner}.metadata must be a dict, got {config.metadata!r}")
 
 
+def _provider_dtypes(provider: Any) -> list[str] | None:
+    """Names of the dtypes ``provider``'s device computes in (None when it does not say)."""
+    dtypes = getattr(provider.capability(), "supported_dtypes", None)
+    if not dtypes:
+        return None
+    return [str(getattr(d, "value", d)) for d in dtypes]
+
+
 def hf_unavailable_reason() -> str | None:
     """Why the HF engines cannot run here (missing packages, with the fix), or None."""
     import importlib.util
@@ -404,6 +412,8 @@ class LoadSettings:
         low_cpu_mem_usage: transformers 4.x loading option.
         max_new_tokens: cap on tokens per request.
         max_batch_size: most requests per step.
+        bnb_4bit_quant_type / bnb_4bit_compute_dtype / bnb_4bit_use_double_quant: 4-bit
+            options (see :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`).
     """
 
     model_path: str
@@ -416,6 +426,9 @@ class LoadSettings:
     low_cpu_mem_usage: bool
     max_new_tokens: int
     max_batch_size: int
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_use_double_quant: bool = True
 
 
 class _Handle:
@@ -493,6 +506,7 @@ class HFEngineCore(BaseEngine):
         self._max_context = 0
         self._vocab_size = 0
         self._start_lock: asyncio.Lock | None = None
+        self._quantization: str | None = None
         self._tp: Any = None  # distributed.TensorParallelGroup when tensor_parallel_size > 1
 
     # ------------------------------------------------------------------ face hooks
@@ -548,7 +562,7 @@ class HFEngineCore(BaseEngine):
 
     @property
     def runner_name(self) -> str | None:
-        """``"paged"`` or ``"hf-cache"`` once started (None before)."""
+        """``"paged"`` or ``"hf-batched"`` once started (None before)."""
         return None if self._runner is None else self._runner.name
 
     @property
@@ -589,15 +603,9 @@ class HFEngineCore(BaseEngine):
 
     def _load(self) -> None:
         """Load model + tokenizer, create provider, KV manager and runner (worker thread)."""
-        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-        from sagellm_backend.engine.hf.runner import (
-            HFCacheRunner,
-            PagedDecoderRunner,
-            model_compute_dtype,
-            model_context_length,
-            model_device,
-            paged_unsupported_reason,
-        )
+        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, quantization_name
+        from sagellm_backend.engine.hf.runner import model_compute_dtype, model_context_length
+        from sagellm_backend.engine.runners.select import describe_runner, select_runner
         from sagellm_backend.kv.spec import KVSpec
 
         load = self._load_settings
@@ -626,18 +634,19 @@ class HFEngineCore(BaseEngine):
             load_in_4bit=load.load_in_4bit,
             trust_remote_code=load.trust_remote_code,
             low_cpu_mem_usage=load.low_cpu_mem_usage,
+            bnb_4bit_quant_type=load.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=load.bnb_4bit_compute_dtype,
+            bnb_4bit_use_double_quant=load.bnb_4bit_use_double_quant,
+            device_dtypes=_provider_dtypes(provider),
         )
         if tp is not None:  # this rank's shard (under torchrun, ranks > 0 serve here and exit)
             model = tp.shard(model)
         context = model_context_length(model.config)
         if opts.max_model_len is not None:
             context = min(context, opts.max_model_len)
-        reason = paged_unsupported_reason(model)
-        if opts.runner == "paged" and reason is not None:
-            raise ConfigError(f"runner='paged' cannot run model {load.model_path!r}: {reason}")
-        paged = opts.runner != "hf" and reason is None
-        if not paged and opts.runner == "auto":
-            _log.info("using the HF-cache fallback runner for %s: %s", load.model_path, reason)
+        kind, reason = describe_runner(model, opts.runner)  # ConfigError for a refused 'paged'
+        paged = kind == "paged"
+        _log.info("runner %s for %s: %s", kind, load.model_path, reason)
 
         dtype = model_compute_dtype(model)
         from sagellm_backend.capability import DType
@@ -653,38 +662,15 @@ class HFEngineCore(BaseEngine):
             memory_bytes=opts.kv_cache_memory_bytes,
             enable_prefix_caching=opts.enable_prefix_caching and paged,
         )
-        runner: ModelRunner
-        if paged:
-            storage = kv.storage
-            layer_kv = getattr(storage, "layer_kv", None)
-            if layer_kv is None:
-                raise ConfigError(
-                    f"provider {type(provider).__name__} keeps no KV tensors (its storage "
-                    f"{type(storage).__name__} has no layer_kv); the paged runner needs a "
-                    "torch provider (cpu or cuda)"
-                )
-            if model_device(model) != layer_kv(0)[0].device:
-                raise ConfigError(
-                    f"the model is on {model_device(model)} but provider "
-                    f"{type(provider).__name__} keeps KV on {layer_kv(0)[0].device}; give "
-                    "the engine a provider for the model's device"
-                )
-            runner = PagedDecoderRunner(
-                model,
-                layer_kv,
-                block_size=opts.block_size,
-                max_context=context,
-                fuse_projections=opts.fuse_projections,
-                prepack_weights=opts.prepack_weights,
-                decode_workspace_rows=(
-                    load.max_batch_size
-                    if model_device(model).type == "cpu" and opts.decode_workspace_bytes
-                    else 0
-                ),
-                decode_workspace_bytes=opts.decode_workspace_bytes,
-            )
-        else:
-            runner = HFCacheRunner(model, max_context=context)
+        runner: ModelRunner = select_runner(
+            model,
+            kv.storage,
+            block_size=opts.block_size,
+            max_context=context,
+            runner=opts.runner,
+            max_batch_size=load.max_batch_size,
+            prepack_weights=opts.prepack_weights,
+        )
         if tp is not None:
             runner = tp.start(runner, kv, load.max_batch_size)
             self._tp = tp
@@ -703,10 +689,13 @@ class HFEngineCore(BaseEngine):
         self._eos = frozenset(eos)
         self._max_context = context
         self._vocab_size = runner.vocab_size
+        quant = quantization_name(load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type)
+        self._quantization = quant
         self._trace = [
             *self._trace_base,
             f"runner:{runner.name}",
             f"provider:{type(provider).__name__}",
+            f"weights:{quant}",
         ]
 
     def _start_scheduler(self) -> None:
@@ -792,6 +781,14 @@ class HFEngineCore(BaseEngine):
             info["kv"] = dataclasses.asdict(self._kv.stats())
         if self._tp is not None:
             info["tensor_parallel"] = self._tp.info()
+        if self._model is not None and self._quantization is not None:
+            from sagellm_backend.engine.hf.loader import weight_memory
+
+            # Measured now: bitsandbytes may repack its state on the first forward.
+            weights = weight_memory(self._model, self._quantization)
+            info["weight_memory_bytes"] = weights.total_bytes
+            info["weight_memory"] = dataclasses.asdict(weights)
+            info["quantization"] = weights.quantization
         return info
 
     # ------------------------------------------------------------------ requests

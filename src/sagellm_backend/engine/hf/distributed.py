@@ -316,32 +316,30 @@ def _decode(header: list[int], payload: torch.Tensor) -> tuple[list[SeqChunk], l
 
 
 # ---------------------------------------------------------------------------- local runners
-def _paged_runner(model: Any, kv: KVCacheManager, init: dict[str, Any]) -> ModelRunner:
-    from sagellm_backend.engine.hf.runner import PagedDecoderRunner
+def _selected_runner(model: Any, kv: KVCacheManager, init: dict[str, Any]) -> ModelRunner:
+    """The runner ``select_runner`` builds, forced to the kind rank 0 got.
 
-    return PagedDecoderRunner(
+    Every rank thus runs the same runner class as rank 0 (the engine core builds rank 0's
+    through :func:`~sagellm_backend.engine.runners.select.select_runner` too).
+    """
+    from sagellm_backend.engine.runners.select import select_runner
+
+    return select_runner(
         model,
-        kv.storage.layer_kv,  # type: ignore[union-attr]
+        kv.storage,
         block_size=init["block_size"],
         max_context=init["max_context"],
-        fuse_projections=init["fuse_projections"],
+        runner="paged" if init["runner"] == "paged" else "hf",
+        max_batch_size=init["max_batch_size"],
         prepack_weights=init["prepack_weights"],
-        decode_workspace_rows=init["decode_workspace_rows"],
-        decode_workspace_bytes=init["decode_workspace_bytes"],
     )
-
-
-def _hf_cache_runner(model: Any, kv: KVCacheManager, init: dict[str, Any]) -> ModelRunner:
-    from sagellm_backend.engine.hf.runner import HFCacheRunner
-
-    return HFCacheRunner(model, max_context=init["max_context"])
 
 
 #: Runner name (rank 0's local runner ``name``) -> how a worker builds the same runner over
 #: its shard and pool. A new local runner is one more entry here.
 LOCAL_RUNNERS: dict[str, Callable[[Any, Any, dict[str, Any]], ModelRunner]] = {
-    "paged": _paged_runner,
-    "hf-cache": _hf_cache_runner,
+    "paged": _selected_runner,
+    "hf-batched": _selected_runner,
 }
 
 
@@ -723,9 +721,6 @@ class TensorParallelGroup:
         opts = self.options
         spec = kv.spec
         num_pages = int(kv.stats().num_pages)
-        workspace = (
-            max_batch_size if self.load.device == "cpu" and opts.decode_workspace_bytes else 0
-        )
         self._init = {
             "runner": local.name,
             "num_pages": num_pages,
@@ -733,10 +728,7 @@ class TensorParallelGroup:
             "block_size": int(spec.block_size),
             "kv_dtype": spec.dtype.value,
             "max_context": int(getattr(local, "max_context", 0) or 0),
-            "fuse_projections": opts.fuse_projections,
             "prepack_weights": opts.prepack_weights,
-            "decode_workspace_rows": workspace,
-            "decode_workspace_bytes": opts.decode_workspace_bytes,
             "max_batch_size": max_batch_size,
         }
         if local.name not in LOCAL_RUNNERS:
