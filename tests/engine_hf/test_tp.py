@@ -237,6 +237,21 @@ def test_gpt2_two_ranks_match_the_single_process_engine(
         assert total - split // 2 - split // 8 < r["weight_bytes"] < total - split // 2 + split // 8
 
 
+def test_the_batched_fallback_runner_shards_too(
+    tiny_gpt2: str, gpt2_single: Any, tp_engine: Any
+) -> None:
+    """runner='hf' (the batched HF-cache runner: the model's own forward) at 2 ranks."""
+    engine = tp_engine(tiny_gpt2, runner="hf")
+
+    async def go() -> tuple[list[list[int]], dict[str, Any]]:
+        await engine.start()
+        return await _generate(engine), engine.get_info()
+
+    tokens, info = run(go())
+    assert info["runner"] == "hf-batched"
+    assert tokens == gpt2_single[0]
+
+
 # ---------------------------------------------------------------------------- faults
 def test_a_killed_worker_fails_every_request_and_stop_cleans_up(
     tiny_llama: str, tp_engine: Any
