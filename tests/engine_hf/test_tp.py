@@ -252,6 +252,33 @@ def test_the_batched_fallback_runner_shards_too(
     assert tokens == gpt2_single[0]
 
 
+def test_gpt_neox_fused_qkv_follows_its_own_tp_plan(tp_engine: Any) -> None:
+    """GPT-NeoX's fused query_key_value is laid out per head: a plain column split works."""
+    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+
+    path = str(ensure_tiny_model("tiny-gpt-neox"))
+    single, _, _ = _single(path)
+    engine = tp_engine(path)
+
+    async def go() -> list[list[int]]:
+        await engine.start()
+        return await _generate(engine)
+
+    assert run(go()) == single
+
+
+def test_a_model_whose_plan_we_cannot_apply_is_refused_at_start(tp_engine: Any) -> None:
+    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.errors import ConfigError
+
+    before = _children()
+    engine = tp_engine(str(ensure_tiny_model("tiny-phi3")))  # fused gate_up / qkv styles
+    with pytest.raises(ConfigError, match=r"tp_plan styles .* not supported"):
+        run(engine.start())
+    assert not engine.is_running
+    assert _children() <= before
+
+
 # ---------------------------------------------------------------------------- faults
 def test_a_killed_worker_fails_every_request_and_stop_cleans_up(
     tiny_llama: str, tp_engine: Any
