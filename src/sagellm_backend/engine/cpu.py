@@ -18,6 +18,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# 0.1.1.2 exported these names from this module; kept for code that imports them here.
+from sagellm_protocol import Metrics as Metrics
+from sagellm_protocol import Request as Request
+from sagellm_protocol import Response as Response
+from sagellm_protocol import StreamEventDelta as StreamEventDelta
+from sagellm_protocol import StreamEventEnd as StreamEventEnd
+from sagellm_protocol import StreamEventStart as StreamEventStart
+from sagellm_protocol import Timestamps as Timestamps
+
+from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
     EngineOptionFields,

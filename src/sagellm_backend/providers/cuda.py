@@ -31,8 +31,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.base import Event, Stream
+from sagellm_backend.base import KVBlock as KVBlock  # 0.1.1.2 export
+from sagellm_backend.capability import CapabilityDescriptor as CapabilityDescriptor  # 0.1.1.2
 from sagellm_backend.capability import DType
+from sagellm_backend.capability import KernelKind as KernelKind  # 0.1.1.2 export
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError, InvalidStateError
 from sagellm_backend.providers._torch import (
     TORCH_INSTALL_HINT,

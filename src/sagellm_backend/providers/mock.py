@@ -53,7 +53,9 @@ from typing import Any
 
 from sagellm_protocol import ErrorCode
 
+from sagellm_backend.base import Event as Event  # 0.1.1.2 export
 from sagellm_backend.base import KVBlock
+from sagellm_backend.base import Stream as Stream  # 0.1.1.2 export
 from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind, parse_dtype
 from sagellm_backend.errors import (
     BackendError,
