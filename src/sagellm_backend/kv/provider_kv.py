@@ -83,6 +83,44 @@ class _DeviceKV:
         return out
 
 
+def _make_block_fast() -> Callable[..., KVBlock]:
+    """A KVBlock constructor that skips the frozen dataclass's per-field ``__setattr__``.
+
+    The result is an ordinary, equal and hashable :class:`KVBlock` (``__dict__`` filled
+    directly, which is what the frozen ``__init__`` does field by field). Falls back to the
+    regular constructor if KVBlock ever stops having a ``__dict__``.
+    """
+    if "__slots__" in vars(KVBlock) or not hasattr(KVBlock, "__dataclass_fields__"):
+        return KVBlock  # pragma: no cover - depends on base.KVBlock's definition
+    new = object.__new__
+
+    def make(
+        handle: int,
+        num_tokens: int,
+        dtype: DType,
+        device: str,
+        pages: tuple[int, ...],
+        owner: str,
+        num_bytes: int,
+    ) -> KVBlock:
+        block = new(KVBlock)
+        block.__dict__.update(
+            handle=handle,
+            num_tokens=num_tokens,
+            dtype=dtype,
+            device=device,
+            pages=pages,
+            owner=owner,
+            num_bytes=num_bytes,
+        )
+        return block
+
+    return make
+
+
+_new_block = _make_block_fast()
+
+
 def _check_num_tokens(num_tokens: object) -> int:
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
         raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
@@ -163,6 +201,10 @@ class ProviderKV:
         self._live: dict[int, KVBlock] = {}
         self._next_handle = 1
         self._tokens_per_page: dict[DType, int] = {}
+        self._own = self._devices[device]
+        #: dtype as the caller spelt it (DType or str) -> (DType, tokens per page); only
+        #: supported dtypes are entered, so a hit needs no further check.
+        self._dtype_cache: dict[object, tuple[DType, int]] = {}
         if not getattr(storage_factory, "preallocated", False):
             # Accounting pools cost nothing: create the block pool now so that capacity
             # figures are meaningful before the first allocation.
@@ -242,9 +284,9 @@ class ProviderKV:
                 "KV spec"
             )
         storage = self._factory(self.spec, num_pages, dev.device)
-        pool = BlockPool(
-            num_pages, page_bytes=page, enable_caching=False, alloc_guard=self._alloc_guard
-        )
+        # No guard on the pool itself: alloc()/_alloc_locked run it (under self._lock, after
+        # the capacity check), which keeps the pool on its one-page fast path.
+        pool = BlockPool(num_pages, page_bytes=page, enable_caching=False)
         dev.pool, dev.storage = pool, storage
         dev.peak = max(dev.peak, dev.charge())
         return pool, storage
@@ -282,6 +324,9 @@ class ProviderKV:
                     f"need {nbytes} bytes ({n} pages); {dev.budget - charge} of "
                     f"{dev.budget} bytes free"
                 )
+        guard = self._alloc_guard
+        if guard is not None and n <= pool.num_free:  # pool.allocate raises otherwise
+            guard(n)
         pages = pool.allocate(n)
         handle = self._next_handle
         self._next_handle = handle + 1
@@ -296,16 +341,55 @@ class ProviderKV:
     def alloc(self, num_tokens: int, dtype: DType | str, *, device: str | None = None) -> KVBlock:
         """Reserve pages for ``num_tokens`` tokens of ``dtype`` (default: own device).
 
+        The common case (a supported dtype seen before, the own device, a block pool that
+        exists) takes one lock and no other validation pass; see :meth:`_alloc_locked` for
+        the general path, which it matches exactly.
+
         Raises:
             ValueError: ``num_tokens <= 0`` (TypeError if not an int).
             UnsupportedDTypeError: ``dtype`` is not supported (names the supported ones).
             UnsupportedDeviceError: ``device`` cannot hold KV.
             KVCacheExhaustedError: not enough pages or budget; nothing changed.
         """
-        _check_num_tokens(num_tokens)
-        d = self.check_dtype(dtype)
-        with self._lock:
-            return self._alloc_locked(num_tokens, d, self._device_kv(device))
+        if type(num_tokens) is not int or num_tokens <= 0:
+            _check_num_tokens(num_tokens)
+        try:
+            entry = self._dtype_cache.get(dtype)
+        except TypeError:  # unhashable: certainly not a dtype
+            entry = None
+        if entry is None:
+            d = self.check_dtype(dtype)
+            entry = (d, self.tokens_per_page(d))
+            self._dtype_cache[dtype] = entry
+        d, per_page = entry
+        lock = self._lock
+        lock.acquire()
+        try:
+            dev = self._own if device is None else self._device_kv(device)
+            pool = dev.pool
+            storage = dev.storage
+            if pool is None or storage is None:
+                return self._alloc_locked(num_tokens, d, dev)
+            nbytes = ((num_tokens + per_page - 1) // per_page) * pool.page_bytes
+            accounting = not storage.preallocated
+            if accounting:  # preallocated storage was charged in full when it was made
+                charge = dev.manager_bytes + pool.used_bytes + nbytes
+                if charge > dev.budget:
+                    return self._alloc_locked(num_tokens, d, dev)  # raises, naming why
+            n = nbytes // pool.page_bytes
+            guard = self._alloc_guard
+            if guard is not None and n <= pool.num_free:  # pool.allocate raises otherwise
+                guard(n)
+            pages = pool.allocate(n)
+            handle = self._next_handle
+            self._next_handle = handle + 1
+            block = _new_block(handle, num_tokens, d, dev.device, tuple(pages), self.owner, nbytes)
+            self._live[handle] = block
+            if accounting and charge > dev.peak:
+                dev.peak = charge
+            return block
+        finally:
+            lock.release()
 
     def free(self, block: KVBlock) -> None:
         """Release ``block`` (exactly once).
@@ -314,12 +398,19 @@ class ProviderKV:
             InvalidKVBlockError: double free, use after free, or a foreign block; nothing
                 changes.
         """
-        with self._lock:
-            live = self._validate(block)
-            dev = self._devices[live.device]
-            assert dev.pool is not None
-            dev.pool.free(live.pages)
+        lock = self._lock
+        lock.acquire()
+        try:
+            live = self._live.get(block.handle) if type(block) is KVBlock else None
+            if live is not block:  # not the very object handed out: full validation
+                live = self._validate(block)
+            pool = self._devices[live.device].pool
+            assert pool is not None
+            pages = live.pages
+            pool.free([pages[0]] if len(pages) == 1 else pages)
             del self._live[live.handle]
+        finally:
+            lock.release()
 
     def copy(self, src: KVBlock, dst: KVBlock) -> None:
         """Copy the K/V of ``src`` into the first ``src.num_tokens`` tokens of ``dst``.
