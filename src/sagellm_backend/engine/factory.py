@@ -430,7 +430,7 @@ class EngineFactory:
         with cls._lock:
             cls._ensure()
             if isinstance(engine, type):
-                keys = [k for k, e in cls._entries.items() if e.engine_cls is engine]
+                keys = [k for k, e in cls._entries.items() if e.engine_class is engine]
                 if not keys and issubclass(engine, BaseEngine):
                     keys = [_norm(engine.backend_type())]
             else:

@@ -190,6 +190,7 @@ class HFCudaEngine(HFEngineCore):
         options = resolve_engine_options("HFCudaEngineConfig", config)
         assert config.model_path is not None and config.max_new_tokens is not None
         assert config.max_batch_size is not None and config.dtype is not None
+        assert config.device is not None
         load = LoadSettings(
             model_path=config.model_path,
             device=config.device,

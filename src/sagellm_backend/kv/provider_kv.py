@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,6 +203,7 @@ class ProviderKV:
         self._next_handle = 1
         self._tokens_per_page: dict[DType, int] = {}
         self._own = self._devices[device]
+        self._released: weakref.WeakSet[KVCacheManager] = weakref.WeakSet()
         #: dtype as the caller spelt it (DType or str) -> (DType, tokens per page); only
         #: supported dtypes are entered, so a hit needs no further check.
         self._dtype_cache: dict[object, tuple[DType, int]] = {}
@@ -402,7 +404,7 @@ class ProviderKV:
         lock.acquire()
         try:
             live = self._live.get(block.handle) if type(block) is KVBlock else None
-            if live is not block:  # not the very object handed out: full validation
+            if live is None or live is not block:  # not the object handed out: validate
                 live = self._validate(block)
             pool = self._devices[live.device].pool
             assert pool is not None
@@ -535,21 +537,33 @@ class ProviderKV:
         everything left of the device's budget. The pool is charged to the budget in full.
 
         Raises:
-            ConfigError: both ``memory_bytes`` and ``num_pages`` given, or a negative size.
+            ConfigError: (a ValueError) ``spec`` is not a KVSpec; both ``memory_bytes`` and
+                ``num_pages`` given; ``num_pages < 1``; ``memory_bytes`` below one page;
+                an argument of the wrong type -- each naming the valid values.
             UnsupportedDTypeError: ``spec.dtype`` is not supported.
             KVCacheExhaustedError: the budget cannot hold the pool (or a single page).
         """
         spec = self.spec if spec is None else spec
         if not isinstance(spec, KVSpec):
-            raise ConfigError(f"spec must be a KVSpec, got {type(spec).__name__}")
+            raise ConfigError(
+                f"spec must be a KVSpec (or None for the provider's {self.spec}), "
+                f"got {type(spec).__name__} {spec!r}"
+            )
         self.check_dtype(spec.dtype)
         if memory_bytes is not None and num_pages is not None:
             raise ConfigError("give memory_bytes or num_pages, not both")
         for name, value in (("memory_bytes", memory_bytes), ("num_pages", num_pages)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an int or None, got {value!r}")
+        if num_pages is not None and num_pages < 1:
+            raise ConfigError(
+                f"num_pages must be >= 1 (or None for what the budget leaves), got {num_pages}"
+            )
+        if memory_bytes is not None and memory_bytes < spec.page_bytes:
+            raise ConfigError(
+                f"memory_bytes must hold at least one {spec.page_bytes}-byte page of {spec} "
+                f"(>= {spec.page_bytes}, or None for what the budget leaves), got {memory_bytes}"
+            )
         with self._lock:
             dev = self._device_kv(device)
             available = dev.budget - dev.charge()
@@ -585,11 +599,15 @@ class ProviderKV:
     def release_manager(self, manager: KVCacheManager) -> None:
         """Return a manager's pool to the budget (the manager must hold no sequences).
 
+        Releasing a manager that was already released here is a no-op.
+
         Raises:
             InvalidStateError: sequences are still allocated in it.
-            InvalidKVBlockError: the manager was not created here (or already released).
+            InvalidKVBlockError: the manager was not created here.
         """
         with self._lock:
+            if manager in self._released:
+                return
             for dev in self._devices.values():
                 for i, m in enumerate(dev.managers):
                     if m is manager:
@@ -599,8 +617,12 @@ class ProviderKV:
                             )
                         del dev.managers[i]
                         dev.manager_bytes -= manager.pool.num_pages * manager.spec.page_bytes
+                        self._released.add(manager)
                         return
-        raise InvalidKVBlockError("this KV manager was not created by this provider")
+        raise InvalidKVBlockError(
+            f"this KV manager was not created by this provider ({self.owner}); release it "
+            "with the provider that created it"
+        )
 
     def managers(self, device: str | None = None) -> list[KVCacheManager]:
         """Managers created on ``device`` (default: own device) and not released."""

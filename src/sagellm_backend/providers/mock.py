@@ -807,7 +807,10 @@ class MockBackendProvider:
         )
 
     def release_kv_manager(self, manager: KVCacheManager) -> None:
-        """Give a manager's pool back to the budget (it must hold no sequences)."""
+        """Give a manager's pool back to the budget (it must hold no sequences).
+
+        A second release of the same manager is a no-op.
+        """
         self.kv.release_manager(manager)
 
     # ------------------------------------------------------------------ memory
