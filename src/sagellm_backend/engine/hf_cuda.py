@@ -279,14 +279,20 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
             ``"auto"``, no quantisation, no remote code).
         backend: the provider sagellm-core created (a cuda provider).
 
+    Attribute-style configs (dataclass, ``types.SimpleNamespace``, pydantic model) are read
+    like a sagellm-core config; their attributes that are not HFCudaEngineConfig fields are
+    ignored (a dict's unknown keys are an error).
+
     Raises:
-        ConfigError: an unknown field, a wrong kind, or a missing/invalid value.
+        ConfigError: an unknown dict key, missing required fields (all named at once), a
+            wrong kind, or an invalid value.
     """
-    from sagellm_backend.engine._plugin import normalize_engine_config
+    from sagellm_backend.engine._plugin import missing_fields_error, normalize_engine_config
 
     if isinstance(config, HFCudaEngineConfig):
         return HFCudaEngine(with_provider(config, backend))
-    settings = normalize_engine_config(config, backend)
+    names = {f.name for f in dataclasses.fields(HFCudaEngineConfig)}
+    settings = normalize_engine_config(config, backend, fields=names)
     if settings.kind is not None and settings.kind.lower().replace("-", "_") not in (
         "cuda",
         "hf_cuda",
@@ -298,4 +304,18 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
     fields = face_config_fields(
         settings, HFCudaEngineConfig, "cuda", default_device="cuda:0", defaults=FACTORY_DEFAULTS
     )
+    missing = []
+    if settings.model_path is None:
+        missing.append("model_path (or model)")
+    if settings.max_batch_size is None:
+        missing.append("max_batch_size")
+    if settings.max_output_tokens is None and settings.extra.get("max_new_tokens") is None:
+        missing.append("max_new_tokens (or max_output_tokens)")
+    if missing:
+        raise missing_fields_error(
+            "cuda engine",
+            missing,
+            "{'model': 'TinyLlama/TinyLlama-1.1B-Chat-v1.0', 'max_batch_size': 8, "
+            "'max_output_tokens': 256}",
+        )
     return HFCudaEngine(HFCudaEngineConfig(**fields), from_core=settings.from_core)
