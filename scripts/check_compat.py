@@ -51,7 +51,7 @@ COMPAT_DOC = ROOT / "docs" / "compat.md"
 EP_GROUPS = ("sagellm.backends", "sagellm.engines")
 
 # The dumper runs in a child process: it must be self-contained source.
-_DUMPER = r'''
+_DUMPER = r"""
 import dataclasses, enum, importlib, inspect, json, sys
 
 modules = json.loads(sys.argv[1])
@@ -114,6 +114,10 @@ def describe_class(cls):
         elif inspect.isfunction(raw):
             s = sig(raw)
             d["methods"][name] = s[1:] if s else s  # drop self
+    for klass in cls.__mro__:
+        for slot in getattr(klass, "__dict__", {}).get("__slots__", ()):
+            if not slot.startswith("_") and slot not in d["properties"]:
+                d["properties"].append(slot)
     if d["enum"] is not None:
         d["methods"] = {}
     return d
@@ -157,7 +161,7 @@ for name in modules:
             entry["names"][n] = {"kind": "value", "value": _repr(v)}
     out[name] = entry
 print("@@SURFACE@@" + json.dumps(out))
-'''
+"""
 
 
 def fetch_wheel(dest: Path) -> Path:
@@ -301,9 +305,14 @@ def _params_diff(where: str, old: list[Any] | None, new: list[Any] | None) -> li
         elif has_default and nhas_default and default != ndefault:
             out.append(f"{where}({name}): default {default} -> {ndefault}")
     for name, kind, has_default, _ in new:
-        if name not in old_names | matched and not has_default and kind not in (
-            "VAR_POSITIONAL",
-            "VAR_KEYWORD",
+        if (
+            name not in old_names | matched
+            and not has_default
+            and kind
+            not in (
+                "VAR_POSITIONAL",
+                "VAR_KEYWORD",
+            )
         ):
             out.append(f"{where}({name}): new required parameter")
     return out
@@ -325,7 +334,14 @@ def _class_diff(where: str, old: dict[str, Any], new: dict[str, Any]) -> list[st
         elif m in new["methods"]:
             out += _params_diff(f"{where}.{m}", s, new["methods"][m])
     if old.get("fields") is not None:
-        new_fields = new.get("fields") or {}
+        new_fields = new.get("fields")
+        if new_fields is None:  # no longer a dataclass: attributes + __init__ parameters
+            init = {p[0]: p for p in (new["methods"].get("__init__") or [])}
+            new_fields = {
+                f: {"required": not (f in init and init[f][2]), "default": spec["default"]}
+                for f, spec in old["fields"].items()
+                if f in new_members
+            }
         for f, spec in old["fields"].items():
             nf = new_fields.get(f)
             if nf is None:
@@ -393,7 +409,9 @@ def diff(
             elif got != target:
                 diffs.append(f"entry point {group}:{name}: {target} -> {got}")
     for group, eps in sorted(new_eps.items()):
-        added += [f"entry point {group}:{k}" for k in sorted(set(eps) - set(old_eps.get(group, {})))]
+        added += [
+            f"entry point {group}:{k}" for k in sorted(set(eps) - set(old_eps.get(group, {})))
+        ]
     return diffs, added
 
 

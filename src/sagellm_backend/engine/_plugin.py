@@ -165,7 +165,7 @@ def _attributes(config: Any, wanted: Collection[str]) -> dict[str, Any]:
     if isinstance(metadata, Mapping):
         for key, value in metadata.items():
             data.setdefault(str(key), value)
-    return {k: v for k, v in data.items() if k in wanted and not callable(v) or k == "provider"}
+    return {k: v for k, v in data.items() if (k in wanted and not callable(v)) or k == "provider"}
 
 
 def _config_to_dict(
@@ -180,9 +180,7 @@ def _config_to_dict(
         if not isinstance(from_core, bool):
             raise ConfigError(f"engine config 'from_core' must be a bool, got {from_core!r}")
         return data, from_core
-    if isinstance(config, str | bytes | int | float | list | tuple | set) or isinstance(
-        config, type
-    ):
+    if isinstance(config, (str | bytes | int | float | list | tuple | set, type)):
         raise ConfigError(
             "engine config must be an object carrying the fields as attributes (a dataclass, "
             "a types.SimpleNamespace, a pydantic model), a mapping or None, got "
