@@ -372,15 +372,22 @@ class ProviderKV:
             storage = dev.storage
             if pool is None or storage is None:
                 return self._alloc_locked(num_tokens, d, dev)
-            nbytes = ((num_tokens + per_page - 1) // per_page) * pool.page_bytes
+            n = (num_tokens + per_page - 1) // per_page
+            page_bytes = pool.page_bytes
+            nbytes = n * page_bytes
+            free_pages = pool.num_free
             accounting = not storage.preallocated
-            if accounting:  # preallocated storage was charged in full when it was made
-                charge = dev.manager_bytes + pool.used_bytes + nbytes
-                if charge > dev.budget:
-                    return self._alloc_locked(num_tokens, d, dev)  # raises, naming why
-            n = nbytes // pool.page_bytes
+            # preallocated storage was charged in full when it was made; accounting storage
+            # is charged per page in use
+            charge = (
+                dev.manager_bytes + (pool.num_pages - free_pages) * page_bytes + nbytes
+                if accounting
+                else 0
+            )
+            if n > free_pages or charge > dev.budget:
+                return self._alloc_locked(num_tokens, d, dev)  # raises, naming why
             guard = self._alloc_guard
-            if guard is not None and n <= pool.num_free:  # pool.allocate raises otherwise
+            if guard is not None:
                 guard(n)
             pages = pool.allocate(n)
             handle = self._next_handle
@@ -406,7 +413,8 @@ class ProviderKV:
             live = self._live.get(block.handle) if type(block) is KVBlock else None
             if live is None or live is not block:  # not the object handed out: validate
                 live = self._validate(block)
-            pool = self._devices[live.device].pool
+            dev = self._own if live.device == self.device else self._devices[live.device]
+            pool = dev.pool
             assert pool is not None
             pages = live.pages
             pool.free([pages[0]] if len(pages) == 1 else pages)
