@@ -378,3 +378,23 @@ def test_torch_manager_storage_and_budget(torch_kv: tuple[Any, ProviderKV]) -> N
     with pytest.raises(KVCacheExhaustedError):
         kv.alloc(1, DType.FP16)
     assert kv.stats()["kv_allocated_bytes"] == 16 * PAGE
+
+
+def test_free_accepts_an_equal_copy_and_refuses_forgeries() -> None:
+    """The fast path (identity) and the full validation agree on what may be freed."""
+    import copy
+    import dataclasses
+
+    kv = accounting(pages=4)
+    block = kv.alloc(16, DType.FP16)
+    twin = copy.deepcopy(block)
+    assert twin == block and twin is not block
+    kv.free(twin)  # equal to the live block: validated, then freed
+    with pytest.raises(InvalidKVBlockError, match="already freed"):
+        kv.free(block)
+    other = kv.alloc(16, DType.FP16)
+    forged = dataclasses.replace(other, pages=(other.pages[0] + 1,))
+    with pytest.raises(InvalidKVBlockError, match="does not match"):
+        kv.free(forged)
+    kv.free(other)
+    assert kv.stats()["kv_used_bytes"] == 0 and kv.live_blocks() == []
