@@ -291,6 +291,14 @@ def check_common_fields(owner: str, config: Any) -> None:
         raise ConfigError(f"{owner}.metadata must be a dict, got {config.metadata!r}")
 
 
+def _provider_dtypes(provider: Any) -> list[str] | None:
+    """Names of the dtypes ``provider``'s device computes in (None when it does not say)."""
+    dtypes = getattr(provider.capability(), "supported_dtypes", None)
+    if not dtypes:
+        return None
+    return [str(getattr(d, "value", d)) for d in dtypes]
+
+
 def hf_unavailable_reason() -> str | None:
     """Why the HF engines cannot run here (missing packages, with the fix), or None."""
     import importlib.util
@@ -404,6 +412,8 @@ class LoadSettings:
         low_cpu_mem_usage: transformers 4.x loading option.
         max_new_tokens: cap on tokens per request.
         max_batch_size: most requests per step.
+        bnb_4bit_quant_type / bnb_4bit_compute_dtype / bnb_4bit_use_double_quant: 4-bit
+            options (see :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`).
     """
 
     model_path: str
@@ -416,6 +426,9 @@ class LoadSettings:
     low_cpu_mem_usage: bool
     max_new_tokens: int
     max_batch_size: int
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_use_double_quant: bool = True
 
 
 class _Handle:
@@ -493,6 +506,7 @@ class HFEngineCore(BaseEngine):
         self._max_context = 0
         self._vocab_size = 0
         self._start_lock: asyncio.Lock | None = None
+        self._quantization: str | None = None
 
     # ------------------------------------------------------------------ face hooks
     def _make_provider(self) -> Any:
@@ -586,7 +600,7 @@ class HFEngineCore(BaseEngine):
 
     def _load(self) -> None:
         """Load model + tokenizer, create provider, KV manager and runner (worker thread)."""
-        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, quantization_name
         from sagellm_backend.engine.hf.runner import (
             HFCacheRunner,
             PagedDecoderRunner,
@@ -616,6 +630,10 @@ class HFEngineCore(BaseEngine):
             load_in_4bit=load.load_in_4bit,
             trust_remote_code=load.trust_remote_code,
             low_cpu_mem_usage=load.low_cpu_mem_usage,
+            bnb_4bit_quant_type=load.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=load.bnb_4bit_compute_dtype,
+            bnb_4bit_use_double_quant=load.bnb_4bit_use_double_quant,
+            device_dtypes=_provider_dtypes(provider),
         )
         context = model_context_length(model.config)
         if opts.max_model_len is not None:
@@ -688,10 +706,13 @@ class HFEngineCore(BaseEngine):
         self._eos = frozenset(eos)
         self._max_context = context
         self._vocab_size = runner.vocab_size
+        quant = quantization_name(load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type)
+        self._quantization = quant
         self._trace = [
             *self._trace_base,
             f"runner:{runner.name}",
             f"provider:{type(provider).__name__}",
+            f"weights:{quant}",
         ]
 
     def _start_scheduler(self) -> None:
@@ -772,6 +793,14 @@ class HFEngineCore(BaseEngine):
             info["scheduler"] = dataclasses.asdict(self._scheduler.stats())
         if self._kv is not None:
             info["kv"] = dataclasses.asdict(self._kv.stats())
+        if self._model is not None and self._quantization is not None:
+            from sagellm_backend.engine.hf.loader import weight_memory
+
+            # Measured now: bitsandbytes may repack its state on the first forward.
+            weights = weight_memory(self._model, self._quantization)
+            info["weight_memory_bytes"] = weights.total_bytes
+            info["weight_memory"] = dataclasses.asdict(weights)
+            info["quantization"] = weights.quantization
         return info
 
     # ------------------------------------------------------------------ requests
