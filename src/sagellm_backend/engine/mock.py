@@ -53,6 +53,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sagellm_protocol import Error, ErrorCode, Request, Response
+from sagellm_protocol import Metrics as Metrics  # 0.1.1.2 export
+from sagellm_protocol import StreamEventDelta as StreamEventDelta  # 0.1.1.2 export
+from sagellm_protocol import StreamEventEnd as StreamEventEnd  # 0.1.1.2 export
+from sagellm_protocol import StreamEventStart as StreamEventStart  # 0.1.1.2 export
 
 from sagellm_backend.engine._plugin import (
     core_component_trace,
