@@ -84,19 +84,19 @@ def test_hf_soak_on_cuda(tiny_llama: str) -> None:
 
 def test_soak_detects_a_kv_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The soak's checks can fail: a request whose KV is never freed is caught."""
-    from sagellm_backend.engine.mock import MockEngine
+    from sagellm_backend.engine.sched.scheduler import Scheduler
 
-    real = MockEngine._release
+    real = Scheduler._release
     calls = {"n": 0}
 
-    def leaky(self: MockEngine, seq: Any, *, discard: bool = False) -> Any:
+    def leaky(self: Scheduler, seq: Any, *, discard: bool = False) -> Any:
         calls["n"] += 1
         if calls["n"] == 250:  # in the measured part
             seq.has_kv = False
             return None
         return real(self, seq, discard=discard)
 
-    monkeypatch.setattr(MockEngine, "_release", leaky)
+    monkeypatch.setattr(Scheduler, "_release", leaky)
     result = soak.run_mock_soak(300)
     assert not result["ok"]
     assert result["kv_after"]["seqs"] == 1

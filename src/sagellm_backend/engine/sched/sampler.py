@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["SamplingParams", "Sampler", "SamplingSeq", "SparseLogits"]
+__all__ = ["Sampler", "SamplingParams", "SamplingSeq", "SparseLogits"]
 
 
 @dataclass(frozen=True, slots=True)

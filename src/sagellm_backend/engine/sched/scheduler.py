@@ -179,6 +179,8 @@ class Scheduler:
         reserve_output: admit only when the final length fits beside the reservations.
         keep_eos: the EOS token that ends a sequence stays in its output.
         decode: token ids -> text, for stop strings.
+        on_release: called with a sequence's id whenever its pages are freed (finish,
+            abort, preemption): the runner forgets its per-sequence state there.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class Scheduler:
         reserve_output: bool = False,
         keep_eos: bool = True,
         decode: Callable[[list[int]], str] | None = None,
+        on_release: Callable[[str], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -210,6 +213,7 @@ class Scheduler:
         self.reserve_output = reserve_output
         self.keep_eos = keep_eos
         self.decode = decode
+        self.on_release = on_release
         self.block_size: int = kv.spec.block_size
         self._caching = bool(kv.enable_prefix_caching)
         self._prefix_dedup = self._caching and paged
@@ -518,8 +522,12 @@ class Scheduler:
             self._reserved -= seq.final_pages - seq.kv_pages
         seq.kv_pages = 0
         seq.block_table = []
-        stats = self.kv.free(seq.seq_id, discard=discard)
-        seq.kv_tokens = 0
+        try:
+            stats = self.kv.free(seq.seq_id, discard=discard)
+        finally:
+            seq.kv_tokens = 0
+            if self.on_release is not None:
+                self.on_release(seq.seq_id)
         return stats
 
     def _finish(
