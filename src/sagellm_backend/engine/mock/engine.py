@@ -461,10 +461,6 @@ class MockEngine(ScheduledEngine):
         """0, as in 0.1.1.x (EngineFactory never auto-selects the mock anyway)."""
         return 0
 
-    @property
-    def _runner(self) -> Any:
-        return None if self._serving is None else self._serving.runner
-
     async def start(self) -> None:
         """Create the KV manager (from the provider) and start serving.
 

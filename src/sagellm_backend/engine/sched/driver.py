@@ -61,10 +61,11 @@ class Handle:
         done: the terminal result was delivered (or the consumer gave up).
     """
 
-    __slots__ = ("_event", "_future", "done", "finished", "seq", "visible")
+    __slots__ = ("_event", "_future", "done", "finished", "loop", "seq", "visible")
 
     def __init__(self, seq: SchedSeq, *, streaming: bool) -> None:
         self.seq = seq
+        self.loop = asyncio.get_running_loop()
         self.visible = 0
         self.done = False
         self.finished = False
@@ -235,13 +236,22 @@ class Driver:
         if not self.threaded:
             _deliver(emitted, finished)
             return
-        loop = self.loop
-        try:
-            assert loop is not None
-            loop.call_soon_threadsafe(_deliver, emitted, finished)
-        except RuntimeError:  # the consumers' loop is closed: nobody listens any more
-            with self._lock:
-                self._cancels.extend(s for s, _ in emitted)
+        # Each consumer hears on its own event loop (usually all share one).
+        by_loop: dict[Any, tuple[list[tuple[SchedSeq, int]], list[SchedSeq]]] = {}
+        for item in emitted:
+            handle = item[0].user
+            if handle is not None:
+                by_loop.setdefault(handle.loop, ([], []))[0].append(item)
+        for seq in finished:
+            handle = seq.user
+            if handle is not None:
+                by_loop.setdefault(handle.loop, ([], []))[1].append(seq)
+        for loop, (some, done) in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, some, done)
+            except RuntimeError:  # that loop is closed: nobody listens there any more
+                with self._lock:
+                    self._cancels.extend(s for s, _ in some)
 
     # ------------------------------------------------------------------ one step
     def _drain(self) -> bool:

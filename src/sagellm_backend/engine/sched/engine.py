@@ -132,6 +132,8 @@ class ScheduledEngine(BaseEngine):
 
     #: Build the serving set in a worker thread (model loading).
     load_in_thread = False
+    #: After ``stop()``, :attr:`kv_manager` still shows the last (released, empty) manager.
+    kv_visible_after_stop = False
 
     def __init__(self, config: EngineConfig, *, component_trace: list[str]) -> None:
         super().__init__(config)
@@ -153,6 +155,8 @@ class ScheduledEngine(BaseEngine):
         self._starting = False
         self._start_done: asyncio.Event | None = None
         self._peak_bytes = 0
+        self._last_kv: Any = None
+        self._last_runner: Any = None
 
     # ------------------------------------------------------------------ hooks
     def _build_serving(self) -> Serving:
@@ -167,8 +171,16 @@ class ScheduledEngine(BaseEngine):
 
     @property
     def kv_manager(self) -> Any:
-        """The KV cache manager while running (None before start and after stop)."""
-        return None if self._serving is None else self._serving.scheduler.kv
+        """The KV cache manager while running (None before start; after stop, see
+        :attr:`kv_visible_after_stop`)."""
+        if self._serving is not None:
+            return self._serving.scheduler.kv
+        return self._last_kv if self.kv_visible_after_stop else None
+
+    @property
+    def _runner(self) -> Any:
+        """The runner while running, else the last one (tests patch its ``execute``)."""
+        return self._serving.runner if self._serving is not None else self._last_runner
 
     @property
     def _scheduler(self) -> Scheduler | None:
@@ -283,6 +295,9 @@ class ScheduledEngine(BaseEngine):
                         seq.finish_reason, seq.error = "error", error
                     handle.finish()
         self._note_peak()
+        if serving is not None:
+            self._last_kv = serving.scheduler.kv
+            self._last_runner = serving.runner
         self._serving = None
         del serving
         await asyncio.sleep(0)
@@ -424,7 +439,7 @@ class ScheduledEngine(BaseEngine):
             raise RuntimeError(
                 f"{type(self).__name__} {self.engine_id!r} is not running; call start()"
             )
-        if asyncio.get_running_loop() is not self._loop:
+        if not serving.threaded and asyncio.get_running_loop() is not self._loop:
             raise RuntimeError(
                 f"{type(self).__name__} {self.engine_id!r} serves the event loop it was "
                 "started on; it was called from another loop"
