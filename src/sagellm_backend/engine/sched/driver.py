@@ -170,6 +170,8 @@ class Driver:
         else:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run_inline(), name=f"{self.name}.step_loop")
+            # also when the task is cancelled before it ever ran
+            self._task.add_done_callback(self._task_done)
 
     def submit(self, seq: SchedSeq) -> None:
         """Queue a sequence (thread-safe).
@@ -212,6 +214,9 @@ class Driver:
         await asyncio.to_thread(thread.join, timeout)
         await asyncio.sleep(0)  # let the consumers see the terminal results just posted
         return not thread.is_alive()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._exit(stopped_error(self.name))
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the worker thread (after :meth:`stop` timed out)."""
