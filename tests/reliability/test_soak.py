@@ -106,7 +106,11 @@ def test_soak_detects_a_kv_leak(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_soak_cli_json() -> None:
     proc = subprocess.run(
-        [sys.executable, str(SOAK_PATH), "--mock-requests", "300", "--hf-requests", "0", "--json"],
+        [
+            sys.executable,
+            str(SOAK_PATH),
+            *("--mock-requests", "300", "--hf-requests", "0", "--engines", "0", "--json"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -118,3 +122,16 @@ def test_soak_cli_json() -> None:
     assert data["ok"] and result["ok"] and result["requests"] == 300
     for key in ("req_per_s", "rss_before_mb", "rss_after_mb", "errors_by_kind", "cancellations"):
         assert key in result
+
+
+def test_engines_soak_gives_everything_back() -> None:
+    """Issue 19: engines created, served with and stopped on one provider leak nothing."""
+    result = soak.run_engines_soak(12, kind="mock")
+    assert result["ok"], result
+    assert result["provider_kv_bytes_after"] == 0 and result["leaked_threads"] == []
+
+
+@pytest.mark.hf
+def test_engines_soak_cpu() -> None:
+    result = soak.run_engines_soak(8, kind="cpu")
+    assert result["ok"], result

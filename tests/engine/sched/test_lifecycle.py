@@ -53,7 +53,12 @@ def cpu_engine(path: str, provider: Any, name: str = "life", **kw: Any) -> Any:
 
     return CPUEngine(
         CPUEngineConfig(
-            engine_id=name, model_path=path, max_batch_size=4, max_new_tokens=16, provider=provider, **kw
+            engine_id=name,
+            model_path=path,
+            max_batch_size=4,
+            max_new_tokens=16,
+            provider=provider,
+            **kw,
         )
     )
 

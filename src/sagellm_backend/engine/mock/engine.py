@@ -1,4 +1,4 @@
-"""MockEngine = the shared scheduler + driver + :class:`~sagellm_backend.engine.runners.mock.MockRunner`.
+"""MockEngine = the shared scheduler + driver + the mock runner (a simulated model).
 
 What is simulated, and what is real:
 

@@ -33,12 +33,12 @@ from sagellm_backend.engine.runners.base import SeqChunk
 from sagellm_backend.engine.sched.sampler import SparseLogits
 from sagellm_backend.errors import BackendNotAvailableError
 
-__all__ = ["InjectedFailure", "MockRunner"]
+__all__ = ["InjectedFailureError", "MockRunner"]
 
 _MASK53 = (1 << 53) - 1
 
 
-class InjectedFailure(BackendNotAvailableError):
+class InjectedFailureError(BackendNotAvailableError):
     """A simulated failure of one request (UNAVAILABLE, retryable)."""
 
     retryable = True
@@ -116,9 +116,12 @@ class MockRunner:
             h = state.get(sid)
             if h is None or c.start == 0:
                 h = 0
-                if self.failure_rate > 0 and sid not in self._doomed:
-                    if self.rng.random() < self.failure_rate:
-                        self._doomed.add(sid)
+                if (
+                    self.failure_rate > 0
+                    and sid not in self._doomed
+                    and self.rng.random() < self.failure_rate
+                ):
+                    self._doomed.add(sid)
             for t in toks:
                 h = hash((h, t))
             state[sid] = h
@@ -127,7 +130,7 @@ class MockRunner:
             if sid in self._doomed:
                 if errors is None:
                     errors = {}
-                errors[len(top)] = InjectedFailure(
+                errors[len(top)] = InjectedFailureError(
                     f"injected failure (simulate_failure_rate={self.failure_rate})"
                 )
             hashes.append(h)

@@ -171,8 +171,11 @@ class ScheduledEngine(BaseEngine):
 
     @property
     def kv_manager(self) -> Any:
-        """The KV cache manager while running (None before start; after stop, see
-        :attr:`kv_visible_after_stop`)."""
+        """The KV cache manager while running (None before start).
+
+        After ``stop()``: the last (released, empty) manager when
+        :attr:`kv_visible_after_stop`, else None.
+        """
         if self._serving is not None:
             return self._serving.scheduler.kv
         return self._last_kv if self.kv_visible_after_stop else None

@@ -171,7 +171,7 @@ class Sampler:
             gen = seq.generator = random.Random(
                 params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
             )
-        choice = gen.choices(order, weights=probs, k=1)[0]
+        choice: int = gen.choices(order, weights=probs, k=1)[0]
         return ids[choice]
 
     # ------------------------------------------------------------------ dense (torch)

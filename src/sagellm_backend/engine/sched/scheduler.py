@@ -40,6 +40,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -266,10 +267,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         seq.cancelled = cancelled
         self._finish(seq, "error", error)
         return True
