@@ -295,12 +295,17 @@ class MockEngineConfig(EngineConfig):
 class _MockDetok(Detokenizer):
     """Incremental text of mock tokens (every generated token is a whole word)."""
 
-    __slots__ = ("_decode",)
+    __slots__ = ("_decode", "_pieces")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
+        self._pieces = tokenizer._pieces
 
     def add(self, ids: list[int]) -> str:
+        pieces = self._pieces
+        off = MockTokenizer.WORD_OFFSET
+        if ids and min(ids) >= off and max(ids) - off < len(pieces):  # words only
+            return "".join([pieces[t - off] for t in ids])
         return self._decode(ids)
 
     def flush(self) -> str:

@@ -106,28 +106,23 @@ class MockRunner:
         hashes: list[int] = []
         errors: dict[int, BaseException] | None = None
         prefill = decode = False
+        doomed = self._doomed
         for c in chunks:
             sid = c.seq_id
             toks = c.token_ids
-            if c.start == 0 or len(toks) > 1:
-                prefill = True
-            else:
-                decode = True
             h = state.get(sid)
-            if h is None or c.start == 0:
-                h = 0
-                if (
-                    self.failure_rate > 0
-                    and sid not in self._doomed
-                    and self.rng.random() < self.failure_rate
-                ):
-                    self._doomed.add(sid)
-            for t in toks:
-                h = hash((h, t))
-            state[sid] = h
-            if not c.need_logits:
-                continue
-            if sid in self._doomed:
+            if len(toks) == 1 and c.start and h is not None:  # a decode step
+                decode = True
+                h = hash((h, toks[0]))
+                state[sid] = h
+                if not c.need_logits:
+                    continue
+            else:
+                prefill = True
+                h = self._fold(sid, c, h)
+                if not c.need_logits:
+                    continue
+            if doomed and sid in doomed:
                 if errors is None:
                     errors = {}
                 errors[len(top)] = InjectedFailureError(
@@ -157,6 +152,21 @@ class MockRunner:
             return ids, [-0.5 * k for k in range(len(ids))]
 
         return SparseLogits(top, expand, errors)
+
+    def _fold(self, sid: str, c: SeqChunk, h: int | None) -> int:
+        """The context hash after a prompt (or recompute) chunk; draws the fault at start."""
+        if h is None or c.start == 0:
+            h = 0
+            if (
+                self.failure_rate > 0
+                and sid not in self._doomed
+                and self.rng.random() < self.failure_rate
+            ):
+                self._doomed.add(sid)
+        for t in c.token_ids:
+            h = hash((h, t))
+        self._state[sid] = h
+        return h
 
     def release(self, seq_id: str) -> None:
         """Forget the sequence's context hash (and whether it is doomed)."""

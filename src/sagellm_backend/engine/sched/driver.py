@@ -284,10 +284,15 @@ class Driver:
         return plan
 
     def _finish_step(self, plan: StepPlan, out: Any, t0: float) -> None:
-        tokens = self.sampler.sample(out, plan.sample_seqs)
+        tokens = self.sampler.sample(out, plan.sample_seqs, plan.special)
         t1 = now()
         done = self.scheduler.update(plan, tokens, t0, t1)
-        emitted = [(s, len(s.output_ids)) for s in plan.sample_seqs if not s.finished]
+        # Progress matters to streaming consumers only (execute waits for the finish).
+        emitted = [
+            (s, len(s.output_ids))
+            for s in plan.sample_seqs
+            if s.user is not None and s.user._event is not None and not s.finished
+        ]
         self._post(emitted, done)
 
     def _fail_step(self, exc: BaseException) -> None:

@@ -108,34 +108,42 @@ class SparseLogits:
 class Sampler:
     """Picks one token per logits row (see the module docstring for the semantics)."""
 
-    def sample(self, logits: Any, seqs: Sequence[SamplingSeq]) -> list[int | BaseException]:
+    def sample(
+        self, logits: Any, seqs: Sequence[SamplingSeq], special: Sequence[int] | None = None
+    ) -> list[int | BaseException]:
         """One token (or the row's exception) per row of ``logits``, in row order.
 
         Args:
             logits: :class:`SparseLogits` or a float tensor ``[len(seqs), vocab]``.
             seqs: the sequences the rows belong to, in row order.
+            special: the rows whose sampling is not plain greedy, when the caller knows
+                them (every other row then takes the argmax without a look at its params).
         """
+        if special is None:
+            special = [i for i, s in enumerate(seqs) if not _plain_greedy(s.sampling)]
         if isinstance(logits, SparseLogits):
-            return self._sample_sparse(logits, seqs)
-        return self._sample_dense(logits, seqs)
+            return self._sample_sparse(logits, seqs, special)
+        return self._sample_dense(logits, seqs, special)
 
     # ------------------------------------------------------------------ sparse (pure Python)
     def _sample_sparse(
-        self, logits: SparseLogits, seqs: Sequence[SamplingSeq]
+        self, logits: SparseLogits, seqs: Sequence[SamplingSeq], special: Sequence[int]
     ) -> list[int | BaseException]:
         out: list[int | BaseException] = list(logits.top1)
         errors = logits.errors
-        for i, seq in enumerate(seqs):
-            if errors is not None and i in errors:
-                out[i] = errors[i]
-                continue
-            params = seq.sampling
-            if params is GREEDY or (params.greedy and not params.penalized):
+        if not special and errors is None:
+            return out
+        for i in special:
+            seq = seqs[i]
+            if _plain_greedy(seq.sampling):
                 continue
             try:
                 ids, vals = logits.expand(i)
                 out[i] = self._pick_sparse(list(ids), list(vals), seq)
             except Exception as exc:
+                out[i] = exc
+        if errors is not None:
+            for i, exc in errors.items():
                 out[i] = exc
         return out
 
@@ -175,14 +183,15 @@ class Sampler:
         return ids[choice]
 
     # ------------------------------------------------------------------ dense (torch)
-    def _sample_dense(self, logits: Any, seqs: Sequence[SamplingSeq]) -> list[int | BaseException]:
+    def _sample_dense(
+        self, logits: Any, seqs: Sequence[SamplingSeq], special: Sequence[int]
+    ) -> list[int | BaseException]:
         import torch
 
-        special = [
-            i for i, s in enumerate(seqs) if not (s.sampling.greedy and not s.sampling.penalized)
-        ]
         tokens: list[int | BaseException] = list(logits.argmax(dim=-1).tolist())
         for i in special:
+            if _plain_greedy(seqs[i].sampling):
+                continue
             try:
                 tokens[i] = self._pick_dense(logits[i], seqs[i], torch)
             except Exception as exc:
@@ -225,6 +234,10 @@ class Sampler:
                 params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
             )
         return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return params is GREEDY or (params.greedy and not params.penalized)
 
 
 def _penalize(ids: list[int], vals: list[float], seq: SamplingSeq, rp: float) -> list[float]:

@@ -32,6 +32,8 @@ Invariants:
     * a finished, aborted or preempted sequence holds no KV pages; with no sequence left,
       the manager holds none of this scheduler's sequences;
     * waiting sequences keep arrival order (preempted ones go back to the front);
+    * a plan's chunks are valid until the next :meth:`schedule` (a sequence's decode chunk
+      object is reused step after step): runners must not keep them;
     * the KV manager learns generated tokens lazily -- when a new page is needed, when a
       block completes (prefix caching) and at the end -- so it sees one call per page, not per
       token; a sequence's ``block_table`` always covers the tokens of its next chunk.
@@ -96,6 +98,8 @@ class SchedSeq:
     timeline: RequestTimeline = field(default_factory=_new_timeline)
     user: Any = None
     output_ids: list[int] = field(default_factory=list)
+    limit: int = 0
+    chunk: SeqChunk | None = None
     num_computed: int = 0
     kv_tokens: int = 0
     kv_pages: int = 0
@@ -140,6 +144,7 @@ class StepPlan:
         sample_seqs: owners of the chunks with ``need_logits`` (the logits rows), in order.
         prefill: some chunk computes prompt tokens.
         decode: some chunk decodes one generated token.
+        special: rows (indices into ``sample_seqs``) whose sampling is not plain greedy.
     """
 
     chunks: list[SeqChunk]
@@ -147,6 +152,7 @@ class StepPlan:
     sample_seqs: list[SchedSeq]
     prefill: bool
     decode: bool
+    special: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +264,7 @@ class Scheduler:
     def add(self, seq: SchedSeq) -> None:
         """Queue a sequence (arrival order)."""
         seq.final_pages = self.pages_for(len(seq.prompt_ids) + seq.max_tokens - 1)
+        seq.limit = min(seq.max_tokens, self.max_context - len(seq.prompt_ids))
         self.waiting.append(seq)
 
     def abort(self, seq: SchedSeq, error: Error, *, cancelled: bool = False) -> bool:
@@ -296,6 +303,8 @@ class Scheduler:
     def _admit(self, failed: list[SchedSeq]) -> None:
         kv = self.kv
         running = self.running
+        if len(running) >= self.max_batch_size:
+            return  # no room: skip the budget scan
         waiting = self.waiting
         budget = self.max_num_batched_tokens
         for s in running:
@@ -370,23 +379,34 @@ class Scheduler:
         chunks: list[SeqChunk] = []
         owners: list[SchedSeq] = []
         sample: list[SchedSeq] = []
+        special: list[int] = []
         budget = self.max_num_batched_tokens
         block = self.block_size
         prefilling: list[SchedSeq] = []
-        decode = False
+        add_chunk = chunks.append
+        add_owner = owners.append
         for seq in list(self.running):
             out = seq.output_ids
             n = len(seq.prompt_ids) + len(out)
-            if not out or seq.num_computed < n - 1:
+            if not out or seq.num_computed != n - 1:
                 prefilling.append(seq)
                 continue
             if not seq.has_kv or (n > seq.kv_pages * block and not self._grow(seq, n, failed)):
                 continue
-            chunks.append(SeqChunk(seq.seq_id, [out[-1]], n - 1, seq.block_table, True))
-            owners.append(seq)
+            chunk = seq.chunk
+            if chunk is None:
+                chunk = seq.chunk = SeqChunk(seq.seq_id, [out[-1]], n - 1, seq.block_table, True)
+            else:  # the sequence's decode chunk, reused: valid during one execute() only
+                chunk.token_ids[0] = out[-1]
+                chunk.start = n - 1
+                chunk.block_table = seq.block_table
+            add_chunk(chunk)
+            add_owner(seq)
+            if seq.sampling is not GREEDY:
+                special.append(len(sample))
             sample.append(seq)
-            budget -= 1
-            decode = True
+        decode = bool(chunks)
+        budget -= len(chunks)
         prefill = False
         for seq in prefilling:
             if budget <= 0:
@@ -404,10 +424,12 @@ class Scheduler:
             )
             owners.append(seq)
             if need:
+                if seq.sampling is not GREEDY:
+                    special.append(len(sample))
                 sample.append(seq)
             budget -= end - start
             prefill = True
-        return StepPlan(chunks, owners, sample, prefill, decode)
+        return StepPlan(chunks, owners, sample, prefill, decode, special)
 
     def _grow(self, seq: SchedSeq, n: int, failed: list[SchedSeq]) -> bool:
         """Hand ``seq``'s pending tokens to the KV manager so its pages cover ``n`` tokens.
@@ -464,13 +486,18 @@ class Scheduler:
         caching = self._caching
         block = self.block_size
         kv = self.kv
-        computed = 0
+        eos = self.eos_token_ids
+        keep_eos = self.keep_eos
+        computed = generated = 0
+        done: list[SchedSeq] = []
+        row = 0
         for chunk, seq in zip(plan.chunks, plan.seqs, strict=True):
             k = len(chunk.token_ids)
             computed += k
             end = chunk.start + k
             tl = seq.timeline
-            if k > 1 or not seq.output_ids:
+            out = seq.output_ids
+            if k > 1 or not out:
                 tl.prefill_ms += dt_ms
             else:
                 tl.decode_ms += dt_ms
@@ -480,35 +507,38 @@ class Scheduler:
                     seq.kv_tokens = end
                 kv.mark_computed(seq.seq_id, end)
             seq.num_computed = end
-        self.tokens_computed += computed
-        done: list[SchedSeq] = []
-        eos = self.eos_token_ids
-        ctx = self.max_context
-        for seq, tok in zip(plan.sample_seqs, tokens, strict=True):
+            if not chunk.need_logits:
+                continue
+            tok = tokens[row]
+            row += 1
             if not isinstance(tok, int):
                 self.running.remove(seq)
                 self._finish(seq, "error", to_protocol_error(tok))
                 done.append(seq)
                 continue
-            out = seq.output_ids
-            stop = (tok in eos and not seq.ignore_eos) or tok in seq.stop_token_ids
-            if not (stop and not self.keep_eos and tok in eos):
-                out.append(tok)
-                seq.timeline.token_times.append(t1)
-                self.tokens_generated += 1
             reason: FinishReason | None = None
-            if stop:
+            if (tok in eos and not seq.ignore_eos) or tok in seq.stop_token_ids:
                 reason = "stop"
-            elif len(out) >= seq.max_tokens or len(seq.prompt_ids) + len(out) >= ctx:
-                reason = "length"
-            elif seq.stop_strings and self.decode is not None:
-                text = self.decode(out)
-                if any(s in text for s in seq.stop_strings):
-                    reason = "stop"
+                if keep_eos or tok not in eos:
+                    out.append(tok)
+                    tl.token_times.append(t1)
+                    generated += 1
+            else:
+                out.append(tok)
+                tl.token_times.append(t1)
+                generated += 1
+                if len(out) >= seq.limit:
+                    reason = "length"
+                elif seq.stop_strings and self.decode is not None:
+                    text = self.decode(out)
+                    if any(x in text for x in seq.stop_strings):
+                        reason = "stop"
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason, None, t=t1)
                 done.append(seq)
+        self.tokens_computed += computed
+        self.tokens_generated += generated
         return done
 
     # ------------------------------------------------------------------ release
