@@ -143,8 +143,8 @@ class Sampler:
             except Exception as exc:
                 out[i] = exc
         if errors is not None:
-            for i, exc in errors.items():
-                out[i] = exc
+            for i, failure in errors.items():
+                out[i] = failure
         return out
 
     def _pick_sparse(self, ids: list[int], vals: list[float], seq: SamplingSeq) -> int:
