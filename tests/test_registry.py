@@ -552,7 +552,7 @@ def test_factory_errors_keep_their_type_and_name_the_plugin(
 
 
 def test_cli_one_line_error_shows_the_notes(site: FakeSite) -> None:
-    from sagellm_backend.commands._common import describe_exception
+    from sagellm_backend.cli._common import describe_exception
 
     mod = site.provider_module(
         "cli", "def bad(config=None, **kw):\n    raise ValueError('pool_mb\\nmust be > 0')\n"

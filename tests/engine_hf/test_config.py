@@ -72,8 +72,15 @@ def test_every_documented_cuda_field_is_required(field: str) -> None:
         ({"device_map": {}}, ["device_map"]),
         ({"load_in_8bit": "no"}, ["load_in_8bit", "'no'"]),
         ({"load_in_8bit": True, "load_in_4bit": True}, ["mutually exclusive"]),
-        ({"dtype": "bfloat16", "load_in_8bit": True}, ["bfloat16", "load_in_8bit"]),
-        ({"dtype": "bfloat16", "load_in_4bit": True}, ["bfloat16", "load_in_4bit"]),
+        (
+            {"load_in_4bit": True, "bnb_4bit_quant_type": "int2"},
+            ["bnb_4bit_quant_type", "'int2'", "nf4", "fp4"],
+        ),
+        ({"bnb_4bit_quant_type": "fp4"}, ["bnb_4bit_quant_type", "load_in_4bit=True"]),
+        (
+            {"load_in_4bit": True, "bnb_4bit_compute_dtype": "int8"},
+            ["bnb_4bit_compute_dtype", "'int8'", "bfloat16"],
+        ),
         ({"trust_remote_code": 1}, ["trust_remote_code"]),
         ({"max_new_tokens": 0}, ["max_new_tokens", "0", "> 0"]),
         ({"max_batch_size": -2}, ["max_batch_size", "-2"]),

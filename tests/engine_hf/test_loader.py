@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +120,62 @@ def test_pad_token_falls_back_to_eos(models: Path, tmp_path: Path) -> None:
 # ---- errors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/no/such/model-dir", "./missing-model", "a/b/c"])
-def test_missing_path_that_is_not_a_hub_id(path: str) -> None:
-    with pytest.raises(ConfigError, match=r"does not exist and is not a Hugging Face hub id"):
+@pytest.mark.parametrize(
+    ("path", "resolved"),
+    [
+        ("/no/such/model-dir", "/no/such/model-dir"),
+        ("./missing-model", "{cwd}/missing-model"),
+        ("~/no-such-model-dir-xyz", "{home}/no-such-model-dir-xyz"),
+        ("models/tiny/llama", "{cwd}/models/tiny/llama"),
+    ],
+)
+def test_missing_local_path_fails_at_once_naming_the_directory(
+    path: str, resolved: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = resolved.format(cwd=tmp_path, home=Path.home())
+    with pytest.raises(ConfigError) as err:
         _load(path)
+    msg = str(err.value)
+    assert "does not exist" in msg and f"no local directory {expected!r}" in msg, msg
+    assert f"working directory {str(tmp_path)!r}" in msg, msg
 
 
-def test_hub_id_that_cannot_be_resolved_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="no-such-org/no-such-model"):
+def test_hub_id_that_cannot_be_resolved_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.5: 'models/tiny-llama' could be a hub id: the error says both answers."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        _load("models/tiny-llama")
+    msg = str(err.value)
+    assert f"no local directory {str(tmp_path / 'models' / 'tiny-llama')!r}" in msg, msg
+    assert f"working directory {str(tmp_path)!r}" in msg, msg
+    assert "HF_HUB_OFFLINE" in msg and "answered" in msg, msg
+
+
+def test_unreachable_hub_fails_fast_with_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.5: no network -> the local hub cache only, one clear error, in seconds."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.lower(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
         _load("no-such-org/no-such-model")
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert "cannot connect to the Hugging Face hub http://127.0.0.1:9" in msg, msg
+    assert "no local directory" in msg and "HF_HUB_OFFLINE=1" in msg, msg
 
 
 def test_file_and_dir_without_config(tmp_path: Path) -> None:
@@ -198,3 +246,64 @@ def test_device_torch_cannot_use(models: Path) -> None:
 def test_no_direct_cuda_calls_in_engine_helpers() -> None:
     for rel in ("hf/loader.py", "hf/detok.py", "tiny_models.py"):
         assert "torch.cuda" not in (SRC / rel).read_text(), rel
+
+
+# ---- issue 19 through the engine: wrong checkpoints say what is wrong ------------------
+
+
+def _copy_with_config(models: Path, tmp_path: Path, name: str, **changes: Any) -> str:
+    dst = tmp_path / f"{name}-edited"
+    shutil.copytree(_path(models, name), dst)
+    cfg_file = dst / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(changes)
+    cfg_file.write_text(json.dumps(cfg))
+    return str(dst)
+
+
+async def test_config_that_does_not_match_the_weights(
+    models: Path, tmp_path: Path, engine_factory: Any
+) -> None:
+    """Issue 19.6: a ConfigError naming the path and the mismatched tensors."""
+    path = _copy_with_config(models, tmp_path, "tiny-llama", intermediate_size=96)
+    engine = engine_factory(path)
+    with pytest.raises(ConfigError) as err:
+        await engine.start()
+    msg = str(err.value)
+    assert path in msg and "do not match its config.json" in msg, msg
+    assert "mlp.gate_proj.weight: checkpoint [128, 64] vs config [96, 64]" in msg, msg
+    assert "mlp.down_proj.weight: checkpoint [64, 128] vs config [64, 96]" in msg, msg
+    assert not engine.is_running and engine.model is None
+
+
+async def test_zero_context_length_says_which_context_is_used(
+    models: Path, tmp_path: Path, engine_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19.9: max_position_embeddings 0 -> a warning naming the context used and why."""
+    path = _copy_with_config(models, tmp_path, "tiny-llama", max_position_embeddings=0)
+    engine = engine_factory(path)
+    with caplog.at_level(logging.WARNING, logger="sagellm_backend.engine.hf.loader"):
+        await engine.start()
+    warned = [
+        r.getMessage() for r in caplog.records if "max_position_embeddings=0" in r.getMessage()
+    ]
+    assert len(warned) == 1, caplog.text
+    assert f"uses a context of {engine.max_context} tokens" in warned[0]
+    assert path in warned[0] and "max_model_len" in warned[0]
+    assert engine.max_context == 2048
+
+
+async def test_mistyped_relative_path_through_the_engine(
+    engine_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19.5 as a user meets it: CPUEngine.start() names the missing directory."""
+    monkeypatch.chdir(tmp_path)
+    for path in ("models/tiny-llama", "./models/tiny-llama"):
+        engine = engine_factory(path)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError) as err:
+            await engine.start()
+        assert time.monotonic() - t0 < 10
+        msg = str(err.value)
+        assert f"no local directory {str(tmp_path / 'models' / 'tiny-llama')!r}" in msg, msg
+        assert not engine.is_running and engine.model is None

@@ -135,8 +135,13 @@ CUDA_CONFIG_CASES: list[Case] = [
     *_cases("load_in_8bit", [None, "yes", 1]),
     *_cases("load_in_4bit", [None, "no", 0]),
     ("both quantisations", {"load_in_8bit": True, "load_in_4bit": True}, "load_in_4bit"),
-    ("bfloat16 with 8-bit", {"dtype": "bfloat16", "load_in_8bit": True}, "load_in_8bit"),
-    ("bfloat16 with 4-bit", {"dtype": "bfloat16", "load_in_4bit": True}, "load_in_4bit"),
+    # bfloat16 with 8/4-bit is valid; a GPU without bf16 is rejected at start() (issue 16)
+    ("fp4 without 4-bit", {"bnb_4bit_quant_type": "fp4"}, "load_in_4bit=True"),
+    (
+        "unknown 4-bit type",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "int2"},
+        "bnb_4bit_quant_type",
+    ),
     *_cases("trust_remote_code", [None, "false"]),
     *_cases("max_new_tokens", [None, 0, -1, "16", True]),
     *_cases("max_batch_size", [None, 0, -2, "4", 1.0]),

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.engine.base import EngineConfig
@@ -32,6 +32,7 @@ from sagellm_backend.engine.hf.core import (
     resolve_engine_options,
     with_provider,
 )
+from sagellm_backend.engine.hf.loader import check_bnb_options
 from sagellm_backend.errors import ConfigError
 
 __all__ = ["CPUEngine", "CPUEngineConfig", "create_cpu_engine"]
@@ -47,12 +48,22 @@ class CPUEngineConfig(EngineOptionFields):
         device: ``"cpu"`` (the default).
         max_new_tokens: most tokens one request produces (``> 0``; a request's
             ``max_tokens`` above it is capped).
-        torch_dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto``.
+        torch_dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` (the
+            checkpoint's dtype). With quantisation: the dtype of the unquantised layers
+            (embeddings, norms, ``lm_head``) and of the activations.
         trust_remote_code: allow model code shipped with the checkpoint.
         low_cpu_mem_usage: transformers 4.x loading option (5.x always loads lazily).
-        load_in_8bit: bitsandbytes int8 weights (needs a bitsandbytes build with CPU
-            support).
+        load_in_8bit: bitsandbytes LLM.int8 weights (bitsandbytes >= 0.48, ``pip install
+            'isagellm-backend[quant]'``); the int8 matmuls compute in float16.
         num_threads: torch intra-op threads (process-wide); None keeps torch's setting.
+        load_in_4bit: bitsandbytes 4-bit weights (keyword-only; default False; not with
+            ``load_in_8bit``).
+        bnb_4bit_quant_type: ``"nf4"`` (default) or ``"fp4"`` (keyword-only, 4-bit only).
+        bnb_4bit_compute_dtype: dtype the 4-bit layers compute in: None (default: the
+            ``torch_dtype``, float32 for ``auto``), ``float32``, ``bfloat16`` or
+            ``float16`` (keyword-only, 4-bit only).
+        bnb_4bit_use_double_quant: quantise the 4-bit block scales too (keyword-only,
+            default True, 4-bit only).
         kv_cache_memory_bytes, block_size, enable_prefix_caching, max_num_batched_tokens,
             max_model_len, max_input_tokens, runner, fuse_projections, prepack_weights,
             decode_workspace_bytes: see
@@ -71,6 +82,10 @@ class CPUEngineConfig(EngineOptionFields):
     low_cpu_mem_usage: bool = True
     load_in_8bit: bool = False
     num_threads: int | None = None
+    load_in_4bit: bool = field(default=False, kw_only=True)
+    bnb_4bit_quant_type: str = field(default="nf4", kw_only=True)
+    bnb_4bit_compute_dtype: str | None = field(default=None, kw_only=True)
+    bnb_4bit_use_double_quant: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         owner = "CPUEngineConfig"
@@ -86,8 +101,16 @@ class CPUEngineConfig(EngineOptionFields):
             raise ConfigError(
                 f"{owner}.torch_dtype must be one of {_VALID_DTYPES}, got {self.torch_dtype!r}"
             )
-        for name in ("trust_remote_code", "low_cpu_mem_usage", "load_in_8bit"):
+        for name in ("trust_remote_code", "low_cpu_mem_usage", "load_in_8bit", "load_in_4bit"):
             check_bool(owner, name, getattr(self, name))
+        check_bnb_options(
+            owner,
+            load_in_8bit=self.load_in_8bit,
+            load_in_4bit=self.load_in_4bit,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+        )
         if self.num_threads is not None:
             check_positive_int(owner, "num_threads", self.num_threads)
         resolve_engine_options(owner, self)
@@ -126,11 +149,14 @@ class CPUEngine(HFEngineCore):
                 dtype=config.torch_dtype,
                 device_map=None,
                 load_in_8bit=config.load_in_8bit,
-                load_in_4bit=False,
+                load_in_4bit=config.load_in_4bit,
                 trust_remote_code=config.trust_remote_code,
                 low_cpu_mem_usage=config.low_cpu_mem_usage,
                 max_new_tokens=config.max_new_tokens,
                 max_batch_size=config.max_batch_size,
+                bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+                bnb_4bit_compute_dtype=config.bnb_4bit_compute_dtype,
+                bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
             )
         super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
         self._cpu_config = config
@@ -176,6 +202,8 @@ class CPUEngine(HFEngineCore):
         cfg = self._cpu_config
         info.update(
             torch_dtype=cfg.torch_dtype,
+            load_in_8bit=cfg.load_in_8bit,
+            load_in_4bit=cfg.load_in_4bit,
             max_new_tokens=cfg.max_new_tokens,
             num_threads=cfg.num_threads,
         )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.engine.base import EngineConfig
@@ -47,6 +47,7 @@ from sagellm_backend.engine.hf.core import (
     resolve_engine_options,
     with_provider,
 )
+from sagellm_backend.engine.hf.loader import check_bnb_options
 from sagellm_backend.errors import ConfigError
 
 __all__ = ["HFCudaEngine", "HFCudaEngineConfig", "create_cuda_engine"]
@@ -65,8 +66,15 @@ class HFCudaEngineConfig(EngineOptionFields):
     ``bfloat16``, ``float32`` or ``auto``), ``device_map`` (``"auto"`` -- or another
     accelerate strategy: ``balanced``, ``balanced_low_0``, ``sequential`` --, ``"cuda:N"``
     or a dict module -> device), ``load_in_8bit`` and ``load_in_4bit`` (bools, at most one
-    True; bfloat16 cannot be combined with either), ``trust_remote_code`` (bool),
-    ``max_new_tokens`` (``> 0``) and ``max_batch_size`` (``> 0``).
+    True; bitsandbytes, ``pip install 'isagellm-backend[quant]'``), ``trust_remote_code``
+    (bool), ``max_new_tokens`` (``> 0``) and ``max_batch_size`` (``> 0``).
+
+    Optional 4-bit options, keyword-only (they may differ from their defaults only with
+    ``load_in_4bit=True``): ``bnb_4bit_quant_type`` (``"nf4"``, default, or ``"fp4"``),
+    ``bnb_4bit_compute_dtype`` (None, default: ``dtype``, float16 for ``auto``; or
+    ``float16`` / ``bfloat16`` / ``float32``), ``bnb_4bit_use_double_quant`` (default True).
+    A ``dtype`` or compute dtype the GPU has no arithmetic for (bfloat16 before sm80) is
+    rejected at ``start()``, before anything is loaded.
 
     Optional tuning, keyword-only (see
     :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may also be a ``metadata``
@@ -86,6 +94,9 @@ class HFCudaEngineConfig(EngineOptionFields):
     load_in_4bit: bool | None = None
     trust_remote_code: bool | None = None
     max_new_tokens: int | None = None
+    bnb_4bit_quant_type: str = field(default="nf4", kw_only=True)
+    bnb_4bit_compute_dtype: str | None = field(default=None, kw_only=True)
+    bnb_4bit_use_double_quant: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,12 +144,14 @@ class HFCudaEngineConfig(EngineOptionFields):
                 f"{owner}.load_in_8bit and load_in_4bit are mutually exclusive; set at most "
                 "one to True"
             )
-        if (load_8 or load_4) and self.dtype == "bfloat16":
-            bits = "load_in_8bit" if load_8 else "load_in_4bit"
-            raise ConfigError(
-                f"{owner}.dtype='bfloat16' cannot be combined with {bits}=True; use "
-                "dtype='float16' or 'auto' with quantisation"
-            )
+        check_bnb_options(
+            owner,
+            load_in_8bit=load_8,
+            load_in_4bit=load_4,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+        )
         check_bool(owner, "trust_remote_code", self.trust_remote_code)
         check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
         check_positive_int(owner, "max_batch_size", self.max_batch_size)
@@ -181,6 +194,9 @@ class HFCudaEngine(HFEngineCore):
             low_cpu_mem_usage=True,
             max_new_tokens=config.max_new_tokens,
             max_batch_size=config.max_batch_size,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=config.bnb_4bit_compute_dtype,
+            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
         )
         mock = (
             make_mock_engine(config, type(self).__name__, from_core) if config.mock_mode else None

@@ -263,6 +263,14 @@ def check_common_fields(owner: str, config: Any) -> None:
         raise ConfigError(f"{owner}.metadata must be a dict, got {config.metadata!r}")
 
 
+def _provider_dtypes(provider: Any) -> list[str] | None:
+    """Names of the dtypes ``provider``'s device computes in (None when it does not say)."""
+    dtypes = getattr(provider.capability(), "supported_dtypes", None)
+    if not dtypes:
+        return None
+    return [str(getattr(d, "value", d)) for d in dtypes]
+
+
 def hf_unavailable_reason() -> str | None:
     """Why the HF engines cannot run here (missing packages, with the fix), or None."""
     import importlib.util
@@ -397,6 +405,8 @@ class LoadSettings:
         low_cpu_mem_usage: transformers 4.x loading option.
         max_new_tokens: cap on tokens per request.
         max_batch_size: most requests per step.
+        bnb_4bit_quant_type / bnb_4bit_compute_dtype / bnb_4bit_use_double_quant: 4-bit
+            options (see :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`).
     """
 
     model_path: str
@@ -409,6 +419,9 @@ class LoadSettings:
     low_cpu_mem_usage: bool
     max_new_tokens: int
     max_batch_size: int
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_use_double_quant: bool = True
 
 
 def build_runner(
@@ -574,6 +587,7 @@ class HFEngineCore(ScheduledEngine):
         self._max_context = 0
         self._vocab_size = 0
         self._runner_name: str | None = None
+        self._quantization: str | None = None
         self.load_in_thread = mock_engine is None
 
     # ------------------------------------------------------------------ face hooks
@@ -632,9 +646,9 @@ class HFEngineCore(ScheduledEngine):
             return serving
         return self._build_hf_serving()
 
-    def _load_model(self) -> None:
+    def _load_model(self, provider: Any) -> None:
         """Load model and tokenizer once (kept across stop/start)."""
-        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, quantization_name
         from sagellm_backend.engine.hf.runner import model_context_length
 
         load = self._load_settings
@@ -648,6 +662,13 @@ class HFEngineCore(ScheduledEngine):
             load_in_4bit=load.load_in_4bit,
             trust_remote_code=load.trust_remote_code,
             low_cpu_mem_usage=load.low_cpu_mem_usage,
+            bnb_4bit_quant_type=load.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=load.bnb_4bit_compute_dtype,
+            bnb_4bit_use_double_quant=load.bnb_4bit_use_double_quant,
+            device_dtypes=_provider_dtypes(provider),
+        )
+        self._quantization = quantization_name(
+            load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type
         )
         context = model_context_length(model.config)
         if self._options.max_model_len is not None:
@@ -685,7 +706,7 @@ class HFEngineCore(ScheduledEngine):
             self._provider = provider
         self._check_provider(provider)
         if self._model is None:
-            self._load_model()
+            self._load_model(provider)
         model = self._model
         paged = _uses_paged_kv(opts, model)
         kv_dtype = {
@@ -728,6 +749,7 @@ class HFEngineCore(ScheduledEngine):
             *self._trace_base,
             f"runner:{runner.name}",
             f"provider:{type(provider).__name__}",
+            f"weights:{self._quantization}",
         ]
         return Serving(
             scheduler=scheduler,
@@ -757,4 +779,12 @@ class HFEngineCore(ScheduledEngine):
             options=dataclasses.asdict(self._options),
             provider=type(self._provider).__name__ if self._provider is not None else None,
         )
+        if self._model is not None and self._quantization is not None:
+            from sagellm_backend.engine.hf.loader import weight_memory
+
+            # Measured now: bitsandbytes may repack its state on the first forward.
+            weights = weight_memory(self._model, self._quantization)
+            info["weight_memory_bytes"] = weights.total_bytes
+            info["weight_memory"] = dataclasses.asdict(weights)
+            info["quantization"] = weights.quantization
         return info

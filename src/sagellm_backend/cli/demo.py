@@ -27,21 +27,20 @@ import textwrap
 import time
 from typing import Any, TextIO
 
-from sagellm_backend.cli import Command, register_command
-from sagellm_backend.commands._common import (
-    add_engine_arguments,
-    add_sampling_arguments,
+from sagellm_backend.cli._common import (
     create_engine,
     engine_description,
     engine_settings,
     guarded,
     make_request,
-    metrics_rows,
     request_error_text,
     resolve_engine_kind,
     resolve_model,
 )
-from sagellm_backend.commands._table import render_table, safe_text, terminal_width
+from sagellm_backend.cli._metrics import metrics_rows
+from sagellm_backend.cli._options import add_engine_arguments, add_sampling_arguments
+from sagellm_backend.cli._table import render_table, safe_text, terminal_width
+from sagellm_backend.cli.command import Command, register_command
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROMPT", "add_arguments", "run"]
 

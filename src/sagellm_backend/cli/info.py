@@ -1,19 +1,15 @@
-"""The ``sagellm-backend`` command line (console script ``sagellm_backend.cli:main``).
+"""``sagellm-backend info``: the installed backends and engines, and the auto-selection.
 
-Subcommands are :class:`Command` objects kept in a registry, so each can live in its own
-module: ``info`` is defined here; further commands (``generate``, ``bench``, ``demo``) are
-added by listing their module in :data:`COMMAND_MODULES`, a module that calls
-:func:`register_command` when imported. Such modules must keep heavy imports (torch,
-transformers) inside their ``run`` function: importing this module, and building the
-parser, never imports torch.
-
-``sagellm-backend info`` shows every installed backend and engine plugin: kind, providing
-package, state (available / unavailable / error and why), and for each available backend
-the device, capability matrix and memory read from a freshly created provider, followed by
-the backend auto-selection and its reason. ``--json`` prints the same as one JSON object.
+It shows every installed backend and engine plugin: kind, providing package, state
+(available / unavailable / error and why), and for each available backend the device,
+capability matrix and memory read from a freshly created provider, followed by the
+backend auto-selection and its reason. ``--json`` prints the same as one JSON object.
 Exit status: 0, or 1 when a plugin is broken (failed to load, conflicting registrations,
 raising hooks), an available backend could not be inspected, or ``SAGELLM_BACKEND`` names
 an unknown kind.
+
+Invariant: importing this module imports neither torch nor transformers (``--no-inspect``
+never does; inspecting a torch provider does, inside :func:`collect_info`).
 """
 
 from __future__ import annotations
@@ -21,16 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import importlib
 import json
-import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from sagellm_backend._version import __version__
+from sagellm_backend.cli.command import Command, register_command
 from sagellm_backend.errors import BackendError, ConfigError, PluginConflictError, PluginLoadError
 from sagellm_backend.registry import (
     ENGINES_GROUP,
@@ -41,67 +35,7 @@ from sagellm_backend.registry import (
     PluginStatus,
 )
 
-__all__ = [
-    "COMMAND_MODULES",
-    "Command",
-    "build_parser",
-    "collect_info",
-    "main",
-    "register_command",
-    "render_info",
-]
-
-#: Modules imported by :func:`build_parser` that register further subcommands on import.
-COMMAND_MODULES: tuple[str, ...] = (
-    "sagellm_backend.commands.generate",
-    "sagellm_backend.commands.bench",
-    "sagellm_backend.commands.demo",
-)
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand.
-
-    Attributes:
-        name: the subcommand word (``"info"``).
-        help: one line shown in ``sagellm-backend --help``.
-        add_arguments: adds the subcommand's options to its parser.
-        run: executes it; returns the process exit status.
-        description: longer text for ``sagellm-backend NAME --help`` (defaults to ``help``).
-    """
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    description: str = ""
-
-
-_COMMANDS: dict[str, Command] = {}
-
-
-def register_command(command: Command, *, replace: bool = False) -> None:
-    """Add a subcommand.
-
-    Raises:
-        ValueError: the name is empty or already registered (and ``replace`` is False).
-    """
-    if not command.name or not command.name.replace("-", "").isalnum():
-        raise ValueError(f"command name must be a non-empty word, got {command.name!r}")
-    if command.name in _COMMANDS and not replace:
-        raise ValueError(
-            f"command {command.name!r} is already registered; pass replace=True to override it"
-        )
-    _COMMANDS[command.name] = command
-
-
-def commands() -> dict[str, Command]:
-    """The registered subcommands, by name."""
-    return dict(_COMMANDS)
-
-
-# ----------------------------------------------------------------------------- info
+__all__ = ["collect_info", "render_info"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -364,44 +298,3 @@ register_command(
         ),
     )
 )
-
-
-# ----------------------------------------------------------------------------- main
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
-    parser = argparse.ArgumentParser(
-        prog="sagellm-backend",
-        description="sageLLM backend: hardware providers, KV cache and inference engines.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default WARNING; INFO shows the backend selection)",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in _COMMANDS.values():
-        sub_parser = sub.add_parser(
-            command.name, help=command.help, description=command.description or command.help
-        )
-        command.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=command.run)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for usage errors)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(message)s")
-    run: Callable[[argparse.Namespace], int] = args._run
-    return run(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

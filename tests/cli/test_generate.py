@@ -14,7 +14,7 @@ import pytest
 from sagellm_protocol import Response, StreamEventDelta, StreamEventEnd, StreamEventStart
 
 from sagellm_backend import cli
-from sagellm_backend.commands import generate
+from sagellm_backend.cli import generate
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig, MockTokenizer
 
 FAST_MOCK = ["--engine", "mock", "--mock-ttft-ms", "0", "--mock-latency-ms", "0"]

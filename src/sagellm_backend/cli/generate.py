@@ -22,22 +22,21 @@ import argparse
 import asyncio
 from typing import Any, TextIO
 
-from sagellm_backend.cli import Command, register_command
-from sagellm_backend.commands._common import (
+from sagellm_backend.cli._common import (
     UsageError,
-    add_engine_arguments,
-    add_sampling_arguments,
     create_engine,
     engine_description,
     engine_settings,
     guarded,
     make_request,
-    metrics_rows,
     request_error_text,
     resolve_engine_kind,
     resolve_model,
 )
-from sagellm_backend.commands._table import fmt_ms, render_table
+from sagellm_backend.cli._metrics import metrics_rows
+from sagellm_backend.cli._options import add_engine_arguments, add_sampling_arguments
+from sagellm_backend.cli._table import fmt_ms, render_table
+from sagellm_backend.cli.command import Command, register_command
 
 __all__ = ["add_arguments", "run"]
 

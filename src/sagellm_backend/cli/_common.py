@@ -1,14 +1,14 @@
-"""What the ``generate``, ``bench`` and ``demo`` commands share.
+"""What the ``generate``, ``bench`` and ``demo`` commands share: the engine and failing.
 
-* argparse value types that reject bad numbers with a message naming the valid range
-  (argparse turns them into ``error: argument --x: ...`` and exit status 2);
-* the engine options (``--engine``, ``--model``, ``--dtype``, ...), their resolution to an
-  engine kind and a model path (the built-in offline models are accepted by name), and
-  :func:`create_engine`;
+* the resolution of ``--engine`` to an engine kind (:func:`resolve_engine_kind`; ``auto``
+  follows the backend auto-selection) and of ``--model`` to what the engine loads
+  (:func:`resolve_model`; the built-in offline models are accepted by name);
+  :func:`engine_settings` gathers the engine options into :class:`EngineSettings`, which
+  :func:`create_engine` turns into an engine; :func:`make_request` builds a protocol
+  Request;
 * :func:`guarded`, the wrapper every ``run`` goes through: a :class:`UsageError` becomes
   the subcommand's usage message and exit status 2, any other exception one line on stderr
-  and exit status 1 (the traceback only with ``--log-level DEBUG``), Ctrl-C exit 130;
-* the protocol Metrics as table rows (:func:`metrics_rows`) and :func:`percentile`.
+  and exit status 1 (the traceback only with ``--log-level DEBUG``), Ctrl-C exit 130.
 
 Invariant: importing this module imports neither torch nor transformers; the engine
 modules are imported inside :func:`create_engine`.
@@ -17,218 +17,40 @@ modules are imported inside :func:`create_engine`.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
-import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = [
-    "DTYPE_CHOICES",
-    "ENGINE_CHOICES",
+    "BUILTIN_KINDS",
+    "DEFAULT_DTYPE",
     "EngineSettings",
     "UsageError",
-    "add_engine_arguments",
-    "add_sampling_arguments",
     "create_engine",
     "describe_exception",
+    "engine_description",
     "engine_settings",
     "guarded",
     "make_request",
-    "metrics_rows",
-    "non_negative_float",
-    "non_negative_int",
-    "percentile",
-    "positive_int",
     "quiet_transformers",
     "request_error_text",
     "resolve_engine_kind",
     "resolve_model",
-    "temperature_value",
-    "top_p_value",
 ]
 
 _log = logging.getLogger("sagellm_backend.cli")
 
-#: Values of ``--engine``: ``auto`` follows the backend auto-selection (SAGELLM_BACKEND,
-#: else the highest-priority available backend).
-ENGINE_CHOICES = ("auto", "cpu", "cuda", "mock")
 #: Engine kinds with a built-in engine class.
 BUILTIN_KINDS = ("cpu", "cuda", "mock")
-#: Values of ``--dtype``.
-DTYPE_CHOICES = ("float32", "float16", "bfloat16", "auto")
 #: ``--dtype`` when not given, per engine kind.
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "auto"}
-
-_MIB = 1 << 20
 
 
 class UsageError(Exception):
     """A bad combination of arguments: reported with the usage line, exit status 2."""
-
-
-# ----------------------------------------------------------------------------- arg types
-
-
-def _int_at_least(text: str, minimum: int) -> int:
-    valid = f"an integer >= {minimum}"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """Parse (argparse type) an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """Parse (argparse type) an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def _float(text: str, valid: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
-    if math.isnan(value) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """Parse (argparse type) a finite number >= 0."""
-    value = _float(text, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
-def temperature_value(text: str) -> float:
-    """Parse (argparse type) a sampling temperature in [0, 2] (0 means greedy)."""
-    valid = "a number in [0, 2] (0 = greedy)"
-    value = _float(text, valid)
-    if not 0.0 <= value <= 2.0:
-        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
-    return value
-
-
-def top_p_value(text: str) -> float:
-    """Parse (argparse type) a nucleus-sampling threshold in (0, 1]."""
-    valid = "a number in (0, 1]"
-    value = _float(text, valid)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
-    return value
-
-
-# ----------------------------------------------------------------------------- request args
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, *, default_max_tokens: int) -> None:
-    """Add the options of one request: ``--max-tokens``, ``--temperature``, ``--top-p``, ``--seed``.
-
-    Their destinations: ``max_tokens`` (>= 1, default ``default_max_tokens``),
-    ``temperature`` (None or in [0, 2]), ``top_p`` (None or in (0, 1]), ``seed`` (None or an
-    int).
-    """
-    parser.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=default_max_tokens,
-        metavar="N",
-        help=f"most tokens to generate (>= 1, default {default_max_tokens})",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=temperature_value,
-        default=None,
-        metavar="T",
-        help="sampling temperature in [0, 2]; 0 or unset: greedy",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=top_p_value,
-        default=None,
-        metavar="P",
-        help="nucleus sampling threshold in (0, 1] (applies when sampling)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="seed of the request's sampler (HF engines)"
-    )
-
-
-# ----------------------------------------------------------------------------- engine args
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> None:
-    """Add the options that choose and configure the engine.
-
-    ``--engine`` (auto/cpu/cuda/mock), ``--model``, ``--dtype``, ``--device``,
-    ``--threads``, ``--trust-remote-code``, ``--no-prefix-caching``, ``--mock-ttft-ms``,
-    ``--mock-latency-ms``. Also remembers ``parser`` so that :func:`guarded` can report a
-    :class:`UsageError` with this subcommand's usage line.
-    """
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--engine",
-        default="auto",
-        choices=ENGINE_CHOICES,
-        help="engine kind: cpu (HF model on the CPU), cuda (HF model on a GPU), mock "
-        "(simulated model, no dependencies) or auto (follow the backend auto-selection: "
-        "SAGELLM_BACKEND, else cuda when a GPU is usable, else cpu). Default: auto",
-    )
-    group.add_argument("--model", metavar="MODEL", default=None, help=model_help)
-    group.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default=None,
-        help="weights dtype (default: float32 on cpu, the checkpoint's own (auto) on cuda)",
-    )
-    group.add_argument(
-        "--device", default=None, metavar="cuda:N", help="GPU for --engine cuda (default cuda:0)"
-    )
-    group.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="torch intra-op threads for --engine cpu (default: torch's own setting)",
-    )
-    group.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code shipped with the checkpoint (Hugging Face trust_remote_code)",
-    )
-    group.add_argument(
-        "--no-prefix-caching",
-        dest="prefix_caching",
-        action="store_false",
-        help="disable the engine's prefix cache (reuse of a repeated prompt prefix's KV)",
-    )
-    group.add_argument(
-        "--mock-ttft-ms",
-        type=non_negative_float,
-        default=50.0,
-        metavar="MS",
-        help="--engine mock: simulated duration of a prefill step (default 50)",
-    )
-    group.add_argument(
-        "--mock-latency-ms",
-        type=non_negative_float,
-        default=10.0,
-        metavar="MS",
-        help="--engine mock: simulated duration of a decode step (default 10)",
-    )
-    parser.set_defaults(_command_parser=parser)
 
 
 def resolve_engine_kind(requested: str) -> tuple[str, str]:
@@ -534,9 +356,6 @@ def make_request(
     )
 
 
-# ----------------------------------------------------------------------------- errors
-
-
 def request_error_text(error: Any) -> str:
     """``"CODE: message"`` of a failed request's protocol error (``"unknown error"`` if None)."""
     return f"{error.code}: {error.message}" if error is not None else "unknown error"
@@ -606,130 +425,3 @@ def _silence_stdout() -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return float(ordered[0])
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
-
-
-#: Metrics field -> (unit, meaning) for the table; fields not listed use the protocol's text.
-METRIC_DOCS: dict[str, tuple[str, str]] = {
-    "ttft_ms": ("ms", "queued -> first output token"),
-    "tbt_ms": ("ms", "mean gap between output tokens"),
-    "tpot_ms": ("ms", "(completed - first token) / (n - 1)"),
-    "throughput_tps": ("tok/s", "output tokens / request lifetime"),
-    "peak_mem_mb": ("MiB", "peak memory of the engine's provider"),
-    "error_rate": ("", "failed / finished requests (engine)"),
-    "kv_used_tokens": ("tokens", "KV slots held at completion"),
-    "kv_used_bytes": ("bytes", "KV page bytes held at completion"),
-    "prefix_hit_rate": ("", "prompt share from the prefix cache"),
-    "evict_count": ("", "cached KV pages evicted"),
-    "evict_ms": ("ms", "time spent evicting"),
-    "spec_accept_rate": ("", "speculative decoding (0: unused)"),
-    "prefill_ms": ("ms", "time in prompt (prefill) steps"),
-    "decode_ms": ("ms", "time in decode steps"),
-    "kv_transfer_count": ("", "KV migrations between devices"),
-    "kv_transfer_bytes": ("bytes", "bytes of KV migrated"),
-    "kv_transfer_ms": ("ms", "time migrating KV"),
-    "comm_overhead_ms": ("ms", "collective communication time"),
-    "allreduce_count": ("", "all-reduce calls"),
-    "allgather_count": ("", "all-gather calls"),
-    "itl_list": ("ms", "gaps between output tokens"),
-    "timestamps": ("", "wall-clock instants of the request"),
-    "component_trace": ("", "components the request went through"),
-}
-
-_TIMESTAMP_DOCS = {
-    "queued_at": "entered the engine's queue",
-    "scheduled_at": "admitted to a running batch",
-    "executed_at": "first output token produced",
-    "completed_at": "finished",
-}
-
-
-def _fmt_value(value: Any, unit: str) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        if unit == "bytes":
-            from sagellm_backend.commands._table import fmt_bytes
-
-            return f"{value:,} ({fmt_bytes(value)})" if value >= 1024 else f"{value} B"
-        return f"{value:,}" + (f" {unit}" if unit else "")
-    if isinstance(value, float):
-        if unit == "ms":
-            from sagellm_backend.commands._table import fmt_ms
-
-            return f"{fmt_ms(value)} ms"
-        if unit == "":
-            return f"{value:.4g}"
-        return f"{value:,.1f} {unit}"
-    return str(value)
-
-
-def _clock(epoch_s: float) -> str:
-    return _dt.datetime.fromtimestamp(epoch_s).strftime("%H:%M:%S.%f")[:-3]
-
-
-def metrics_rows(metrics: Any) -> list[list[str]]:
-    """Rows ``[field, value, meaning]`` covering every field of a protocol Metrics.
-
-    ``itl_list`` is summarised (count, min, p50, p90, max), ``timestamps`` expands into
-    one row per instant (local clock time and milliseconds after ``queued_at``), and
-    ``component_trace`` has one component per line (multi-line cells: see
-    :func:`~sagellm_backend.commands._table.render_table`). Fields this table does not know (a newer
-    protocol) are shown with their value and the protocol's description.
-    """
-    rows: list[list[str]] = []
-    fields = type(metrics).model_fields
-    for name, info in fields.items():
-        value = getattr(metrics, name)
-        unit, meaning = METRIC_DOCS.get(name, ("", (info.description or "").strip()))
-        if name == "itl_list":
-            gaps = [float(v) for v in value or []]
-            if gaps:
-                summary = (
-                    f"{len(gaps)} gaps (ms)\nmin {min(gaps):.2f}, p50 {percentile(gaps, 50):.2f}"
-                    f"\np90 {percentile(gaps, 90):.2f}, max {max(gaps):.2f}"
-                )
-            else:
-                summary = "0 gaps (< 2 tokens)"
-            rows.append([name, summary, meaning])
-        elif name == "timestamps":
-            if value is None:
-                rows.append([name, "-", meaning])
-                continue
-            base = float(value.queued_at)
-            for key, doc in _TIMESTAMP_DOCS.items():
-                stamp = getattr(value, key, None)
-                if stamp is None:
-                    continue
-                rel = (float(stamp) - base) * 1000.0
-                rows.append([f"timestamps.{key}", f"{_clock(float(stamp))} (+{rel:.2f} ms)", doc])
-        elif name == "component_trace":
-            rows.append([name, "\n".join(value) if value else "-", meaning])
-        else:
-            rows.append([name, _fmt_value(value, unit), meaning])
-    return rows
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size so far (``getrusage``), None if unknown."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on POSIX
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)

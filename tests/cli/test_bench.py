@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from sagellm_backend import cli
-from sagellm_backend.commands import bench
-from sagellm_backend.commands._table import Progress, render_table
+from sagellm_backend.cli import bench
+from sagellm_backend.cli._table import Progress, render_table
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig, MockTokenizer
 
 HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))

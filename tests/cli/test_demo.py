@@ -12,7 +12,7 @@ import pytest
 from sagellm_protocol import Metrics
 
 from sagellm_backend import cli
-from sagellm_backend.commands._common import metrics_rows
+from sagellm_backend.cli._metrics import metrics_rows
 from sagellm_backend.engine.metrics import KVRequestStats, RequestTimeline, build_metrics
 from sagellm_backend.registry import ENV_BACKEND
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sagellm_backend import cli
+from sagellm_backend.cli import command as cli_command
 from sagellm_backend.registry import (
     BACKENDS_GROUP,
     ENGINES_GROUP,
@@ -214,7 +215,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_commands_can_be_registered_by_other_modules(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+    monkeypatch.setattr(cli_command, "_COMMANDS", dict(cli_command._COMMANDS))
     seen: list[argparse.Namespace] = []
 
     def add(parser: argparse.ArgumentParser) -> None:
