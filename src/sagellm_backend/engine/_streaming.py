@@ -337,8 +337,8 @@ def prepare_request(
     if not ids:
         raise ConfigError("request.prompt tokenizes to no tokens; give a prompt with some text")
     vocab = limits.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
+    if min(ids) < 0 or max(ids) >= vocab:
+        bad = [t for t in ids if not 0 <= t < vocab]
         raise ConfigError(
             f"request prompt has token id(s) {sorted(set(bad))[:8]} outside the model's "
             f"vocabulary 0..{vocab - 1}"

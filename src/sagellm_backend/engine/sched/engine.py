@@ -46,7 +46,7 @@ from sagellm_backend.engine._streaming import (
     start_event,
 )
 from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
-from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics
+from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
 from sagellm_backend.engine.sched.driver import Driver, Handle, stopped_error
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
 from sagellm_backend.errors import (
@@ -61,6 +61,8 @@ __all__ = ["Detokenizer", "ScheduledEngine", "Serving"]
 _log = logging.getLogger(__name__)
 _MIB = 1 << 20
 _STOP_JOIN_S = 1.5
+#: How long a reading of the provider's peak memory is reused for request metrics.
+_PEAK_TTL_S = 0.02
 
 # Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
 _validate_response = Response.__pydantic_validator__.validate_python
@@ -155,6 +157,8 @@ class ScheduledEngine(BaseEngine):
         self._starting = False
         self._start_done: asyncio.Event | None = None
         self._peak_bytes = 0
+        self._peak_mb = 0
+        self._peak_read_at = -1.0
         self._last_kv: Any = None
         self._last_runner: Any = None
 
@@ -503,6 +507,10 @@ class ScheduledEngine(BaseEngine):
                 self._peak_bytes = used
 
     def _peak_mem_mb(self) -> int:
+        """The provider's peak memory (MiB), read at most every ``_PEAK_TTL_S`` seconds."""
+        t = now()
+        if t - self._peak_read_at < _PEAK_TTL_S:
+            return self._peak_mb
         provider = self._provider
         if provider is None:
             return self._peak_bytes // _MIB
@@ -511,7 +519,9 @@ class ScheduledEngine(BaseEngine):
         except Exception:  # pragma: no cover - a provider bug must not fail the request
             return self._peak_bytes // _MIB
         peak = stats.get("peak", stats.get("allocated", 0))
-        return math.ceil(int(peak) / _MIB) if peak else 0
+        self._peak_mb = math.ceil(int(peak) / _MIB) if peak else 0
+        self._peak_read_at = t
+        return self._peak_mb
 
     def _metrics(self, seq: SchedSeq) -> Any:
         return build_metrics(

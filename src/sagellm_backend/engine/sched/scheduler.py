@@ -49,24 +49,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sagellm_protocol import Error, ErrorCode
 
+from sagellm_backend.engine.metrics import RequestTimeline
 from sagellm_backend.engine.runners.base import SeqChunk
 from sagellm_backend.engine.sched.sampler import GREEDY, SamplingParams
 from sagellm_backend.errors import KVCacheExhaustedError, to_protocol_error
 from sagellm_backend.kv.stats import KVRequestStats
 
 if TYPE_CHECKING:
-    from sagellm_backend.engine.metrics import RequestTimeline
     from sagellm_backend.kv.manager import KVCacheManager
 
 __all__ = ["FinishReason", "SchedSeq", "Scheduler", "SchedulerStats", "StepPlan"]
 
 FinishReason = Literal["stop", "length", "error"]
-
-
-def _new_timeline() -> RequestTimeline:
-    from sagellm_backend.engine.metrics import RequestTimeline
-
-    return RequestTimeline()
 
 
 @dataclass(eq=False, slots=True)
@@ -95,7 +89,7 @@ class SchedSeq:
     ignore_eos: bool = False
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
-    timeline: RequestTimeline = field(default_factory=_new_timeline)
+    timeline: RequestTimeline = field(default_factory=RequestTimeline)
     user: Any = None
     output_ids: list[int] = field(default_factory=list)
     limit: int = 0
