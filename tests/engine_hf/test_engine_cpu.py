@@ -28,9 +28,9 @@ async def test_greedy_matches_generate_llama_paged(llama_engine: Any, llama_ref:
 async def test_greedy_matches_generate_gpt2_fallback(
     engine_factory: Any, tiny_gpt2: str, gpt2_ref: Reference
 ) -> None:
-    engine = engine_factory(tiny_gpt2)
+    engine = engine_factory(tiny_gpt2, runner="hf")
     await engine.start()
-    assert engine.runner_name == "hf-cache"
+    assert engine.runner_name == "hf-batched"
     reqs = [make_request(p, 10) for p in PROMPTS[:4]]
     responses = await asyncio.gather(*(engine.execute(r) for r in reqs))
     for req, resp in zip(reqs, responses, strict=True):

@@ -24,7 +24,16 @@ pytest.importorskip("transformers")
 
 
 def test_list_and_specs() -> None:
-    assert list_tiny_models() == ["tiny-llama", "tiny-gpt2", "bench-llama"]
+    names = list_tiny_models()
+    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-3:] == [
+        "bench-llama",
+        "bench-gpt2",
+        "bench-phi3",
+    ]
+    assert {"tiny-mistral", "tiny-gemma2", "tiny-bloom"} <= set(names)
+    # Specs without extras keep the cache marker they had (no rebuild of existing caches).
+    assert "extra" not in tiny_models._spec_dict(tiny_model_spec("tiny-llama"))
+    assert dict(tiny_model_spec("tiny-gemma2").extra)["attn_logit_softcapping"] == 50.0
     bench = tiny_model_spec("bench-llama")
     assert (bench.hidden_size, bench.intermediate_size, bench.num_layers) == (512, 1536, 8)
     assert (bench.num_heads, bench.num_kv_heads, bench.vocab_size) == (8, 4, 8000)

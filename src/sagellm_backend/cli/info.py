@@ -260,6 +260,17 @@ def render_info(info: dict[str, Any]) -> str:
         out.append(f"  because: {selection['reason']}")
     else:
         out.append(f"No backend selected: {selection['error']}")
+    model_runner = info.get("model_runner")
+    if model_runner is not None:
+        out.append("")
+        if "error" in model_runner:
+            out.append(f"Model {model_runner['model']}: {model_runner['error']}")
+        else:
+            out.append(
+                f"Model {model_runner['model']} ({model_runner['architecture']}, model_type "
+                f"{model_runner['model_type']}): runner {model_runner['runner']}"
+            )
+            out.append(f"  because: {model_runner['reason']}")
     return "\n".join(out)
 
 
@@ -271,11 +282,24 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not create the available backends (skips device, capability and memory)",
     )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="also tell which model runner the HF engines use for this model, and why",
+    )
 
 
 def _info_run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     out = sys.stdout if stream is None else stream
     info = collect_info(inspect=args.inspect)
+    if getattr(args, "model", None):
+        from sagellm_backend.engine.runners.select import describe_runner_for_path
+
+        try:
+            info["model_runner"] = {"model": args.model, **describe_runner_for_path(args.model)}
+        except Exception as exc:  # a bad path must not hide the rest of the report
+            info["model_runner"] = {"model": args.model, "error": str(exc)}
+            info["ok"] = False
     if args.json:
         json.dump(info, out, indent=2, default=str)
         out.write("\n")

@@ -66,7 +66,8 @@ class TinyModelSpec:
 
     Attributes:
         name: the name :func:`ensure_tiny_model` accepts.
-        architecture: ``"llama"`` or ``"gpt2"``.
+        architecture: ``config.model_type`` (llama, gpt2, mistral, qwen2, phi3, gemma2,
+            gpt_neox, opt, starcoder2, bloom).
         vocab_size: tokenizer and embedding size (they are equal).
         hidden_size: model width.
         intermediate_size: MLP width.
@@ -76,6 +77,9 @@ class TinyModelSpec:
         max_position_embeddings: context length.
         seed: the torch seed the weights are drawn from.
         description: one line for listings.
+        extra: further config fields of this architecture as ``(name, value)`` pairs
+            (sliding window, soft-capping, ...); recorded in the cache marker only when
+            non-empty, so the markers of models without extras are unchanged.
     """
 
     name: str
@@ -89,6 +93,40 @@ class TinyModelSpec:
     max_position_embeddings: int
     seed: int
     description: str
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+def _spec_dict(spec: TinyModelSpec) -> dict[str, Any]:
+    """The spec as recorded in the cache marker (``extra`` only when non-empty)."""
+    out = asdict(spec)
+    if not spec.extra:
+        del out["extra"]
+    else:
+        out["extra"] = [list(pair) for pair in spec.extra]
+    return out
+
+
+def _tiny(name: str, architecture: str, seed: int, description: str, **kw: Any) -> TinyModelSpec:
+    """A 2-layer, hidden-64 model of ``architecture`` (vocab 1024, 4 heads / 2 KV heads)."""
+    extra = tuple(sorted(kw.pop("extra", {}).items()))
+    geometry: dict[str, Any] = {
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "max_position_embeddings": 1024,
+    }
+    geometry.update(kw)
+    return TinyModelSpec(
+        name=name,
+        architecture=architecture,
+        seed=seed,
+        description=description,
+        extra=extra,
+        **geometry,
+    )
 
 
 _SPECS: dict[str, TinyModelSpec] = {
@@ -132,7 +170,88 @@ _SPECS: dict[str, TinyModelSpec] = {
         description="random Llama, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
         "(~33M params; the DESIGN.md benchmark model)",
     ),
+    "tiny-mistral": _tiny(
+        "tiny-mistral",
+        "mistral",
+        501,
+        "random Mistral, 2 layers, hidden 64, GQA 4/2, sliding window 24",
+        extra={"sliding_window": 24},
+    ),
+    "tiny-qwen2": _tiny(
+        "tiny-qwen2", "qwen2", 502, "random Qwen2, 2 layers, hidden 64, GQA 4/2, qkv bias"
+    ),
+    "tiny-phi3": _tiny("tiny-phi3", "phi3", 503, "random Phi-3, 2 layers, hidden 64, GQA 4/2"),
+    "tiny-gemma2": _tiny(
+        "tiny-gemma2",
+        "gemma2",
+        504,
+        "random Gemma-2, 2 layers (sliding window 16, then global), attention and final "
+        "logit soft-capping",
+        extra={
+            "sliding_window": 16,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
+    "tiny-gpt-neox": _tiny(
+        "tiny-gpt-neox",
+        "gpt_neox",
+        505,
+        "random GPT-NeoX (Pythia-style), 2 layers, hidden 64, 4 heads, partial rotary",
+        num_kv_heads=4,
+        extra={"rotary_pct": 0.5},
+    ),
+    "tiny-opt": _tiny(
+        "tiny-opt", "opt", 506, "random OPT, 2 layers, hidden 64, 4 heads", num_kv_heads=4
+    ),
+    "tiny-starcoder2": _tiny(
+        "tiny-starcoder2",
+        "starcoder2",
+        507,
+        "random StarCoder2, 2 layers, hidden 64, GQA 4/2, sliding window 32",
+        extra={"sliding_window": 32},
+    ),
+    "tiny-bloom": _tiny(
+        "tiny-bloom",
+        "bloom",
+        508,
+        "random BLOOM (ALiBi, no attention-backend support), 2 layers, hidden 64, 4 heads",
+        num_kv_heads=4,
+        intermediate_size=256,
+    ),
+    "bench-gpt2": TinyModelSpec(
+        name="bench-gpt2",
+        architecture="gpt2",
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=8,
+        max_position_embeddings=1024,
+        seed=2025,
+        description="random GPT-2, 8 layers, hidden 512, 8 heads, vocab 8000, fp32 (~33M "
+        "params; bench-llama's size)",
+    ),
+    "bench-phi3": TinyModelSpec(
+        name="bench-phi3",
+        architecture="phi3",
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=4096,
+        seed=2026,
+        description="random Phi-3, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
+        "(~33M params; bench-llama's size)",
+    ),
 }
+# Smallest first: the 2-layer test models, then the benchmark models.
+_SPECS = dict(sorted(_SPECS.items(), key=lambda item: item[0].startswith("bench-")))
 
 # A few KB of varied text: the tokenizer learns real merges from it, and the tests and
 # the demo use it as sample text.  Written for this module.
@@ -276,7 +395,7 @@ def _is_complete(path: Path, spec: TinyModelSpec) -> bool:
         meta = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if meta.get("builder_version") != BUILDER_VERSION or meta.get("spec") != asdict(spec):
+    if meta.get("builder_version") != BUILDER_VERSION or meta.get("spec") != _spec_dict(spec):
         return False
     return all((path / f).is_file() for f in _REQUIRED_FILES)
 
@@ -385,6 +504,12 @@ def build_tokenizer(vocab_size: int, *, add_bos: bool) -> Any:
     )
 
 
+# Rotary decoders configured with the Llama field names.
+_ROPE_DECODERS = frozenset({"mistral", "qwen2", "phi3", "gemma2", "starcoder2"})
+# Architectures whose tokenizer prepends ``<s>`` (as their hub tokenizers do).
+_BOS_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2"})
+
+
 def _model_config(spec: TinyModelSpec, transformers: Any) -> Any:
     common: dict[str, Any] = {
         "vocab_size": spec.vocab_size,
@@ -404,27 +529,69 @@ def _model_config(spec: TinyModelSpec, transformers: Any) -> Any:
             rms_norm_eps=1e-6,
             **common,
         )
-    return transformers.GPT2Config(
-        n_embd=spec.hidden_size,
-        n_inner=spec.intermediate_size,
-        n_layer=spec.num_layers,
-        n_head=spec.num_heads,
-        n_positions=spec.max_position_embeddings,
-        **common,
-    )
+    extra = dict(spec.extra)
+    if spec.architecture == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=spec.hidden_size,
+            n_inner=spec.intermediate_size,
+            n_layer=spec.num_layers,
+            n_head=spec.num_heads,
+            n_positions=spec.max_position_embeddings,
+            **common,
+            **extra,
+        )
+    if spec.architecture == "opt":
+        fields: dict[str, Any] = {
+            "hidden_size": spec.hidden_size,
+            "ffn_dim": spec.intermediate_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "word_embed_proj_dim": spec.hidden_size,
+        }
+    elif spec.architecture == "bloom":
+        fields = {
+            "hidden_size": spec.hidden_size,
+            "n_layer": spec.num_layers,
+            "n_head": spec.num_heads,
+        }
+    elif spec.architecture == "gpt_neox":
+        fields = {
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+        }
+    elif spec.architecture in _ROPE_DECODERS:
+        fields = {
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_kv_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+        }
+    else:
+        raise ConfigError(
+            f"tiny model {spec.name!r}: unknown architecture {spec.architecture!r}; valid: "
+            f"llama, gpt2, opt, bloom, gpt_neox, {', '.join(sorted(_ROPE_DECODERS))}"
+        )
+    return transformers.AutoConfig.for_model(spec.architecture, **fields, **common, **extra)
 
 
 def _build(spec: TinyModelSpec, out: Path) -> None:
     """Write the complete model ``spec`` into the empty directory ``out``."""
     torch, transformers, _ = _import_deps()
-    tokenizer = build_tokenizer(spec.vocab_size, add_bos=spec.architecture == "llama")
+    tokenizer = build_tokenizer(spec.vocab_size, add_bos=spec.architecture in _BOS_ARCHITECTURES)
     tokenizer.model_max_length = spec.max_position_embeddings
     config = _model_config(spec, transformers)
-    model_cls = (
-        transformers.LlamaForCausalLM
-        if spec.architecture == "llama"
-        else transformers.GPT2LMHeadModel
-    )
+    if spec.architecture == "llama":
+        model_cls = transformers.LlamaForCausalLM
+    elif spec.architecture == "gpt2":
+        model_cls = transformers.GPT2LMHeadModel
+    else:
+        model_cls = transformers.AutoModelForCausalLM.from_config
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)
@@ -448,5 +615,5 @@ def _build(spec: TinyModelSpec, out: Path) -> None:
     tok_config = json.loads(tok_config_path.read_text(encoding="utf-8"))
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True), encoding="utf-8")
-    meta = {"builder_version": BUILDER_VERSION, "spec": asdict(spec)}
+    meta = {"builder_version": BUILDER_VERSION, "spec": _spec_dict(spec)}
     (out / _MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")

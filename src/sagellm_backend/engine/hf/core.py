@@ -9,8 +9,8 @@ driver -- over a Hugging Face causal LM:
   and tokenizer through :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`
   the first time (they are kept across ``stop()``/``start()``), asks the provider for a
   :class:`~sagellm_backend.kv.manager.KVCacheManager` sized for the model's KV geometry,
-  builds the runner (:func:`build_runner`: the paged runner for supported models, the
-  ``DynamicCache`` fallback otherwise) and the
+  builds the runner (:func:`build_runner`: the generic paged runner where the model supports
+  custom attention, else the batched fallback) and the
   :class:`~sagellm_backend.engine.sched.scheduler.Scheduler`; the driver runs the steps in a
   worker thread under ``torch.inference_mode``.
 * ``stop()`` gives the KV manager back to the provider; a failed or cancelled start gives
@@ -96,16 +96,16 @@ class EngineOptions:
             fit); bounds step latency and so ``stop()`` latency.
         max_model_len: cap on prompt + output length (None: the model's context length).
         max_input_tokens: cap on prompt length (None: only the context bounds it).
-        runner: ``"auto"`` (paged for Llama-family models, else the fallback), ``"paged"``
-            (error if the model is not supported) or ``"hf"`` (always the fallback).
-        fuse_projections: fuse plain q/k/v and gate/up linear weights (paged runner).
+        runner: ``"auto"`` (paged where the model supports custom attention functions, else
+            the batched fallback), ``"paged"`` (error if the model is not supported) or
+            ``"hf"`` (always the fallback).
+        fuse_projections: accepted and validated, no effect (it tuned the hand-written
+            Llama runner, removed since: the generic paged runner was as fast).
         prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
-            MKL-prepacked copy of the linear weights for decode steps of 4..16 tokens,
-            which run padded to 16 rows (paged runner; a second copy of the linear
-            weights' memory, so turn it off for models that barely fit in RAM).
-        decode_workspace_bytes: on CPU, bytes of the contiguous decode workspace that
-            mirrors the decoding sequences' K/V so that decode attention does not gather
-            pages every step (paged runner; 0 turns it off; beyond it steps gather).
+            MKL-prepacked copy of the plain linear weights for steps of 4..16 tokens, which
+            run padded to 16 rows (paged runner; a second copy of the linear weights'
+            memory, so turn it off for models that barely fit in RAM).
+        decode_workspace_bytes: accepted and validated, no effect (as ``fuse_projections``).
     """
 
     kv_cache_memory_bytes: int | None = None
@@ -120,6 +120,7 @@ class EngineOptions:
     decode_workspace_bytes: int = 512 << 20
 
 
+#: Option name -> default (the config dataclasses declare fields with these defaults).
 #: Option name -> default (the config dataclasses declare fields with these defaults).
 ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(EngineOptions)
@@ -434,62 +435,35 @@ def build_runner(
     max_batch_size: int,
     context: int,
 ) -> ModelRunner:
-    """The model runner for ``model`` over ``kv`` (the one place a runner is chosen).
+    """The model runner for ``model`` over ``kv`` (the one place the engine gets a runner).
 
-    ``options.runner``: ``"paged"`` (the paged runner, or ConfigError when the model is not
-    supported), ``"hf"`` (the DynamicCache fallback) or ``"auto"`` (paged when supported).
+    Delegates to :func:`~sagellm_backend.engine.runners.select.select_runner`
+    (``options.runner``: ``"paged"``, ``"hf"`` or ``"auto"``).
 
     Raises:
-        ConfigError: the paged runner cannot serve this model or provider.
+        ConfigError: the requested runner cannot serve this model or provider.
     """
-    from sagellm_backend.engine.hf.runner import (
-        HFCacheRunner,
-        PagedDecoderRunner,
-        model_device,
-        paged_unsupported_reason,
-    )
+    from sagellm_backend.engine.runners.select import select_runner
 
-    reason = paged_unsupported_reason(model)
-    if options.runner == "paged" and reason is not None:
-        raise ConfigError(f"runner='paged' cannot run model {model_path!r}: {reason}")
-    if options.runner == "hf" or reason is not None:
-        if options.runner == "auto":
-            _log.info("using the HF-cache fallback runner for %s: %s", model_path, reason)
-        return HFCacheRunner(model, max_context=context)
-    storage = kv.storage
-    layer_kv = getattr(storage, "layer_kv", None)
-    if layer_kv is None:
-        raise ConfigError(
-            f"provider {type(provider).__name__} keeps no KV tensors (its storage "
-            f"{type(storage).__name__} has no layer_kv); the paged runner needs a "
-            "torch provider (cpu or cuda)"
-        )
-    if model_device(model) != layer_kv(0)[0].device:
-        raise ConfigError(
-            f"the model is on {model_device(model)} but provider "
-            f"{type(provider).__name__} keeps KV on {layer_kv(0)[0].device}; give "
-            "the engine a provider for the model's device"
-        )
-    return PagedDecoderRunner(
+    runner: ModelRunner = select_runner(
         model,
-        layer_kv,
+        kv.storage,
         block_size=options.block_size,
         max_context=context,
-        fuse_projections=options.fuse_projections,
+        runner=options.runner,
+        max_batch_size=max_batch_size,
         prepack_weights=options.prepack_weights,
-        decode_workspace_rows=(
-            max_batch_size
-            if model_device(model).type == "cpu" and options.decode_workspace_bytes
-            else 0
-        ),
-        decode_workspace_bytes=options.decode_workspace_bytes,
     )
+    return runner
 
 
-def _uses_paged_kv(options: EngineOptions, model: Any) -> bool:
-    from sagellm_backend.engine.hf.runner import paged_unsupported_reason
+def _uses_paged_kv(options: EngineOptions, model: Any, model_path: str) -> bool:
+    """Whether the runner for ``model`` keeps K/V in pages (ConfigError for a refused 'paged')."""
+    from sagellm_backend.engine.runners.select import describe_runner
 
-    return options.runner != "hf" and paged_unsupported_reason(model) is None
+    kind, reason = describe_runner(model, options.runner)
+    _log.info("runner %s for %s: %s", kind, model_path, reason)
+    return kind == "paged"
 
 
 class _HFDetok(Detokenizer):
@@ -627,7 +601,7 @@ class HFEngineCore(ScheduledEngine):
 
     @property
     def runner_name(self) -> str | None:
-        """``"paged"``, ``"hf-cache"`` or ``"mock"`` once started (None before)."""
+        """``"paged"``, ``"hf-batched"`` or ``"mock"`` once started (None before)."""
         return self._runner_name
 
     @property
@@ -708,7 +682,7 @@ class HFEngineCore(ScheduledEngine):
         if self._model is None:
             self._load_model(provider)
         model = self._model
-        paged = _uses_paged_kv(opts, model)
+        paged = _uses_paged_kv(opts, model, load.model_path)
         kv_dtype = {
             "torch.float32": DType.FP32,
             "torch.float16": DType.FP16,

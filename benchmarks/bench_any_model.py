@@ -1,0 +1,238 @@
+"""The engine on architectures other than Llama, against plain transformers, one run.
+
+Workload (issue 15): 16 concurrent requests, seeded prompts of 16-200 tokens, exactly 64
+new tokens each (greedy, eos ignored), torch with 2 threads, on random models of about the
+``bench-llama`` size built offline by
+:func:`sagellm_backend.engine.tiny_models.ensure_tiny_model`: ``bench-gpt2`` and
+``bench-phi3`` (served by the generic paged runner), and ``bench-llama``, where the generic
+runner was compared with the hand-written Llama runner (``PagedDecoderRunner``) while that
+existed (it was removed after this comparison found it no faster; the comparison runs
+again on a checkout that still has it).
+
+Per model, in the same process and the same pass (phases interleaved pass by pass, each
+ratio taken inside one pass, medians over ``--repeat`` passes):
+
+1. ``model.generate`` one request at a time (*sequential*);
+2. ``model.generate`` on a left-padded static batch of all requests (*static*);
+3. the engine (``CPUEngine``) with every request submitted at once (*engine*);
+4. for ``bench-llama`` only: the engine with the hand-written runner (*engine, llama*).
+
+Greedy outputs are compared token by token with 1. The machine may be shared: compare
+only the ratios printed by one run.
+
+Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
+      [--quick] [--repeat N] [--requests N] [--new-tokens N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_hf_engine import (
+    PhaseResult,
+    Workload,
+    compare,
+    encode,
+    make_engine,
+    make_request,
+    make_texts,
+    run_engine_concurrent,
+    run_sequential,
+    run_static,
+)
+
+_THREADS_DEFAULT = 2
+
+
+def _handwritten_available() -> bool:
+    """Whether this checkout still has the hand-written Llama runner (removed since)."""
+    try:
+        from sagellm_backend.engine.hf import runner as hf_runner
+        from sagellm_backend.engine.runners.paged import PagedRunner
+    except ImportError:
+        return False
+    cls = getattr(hf_runner, "PagedDecoderRunner", None)
+    return cls is not None and not issubclass(cls, PagedRunner)
+
+
+def _use_handwritten(enabled: bool) -> Any:
+    """Make engines started from now on use the hand-written Llama runner (or undo it)."""
+    from sagellm_backend.engine.runners import select
+
+    original = getattr(select, "_bench_original", select.select_runner)
+    select._bench_original = original  # type: ignore[attr-defined]
+    if not enabled:
+        select.select_runner = original  # type: ignore[assignment]
+        return None
+    from sagellm_backend.engine.hf.runner import PagedDecoderRunner
+
+    def handwritten(model: Any, kv_storage: Any, **kw: Any) -> Any:
+        return PagedDecoderRunner(
+            model,
+            kv_storage.layer_kv,
+            block_size=kw["block_size"],
+            max_context=kw["max_context"],
+            decode_workspace_rows=kw.get("max_batch_size", 16),
+        )
+
+    select.select_runner = handwritten  # type: ignore[assignment]
+    return None
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+    from sagellm_backend.engine.tiny_models import CORPUS, ensure_tiny_model
+
+    path = str(ensure_tiny_model(name))
+    model, tokenizer = load_model_and_tokenizer(
+        path, device="cpu", dtype="float32", device_map=None, trust_remote_code=False
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    rng = random.Random(args.seed)
+    words = [w for w in CORPUS.split() if w.isprintable()]
+    lengths = [rng.randint(16, 200) for _ in range(args.requests)]
+    texts = make_texts(tokenizer, rng, lengths, words)
+    wl = Workload(texts, encode(tokenizer, texts), args.new_tokens)
+    print(
+        f"\n== {name}: {type(model).__name__}, {n_params / 1e6:.1f}M params; prompts "
+        f"{min(map(len, wl.ids))}-{max(map(len, wl.ids))} tokens "
+        f"({sum(map(len, wl.ids))} in all), {args.new_tokens} new tokens each",
+        flush=True,
+    )
+    loop = asyncio.new_event_loop()
+    engines: dict[str, Any] = {}
+    variants = [("engine", False)]
+    if name == "bench-llama" and _handwritten_available():
+        variants.append(("engine_llama", True))
+    try:
+        for key, handwritten in variants:
+            _use_handwritten(handwritten)
+            eng = make_engine(path, args, prefix_caching=False)
+            loop.run_until_complete(eng.start())
+            _use_handwritten(False)
+            loop.run_until_complete(eng.execute(make_request(0, wl.ids[0], 2, "warm")))
+            engines[key] = eng
+            print(f"  {key}: runner {eng.runner_name}", flush=True)
+        runs: dict[str, list[PhaseResult]] = {}
+        outputs: dict[str, list[list[int]]] = {}
+        with torch.inference_mode():
+            model.generate(torch.tensor([wl.ids[0]]), max_new_tokens=2, do_sample=False)
+        for i in range(args.repeat):
+            print(f"  pass {i + 1}/{args.repeat}", flush=True)
+            phases: list[tuple[str, Any]] = []
+            if not args.skip_sequential:
+                phases.append(("sequential", lambda: run_sequential(model, tokenizer, wl)))
+            phases.append(("static", lambda: run_static(model, tokenizer, wl)))
+            for key, eng in engines.items():
+                phases.append((key, lambda eng=eng: run_engine_concurrent(eng, wl, loop)))
+            for key, fn in phases:
+                cpu0 = time.process_time()
+                res, outputs[key] = fn()
+                res.extra["cpu_s"] = time.process_time() - cpu0
+                runs.setdefault(key, []).append(res)
+    finally:
+        for eng in engines.values():
+            loop.run_until_complete(eng.stop())
+        loop.close()
+    ref_key = "sequential" if "sequential" in outputs else "static"
+    checks = {
+        k: compare(f"{k} vs {ref_key}", v, outputs[ref_key])["identical"]
+        for k, v in outputs.items()
+        if k != ref_key
+    }
+
+    def ratio(num: str, den: str, cpu: bool = False) -> float | None:
+        if num not in runs or den not in runs:
+            return None
+        if cpu:  # output tokens per CPU-second of this process
+            vals = [
+                (a.output_tokens / a.extra["cpu_s"]) / (b.output_tokens / b.extra["cpu_s"])
+                for a, b in zip(runs[num], runs[den], strict=True)
+            ]
+        else:
+            vals = [a.tok_per_s / b.tok_per_s for a, b in zip(runs[num], runs[den], strict=True)]
+        return float(statistics.median(vals))
+
+    def fmt(x: float | None) -> str:
+        return f"{x:.2f}x" if x else "-"
+
+    table: dict[str, Any] = {}
+    print(
+        f"  {'phase':<16} {'tok/s':>8} {'vs static':>9} {'vs seq':>7} {'tok/cpu-s':>9} "
+        f"{'vs static (cpu)':>15}"
+    )
+    for key, passes in runs.items():
+        tps = float(statistics.median(r.tok_per_s for r in passes))
+        tpc = float(statistics.median(r.output_tokens / r.extra["cpu_s"] for r in passes))
+        vs_static, vs_seq = ratio(key, "static"), ratio(key, "sequential")
+        vs_static_cpu = ratio(key, "static", cpu=True)
+        table[key] = {
+            "tok_per_s": tps,
+            "tok_per_cpu_s": tpc,
+            "vs_static": vs_static,
+            "vs_static_cpu": vs_static_cpu,
+            "vs_sequential": vs_seq,
+            "runs_s": [r.seconds for r in passes],
+        }
+        print(
+            f"  {key:<16} {tps:>8.1f} {fmt(vs_static):>9} {fmt(vs_seq):>7} {tpc:>9.1f} "
+            f"{fmt(vs_static_cpu):>15}"
+        )
+    if "engine_llama" in runs:
+        r = ratio("engine_llama", "engine")
+        rc = ratio("engine_llama", "engine", cpu=True)
+        table["handwritten_vs_generic"] = {"wall": r, "cpu": rc}
+        print(f"  hand-written Llama runner vs generic paged runner: {fmt(r)} (cpu {fmt(rc)})")
+    return {"model": name, "params": n_params, "phases": table, "identical": checks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="bench-gpt2,bench-phi3,bench-llama")
+    ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens")
+    ap.add_argument("--requests", type=int, help="number of requests (default 16, quick 8)")
+    ap.add_argument("--new-tokens", type=int, help="new tokens per request (default 64)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=_THREADS_DEFAULT)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-sequential", action="store_true", help="no one-at-a-time phase")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    args.requests = args.requests or (8 if args.quick else 16)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    if min(args.requests, args.new_tokens, args.repeat, args.threads) < 1:
+        ap.error("--requests, --new-tokens, --repeat and --threads must be >= 1")
+    args.dtype = "float32"
+    args.max_batch_size = max(16, args.requests)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load "
+        f"average {load[0]:.2f} (a shared machine: compare only ratios inside this run)"
+    )
+    results = [bench_model(m.strip(), args) for m in args.models.split(",") if m.strip()]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

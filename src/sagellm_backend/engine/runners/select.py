@@ -1,0 +1,186 @@
+"""Which runner serves a model, and why.
+
+* ``"paged"`` -- :class:`~sagellm_backend.engine.runners.paged.PagedRunner`: any causal LM
+  whose transformers class declares attention-backend support
+  (``_supports_attention_backend``) and that runs on one device; K/V in the paged pool,
+  prefix pages reused.
+* ``"hf-batched"`` -- :class:`~sagellm_backend.engine.runners.hf_cache.HFBatchedRunner`:
+  every other causal LM (bloom, falcon, mpt, ...), or a model spread over several devices;
+  concurrent sequences still run in one padded forward per step.
+
+:func:`describe_runner` decides from the model class and config alone (no weights needed,
+so ``sagellm-backend info --model PATH`` can answer from ``config.json``);
+:func:`select_runner` builds the runner, falling back to ``"hf-batched"`` under
+``runner="auto"`` when the paged runner's probe refuses the model (the reason is logged).
+
+This module imports no torch at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sagellm_backend.engine.runners.base import ModelRunner
+from sagellm_backend.errors import ConfigError
+
+__all__ = ["RUNNER_KINDS", "describe_runner", "describe_runner_for_path", "select_runner"]
+
+_log = logging.getLogger(__name__)
+
+#: Runner names :func:`describe_runner` answers.
+RUNNER_KINDS = ("paged", "hf-batched")
+_OPTIONS = ("auto", "paged", "hf")
+
+
+def _causal_lm_class(config: Any) -> Any:
+    """The ``AutoModelForCausalLM`` class of ``config`` (None when transformers has none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def _spread_over_devices(model: Any) -> bool:
+    devmap = getattr(model, "hf_device_map", None)
+    if isinstance(devmap, dict) and len({str(d) for d in devmap.values()}) > 1:
+        return True
+    devices = {str(p.device) for p in model.parameters()}
+    return len(devices) != 1 or "meta" in devices
+
+
+def _paged_reason(model_or_config: Any) -> str | None:
+    """Why the paged runner cannot serve it (None: it can, as far as static checks tell)."""
+    is_model = hasattr(model_or_config, "config") and hasattr(model_or_config, "forward")
+    config = model_or_config.config if is_model else model_or_config
+    cls = type(model_or_config) if is_model else _causal_lm_class(config)
+    model_type = getattr(config, "model_type", None)
+    if cls is None:
+        return f"transformers has no causal-LM class for model_type {model_type!r}"
+    if not getattr(cls, "_supports_attention_backend", False):
+        return (
+            f"{cls.__name__} (model_type {model_type!r}) does not support custom attention "
+            "functions (no attention-backend support in transformers)"
+        )
+    if getattr(config, "alibi", False):
+        return "ALiBi position biases are not supported by the paged attention"
+    if is_model and _spread_over_devices(model_or_config):
+        return "the model is spread over several devices (device_map) or offloaded"
+    return None
+
+
+def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, str]:
+    """Return ``(runner_name, reason)`` for a loaded model or a transformers config.
+
+    Args:
+        model_or_config: a loaded ``*ForCausalLM`` or its ``PretrainedConfig``.
+        runner: the engine's ``runner`` option: ``"auto"``, ``"paged"`` or ``"hf"``.
+
+    Raises:
+        ConfigError: ``runner`` is not a valid option, or ``"paged"`` was asked for a model
+            the paged runner cannot serve (the message says why).
+    """
+    if runner not in _OPTIONS:
+        raise ConfigError(f"runner must be one of {_OPTIONS}, got {runner!r}")
+    if runner == "hf":
+        return "hf-batched", "runner='hf' was asked for"
+    reason = _paged_reason(model_or_config)
+    if reason is None:
+        return "paged", "its attention layers accept a custom attention function"
+    if runner == "paged":
+        raise ConfigError(f"runner='paged' cannot serve this model: {reason}")
+    return "hf-batched", reason
+
+
+def describe_runner_for_path(
+    path: str | Path, *, trust_remote_code: bool = False
+) -> dict[str, str]:
+    """``describe_runner`` for a model directory (reads only its config).
+
+    Returns:
+        ``{"model_type", "architecture", "runner", "reason"}``.
+
+    Raises:
+        ConfigError: the directory holds no readable transformers config.
+    """
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{str(path)!r} is not a model directory (it has no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a transformers config from {str(path)!r}: {exc}") from exc
+    name, reason = describe_runner(config)
+    cls = _causal_lm_class(config)
+    return {
+        "model_type": str(getattr(config, "model_type", "?")),
+        "architecture": cls.__name__ if cls is not None else "?",
+        "runner": name,
+        "reason": reason,
+    }
+
+
+def select_runner(
+    model: Any,
+    kv_storage: Any,
+    *,
+    block_size: int,
+    max_context: int,
+    runner: str = "auto",
+    max_batch_size: int = 64,
+    prepack_weights: bool = False,
+) -> ModelRunner:
+    """Build the runner :func:`describe_runner` names for ``model``.
+
+    Args:
+        model: the loaded ``*ForCausalLM``.
+        kv_storage: the KV manager's storage; the paged runner needs its ``layer_kv``
+            (a :class:`~sagellm_backend.kv.storage.TorchKVStorage` on the model's device).
+        block_size: tokens per KV page.
+        max_context: longest sequence served.
+        runner: ``"auto"``, ``"paged"`` or ``"hf"`` (see :func:`describe_runner`).
+        max_batch_size: most sequences one step runs (sizes the fallback's batches).
+        prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 MKL fast path).
+
+    Raises:
+        ConfigError: ``runner="paged"`` and the model cannot be served by it, or the KV
+            storage keeps no tensors on the model's device.
+    """
+    kind, reason = describe_runner(model, runner)
+    if kind == "paged":
+        from sagellm_backend.engine.runners.paged import PagedRunner
+
+        layer_kv = getattr(kv_storage, "layer_kv", None)
+        if layer_kv is None:
+            raise ConfigError(
+                f"KV storage {type(kv_storage).__name__} keeps no KV tensors (no layer_kv); "
+                "the paged runner needs a torch provider (cpu or cuda)"
+            )
+        device = model.get_input_embeddings().weight.device
+        if layer_kv(0)[0].device != device:
+            raise ConfigError(
+                f"the model is on {device} but the KV pool is on {layer_kv(0)[0].device}; "
+                "give the engine a provider for the model's device"
+            )
+        try:
+            return PagedRunner(
+                model,
+                layer_kv,
+                block_size=block_size,
+                max_context=max_context,
+                prepack_weights=prepack_weights,
+            )
+        except ValueError as exc:
+            if runner == "paged":
+                raise ConfigError(f"runner='paged' cannot serve this model: {exc}") from exc
+            reason = str(exc)
+    from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner
+
+    _log.info("using the batched HF-cache runner: %s", reason)
+    return HFBatchedRunner(model, max_context=max_context, max_batch_size=max_batch_size)
