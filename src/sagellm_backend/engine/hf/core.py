@@ -121,7 +121,6 @@ class EngineOptions:
 
 
 #: Option name -> default (the config dataclasses declare fields with these defaults).
-#: Option name -> default (the config dataclasses declare fields with these defaults).
 ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(EngineOptions)
 }
