@@ -1,8 +1,8 @@
 """sagellm-backend: the hardware-abstraction layer of the sageLLM stack.
 
-Importing this package is cheap and never imports torch or transformers: the names that
-need them (the cpu/cuda providers, the HF engines, the embedding engine) are resolved
-lazily on first attribute access.
+Importing this package is cheap and never imports torch or transformers: every public name
+is resolved lazily on first attribute access (PEP 562) -- the protocol types (which import
+pydantic) on first use of any of them, the providers and engines when first named.
 
 Example:
     >>> from sagellm_backend import MockBackendProvider, DType
@@ -18,10 +18,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from sagellm_backend._version import __version__
-from sagellm_backend.base import BackendProvider, Event, KVBlock, Stream
-from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind
 
 if TYPE_CHECKING:
+    from sagellm_backend.base import BackendProvider, Event, KVBlock, Stream
+    from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind
     from sagellm_backend.engine.base import BaseEngine, EngineConfig
     from sagellm_backend.engine.embedding import EmbeddingEngine, EmbeddingEngineConfig
     from sagellm_backend.engine.factory import EngineFactory
@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from sagellm_backend.registry import BackendRegistry, create_backend, list_backends
 
 _LAZY: dict[str, str] = {
+    "BackendProvider": "sagellm_backend.base",
+    "Event": "sagellm_backend.base",
+    "KVBlock": "sagellm_backend.base",
+    "Stream": "sagellm_backend.base",
+    "CapabilityDescriptor": "sagellm_backend.capability",
+    "DType": "sagellm_backend.capability",
+    "KernelKind": "sagellm_backend.capability",
     "MockBackendProvider": "sagellm_backend.providers.mock",
     "create_mock_backend": "sagellm_backend.providers.mock",
     "CPUBackendProvider": "sagellm_backend.providers.cpu",
@@ -52,10 +59,17 @@ _LAZY: dict[str, str] = {
 }
 
 
+#: Submodules reachable as attributes before they are imported (they used to be imported
+#: eagerly by this package).
+_SUBMODULES = frozenset({"base", "capability", "errors", "engine", "providers", "kv", "registry"})
+
+
 def __getattr__(name: str) -> Any:
     """Resolve the lazily imported public names (PEP 562)."""
     module = _LAZY.get(name)
     if module is None:
+        if name in _SUBMODULES:  # e.g. ``sagellm_backend.base`` after a bare import
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

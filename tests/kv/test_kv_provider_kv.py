@@ -190,8 +190,10 @@ def test_create_manager_charges_budget() -> None:
     kv.release_manager(m)
     assert kv.stats()["kv_allocated_bytes"] == 4 * PAGE
     assert kv.stats()["kv_peak_bytes"] == 10 * PAGE
-    with pytest.raises(InvalidKVBlockError):
-        kv.release_manager(m)
+    kv.release_manager(m)  # a second release is a no-op
+    assert kv.stats()["kv_allocated_bytes"] == 4 * PAGE
+    with pytest.raises(InvalidKVBlockError, match="not created by this provider"):
+        kv.release_manager(accounting(pages=2).create_manager(num_pages=1))
 
 
 def test_create_manager_arguments() -> None:
@@ -202,8 +204,17 @@ def test_create_manager_arguments() -> None:
         kv.create_manager(num_pages=-1)
     with pytest.raises(UnsupportedDTypeError):
         kv.create_manager(SPEC.with_dtype(DType.BF16))
-    with pytest.raises(KVCacheExhaustedError):
+    # invalid sizes are argument errors naming the valid values, not exhaustion (issue 19)
+    with pytest.raises(ConfigError, match=r"memory_bytes must hold at least one"):
         kv.create_manager(memory_bytes=PAGE - 1)
+    with pytest.raises(ConfigError, match=r"num_pages must be >= 1"):
+        kv.create_manager(num_pages=0)
+    with pytest.raises(ConfigError, match=r"spec must be a KVSpec"):
+        kv.create_manager("llama")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="int or None"):
+        kv.create_manager(num_pages=2.0)  # type: ignore[arg-type]
+    with pytest.raises(KVCacheExhaustedError):
+        kv.create_manager(num_pages=11)
     m = kv.create_manager()  # the whole remaining budget
     assert m.pool.num_pages == 8
 
@@ -367,3 +378,23 @@ def test_torch_manager_storage_and_budget(torch_kv: tuple[Any, ProviderKV]) -> N
     with pytest.raises(KVCacheExhaustedError):
         kv.alloc(1, DType.FP16)
     assert kv.stats()["kv_allocated_bytes"] == 16 * PAGE
+
+
+def test_free_accepts_an_equal_copy_and_refuses_forgeries() -> None:
+    """The fast path (identity) and the full validation agree on what may be freed."""
+    import copy
+    import dataclasses
+
+    kv = accounting(pages=4)
+    block = kv.alloc(16, DType.FP16)
+    twin = copy.deepcopy(block)
+    assert twin == block and twin is not block
+    kv.free(twin)  # equal to the live block: validated, then freed
+    with pytest.raises(InvalidKVBlockError, match="already freed"):
+        kv.free(block)
+    other = kv.alloc(16, DType.FP16)
+    forged = dataclasses.replace(other, pages=(other.pages[0] + 1,))
+    with pytest.raises(InvalidKVBlockError, match="does not match"):
+        kv.free(forged)
+    kv.free(other)
+    assert kv.stats()["kv_used_bytes"] == 0 and kv.live_blocks() == []

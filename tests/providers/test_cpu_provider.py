@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import textwrap
@@ -51,7 +52,7 @@ def cpu() -> CPUBackendProvider:
 # ----------------------------------------------------------------------------- loading
 
 
-def test_modules_import_and_factories_fail_cleanly_without_torch() -> None:
+def test_cpu_backend_works_without_torch_and_cuda_fails_cleanly() -> None:
     script = textwrap.dedent(
         """
         import sys
@@ -66,14 +67,38 @@ def test_modules_import_and_factories_fail_cleanly_without_torch() -> None:
                                     else f(name, *a))(importlib.util.find_spec)
         import sagellm_backend.providers.cpu as cpu
         import sagellm_backend.providers.cuda as cuda
+        from sagellm_backend import DType
+        from sagellm_backend.kv.spec import KVSpec
         assert "torch" not in sys.modules
-        assert cpu.is_available() is False and cuda.is_available() is False
-        print("REASON", cpu.unavailable_reason())
-        for factory in (cpu.create_cpu_backend, cuda.create_cuda_backend):
-            try:
-                factory()
-            except ImportError as exc:
-                print(type(exc).__name__, exc)
+        assert cpu.is_available() is True and cuda.is_available() is False
+        spec = KVSpec(num_layers=2, num_kv_heads=2, head_dim=16, block_size=16)
+        p = cpu.create_cpu_backend({"kv_memory_bytes": 1 << 20, "kv_spec": spec})
+        cap = p.capability()
+        print("DTYPES", [d.value for d in cap.supported_dtypes], cap.supported_kernels)
+        a = p.kv_block_alloc(32, DType.FP16)  # two whole 16-token pages
+        b = p.kv_block_alloc(32, DType.FP16)
+        pages = p.get_kv_tensor(a)
+        for page in pages:
+            raw = page.cast("B")
+            raw[:] = bytes(range(256)) * (raw.nbytes // 256)
+        p.kv_block_copy(a, b)
+        print("COPIED", [x.tobytes() for x in p.get_kv_tensor(b)] ==
+              [x.tobytes() for x in pages])
+        data = [1.0, 2.0]
+        p.all_reduce(data, "sum")
+        print("GATHER", data, p.all_gather(data))
+        try:
+            p.init_distributed(rank=0, world_size=2)
+        except ImportError as exc:
+            print(type(exc).__name__, exc)
+        p.kv_block_free(a)
+        p.kv_block_free(b)
+        print("USED", p.memory_stats()["kv_used_bytes"])
+        assert "torch" not in sys.modules
+        try:
+            cuda.create_cuda_backend()
+        except ImportError as exc:
+            print(type(exc).__name__, exc)
         """
     )
     out = subprocess.run(
@@ -85,10 +110,14 @@ def test_modules_import_and_factories_fail_cleanly_without_torch() -> None:
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("REASON torch") and "isagellm-backend[torch]" in lines[0]
-    assert lines[1].startswith("DependencyMissingError the cpu backend needs torch")
-    assert lines[2].startswith("DependencyMissingError the cuda backend needs torch")
-    assert all("pip install 'isagellm-backend[torch]'" in ln for ln in lines[1:3])
+    assert lines[0] == "DTYPES ['fp32', 'fp16', 'int8'] []"
+    assert lines[1] == "COPIED True"
+    assert lines[2] == "GATHER [1.0, 2.0] [1.0, 2.0]"
+    assert lines[3].startswith("DependencyMissingError collectives across 2 ranks")
+    assert "isagellm-backend[torch]" in lines[3]
+    assert lines[4] == "USED 0"
+    assert lines[5].startswith("DependencyMissingError the cuda backend needs torch")
+    assert "pip install 'isagellm-backend[torch]'" in lines[5]
 
 
 def test_entry_point_resolves_to_factory() -> None:
@@ -150,7 +179,7 @@ def test_capability_is_read_from_this_machine(cpu: CPUBackendProvider) -> None:
     except OSError:
         pass
     if model:
-        assert cap.device_name == model
+        assert cap.device_name == f"{model} ({os.cpu_count()} cores)"
     assert cap.compute_capability == torch.backends.cpu.get_cpu_capability()
     assert cap.total_memory_bytes == psutil.virtual_memory().total
     assert 0 < cap.available_memory_bytes <= cap.total_memory_bytes
@@ -166,6 +195,18 @@ def test_capability_is_read_from_this_machine(cpu: CPUBackendProvider) -> None:
     }
     assert cap.has_stream and cap.has_event and not cap.has_graph_exec
     assert cap.has_collective is torch.distributed.is_gloo_available()
+
+
+def test_host_capability_without_torch_matches_torch_isa() -> None:
+    host = create_cpu_backend(kv_spec=SMALL_SPEC, kv_memory_bytes=1 << 16, use_torch=False)
+    cap = host.capability()
+    assert cap.compute_capability == torch.backends.cpu.get_cpu_capability()
+    assert cap.supported_dtypes == [DType.FP32, DType.FP16, DType.INT8]
+    assert cap.supported_kernels == [] and host.kernels.kinds() == []
+    assert cap.has_collective  # one rank: identity
+    assert cap.total_memory_bytes == psutil.virtual_memory().total
+    with pytest.raises(ImportError, match=r"isagellm-backend\[torch\]"):
+        host.torch_device  # noqa: B018
 
 
 @pytest.mark.parametrize("dtype", [DType.FP8, DType.INT8, DType.INT4, "float64"])
@@ -392,3 +433,21 @@ def test_close_releases_and_is_idempotent() -> None:
     with pytest.raises(InvalidStateError, match="closed"):
         p.kv_block_free(block)
     p.close()
+
+
+@pytest.mark.parametrize("use_torch", [None, False])
+def test_kv_manager_arguments_are_validated(use_torch: bool | None) -> None:
+    p = create_cpu_backend(
+        kv_spec=SMALL_SPEC, kv_memory_bytes=8 * SMALL_SPEC.page_bytes, use_torch=use_torch
+    )
+    default = p.create_kv_manager(None, num_pages=2)  # None: the provider's KV spec
+    assert default.spec == SMALL_SPEC
+    with pytest.raises(ValueError, match="num_pages must be >= 1"):
+        p.create_kv_manager(SMALL_SPEC, num_pages=0)
+    with pytest.raises(ValueError, match="spec must be a KVSpec"):
+        p.create_kv_manager("llama")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="memory_bytes must hold at least one"):
+        p.create_kv_manager(SMALL_SPEC, memory_bytes=1)
+    p.release_kv_manager(default)
+    p.release_kv_manager(default)  # already released: a no-op
+    assert p.memory_stats()["num_kv_managers"] == 0

@@ -258,7 +258,7 @@ def create_engine(settings: EngineSettings) -> Any:
                 device=device,
                 max_batch_size=s.max_batch_size,
                 dtype=s.dtype or DEFAULT_DTYPE["cuda"],
-                device_map=device,
+                device_map="cuda:0" if device == "cuda" else device,  # device_map: cuda:N
                 load_in_8bit=False,
                 load_in_4bit=False,
                 trust_remote_code=s.trust_remote_code,

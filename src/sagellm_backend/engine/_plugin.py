@@ -3,26 +3,31 @@
 sagellm-core 0.1.x calls an engine factory as ``factory(config, backend)`` where ``config``
 is its own pydantic ``EngineConfig`` (fields ``kind``, ``model``, ``model_path``,
 ``max_batch_size``, ``max_input_tokens``, ``max_output_tokens``, ``device``) and ``backend``
-is whatever its ``create_backend`` returned (one of our providers). Users may also call the
-factories directly with a plain dict or ``None``. :func:`normalize_engine_config` turns all
-of these into one validated :class:`PluginEngineSettings` so every engine factory maps the
-same fields the same way.
+is whatever its ``create_backend`` returned (one of our providers). Plugin packages and
+users pass their own config objects too: any object carrying the fields as attributes (a
+dataclass, a ``types.SimpleNamespace``, a pydantic model, a plain class) or a mapping, or
+``None``. :func:`normalize_engine_config` turns all of these into one validated
+:class:`PluginEngineSettings` so every engine factory maps the same fields the same way.
 
 Invariants:
     * Nothing here imports torch, transformers or sagellm-core (a sagellm-core config is
       recognised by duck typing on its module name and ``model_dump``).
     * Every validation failure raises :class:`~sagellm_backend.errors.ConfigError` naming
       the field, the bad value and what a valid value looks like.
-    * Unknown dict keys are never dropped silently: they land in
-      :attr:`PluginEngineSettings.extra` for the engine factory to map or reject.
+    * Unknown *mapping* keys are never dropped silently: they land in
+      :attr:`PluginEngineSettings.extra` for the engine factory to map or reject (a typo
+      in a dict is an error). Attribute-style configs are someone else's objects: of their
+      attributes only the engine-config fields the factory understands are read, and the
+      others are ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +37,9 @@ __all__ = [
     "CORE_COMPONENT",
     "PluginEngineSettings",
     "core_component_trace",
+    "engine_config_fields",
     "is_backend_provider",
+    "missing_fields_error",
     "normalize_engine_config",
     "reject_unknown_keys",
 ]
@@ -113,7 +120,57 @@ def _is_core_config(config: Any) -> bool:
     return module == "sagellm_core" or module.startswith("sagellm_core.")
 
 
-def _config_to_dict(config: Any) -> tuple[dict[str, Any], bool]:
+@functools.cache
+def engine_config_fields() -> frozenset[str]:
+    """Names of every field of the built-in engine configs (mock, cpu, cuda; torch-free)."""
+    from sagellm_backend.engine.cpu import CPUEngineConfig
+    from sagellm_backend.engine.hf_cuda import HFCudaEngineConfig
+    from sagellm_backend.engine.mock import MockEngineConfig
+
+    names: set[str] = set()
+    for cls in (MockEngineConfig, CPUEngineConfig, HFCudaEngineConfig):
+        names.update(f.name for f in dataclasses.fields(cls))
+    return frozenset(names)
+
+
+def _attributes(config: Any, wanted: Collection[str]) -> dict[str, Any]:
+    """The ``wanted`` fields an attribute-style object carries (its public attributes)."""
+    data: dict[str, Any] = {}
+    dump = getattr(config, "model_dump", None)
+    if callable(dump):  # pydantic v2 model (sagellm-core EngineConfig or similar)
+        dumped = dump()
+        if not isinstance(dumped, dict):
+            raise ConfigError(
+                f"engine config {type(config).__name__}.model_dump() returned "
+                f"{type(dumped).__name__}, expected a dict"
+            )
+        data.update(dumped)
+    elif dataclasses.is_dataclass(config):
+        data.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    else:
+        data.update({k: v for k, v in getattr(config, "__dict__", {}).items() if k[:1] != "_"})
+    for name in wanted:  # properties, slots, class attributes
+        if name not in data:
+            try:
+                data[name] = getattr(config, name)
+            except AttributeError:
+                continue
+            except Exception as exc:
+                raise ConfigError(
+                    f"engine config {type(config).__name__}.{name} could not be read: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+    # Our own engine.base.EngineConfig: metadata holds free-form extras.
+    metadata = data.pop("metadata", None)
+    if isinstance(metadata, Mapping):
+        for key, value in metadata.items():
+            data.setdefault(str(key), value)
+    return {k: v for k, v in data.items() if (k in wanted and not callable(v)) or k == "provider"}
+
+
+def _config_to_dict(
+    config: Any, fields: Collection[str] | None = None
+) -> tuple[dict[str, Any], bool]:
     """Return (fields, from_core) for any accepted config type."""
     if config is None:
         return {}, False
@@ -123,28 +180,32 @@ def _config_to_dict(config: Any) -> tuple[dict[str, Any], bool]:
         if not isinstance(from_core, bool):
             raise ConfigError(f"engine config 'from_core' must be a bool, got {from_core!r}")
         return data, from_core
+    if isinstance(config, (str | bytes | int | float | list | tuple | set, type)):
+        raise ConfigError(
+            "engine config must be an object carrying the fields as attributes (a dataclass, "
+            "a types.SimpleNamespace, a pydantic model), a mapping or None, got "
+            f"{type(config).__name__} {config!r}"
+        )
+    wanted = set(_KNOWN_KEYS) | set(fields if fields is not None else engine_config_fields())
+    wanted.add("provider")
+    data = _attributes(config, wanted)
     from_core = _is_core_config(config)
-    dump = getattr(config, "model_dump", None)
-    if callable(dump):  # pydantic v2 model (sagellm-core EngineConfig or similar)
-        data = dump()
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"engine config {type(config).__name__}.model_dump() returned "
-                f"{type(data).__name__}, expected a dict"
-            )
-        return dict(data), from_core
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        # Our own engine.base.EngineConfig: metadata holds free-form extras.
-        metadata = data.pop("metadata", None)
-        if isinstance(metadata, Mapping):
-            for key, value in metadata.items():
-                data.setdefault(str(key), value)
-        return data, from_core
-    raise ConfigError(
-        "engine config must be a sagellm-core EngineConfig, a dict, a dataclass or None, "
-        f"got {type(config).__name__}"
-    )
+    flag = getattr(config, "from_core", None)
+    if isinstance(flag, bool):
+        from_core = from_core or flag
+    return data, from_core
+
+
+def missing_fields_error(owner: str, missing: Collection[str], example: str) -> ConfigError:
+    """A ConfigError naming every missing required field at once.
+
+    Args:
+        owner: what was being configured (``"cpu engine"``).
+        missing: the names of the required fields that are absent or None.
+        example: what a complete config looks like.
+    """
+    names = ", ".join(sorted(missing))
+    return ConfigError(f"{owner} config is missing required field(s): {names}; e.g. {example}")
 
 
 def _check_str(name: str, value: Any) -> str | None:
@@ -170,14 +231,20 @@ def _generate_engine_id(kind: str | None, model: str | None) -> str:
     return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
-def normalize_engine_config(config: Any, backend: Any = None) -> PluginEngineSettings:
+def normalize_engine_config(
+    config: Any, backend: Any = None, *, fields: Collection[str] | None = None
+) -> PluginEngineSettings:
     """Normalise what an engine factory received into :class:`PluginEngineSettings`.
 
     Args:
-        config: a sagellm-core 0.1.x ``EngineConfig``, a dict with the same field names
-            (plus ``engine_id`` and engine-specific keys, which go to ``extra``), a
-            dataclass config (e.g. :class:`~sagellm_backend.engine.base.EngineConfig`,
-            whose ``metadata`` entries become extra keys), or None.
+        config: a sagellm-core 0.1.x ``EngineConfig``, a mapping with the same field names
+            (plus ``engine_id`` and engine-specific keys, which all go to ``extra``), any
+            attribute-style object (dataclass -- our
+            :class:`~sagellm_backend.engine.base.EngineConfig`'s ``metadata`` entries become
+            extra keys --, ``types.SimpleNamespace``, pydantic model, plain object), or None.
+        fields: engine-config field names the calling factory maps (beyond the sagellm-core
+            names); an attribute-style config's other attributes are ignored. Default: the
+            fields of every built-in engine config.
         backend: the second argument of the factory (sagellm-core passes the provider it
             created). Kept as ``provider`` when it is a backend provider; an object that
             is not a provider (other than None) is rejected.
@@ -188,7 +255,7 @@ def normalize_engine_config(config: Any, backend: Any = None) -> PluginEngineSet
     Raises:
         ConfigError: a field has the wrong type or range, or ``backend`` is not a provider.
     """
-    data, from_core = _config_to_dict(config)
+    data, from_core = _config_to_dict(config, fields)
     extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
     # Dataclass configs carry fields (mock_mode, provider, ...) that are not errors.
     values: dict[str, Any] = {}

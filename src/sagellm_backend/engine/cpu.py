@@ -18,6 +18,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# 0.1.1.2 exported these names from this module; kept for code that imports them here.
+from sagellm_protocol import Metrics as Metrics
+from sagellm_protocol import Request as Request
+from sagellm_protocol import Response as Response
+from sagellm_protocol import StreamEventDelta as StreamEventDelta
+from sagellm_protocol import StreamEventEnd as StreamEventEnd
+from sagellm_protocol import StreamEventStart as StreamEventStart
+from sagellm_protocol import Timestamps as Timestamps
+
+from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
     EngineOptionFields,
@@ -216,20 +226,30 @@ def create_cpu_engine(config: Any = None, backend: Any = None) -> CPUEngine:
     Args:
         config: a :class:`CPUEngineConfig` (used as is), a sagellm-core ``EngineConfig``
             (``model``/``model_path``, ``max_batch_size``, ``max_output_tokens`` ->
-            ``max_new_tokens``, ``max_input_tokens``, ``device``), a dict with those keys
-            plus any CPUEngineConfig field, or None (then ``model_path`` is missing and
-            only ``mock_mode=True`` works).
+            ``max_new_tokens``, ``max_input_tokens``, ``device``), any attribute-style
+            object (dataclass, ``types.SimpleNamespace``, pydantic model) carrying those
+            and/or CPUEngineConfig fields (its other attributes are ignored), a dict with
+            those keys (an unknown key is an error), or None (then ``model_path`` is
+            missing and only ``mock_mode=True`` works).
         backend: the provider sagellm-core created (a cpu provider), used for the KV cache.
 
     Raises:
-        ConfigError: an unknown field, a wrong kind or an invalid value.
+        ConfigError: an unknown dict key, a missing required field (``model_path`` unless
+            ``mock_mode``), a wrong kind or an invalid value -- each named.
     """
-    from sagellm_backend.engine._plugin import normalize_engine_config
+    from sagellm_backend.engine._plugin import missing_fields_error, normalize_engine_config
 
     if isinstance(config, CPUEngineConfig):
         return CPUEngine(with_provider(config, backend))
-    settings = normalize_engine_config(config, backend)
+    names = {f.name for f in dataclasses.fields(CPUEngineConfig)}
+    settings = normalize_engine_config(config, backend, fields=names)
     if settings.kind is not None and settings.kind.lower() not in ("cpu", "hf_cpu", "cpu_engine"):
         raise ConfigError(f"create_cpu_engine got engine kind {settings.kind!r}, expected 'cpu'")
     fields = face_config_fields(settings, CPUEngineConfig, "cpu", default_device="cpu")
+    if settings.model_path is None and not settings.extra.get("mock_mode"):
+        raise missing_fields_error(
+            "cpu engine",
+            ["model_path (or model)"],
+            "{'model_path': '/models/tiny-llama', 'max_batch_size': 8} (or mock_mode=True)",
+        )
     return CPUEngine(CPUEngineConfig(**fields), from_core=settings.from_core)

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
+from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.engine._plugin import is_backend_provider, normalize_engine_config
 from sagellm_backend.engine.base import BaseEngine, EngineConfig
 from sagellm_backend.errors import (
@@ -60,8 +61,25 @@ from sagellm_backend.registry import add_note_once
 
 __all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", "EngineFactoryFn"]
 
+#: 0.1.1.2 names this module also exports (resolved lazily: the mock engine module is
+#: imported on first access only).
+_LAZY_COMPAT = {"MockEngine", "create_mock_engine"}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve ``MockEngine`` / ``create_mock_engine`` (0.1.1.2 exports) on first access."""
+    if name in _LAZY_COMPAT:
+        value = getattr(importlib.import_module("sagellm_backend.engine.mock"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: ``factory(config, provider) -> engine``: the sagellm-core plugin calling convention.
 EngineFactoryFn = Callable[[Any, Any], Any]
+
+#: 0.1.1.2 name of :data:`EngineFactoryFn`.
+AdapterFactory = EngineFactoryFn
 
 #: Built-in kinds: (module, engine class name, entry-point factory name).
 BUILTIN_ENGINES: Mapping[str, tuple[str, str, str]] = {
@@ -300,7 +318,7 @@ class EngineFactory:
     @classmethod
     def register(
         cls,
-        engine: type[BaseEngine] | str,
+        engine_cls: type[BaseEngine] | str,
         engine_class: type[BaseEngine] | None = None,
         *,
         factory: EngineFactoryFn | None = None,
@@ -311,9 +329,9 @@ class EngineFactory:
         """Register a kind: ``register(EngineClass)`` (0.1.1.x) or ``register("kind", ...)``.
 
         Args:
-            engine: an engine class (its ``backend_type()`` is the kind) or the kind name
+            engine_cls: an engine class (its ``backend_type()`` is the kind) or the kind name
                 (case-insensitive; ``-`` equals ``_``).
-            engine_class: the engine class when ``engine`` is a name.
+            engine_class: the engine class when ``engine_cls`` is a name.
             factory: ``factory(config, provider)`` for dict/None/foreign configs.
             aliases: other names of the kind.
             priority: overrides the class's ``priority()`` for auto-selection.
@@ -323,6 +341,7 @@ class EngineFactory:
             ConfigError: bad name/class, neither class nor factory, or the kind is already
                 registered to something else without ``replace=True``.
         """
+        engine = engine_cls  # 0.1.1.2 parameter name
         if isinstance(engine, type):
             if engine_class is not None:
                 raise ConfigError("register(EngineClass) takes no second engine class")
@@ -384,7 +403,7 @@ class EngineFactory:
     @classmethod
     def register_engine(
         cls,
-        engine_class: type[BaseEngine],
+        engine_cls: type[BaseEngine],
         *,
         name: str | None = None,
         factory: EngineFactoryFn | None = None,
@@ -392,21 +411,22 @@ class EngineFactory:
         priority: int | None = None,
         replace: bool = False,
     ) -> type[BaseEngine]:
-        """Register ``engine_class`` under ``name`` (default ``engine_class.backend_type()``).
+        """Register ``engine_cls`` under ``name`` (default ``engine_cls.backend_type()``).
 
         Usable as a class decorator; returns the class.
         """
-        if not (isinstance(engine_class, type) and issubclass(engine_class, BaseEngine)):
-            raise ConfigError(f"register_engine needs a BaseEngine subclass, got {engine_class!r}")
-        kind = name if name is not None else engine_class.backend_type()
+        if not (isinstance(engine_cls, type) and issubclass(engine_cls, BaseEngine)):
+            raise ConfigError(f"register_engine needs a BaseEngine subclass, got {engine_cls!r}")
+        kind = name if name is not None else engine_cls.backend_type()
         cls.register(
-            kind, engine_class, factory=factory, aliases=aliases, priority=priority, replace=replace
+            kind, engine_cls, factory=factory, aliases=aliases, priority=priority, replace=replace
         )
-        return engine_class
+        return engine_cls
 
     @classmethod
-    def unregister(cls, engine: type[BaseEngine] | str) -> bool:
+    def unregister(cls, engine_cls: type[BaseEngine] | str) -> bool:
         """Remove a kind (by class or name) and its aliases; False if it was not registered."""
+        engine = engine_cls
         with cls._lock:
             cls._ensure()
             if isinstance(engine, type):

@@ -11,9 +11,9 @@ Provider: the config's ``provider`` when injected; otherwise a
 ``start()`` (a clear :class:`~sagellm_backend.errors.BackendNotAvailableError` when CUDA is
 not there). ``mock_mode=True`` serves simulated generations through a
 :class:`~sagellm_backend.engine.mock.MockEngine` on a
-:class:`~sagellm_backend.providers.mock.MockBackendProvider`; then ``device`` may be any
-string (the CUDA semantics are kept in the config) and nothing needs torch, transformers
-or the hub. Nothing in this module touches a device API: device work goes through the
+:class:`~sagellm_backend.providers.mock.MockBackendProvider`; ``device`` still names a
+CUDA device (the CUDA semantics are kept in the config) and nothing needs torch,
+transformers or the hub. Nothing in this module touches a device API: device work goes through the
 provider.
 
 Example (the published configuration)::
@@ -33,6 +33,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+# 0.1.1.2 exported these names from this module; kept for code that imports them here.
+from sagellm_protocol import KVAllocateParams as KVAllocateParams
+from sagellm_protocol import KVDType as KVDType
+from sagellm_protocol import KVEvictReason as KVEvictReason
+from sagellm_protocol import KVHandle as KVHandle
+from sagellm_protocol import KVLayout as KVLayout
+from sagellm_protocol import Metrics as Metrics
+from sagellm_protocol import Request as Request
+from sagellm_protocol import Response as Response
+from sagellm_protocol import StreamEventDelta as StreamEventDelta
+from sagellm_protocol import StreamEventEnd as StreamEventEnd
+from sagellm_protocol import StreamEventStart as StreamEventStart
+from sagellm_protocol import Timestamps as Timestamps
+
+from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
+from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
     EngineOptionFields,
@@ -54,7 +70,7 @@ __all__ = ["HFCudaEngine", "HFCudaEngineConfig", "create_cuda_engine"]
 
 _DTYPES = ("float16", "bfloat16", "float32", "auto")
 _DEVICE_RE = re.compile(r"^cuda(:\d+)?$")
-_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE_MAP_RE = re.compile(r"^cuda:\d+$")
 
 
 @dataclass
@@ -62,12 +78,13 @@ class HFCudaEngineConfig(EngineOptionFields):
     """Configuration of :class:`HFCudaEngine`; the documented fields are all required.
 
     Required (None is rejected): ``engine_id``, ``model_path``, ``device`` (``"cuda"`` or
-    ``"cuda:N"``; any string with ``mock_mode=True``), ``dtype`` (``float16``,
-    ``bfloat16``, ``float32`` or ``auto``), ``device_map`` (``"auto"`` -- or another
-    accelerate strategy: ``balanced``, ``balanced_low_0``, ``sequential`` --, ``"cuda:N"``
-    or a dict module -> device), ``load_in_8bit`` and ``load_in_4bit`` (bools, at most one
-    True; bitsandbytes, ``pip install 'isagellm-backend[quant]'``), ``trust_remote_code``
-    (bool), ``max_new_tokens`` (``> 0``) and ``max_batch_size`` (``> 0``).
+    ``"cuda:N"`` in every mode: with ``mock_mode=True`` the CUDA semantics are kept and a
+    mock provider serves underneath; the CPU is :class:`~sagellm_backend.engine.cpu.CPUEngine`'s
+    job), ``dtype`` (``float16``, ``bfloat16``, ``float32`` or ``auto``), ``device_map``
+    (``"auto"``, ``"cuda:N"`` or a dict module -> device), ``load_in_8bit`` and
+    ``load_in_4bit`` (bools, at most one True; bitsandbytes,
+    ``pip install 'isagellm-backend[quant]'``), ``trust_remote_code`` (bool),
+    ``max_new_tokens`` (``> 0``) and ``max_batch_size`` (``> 0``).
 
     Optional 4-bit options, keyword-only (they may differ from their defaults only with
     ``load_in_4bit=True``): ``bnb_4bit_quant_type`` (``"nf4"``, default, or ``"fp4"``),
@@ -87,6 +104,7 @@ class HFCudaEngineConfig(EngineOptionFields):
         ConfigError: at construction, naming the field, the bad value and a valid example.
     """
 
+    device: str | None = None  # type: ignore[assignment]  # required here
     max_batch_size: int | None = None  # type: ignore[assignment]  # required here
     dtype: str | None = None
     device_map: str | dict[str, Any] | None = None
@@ -115,12 +133,15 @@ class HFCudaEngineConfig(EngineOptionFields):
                 "or a model directory), got None"
             )
         device = self.device
-        if not isinstance(device, str) or not device:
-            raise ConfigError(f"{owner}.device is required, e.g. 'cuda:0'; got {device!r}")
-        if not self.mock_mode and not _DEVICE_RE.match(device):
+        if device is None:
             raise ConfigError(
-                f"{owner}.device must start with 'cuda' ('cuda' or 'cuda:N', e.g. 'cuda:0'); "
-                f"got {device!r} (use CPUEngine for the CPU, or mock_mode=True)"
+                f"{owner}.device is required: 'cuda' or 'cuda:N' (e.g. 'cuda:0'), also with "
+                "mock_mode=True; got None"
+            )
+        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+            raise ConfigError(
+                f"{owner}.device must start with 'cuda': 'cuda' or 'cuda:N' (e.g. 'cuda:0'), "
+                f"in every mode including mock_mode; got {device!r} (CPUEngine serves the CPU)"
             )
         if self.dtype not in _DTYPES:
             raise ConfigError(f"{owner}.dtype is required, one of {_DTYPES}; got {self.dtype!r}")
@@ -131,11 +152,10 @@ class HFCudaEngineConfig(EngineOptionFields):
                     f"{owner}.device_map dict must map module names to devices, e.g. "
                     f"{{'': 'cuda:0'}}; got {dm!r}"
                 )
-        elif not (isinstance(dm, str) and (dm in _DEVICE_MAP_STRATEGIES or _DEVICE_RE.match(dm))):
+        elif not (isinstance(dm, str) and (dm == "auto" or _DEVICE_MAP_RE.match(dm))):
             raise ConfigError(
-                f"{owner}.device_map is required: 'auto', 'cuda:N' (e.g. 'cuda:0'), another "
-                f"accelerate strategy {_DEVICE_MAP_STRATEGIES[1:]} or a dict module -> device; "
-                f"got {dm!r}"
+                f"{owner}.device_map is required: 'auto', 'cuda:N' (e.g. 'cuda:0') or a dict "
+                f"module -> device (e.g. {{'': 'cuda:0'}}); got {dm!r}"
             )
         load_8 = check_bool(owner, "load_in_8bit", self.load_in_8bit)
         load_4 = check_bool(owner, "load_in_4bit", self.load_in_4bit)
@@ -183,6 +203,7 @@ class HFCudaEngine(HFEngineCore):
         options = resolve_engine_options("HFCudaEngineConfig", config)
         assert config.model_path is not None and config.max_new_tokens is not None
         assert config.max_batch_size is not None and config.dtype is not None
+        assert config.device is not None
         load = LoadSettings(
             model_path=config.model_path,
             device=config.device,
@@ -274,14 +295,20 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
             ``"auto"``, no quantisation, no remote code).
         backend: the provider sagellm-core created (a cuda provider).
 
+    Attribute-style configs (dataclass, ``types.SimpleNamespace``, pydantic model) are read
+    like a sagellm-core config; their attributes that are not HFCudaEngineConfig fields are
+    ignored (a dict's unknown keys are an error).
+
     Raises:
-        ConfigError: an unknown field, a wrong kind, or a missing/invalid value.
+        ConfigError: an unknown dict key, missing required fields (all named at once), a
+            wrong kind, or an invalid value.
     """
-    from sagellm_backend.engine._plugin import normalize_engine_config
+    from sagellm_backend.engine._plugin import missing_fields_error, normalize_engine_config
 
     if isinstance(config, HFCudaEngineConfig):
         return HFCudaEngine(with_provider(config, backend))
-    settings = normalize_engine_config(config, backend)
+    names = {f.name for f in dataclasses.fields(HFCudaEngineConfig)}
+    settings = normalize_engine_config(config, backend, fields=names)
     if settings.kind is not None and settings.kind.lower().replace("-", "_") not in (
         "cuda",
         "hf_cuda",
@@ -293,4 +320,18 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
     fields = face_config_fields(
         settings, HFCudaEngineConfig, "cuda", default_device="cuda:0", defaults=FACTORY_DEFAULTS
     )
+    missing = []
+    if settings.model_path is None:
+        missing.append("model_path (or model)")
+    if settings.max_batch_size is None:
+        missing.append("max_batch_size")
+    if settings.max_output_tokens is None and settings.extra.get("max_new_tokens") is None:
+        missing.append("max_new_tokens (or max_output_tokens)")
+    if missing:
+        raise missing_fields_error(
+            "cuda engine",
+            missing,
+            "{'model': 'TinyLlama/TinyLlama-1.1B-Chat-v1.0', 'max_batch_size': 8, "
+            "'max_output_tokens': 256}",
+        )
     return HFCudaEngine(HFCudaEngineConfig(**fields), from_core=settings.from_core)

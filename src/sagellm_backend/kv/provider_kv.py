@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,44 @@ class _DeviceKV:
         if self.pool is not None:
             out.append(self.pool)
         return out
+
+
+def _make_block_fast() -> Callable[..., KVBlock]:
+    """A KVBlock constructor that skips the frozen dataclass's per-field ``__setattr__``.
+
+    The result is an ordinary, equal and hashable :class:`KVBlock` (``__dict__`` filled
+    directly, which is what the frozen ``__init__`` does field by field). Falls back to the
+    regular constructor if KVBlock ever stops having a ``__dict__``.
+    """
+    if "__slots__" in vars(KVBlock) or not hasattr(KVBlock, "__dataclass_fields__"):
+        return KVBlock  # pragma: no cover - depends on base.KVBlock's definition
+    new = object.__new__
+
+    def make(
+        handle: int,
+        num_tokens: int,
+        dtype: DType,
+        device: str,
+        pages: tuple[int, ...],
+        owner: str,
+        num_bytes: int,
+    ) -> KVBlock:
+        block = new(KVBlock)
+        block.__dict__.update(
+            handle=handle,
+            num_tokens=num_tokens,
+            dtype=dtype,
+            device=device,
+            pages=pages,
+            owner=owner,
+            num_bytes=num_bytes,
+        )
+        return block
+
+    return make
+
+
+_new_block = _make_block_fast()
 
 
 def _check_num_tokens(num_tokens: object) -> int:
@@ -163,6 +202,11 @@ class ProviderKV:
         self._live: dict[int, KVBlock] = {}
         self._next_handle = 1
         self._tokens_per_page: dict[DType, int] = {}
+        self._own = self._devices[device]
+        self._released: weakref.WeakSet[KVCacheManager] = weakref.WeakSet()
+        #: dtype as the caller spelt it (DType or str) -> (DType, tokens per page); only
+        #: supported dtypes are entered, so a hit needs no further check.
+        self._dtype_cache: dict[object, tuple[DType, int]] = {}
         if not getattr(storage_factory, "preallocated", False):
             # Accounting pools cost nothing: create the block pool now so that capacity
             # figures are meaningful before the first allocation.
@@ -242,9 +286,9 @@ class ProviderKV:
                 "KV spec"
             )
         storage = self._factory(self.spec, num_pages, dev.device)
-        pool = BlockPool(
-            num_pages, page_bytes=page, enable_caching=False, alloc_guard=self._alloc_guard
-        )
+        # No guard on the pool itself: alloc()/_alloc_locked run it (under self._lock, after
+        # the capacity check), which keeps the pool on its one-page fast path.
+        pool = BlockPool(num_pages, page_bytes=page, enable_caching=False)
         dev.pool, dev.storage = pool, storage
         dev.peak = max(dev.peak, dev.charge())
         return pool, storage
@@ -282,6 +326,9 @@ class ProviderKV:
                     f"need {nbytes} bytes ({n} pages); {dev.budget - charge} of "
                     f"{dev.budget} bytes free"
                 )
+        guard = self._alloc_guard
+        if guard is not None and n <= pool.num_free:  # pool.allocate raises otherwise
+            guard(n)
         pages = pool.allocate(n)
         handle = self._next_handle
         self._next_handle = handle + 1
@@ -296,16 +343,62 @@ class ProviderKV:
     def alloc(self, num_tokens: int, dtype: DType | str, *, device: str | None = None) -> KVBlock:
         """Reserve pages for ``num_tokens`` tokens of ``dtype`` (default: own device).
 
+        The common case (a supported dtype seen before, the own device, a block pool that
+        exists) takes one lock and no other validation pass; see :meth:`_alloc_locked` for
+        the general path, which it matches exactly.
+
         Raises:
             ValueError: ``num_tokens <= 0`` (TypeError if not an int).
             UnsupportedDTypeError: ``dtype`` is not supported (names the supported ones).
             UnsupportedDeviceError: ``device`` cannot hold KV.
             KVCacheExhaustedError: not enough pages or budget; nothing changed.
         """
-        _check_num_tokens(num_tokens)
-        d = self.check_dtype(dtype)
-        with self._lock:
-            return self._alloc_locked(num_tokens, d, self._device_kv(device))
+        if type(num_tokens) is not int or num_tokens <= 0:
+            _check_num_tokens(num_tokens)
+        try:
+            entry = self._dtype_cache.get(dtype)
+        except TypeError:  # unhashable: certainly not a dtype
+            entry = None
+        if entry is None:
+            d = self.check_dtype(dtype)
+            entry = (d, self.tokens_per_page(d))
+            self._dtype_cache[dtype] = entry
+        d, per_page = entry
+        lock = self._lock
+        lock.acquire()
+        try:
+            dev = self._own if device is None else self._device_kv(device)
+            pool = dev.pool
+            storage = dev.storage
+            if pool is None or storage is None:
+                return self._alloc_locked(num_tokens, d, dev)
+            n = (num_tokens + per_page - 1) // per_page
+            page_bytes = pool.page_bytes
+            nbytes = n * page_bytes
+            free_pages = pool.num_free
+            accounting = not storage.preallocated
+            # preallocated storage was charged in full when it was made; accounting storage
+            # is charged per page in use
+            charge = (
+                dev.manager_bytes + (pool.num_pages - free_pages) * page_bytes + nbytes
+                if accounting
+                else 0
+            )
+            if n > free_pages or charge > dev.budget:
+                return self._alloc_locked(num_tokens, d, dev)  # raises, naming why
+            guard = self._alloc_guard
+            if guard is not None:
+                guard(n)
+            pages = pool.allocate(n)
+            handle = self._next_handle
+            self._next_handle = handle + 1
+            block = _new_block(handle, num_tokens, d, dev.device, tuple(pages), self.owner, nbytes)
+            self._live[handle] = block
+            if accounting and charge > dev.peak:
+                dev.peak = charge
+            return block
+        finally:
+            lock.release()
 
     def free(self, block: KVBlock) -> None:
         """Release ``block`` (exactly once).
@@ -314,12 +407,20 @@ class ProviderKV:
             InvalidKVBlockError: double free, use after free, or a foreign block; nothing
                 changes.
         """
-        with self._lock:
-            live = self._validate(block)
-            dev = self._devices[live.device]
-            assert dev.pool is not None
-            dev.pool.free(live.pages)
+        lock = self._lock
+        lock.acquire()
+        try:
+            live = self._live.get(block.handle) if type(block) is KVBlock else None
+            if live is None or live is not block:  # not the object handed out: validate
+                live = self._validate(block)
+            dev = self._own if live.device == self.device else self._devices[live.device]
+            pool = dev.pool
+            assert pool is not None
+            pages = live.pages
+            pool.free([pages[0]] if len(pages) == 1 else pages)
             del self._live[live.handle]
+        finally:
+            lock.release()
 
     def copy(self, src: KVBlock, dst: KVBlock) -> None:
         """Copy the K/V of ``src`` into the first ``src.num_tokens`` tokens of ``dst``.
@@ -444,21 +545,33 @@ class ProviderKV:
         everything left of the device's budget. The pool is charged to the budget in full.
 
         Raises:
-            ConfigError: both ``memory_bytes`` and ``num_pages`` given, or a negative size.
+            ConfigError: (a ValueError) ``spec`` is not a KVSpec; both ``memory_bytes`` and
+                ``num_pages`` given; ``num_pages < 1``; ``memory_bytes`` below one page;
+                an argument of the wrong type -- each naming the valid values.
             UnsupportedDTypeError: ``spec.dtype`` is not supported.
             KVCacheExhaustedError: the budget cannot hold the pool (or a single page).
         """
         spec = self.spec if spec is None else spec
         if not isinstance(spec, KVSpec):
-            raise ConfigError(f"spec must be a KVSpec, got {type(spec).__name__}")
+            raise ConfigError(
+                f"spec must be a KVSpec (or None for the provider's {self.spec}), "
+                f"got {type(spec).__name__} {spec!r}"
+            )
         self.check_dtype(spec.dtype)
         if memory_bytes is not None and num_pages is not None:
             raise ConfigError("give memory_bytes or num_pages, not both")
         for name, value in (("memory_bytes", memory_bytes), ("num_pages", num_pages)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an int or None, got {value!r}")
+        if num_pages is not None and num_pages < 1:
+            raise ConfigError(
+                f"num_pages must be >= 1 (or None for what the budget leaves), got {num_pages}"
+            )
+        if memory_bytes is not None and memory_bytes < spec.page_bytes:
+            raise ConfigError(
+                f"memory_bytes must hold at least one {spec.page_bytes}-byte page of {spec} "
+                f"(>= {spec.page_bytes}, or None for what the budget leaves), got {memory_bytes}"
+            )
         with self._lock:
             dev = self._device_kv(device)
             available = dev.budget - dev.charge()
@@ -494,11 +607,15 @@ class ProviderKV:
     def release_manager(self, manager: KVCacheManager) -> None:
         """Return a manager's pool to the budget (the manager must hold no sequences).
 
+        Releasing a manager that was already released here is a no-op.
+
         Raises:
             InvalidStateError: sequences are still allocated in it.
-            InvalidKVBlockError: the manager was not created here (or already released).
+            InvalidKVBlockError: the manager was not created here.
         """
         with self._lock:
+            if manager in self._released:
+                return
             for dev in self._devices.values():
                 for i, m in enumerate(dev.managers):
                     if m is manager:
@@ -508,8 +625,12 @@ class ProviderKV:
                             )
                         del dev.managers[i]
                         dev.manager_bytes -= manager.pool.num_pages * manager.spec.page_bytes
+                        self._released.add(manager)
                         return
-        raise InvalidKVBlockError("this KV manager was not created by this provider")
+        raise InvalidKVBlockError(
+            f"this KV manager was not created by this provider ({self.owner}); release it "
+            "with the provider that created it"
+        )
 
     def managers(self, device: str | None = None) -> list[KVCacheManager]:
         """Managers created on ``device`` (default: own device) and not released."""

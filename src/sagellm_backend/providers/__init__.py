@@ -1,1 +1,48 @@
-"""Backend providers: mock (no deps), cpu and cuda (torch, imported lazily)."""
+"""Backend providers: mock (no dependencies), cpu (host memory; torch when installed), cuda.
+
+The 0.1.1.2 names are exported here; each is resolved on first attribute access (PEP 562),
+so importing this package imports no provider module, and never torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sagellm_backend.providers.cpu import CPUBackendProvider, create_cpu_backend
+    from sagellm_backend.providers.cuda import CudaBackendProvider, create_cuda_backend
+    from sagellm_backend.providers.mock import MockBackendProvider, create_mock_backend
+
+_LAZY: dict[str, str] = {
+    "CPUBackendProvider": "sagellm_backend.providers.cpu",
+    "CudaBackendProvider": "sagellm_backend.providers.cuda",
+    "MockBackendProvider": "sagellm_backend.providers.mock",
+    "create_cpu_backend": "sagellm_backend.providers.cpu",
+    "create_cuda_backend": "sagellm_backend.providers.cuda",
+    "create_mock_backend": "sagellm_backend.providers.mock",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the lazily imported provider names (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "CPUBackendProvider",
+    "CudaBackendProvider",
+    "MockBackendProvider",
+    "create_cpu_backend",
+    "create_cuda_backend",
+    "create_mock_backend",
+]

@@ -10,7 +10,10 @@ the CUDA provider's code.
 
 This module does not import torch at import time: torch is imported when a provider is
 created, so the provider modules (and their ``sagellm.backends`` entry points) import on a
-machine without torch and only their factories fail, with the pip command to fix it.
+machine without torch. A provider class decides with :meth:`TorchProviderBase._load_torch`
+whether torch is required (cuda: its factory fails with the pip command) or optional (cpu:
+without torch it keeps KV pages in host memory, registers no torch kernels and has
+single-rank collectives; see :mod:`.cpu`).
 
 Collectives:
     ``init_distributed()`` joins (or adopts) a ``torch.distributed`` process group: gloo for
@@ -26,6 +29,7 @@ Collectives:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import threading
@@ -204,6 +208,9 @@ class TorchProviderOptions:
         enable_collectives: False disables collectives (capability ``has_collective``
             False; calls raise).
         provider_id: id stamped on KV blocks (default: a fresh unique id).
+        use_torch: cpu only: None (default) uses torch when it is importable; False keeps
+            KV pages in host memory without torch even when it is installed (no torch
+            kernels, single-rank collectives). The cuda backend always needs torch.
     """
 
     device: str | None = None
@@ -214,6 +221,7 @@ class TorchProviderOptions:
     kv_spec: KVSpec | None = None
     enable_collectives: bool = True
     provider_id: str | None = None
+    use_torch: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("kv_memory_bytes", "kv_block_pool_bytes", "offload_memory_bytes"):
@@ -228,6 +236,8 @@ class TorchProviderOptions:
                 raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {frac!r}")
             if self.kv_memory_bytes is not None:
                 raise ConfigError("give kv_memory_bytes or kv_memory_fraction, not both")
+        if self.use_torch is not None and not isinstance(self.use_torch, bool):
+            raise ConfigError(f"use_torch must be None, True or False, got {self.use_torch!r}")
         if not isinstance(self.enable_collectives, bool):
             raise ConfigError(f"enable_collectives must be a bool, got {self.enable_collectives!r}")
         if self.device is not None and not isinstance(self.device, str):
@@ -323,23 +333,46 @@ class TorchProviderBase:
         *,
         storage_factory: Any = None,
     ) -> None:
-        self._torch = require_torch(f"the {self.kind} backend")
-        from sagellm_backend.kernels.torch_kernels import register_builtin_kernels
-        from sagellm_backend.kv.storage import TorchKVStorage
-
-        self._layer = layer
-        self._storage_factory = storage_factory or TorchKVStorage
         self._options = options or TorchProviderOptions()
+        self._torch = self._load_torch(self._options)
+        self._layer = layer
+        if storage_factory is None:
+            from sagellm_backend.kv.storage import HostKVStorage, TorchKVStorage
+
+            storage_factory = TorchKVStorage if self._torch is not None else HostKVStorage
+        self._storage_factory = storage_factory
         self._id = self._options.provider_id or f"{self.kind}-{uuid.uuid4().hex[:12]}"
         self._dtypes: list[DType] = list(layer.supported_dtypes())
         self._kernels = KernelRegistry()
-        register_builtin_kernels(self._kernels, dtypes=frozenset(self._dtypes))
+        if self._torch is not None:  # kernels are registered only where they can run
+            from sagellm_backend.kernels.torch_kernels import register_builtin_kernels
+
+            register_builtin_kernels(self._kernels, dtypes=frozenset(self._dtypes))
         backend = layer.collective_backend()
         self._collective_backend = backend if self._options.enable_collectives else None
         self._lock = threading.RLock()
         self._kv: ProviderKV | None = None
         self._owns_group = False
         self._closed = False
+
+    def _load_torch(self, options: TorchProviderOptions) -> Any:
+        """Return torch, or None where this provider runs without it (default: torch is required).
+
+        Raises:
+            DependencyMissingError: torch is required and not installed (with the pip command).
+            ConfigError: ``use_torch=False`` for a provider that cannot run without torch.
+        """
+        if options.use_torch is False:
+            raise ConfigError(
+                f"the {self.kind} backend always runs on torch; use_torch=False is a cpu "
+                "backend option"
+            )
+        return require_torch(f"the {self.kind} backend")
+
+    @property
+    def uses_torch(self) -> bool:
+        """Whether this provider's KV pages and collectives are torch tensors."""
+        return self._torch is not None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -359,8 +392,20 @@ class TorchProviderBase:
 
     @property
     def torch_device(self) -> torch.device:
-        """This provider's device as a ``torch.device``."""
-        return self._torch.device(self._layer.device)  # type: ignore[no-any-return]
+        """This provider's device as a ``torch.device``.
+
+        Raises:
+            DependencyMissingError: this provider runs without torch (torch is not installed).
+        """
+        return self._need_torch("torch_device").device(self._layer.device)  # type: ignore[no-any-return]
+
+    def _need_torch(self, what: str) -> Any:
+        if self._torch is None:
+            raise DependencyMissingError(
+                f"{what} of the {self.kind} backend needs torch, which is not installed: "
+                f"{TORCH_INSTALL_HINT}"
+            )
+        return self._torch
 
     @property
     def options(self) -> TorchProviderOptions:
@@ -423,6 +468,7 @@ class TorchProviderBase:
         """The torch dtype of a supported protocol dtype (see :meth:`check_dtype`)."""
         from sagellm_backend.kernels.torch_kernels import to_torch_dtype
 
+        self._need_torch("torch_dtype")
         return to_torch_dtype(self.check_dtype(dtype))
 
     def _dtype_list(self) -> str:
@@ -553,7 +599,21 @@ class TorchProviderBase:
         """
         backend = self._require_collectives()
         dist = self._dist()
-        assert dist is not None
+        if dist is None:  # no torch: one rank is all there can be
+            rank = _env_int("RANK", rank) if rank is not None or "RANK" in os.environ else 0
+            world_size = (
+                _env_int("WORLD_SIZE", world_size)
+                if world_size is not None or "WORLD_SIZE" in os.environ
+                else 1
+            )
+            if world_size != 1 or rank != 0:
+                raise DependencyMissingError(
+                    f"collectives across {world_size} ranks need torch.distributed, and this "
+                    f"{self.kind} provider runs without torch (not installed, or "
+                    f"use_torch=False): {TORCH_INSTALL_HINT}; without torch it runs a single "
+                    "rank (world_size=1, rank=0)"
+                )
+            return
         with self._lock:
             if dist.is_initialized():
                 current = str(dist.get_backend())
@@ -611,6 +671,9 @@ class TorchProviderBase:
         """
         op_name = _check_op(op)
         self._require_collectives()
+        if self._torch is None:
+            _check_host_tensor(tensor, "all_reduce")
+            return  # single rank without torch: the reduction of one tensor is itself
         self._check_collective_tensor(tensor, "all_reduce")
         if op_name == "avg" and not (tensor.is_floating_point() or tensor.is_complex()):
             raise ValueError(f"all_reduce op 'avg' needs a floating tensor, got {tensor.dtype}")
@@ -646,6 +709,9 @@ class TorchProviderBase:
             ValueError: a tensor on another device.
         """
         self._require_collectives()
+        if self._torch is None:
+            _check_host_tensor(tensor, "all_gather")
+            return [tensor] if _is_number(tensor) else copy.deepcopy(list(tensor))
         self._check_collective_tensor(tensor, "all_gather")
         src = tensor.reshape(1) if tensor.dim() == 0 else tensor
         if not self.is_distributed:
@@ -658,6 +724,8 @@ class TorchProviderBase:
         return self._torch.cat(parts, dim=0)
 
     def _dist(self) -> Any:
+        if self._torch is None:
+            return None
         dist = self._torch.distributed
         return dist if dist.is_available() else None
 
@@ -808,7 +876,7 @@ class TorchProviderBase:
 
     def create_kv_manager(
         self,
-        spec: KVSpec,
+        spec: KVSpec | None = None,
         *,
         memory_bytes: int | None = None,
         num_pages: int | None = None,
@@ -821,11 +889,13 @@ class TorchProviderBase:
         :meth:`release_kv_manager`. ``manager.storage.layer_kv(layer)`` gives the flat-slot
         K/V caches that the ``paged_attention`` kernel reads.
 
+        ``spec`` None means the provider's KV spec (``kv_spec`` option).
+
         Raises:
+            ConfigError: (a ValueError) an invalid argument, naming the valid values.
             UnsupportedDTypeError: ``spec.dtype`` is not supported here.
             KVCacheExhaustedError: the budget cannot hold the pool.
         """
-        self.check_dtype(spec.dtype)
         return self._kv_core().create_manager(
             spec,
             memory_bytes=memory_bytes,
@@ -834,8 +904,28 @@ class TorchProviderBase:
         )
 
     def release_kv_manager(self, manager: KVCacheManager) -> None:
-        """Return a manager's pool to the KV budget (it must hold no sequences)."""
+        """Return a manager's pool to the KV budget (it must hold no sequences).
+
+        A second release of the same manager is a no-op.
+        """
         self._kv_core().release_manager(manager)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_host_tensor(tensor: Any, what: str) -> None:
+    """Without torch, collectives take a number or a (nested) list/tuple of numbers."""
+
+    def ok(v: Any) -> bool:
+        return _is_number(v) or (isinstance(v, list | tuple) and all(ok(x) for x in v))
+
+    if not ok(tensor):
+        raise TypeError(
+            f"{what} without torch takes a number or a (nested) list of numbers, got "
+            f"{type(tensor).__name__}; install torch for tensors: {TORCH_INSTALL_HINT}"
+        )
 
 
 def _check_op(op: str) -> str:

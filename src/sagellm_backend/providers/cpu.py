@@ -1,29 +1,38 @@
-"""The cpu backend provider: torch on the host CPU.
+"""The cpu backend provider: the host CPU, with torch when it is installed.
 
-:class:`CPUBackendProvider` is the shared torch core (:class:`~._torch.TorchProviderBase`)
-over :class:`CpuDevice`, the host's device layer:
+:class:`CPUBackendProvider` is the shared provider core (:class:`~._torch.TorchProviderBase`)
+over :class:`CpuDevice`, the host's device layer. It works on a base install (no torch):
 
-* capability: processor name (``/proc/cpuinfo``, else :mod:`platform`), the CPU ISA level
-  torch dispatches to (``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX512"``) as
-  ``compute_capability``, host memory from psutil, and the dtypes that torch computes on
-  this CPU (fp32 always; bf16 and fp16 when a probe matmul/softmax runs in them).
+* capability: processor name (``/proc/cpuinfo``, else :mod:`platform`) with its logical
+  core count, the CPU ISA level as ``compute_capability`` (what torch dispatches to, e.g.
+  ``"AVX512"``; without torch read from the cpuinfo flags the same way), host memory from
+  psutil, and the dtypes: with torch those a probe matmul/softmax/SDPA runs in (fp32
+  always; bf16 and fp16 where they work); without torch fp32, fp16 and int8 (the 0.1.1.2
+  set: pages hold any bytes, no kernels compute).
+* KV: a fixed page pool preallocated in host memory -- torch tensors
+  (:class:`~sagellm_backend.kv.storage.TorchKVStorage`) with torch, a ``bytearray``
+  (:class:`~sagellm_backend.kv.storage.HostKVStorage`, writable ``memoryview`` page views)
+  without. Copies and migrations move the bytes. Exhaustion, double free, foreign blocks
+  and accounting follow the same rules as every provider (:class:`~sagellm_backend.kv.
+  provider_kv.ProviderKV`). ``use_torch=False`` picks host pages even when torch is there.
 * streams/events: synchronous semantics (work runs on the calling thread before the call
   returns, so ``synchronize`` has nothing to wait for); events record a monotonic clock
   (``time.perf_counter_ns``) and ``elapsed_ms`` is real wall time.
 * memory: ``allocated``/``reserved`` = resident set size of this process, ``peak`` = its
-  peak RSS (``getrusage``; cannot be reset), ``total``/``free`` = host RAM total/available;
-  ``clear_cache()`` drops evictable KV pages and returns freed heap to the OS
-  (``malloc_trim``).
-* collectives: torch.distributed with gloo.
-
-This module imports without torch; :func:`create_cpu_backend` (the ``sagellm.backends``
-entry point ``cpu``) raises :class:`~sagellm_backend.errors.DependencyMissingError` with the
-pip command when torch is missing.
+  peak RSS (``getrusage``; cannot be reset), ``total``/``free`` = host RAM total/available
+  (psutil, a base dependency); ``clear_cache()`` drops evictable KV pages and returns freed
+  heap to the OS (``malloc_trim``).
+* kernels: torch's built-in kernels when torch runs; none without it (kernels are
+  registered only where they can run; ``register_kernel`` works either way).
+* collectives: torch.distributed with gloo. Without torch one rank is all there is:
+  ``all_reduce`` leaves a number or (nested) list as it is, ``all_gather`` returns a copy
+  (a one-element list for a number), and ``init_distributed`` with more than one rank raises
+  :class:`~sagellm_backend.errors.DependencyMissingError` naming the ``[torch]`` extra.
 
 Example:
     >>> from sagellm_backend.providers.cpu import create_cpu_backend
-    >>> backend = create_cpu_backend({"kv_memory_bytes": 64 << 20})  # doctest: +SKIP
-    >>> backend.capability().device_type  # doctest: +SKIP
+    >>> backend = create_cpu_backend({"kv_memory_bytes": 64 << 20})
+    >>> backend.capability().device_type
     'cpu'
 """
 
@@ -32,27 +41,32 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
 import resource
 import sys
 import time
 from typing import Any
 
+from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.base import Event, Stream
+from sagellm_backend.base import KVBlock as KVBlock  # 0.1.1.2 export
+from sagellm_backend.capability import CapabilityDescriptor as CapabilityDescriptor  # 0.1.1.2
 from sagellm_backend.capability import DType
-from sagellm_backend.errors import ConfigError, InvalidStateError
+from sagellm_backend.capability import KernelKind as KernelKind  # 0.1.1.2 export
+from sagellm_backend.errors import ConfigError, DependencyMissingError, InvalidStateError
 from sagellm_backend.providers._torch import (
-    TORCH_INSTALL_HINT,
     DeviceMemory,
     TorchProviderBase,
     TorchProviderOptions,
     parse_provider_config,
-    require_torch,
     torch_installed,
 )
 
 __all__ = [
     "CPUBackendProvider",
+    "CPUEvent",
+    "CPUStream",
     "CpuDevice",
     "CpuEvent",
     "CpuStream",
@@ -60,6 +74,9 @@ __all__ = [
     "is_available",
     "unavailable_reason",
 ]
+
+#: dtypes of the cpu backend without torch (the 0.1.1.2 set).
+HOST_DTYPES: tuple[DType, ...] = (DType.FP32, DType.FP16, DType.INT8)
 
 #: Default KV budget on cpu: min(this, 10% of available RAM).
 DEFAULT_CPU_KV_BYTES = 512 << 20
@@ -71,10 +88,16 @@ class CpuEvent:
     Invariants: ``elapsed_ms`` needs both events recorded; re-recording moves the mark.
     """
 
-    __slots__ = ("_t_ns",)
+    __slots__ = ("_t_ns", "event_id")
 
-    def __init__(self) -> None:
-        self._t_ns: int | None = None
+    def __init__(self, event_id: int = 0, timestamp: float = 0.0) -> None:
+        self.event_id = event_id
+        self._t_ns: int | None = None if not timestamp else int(timestamp * 1e9)
+
+    @property
+    def timestamp(self) -> float:
+        """Seconds (``time.perf_counter`` clock) when recorded; 0.0 before (0.1.1.2 field)."""
+        return 0.0 if self._t_ns is None else self._t_ns / 1e9
 
     def record(self, stream: Stream | None = None) -> None:
         """Mark the current time (``stream`` is accepted for API symmetry with cuda)."""
@@ -113,7 +136,10 @@ class CpuEvent:
 class CpuStream:
     """A host stream: work is executed synchronously by the calling thread, in order."""
 
-    __slots__ = ()
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int = 0) -> None:
+        self.stream_id = stream_id
 
     def synchronize(self) -> None:
         """Nothing to wait for (synchronous semantics)."""
@@ -153,10 +179,39 @@ def _processor_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+#: 0.1.1.2 names of the host stream/event classes.
+CPUEvent = CpuEvent
+CPUStream = CpuStream
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith(("flags", "features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _isa_level() -> str:
+    """The ISA level torch's CPU dispatch would name, read from the cpuinfo flags."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX512"
+    if "avx2" in flags:
+        return "AVX2"
+    if "asimd" in flags:
+        return "NEON"
+    return "DEFAULT"
+
+
 @functools.cache
 def _probe_dtypes() -> tuple[DType, ...]:
     """Dtypes in which torch runs a matmul, softmax and SDPA on this CPU."""
-    torch = require_torch("the cpu backend")
+    import torch
     import torch.nn.functional as F  # noqa: N812
 
     found = [DType.FP32]
@@ -192,33 +247,34 @@ class CpuDevice:
     device = "cpu"
     has_graph_exec = False
 
-    def __init__(self) -> None:
-        self._torch = require_torch("the cpu backend")
+    def __init__(self, torch: Any = None) -> None:
+        self._torch = torch
         try:
             import psutil
-        except ImportError as exc:
-            from sagellm_backend.errors import DependencyMissingError
-
+        except ImportError as exc:  # pragma: no cover - psutil is a base dependency
             raise DependencyMissingError(
-                f"the cpu backend needs psutil, which is not installed: {TORCH_INSTALL_HINT}"
+                "the cpu backend needs psutil (a dependency of isagellm-backend), which is "
+                "not installed: pip install psutil"
             ) from exc
         self._psutil = psutil
         self._process = psutil.Process()
 
     def device_name(self) -> str:
-        """Processor model name."""
-        return _processor_name()
+        """Processor model name and logical core count."""
+        return f"{_processor_name()} ({os.cpu_count() or 1} cores)"
 
     def compute_capability(self) -> str | None:
-        """CPU ISA level torch dispatches to (``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``)."""
-        try:
-            return str(self._torch.backends.cpu.get_cpu_capability())
-        except (AttributeError, RuntimeError):
-            return None
+        """CPU ISA level (``"AVX512"``, ``"AVX2"``, ``"NEON"``, ``"DEFAULT"``)."""
+        if self._torch is not None:
+            try:
+                return str(self._torch.backends.cpu.get_cpu_capability())
+            except (AttributeError, RuntimeError):
+                pass
+        return _isa_level()
 
     def supported_dtypes(self) -> list[DType]:
-        """fp32 plus the low-precision dtypes a probe could compute in here."""
-        return list(_probe_dtypes())
+        """With torch: fp32 plus what a probe computes in; without: :data:`HOST_DTYPES`."""
+        return list(_probe_dtypes()) if self._torch is not None else list(HOST_DTYPES)
 
     def memory(self) -> DeviceMemory:
         """Host RAM and this process's RSS."""
@@ -256,7 +312,9 @@ class CpuDevice:
         return CpuEvent()
 
     def collective_backend(self) -> str | None:
-        """``"gloo"`` when torch.distributed has it, else None."""
+        """``"gloo"`` when torch.distributed has it; ``"local"`` (one rank) without torch."""
+        if self._torch is None:
+            return "local"
         dist = self._torch.distributed
         return "gloo" if dist.is_available() and dist.is_gloo_available() else None
 
@@ -273,14 +331,15 @@ class CpuDevice:
 
 
 class CPUBackendProvider(TorchProviderBase):
-    """Backend provider on the host CPU with torch (0.1.1.2 name).
+    """Backend provider on the host CPU (0.1.1.2 name); torch is optional.
 
     Args:
-        options: :class:`~._torch.TorchProviderOptions` (``device`` must be ``"cpu"``).
+        options: :class:`~._torch.TorchProviderOptions` (``device`` must be ``"cpu"``;
+            ``use_torch=False`` keeps host pages even with torch installed).
         **kwargs: option fields, as an alternative to ``options``.
 
     Raises:
-        DependencyMissingError: torch or psutil is not installed.
+        DependencyMissingError: ``use_torch=True`` and torch is not installed.
         ConfigError: an option is invalid.
     """
 
@@ -292,16 +351,26 @@ class CPUBackendProvider(TorchProviderBase):
             raise ConfigError(f"the cpu backend runs on device 'cpu', got device={opts.device!r}")
         if device_ids not in (None, [], [0]):
             raise ConfigError(f"the cpu backend has one device (0), got device_ids={device_ids}")
-        super().__init__(CpuDevice(), opts)
+        torch: Any = None
+        if opts.use_torch is not False and (opts.use_torch or torch_installed()):
+            from sagellm_backend.providers._torch import require_torch
+
+            torch = require_torch("the cpu backend with use_torch=True")
+        self._host_torch = torch
+        super().__init__(CpuDevice(torch), opts)
+
+    def _load_torch(self, options: TorchProviderOptions) -> Any:
+        """Return torch when installed (and not declined with ``use_torch=False``), else None."""
+        return self._host_torch
 
     @classmethod
     def is_available(cls) -> bool:
-        """Whether this backend can be created here (torch importable), without creating it."""
+        """Whether this backend can be created here (always: torch is optional)."""
         return is_available()
 
 
 def is_available() -> bool:
-    """Whether the cpu backend can run here (torch and psutil installed); imports neither."""
+    """Whether the cpu backend can run here (psutil importable; torch is optional)."""
     return unavailable_reason() is None
 
 
@@ -309,9 +378,8 @@ def unavailable_reason() -> str | None:
     """Why the cpu backend cannot run here (with the fix), or None when it can."""
     import importlib.util
 
-    missing = [m for m in ("torch", "psutil") if importlib.util.find_spec(m) is None]
-    if not torch_installed() or missing:
-        return f"{' and '.join(missing)} not installed: {TORCH_INSTALL_HINT}"
+    if importlib.util.find_spec("psutil") is None:
+        return "psutil (a dependency of isagellm-backend) is not installed: pip install psutil"
     return None
 
 
@@ -325,11 +393,10 @@ def create_cpu_backend(config: Any = None, **kwargs: Any) -> CPUBackendProvider:
             :class:`~._torch.TorchProviderOptions`).
 
     Raises:
-        DependencyMissingError: torch is missing (the message has the pip command).
+        DependencyMissingError: ``use_torch=True`` and torch is missing (with the pip command).
         ConfigError: an invalid option.
     """
     opts, device_ids = parse_provider_config("cpu", config, kwargs)
-    require_torch("the cpu backend")
     if device_ids not in (None, [], [0]):
         raise ConfigError(f"the cpu backend has one device (0), got device_ids={device_ids}")
     return CPUBackendProvider(opts)

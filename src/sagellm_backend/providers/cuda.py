@@ -31,8 +31,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.base import Event, Stream
+from sagellm_backend.base import KVBlock as KVBlock  # 0.1.1.2 export
+from sagellm_backend.capability import CapabilityDescriptor as CapabilityDescriptor  # 0.1.1.2
 from sagellm_backend.capability import DType
+from sagellm_backend.capability import KernelKind as KernelKind  # 0.1.1.2 export
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError, InvalidStateError
 from sagellm_backend.providers._torch import (
     TORCH_INSTALL_HINT,
@@ -135,16 +139,18 @@ class CudaEvent:
 
     Attributes:
         raw: the torch event.
+        device: the CUDA device string (``"cuda:0"``; the 0.1.1.2 field).
     """
 
-    __slots__ = ("_recorded", "raw")
+    __slots__ = ("_recorded", "device", "raw")
 
-    def __init__(self, raw: Any = None) -> None:
+    def __init__(self, raw: Any = None, device: str = "cuda") -> None:
         if raw is None:
             import torch
 
             raw = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         self.raw = raw
+        self.device = device
         self._recorded = False
 
     def record(self, stream: Stream | None = None) -> None:
@@ -193,12 +199,14 @@ class CudaStream:
 
     Attributes:
         raw: the torch stream.
+        device: the CUDA device string (``"cuda:0"``; the 0.1.1.2 field).
     """
 
-    __slots__ = ("_ctx", "raw")
+    __slots__ = ("_ctx", "device", "raw")
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, device: str = "cuda") -> None:
         self.raw = raw
+        self.device = device
         self._ctx: Any = None
 
     def synchronize(self) -> None:
@@ -306,11 +314,11 @@ class CudaDevice:
 
     def create_stream(self) -> Stream:
         """A new :class:`CudaStream` on this device."""
-        return CudaStream(self._torch.cuda.Stream(device=self.index))
+        return CudaStream(self._torch.cuda.Stream(device=self.index), self.device)
 
     def create_event(self) -> Event:
         """A new timing :class:`CudaEvent`."""
-        return CudaEvent(self._torch.cuda.Event(enable_timing=True))
+        return CudaEvent(self._torch.cuda.Event(enable_timing=True), self.device)
 
     def collective_backend(self) -> str | None:
         """``"nccl"`` when torch.distributed has NCCL, else None."""

@@ -53,7 +53,9 @@ from typing import Any
 
 from sagellm_protocol import ErrorCode
 
+from sagellm_backend.base import Event as Event  # 0.1.1.2 export
 from sagellm_backend.base import KVBlock
+from sagellm_backend.base import Stream as Stream  # 0.1.1.2 export
 from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind, parse_dtype
 from sagellm_backend.errors import (
     BackendError,
@@ -743,8 +745,10 @@ class MockBackendProvider:
     def _kv_guard(self, n: int) -> None:
         limit = self._fail_kv_after
         if limit is None:
-            with self._lock:
-                self.kv_pages_handed_out += n
+            lock = self._lock
+            lock.acquire()  # explicit acquire/release: cheaper than `with` on CPython 3.11
+            self.kv_pages_handed_out += n
+            lock.release()
             return
         with self._lock:
             if self.kv_pages_handed_out + n > limit:
@@ -805,7 +809,10 @@ class MockBackendProvider:
         )
 
     def release_kv_manager(self, manager: KVCacheManager) -> None:
-        """Give a manager's pool back to the budget (it must hold no sequences)."""
+        """Give a manager's pool back to the budget (it must hold no sequences).
+
+        A second release of the same manager is a no-op.
+        """
         self.kv.release_manager(manager)
 
     # ------------------------------------------------------------------ memory

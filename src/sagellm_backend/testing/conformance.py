@@ -50,6 +50,7 @@ imports torch only when the provider is a torch provider.
 from __future__ import annotations
 
 import inspect
+import random
 import threading
 import time
 import uuid
@@ -126,9 +127,15 @@ class ProviderConformance:
         """A tensor the provider's collectives accept, holding ``values`` (float32).
 
         Default: a torch tensor on the provider's device when the provider looks like a
-        torch provider (has ``torch_device``), else a plain list.
+        torch provider (has ``torch_device`` and, if it says, ``uses_torch``), else a plain
+        list.
         """
-        device = getattr(provider, "torch_device", None)
+        device = None
+        if getattr(provider, "uses_torch", True):
+            try:
+                device = getattr(provider, "torch_device", None)
+            except ImportError:  # a provider that runs without torch here
+                device = None
         if device is None:
             return list(values)
         import torch
@@ -169,15 +176,22 @@ class ProviderConformance:
     def fill_kv(self, provider: BackendProvider, block: KVBlock, seed: int) -> bool:
         """Write a seed-dependent pattern into ``block``; return False if not possible.
 
-        Default: writes random bytes through the torch views returned by ``get_kv_tensor``;
-        other providers (no writable tensors) return False and the copy/migrate data checks
-        then only compare what is there.
+        Default: writes random bytes through the views returned by ``get_kv_tensor`` --
+        torch tensors, or writable ``memoryview`` pages (host memory without torch); other
+        providers (no writable views) return False and the copy/migrate data checks then
+        only compare what is there.
         """
         getter = getattr(provider, "get_kv_tensor", None)
         if not callable(getter):
             return False
         data = getter(block)
         pages = list(data) if isinstance(data, list | tuple) else [data]
+        if pages and all(isinstance(p, memoryview) and not p.readonly for p in pages):
+            rng = random.Random(seed)
+            for page in pages:
+                raw = page.cast("B") if page.ndim != 1 or page.format != "B" else page
+                raw[:] = rng.randbytes(raw.nbytes)
+            return True
         if not pages or not all(hasattr(p, "copy_") and hasattr(p, "view") for p in pages):
             return False
         import torch
@@ -704,6 +718,8 @@ class ProviderConformance:
 
 def _snapshot(page: Any) -> Any:
     """A comparable copy of one page handle (see ProviderConformance.kv_contents)."""
+    if isinstance(page, memoryview):
+        return page.tobytes()
     if hasattr(page, "detach") and hasattr(page, "view"):
         import torch
 

@@ -8,6 +8,15 @@
 
 from __future__ import annotations
 
+from sagellm_protocol import Metrics as Metrics  # 0.1.1.2 export
+from sagellm_protocol import Request as Request  # 0.1.1.2 export
+from sagellm_protocol import Response as Response  # 0.1.1.2 export
+from sagellm_protocol import StreamEventDelta as StreamEventDelta  # 0.1.1.2 export
+from sagellm_protocol import StreamEventEnd as StreamEventEnd  # 0.1.1.2 export
+from sagellm_protocol import StreamEventStart as StreamEventStart  # 0.1.1.2 export
+
+from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
+from sagellm_backend.engine.base import EngineConfig as EngineConfig  # 0.1.1.2 export
 from sagellm_backend.engine.mock.engine import (
     DEFAULT_KV_NUM_PAGES,
     ENV_MOCK_OPTIONS,
