@@ -107,6 +107,7 @@ class SchedSeq:
     cancelled: bool = False
     preemptions: int = 0
     generator: Any = None
+    stops: frozenset[int] = frozenset()
 
     @property
     def num_tokens(self) -> int:
@@ -139,6 +140,8 @@ class StepPlan:
         prefill: some chunk computes prompt tokens.
         decode: some chunk decodes one generated token.
         special: rows (indices into ``sample_seqs``) whose sampling is not plain greedy.
+        num_decode: the first ``num_decode`` chunks are decode chunks (one token each, all
+            with ``need_logits``; chunk ``i`` owns logits row ``i``).
     """
 
     chunks: list[SeqChunk]
@@ -147,6 +150,7 @@ class StepPlan:
     prefill: bool
     decode: bool
     special: list[int]
+    num_decode: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +263,10 @@ class Scheduler:
         """Queue a sequence (arrival order)."""
         seq.final_pages = self.pages_for(len(seq.prompt_ids) + seq.max_tokens - 1)
         seq.limit = min(seq.max_tokens, self.max_context - len(seq.prompt_ids))
+        # one set lookup per token decides whether the slow stop checks run
+        seq.stops = (
+            seq.stop_token_ids if seq.ignore_eos else self.eos_token_ids | seq.stop_token_ids
+        )
         self.waiting.append(seq)
 
     def abort(self, seq: SchedSeq, error: Error, *, cancelled: bool = False) -> bool:
@@ -397,10 +405,11 @@ class Scheduler:
             add_chunk(chunk)
             add_owner(seq)
             if seq.sampling is not GREEDY:
-                special.append(len(sample))
-            sample.append(seq)
-        decode = bool(chunks)
-        budget -= len(chunks)
+                special.append(len(owners) - 1)
+        num_decode = len(chunks)
+        sample.extend(owners)  # decode rows first, in chunk order
+        decode = num_decode > 0
+        budget -= num_decode
         prefill = False
         for seq in prefilling:
             if budget <= 0:
@@ -423,7 +432,7 @@ class Scheduler:
                 sample.append(seq)
             budget -= end - start
             prefill = True
-        return StepPlan(chunks, owners, sample, prefill, decode, special)
+        return StepPlan(chunks, owners, sample, prefill, decode, special, num_decode)
 
     def _grow(self, seq: SchedSeq, n: int, failed: list[SchedSeq]) -> bool:
         """Hand ``seq``'s pending tokens to the KV manager so its pages cover ``n`` tokens.
@@ -480,18 +489,52 @@ class Scheduler:
         caching = self._caching
         block = self.block_size
         kv = self.kv
-        eos = self.eos_token_ids
-        keep_eos = self.keep_eos
         computed = generated = 0
         done: list[SchedSeq] = []
-        row = 0
-        for chunk, seq in zip(plan.chunks, plan.seqs, strict=True):
+        chunks = plan.chunks
+        seqs = plan.seqs
+        nd = plan.num_decode
+        # Decode chunks (the bulk of the work): one token each, row i belongs to chunk i.
+        for i in range(nd):
+            seq = seqs[i]
+            end = chunks[i].start + 1
+            tl = seq.timeline
+            tl.decode_ms += dt_ms
+            if caching and not end % block:
+                if seq.kv_tokens < end:
+                    kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
+                    seq.kv_tokens = end
+                kv.mark_computed(seq.seq_id, end)
+            seq.num_computed = end
+            tok = tokens[i]
+            if tok.__class__ is int and tok not in seq.stops:
+                out = seq.output_ids
+                out.append(tok)
+                tl.token_times.append(t1)
+                generated += 1
+                if len(out) >= seq.limit:
+                    reason: FinishReason | None = "length"
+                elif seq.stop_strings and self.decode is not None:
+                    reason = "stop" if any(x in self.decode(out) for x in seq.stop_strings) else None
+                else:
+                    continue
+                if reason is None:
+                    continue
+                self.running.remove(seq)
+                self._finish(seq, reason, None, t=t1)
+                done.append(seq)
+                continue
+            generated += self._take(seq, tok, t1, done)
+        computed += nd
+        row = nd
+        for j in range(nd, len(chunks)):
+            chunk = chunks[j]
+            seq = seqs[j]
             k = len(chunk.token_ids)
             computed += k
             end = chunk.start + k
             tl = seq.timeline
-            out = seq.output_ids
-            if k > 1 or not out:
+            if k > 1 or not seq.output_ids:
                 tl.prefill_ms += dt_ms
             else:
                 tl.decode_ms += dt_ms
@@ -505,35 +548,45 @@ class Scheduler:
                 continue
             tok = tokens[row]
             row += 1
-            if not isinstance(tok, int):
-                self.running.remove(seq)
-                self._finish(seq, "error", to_protocol_error(tok))
-                done.append(seq)
-                continue
-            reason: FinishReason | None = None
-            if (tok in eos and not seq.ignore_eos) or tok in seq.stop_token_ids:
-                reason = "stop"
-                if keep_eos or tok not in eos:
-                    out.append(tok)
-                    tl.token_times.append(t1)
-                    generated += 1
-            else:
-                out.append(tok)
-                tl.token_times.append(t1)
-                generated += 1
-                if len(out) >= seq.limit:
-                    reason = "length"
-                elif seq.stop_strings and self.decode is not None:
-                    text = self.decode(out)
-                    if any(x in text for x in seq.stop_strings):
-                        reason = "stop"
-            if reason is not None:
-                self.running.remove(seq)
-                self._finish(seq, reason, None, t=t1)
-                done.append(seq)
+            generated += self._take(seq, tok, t1, done)
         self.tokens_computed += computed
         self.tokens_generated += generated
         return done
+
+    def _take(
+        self, seq: SchedSeq, tok: int | BaseException, t1: float, done: list[SchedSeq]
+    ) -> int:
+        """Append a sampled token (or fail on a row error); return the tokens generated."""
+        if not isinstance(tok, int):
+            self.running.remove(seq)
+            self._finish(seq, "error", to_protocol_error(tok))
+            done.append(seq)
+            return 0
+        eos = self.eos_token_ids
+        out = seq.output_ids
+        reason: FinishReason | None = None
+        generated = 0
+        if (tok in eos and not seq.ignore_eos) or tok in seq.stop_token_ids:
+            reason = "stop"
+            if self.keep_eos or tok not in eos:
+                out.append(tok)
+                seq.timeline.token_times.append(t1)
+                generated = 1
+        else:
+            out.append(tok)
+            seq.timeline.token_times.append(t1)
+            generated = 1
+            if len(out) >= seq.limit:
+                reason = "length"
+            elif seq.stop_strings and self.decode is not None:
+                text = self.decode(out)
+                if any(x in text for x in seq.stop_strings):
+                    reason = "stop"
+        if reason is not None:
+            self.running.remove(seq)
+            self._finish(seq, reason, None, t=t1)
+            done.append(seq)
+        return generated
 
     # ------------------------------------------------------------------ release
     def _release(self, seq: SchedSeq, *, discard: bool) -> KVRequestStats | None:
