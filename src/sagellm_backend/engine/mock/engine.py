@@ -295,17 +295,18 @@ class MockEngineConfig(EngineConfig):
 class _MockDetok(Detokenizer):
     """Incremental text of mock tokens (every generated token is a whole word)."""
 
-    __slots__ = ("_decode", "_pieces")
+    __slots__ = ("_decode", "_end", "_piece")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        self._pieces = tokenizer._pieces
+        pieces = tokenizer._pieces
+        # indexed by token id; ids below WORD_OFFSET never reach it (checked in add)
+        self._piece = ([""] * MockTokenizer.WORD_OFFSET + list(pieces)).__getitem__
+        self._end = MockTokenizer.WORD_OFFSET + len(pieces)
 
     def add(self, ids: list[int]) -> str:
-        pieces = self._pieces
-        off = MockTokenizer.WORD_OFFSET
-        if ids and min(ids) >= off and max(ids) - off < len(pieces):  # words only
-            return "".join([pieces[t - off] for t in ids])
+        if ids and min(ids) >= MockTokenizer.WORD_OFFSET and max(ids) < self._end:  # words only
+            return "".join(map(self._piece, ids))
         return self._decode(ids)
 
     def flush(self) -> str:

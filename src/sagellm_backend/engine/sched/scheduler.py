@@ -108,6 +108,7 @@ class SchedSeq:
     preemptions: int = 0
     generator: Any = None
     stops: frozenset[int] = frozenset()
+    prompt_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -263,6 +264,7 @@ class Scheduler:
         """Queue a sequence (arrival order)."""
         seq.final_pages = self.pages_for(len(seq.prompt_ids) + seq.max_tokens - 1)
         seq.limit = min(seq.max_tokens, self.max_context - len(seq.prompt_ids))
+        seq.prompt_len = len(seq.prompt_ids)
         # one set lookup per token decides whether the slow stop checks run
         seq.stops = (
             seq.stop_token_ids if seq.ignore_eos else self.eos_token_ids | seq.stop_token_ids
@@ -389,7 +391,7 @@ class Scheduler:
         add_owner = owners.append
         for seq in list(self.running):
             out = seq.output_ids
-            n = len(seq.prompt_ids) + len(out)
+            n = seq.prompt_len + len(out)
             if not out or seq.num_computed != n - 1:
                 prefilling.append(seq)
                 continue
