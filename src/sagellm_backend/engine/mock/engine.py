@@ -299,10 +299,9 @@ class _MockDetok(Detokenizer):
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        pieces = tokenizer._pieces
         # indexed by token id; ids below WORD_OFFSET never reach it (checked in add)
-        self._piece = ([""] * MockTokenizer.WORD_OFFSET + list(pieces)).__getitem__
-        self._end = MockTokenizer.WORD_OFFSET + len(pieces)
+        self._piece = tokenizer._text_by_id.__getitem__
+        self._end = tokenizer.word_end
 
     def add(self, ids: list[int]) -> str:
         if ids and min(ids) >= MockTokenizer.WORD_OFFSET and max(ids) < self._end:  # words only

@@ -76,6 +76,9 @@ class MockTokenizer:
         self.vocab_size = vocab_size
         num_words = min(vocab_size - self.WORD_OFFSET, 2 * _WORDS_PER_FORM)
         self._pieces, self._piece_to_id = _word_table(num_words)
+        #: token id -> text for every id below ``word_end`` ("" for special and byte ids)
+        self._text_by_id: list[str] = [""] * self.WORD_OFFSET + list(self._pieces)
+        self.word_end = self.WORD_OFFSET + len(self._pieces)
         self._chunk_cache: dict[str, tuple[int, ...]] = {}
         #: number of spaced-word ids, from which output tokens are drawn
         self.num_output_words = min(num_words, _WORDS_PER_FORM)

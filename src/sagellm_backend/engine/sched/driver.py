@@ -142,6 +142,7 @@ class Driver:
         self._thread_context = thread_context
         self._lock = threading.Condition()
         self._inbox: list[SchedSeq] = []
+        self._streams_seen = False  # set once (under the lock) by the first streaming submit
         self._cancels: list[SchedSeq] = []
         self._stop = False
         self._exited = False
@@ -183,6 +184,8 @@ class Driver:
             if self._stop or not self.is_alive:
                 raise RuntimeError(f"{self.name} is not serving (its step loop has ended)")
             self._inbox.append(seq)
+            if not self._streams_seen and _streaming(seq):
+                self._streams_seen = True
             self._lock.notify()
         if self._wakeup is not None:
             self._wakeup.set()
@@ -287,12 +290,17 @@ class Driver:
         tokens = self.sampler.sample(out, plan.sample_seqs, plan.special)
         t1 = now()
         done = self.scheduler.update(plan, tokens, t0, t1)
-        # Progress matters to streaming consumers only (execute waits for the finish).
-        emitted = [
-            (s, len(s.output_ids))
-            for s in plan.sample_seqs
-            if s.user is not None and s.user._event is not None and not s.finished
-        ]
+        # Progress matters to streaming consumers only (execute waits for the finish); a
+        # driver that never saw a streaming consumer skips the scan.
+        emitted = (
+            [
+                (s, len(s.output_ids))
+                for s in plan.sample_seqs
+                if s.user is not None and s.user._event is not None and not s.finished
+            ]
+            if self._streams_seen
+            else []
+        )
         self._post(emitted, done)
 
     def _fail_step(self, exc: BaseException) -> None:
@@ -403,6 +411,12 @@ def _thread_main(driver: Driver) -> None:
     except BaseException:
         driver._exit(error)
         raise
+
+
+def _streaming(seq: SchedSeq) -> bool:
+    """Whether a streaming consumer waits on ``seq``'s progress."""
+    handle = seq.user
+    return handle is not None and handle._event is not None
 
 
 def _deliver(emitted: list[tuple[SchedSeq, int]], finished: list[SchedSeq]) -> None:

@@ -515,12 +515,10 @@ class Scheduler:
                 tl.token_times.append(t1)
                 generated += 1
                 if len(out) >= seq.limit:
-                    reason: FinishReason | None = "length"
-                elif seq.stop_strings and self.decode is not None:
-                    reason = "stop" if any(x in self.decode(out) for x in seq.stop_strings) else None
+                    reason: FinishReason = "length"
+                elif seq.stop_strings and self._stop_string_hit(seq):
+                    reason = "stop"
                 else:
-                    continue
-                if reason is None:
                     continue
                 self.running.remove(seq)
                 self._finish(seq, reason, None, t=t1)
@@ -580,15 +578,20 @@ class Scheduler:
             generated = 1
             if len(out) >= seq.limit:
                 reason = "length"
-            elif seq.stop_strings and self.decode is not None:
-                text = self.decode(out)
-                if any(x in text for x in seq.stop_strings):
-                    reason = "stop"
+            elif seq.stop_strings and self._stop_string_hit(seq):
+                reason = "stop"
         if reason is not None:
             self.running.remove(seq)
             self._finish(seq, reason, None, t=t1)
             done.append(seq)
         return generated
+
+    def _stop_string_hit(self, seq: SchedSeq) -> bool:
+        """Whether ``seq``'s output text contains one of its stop strings."""
+        if self.decode is None:
+            return False
+        text = self.decode(seq.output_ids)
+        return any(x in text for x in seq.stop_strings)
 
     # ------------------------------------------------------------------ release
     def _release(self, seq: SchedSeq, *, discard: bool) -> KVRequestStats | None:
