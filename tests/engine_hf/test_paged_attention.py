@@ -295,9 +295,11 @@ def test_split_decode_cuts_only_where_it_saves_pages() -> None:
     assert P.split_decode([]) == []
     assert P.split_decode([3]) == []
     assert P.split_decode([5, 6, 7, 8]) == []  # at most 3/32 of the pages saved
+    assert P.split_decode([2] * 15 + [12]) == [15]  # one long sequence among short ones
     assert P.split_decode([2, 2, 2, 14, 14]) == [3]
     assert P.split_decode([2, 2, 2, 14, 14], min_saving=1.0) == []
-    cuts = P.split_decode(list(range(1, 17)))
+    assert P.split_decode(list(range(1, 17))) == []  # the best cut saves under half
+    cuts = P.split_decode(list(range(1, 17)), min_saving=0.25)
     assert cuts == sorted(set(cuts)) and len(cuts) > 0 and cuts[0] > 0 and cuts[-1] < 16
 
 
@@ -306,7 +308,7 @@ def test_grouped_decode_matches_one_decode_group() -> None:
     torch.manual_seed(3)
     lengths = [30, 3, 17, 45, 5, 2, 28, 9]  # prompt lengths, deliberately unsorted
     results = []
-    for saving in (P.DECODE_SPLIT_SAVING, 1.0):
+    for saving in (0.25, 1.0):
         pool = _Pool(pages=128)
         runner = P.PagedRunner(_tiny_llama(), pool.layer_kv, block_size=BS, max_context=256)
         runner.decode_split_saving = saving

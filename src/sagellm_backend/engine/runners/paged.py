@@ -95,7 +95,7 @@ PACK_ROWS = 16
 PACK_MIN_ROWS = 4
 #: Decode rows are split into groups of similar length when that saves at least this share
 #: of the gathered (padded) pages; each group is one batched attention call per layer.
-DECODE_SPLIT_SAVING = 0.25
+DECODE_SPLIT_SAVING = 0.5
 
 
 def mkl_prepack_available() -> bool:
