@@ -265,7 +265,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256, help="engine max_batch_size")
-    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--prompt-words", type=int, nargs=2, default=[4, 24], help="prompt length range, words"

@@ -15,7 +15,13 @@ loop's executor threads shut down:
    120 words, 1 to 32 output tokens, greedy with EOS ignored, 10% cancelled (task cancelled
    after 0-40 ms, or stream closed after k tokens).
 
-Each workload first runs a warm-up (10% of the requests, at most 500, at least 16) on the
+3. **engines**: ``--engines`` engines (default 50) created, served with (a few requests
+   each) and stopped one after another on one provider -- CPUEngines on the tiny Llama
+   (``--engines-kind cpu``, the default when torch is installed) or MockEngines (``mock``).
+   Checks: RSS growth over the second half at most 5%, engine threads back to baseline,
+   the provider's KV allocation back to zero.
+
+Each request workload first runs a warm-up (10% of the requests, at most 500, at least 16) on the
 same engine, then measures the steady-state part. Checks (the exit status is 1 if any
 fails):
 
@@ -35,6 +41,7 @@ Usage::
     python benchmarks/soak.py --mock-requests 10000 --hf-requests 0 --json out.json
     python benchmarks/soak.py --json                  # JSON on stdout
     python benchmarks/soak.py --hf-device cuda        # the hf workload on HFCudaEngine
+    python benchmarks/soak.py --mock-requests 0 --hf-requests 0 --engines 50
 """
 
 from __future__ import annotations
@@ -499,6 +506,127 @@ def run_hf_soak(
     return _finish_checks(result, threads)
 
 
+def _provider_kv_bytes(provider: Any) -> int:
+    """Bytes of KV the provider has handed out to managers (pools charged to its budget)."""
+    stats = provider.memory_stats()
+    if "kv_reserved_bytes" in stats:
+        return int(stats["kv_reserved_bytes"])
+    return int(stats.get("kv_pool_bytes", 0))
+
+
+def run_engines_soak(
+    engines: int = 50, *, kind: str = "cpu", requests_per_engine: int = 4
+) -> dict[str, Any]:
+    """Create, serve with and stop ``engines`` engines in turn on one provider.
+
+    RSS is compared between the engine at the half-way mark and the last one (the first
+    engines pay one-time costs: model load, imports, allocator growth).
+    """
+    if kind == "cpu":
+        from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
+        from sagellm_backend.engine.tiny_models import ensure_tiny_model
+        from sagellm_backend.providers.cpu import CPUBackendProvider
+
+        path = str(ensure_tiny_model("tiny-llama"))
+        provider: Any = CPUBackendProvider(kv_memory_bytes=64 << 20)
+
+        def make(i: int) -> Any:
+            return CPUEngine(
+                CPUEngineConfig(
+                    engine_id=f"soak-{i}",
+                    model_path=path,
+                    max_batch_size=4,
+                    max_new_tokens=16,
+                    provider=provider,
+                )
+            )
+    else:
+        from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
+        from sagellm_backend.providers.mock import MockBackendProvider
+
+        provider = MockBackendProvider()
+
+        def make(i: int) -> Any:
+            return MockEngine(MockEngineConfig(f"soak-{i}", 0.0, 0.0, provider=provider))
+
+    threads_before = {t.ident for t in threading.enumerate()}
+    kv_before = _provider_kv_bytes(provider)
+    rss: list[int] = []
+    failures: list[str] = []
+
+    async def one(i: int) -> None:
+        engine = make(i)
+        await engine.start()
+        reqs = [
+            Request(
+                request_id=f"e{i}-{j}",
+                trace_id="soak",
+                model="m",
+                prompt=f"engine {i} request {j} says hello",
+                max_tokens=8,
+                stream=False,
+                metadata={"ignore_eos": True},
+            )
+            for j in range(requests_per_engine)
+        ]
+        for resp in await asyncio.gather(*(engine.execute(r) for r in reqs)):
+            if resp.finish_reason != "length":
+                failures.append(f"engine {i}: {resp.finish_reason} {resp.error}")
+        await engine.stop()
+
+    async def body() -> None:
+        for i in range(engines):
+            await one(i)
+            gc.collect()
+            rss.append(_rss())
+
+    t0 = time.perf_counter()
+    asyncio.run(body())
+    duration = time.perf_counter() - t0
+    gc.collect()
+    mid = rss[len(rss) // 2]
+    growth = (rss[-1] - mid) / mid
+    leaked = _live_threads(threads_before)
+    kv_after = _provider_kv_bytes(provider)
+    checks = {
+        "every request served": not failures,
+        f"RSS growth <= {100 * MAX_RSS_GROWTH:.0f}% (second half)": growth <= MAX_RSS_GROWTH,
+        "threads back to baseline": not leaked,
+        "provider KV allocation back to zero": kv_after == 0,
+    }
+    return {
+        "workload": f"engines-{kind}",
+        "engines": engines,
+        "requests_per_engine": requests_per_engine,
+        "duration_s": round(duration, 3),
+        "rss_first_mb": round(rss[0] / 2**20, 1),
+        "rss_mid_mb": round(mid / 2**20, 1),
+        "rss_last_mb": round(rss[-1] / 2**20, 1),
+        "rss_growth_pct": round(100 * growth, 2),
+        "provider_kv_bytes_before": kv_before,
+        "provider_kv_bytes_after": kv_after,
+        "leaked_threads": leaked,
+        "failures": failures[:5],
+        "checks": checks,
+        "ok": all(checks.values()),
+    }
+
+
+def _print_engines(result: dict[str, Any]) -> None:
+    print(f"\n== {result['workload']}: {result['engines']} engines created, served, stopped")
+    print(
+        f"  duration {result['duration_s']} s; RSS first {result['rss_first_mb']} MB, "
+        f"mid {result['rss_mid_mb']} MB, last {result['rss_last_mb']} MB "
+        f"({result['rss_growth_pct']:+.2f}% over the second half)"
+    )
+    print(
+        f"  provider KV bytes before {result['provider_kv_bytes_before']}, after "
+        f"{result['provider_kv_bytes_after']}; leaked threads {result['leaked_threads']}"
+    )
+    for name, ok in result["checks"].items():
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}")
+
+
 def _print(result: dict[str, Any]) -> None:
     print(
         f"\n== {result['workload']}: {result['requests']} requests "
@@ -538,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(
+        "--engines", type=int, default=None, help="engines to create/serve/stop (default 50)"
+    )
+    parser.add_argument(
+        "--engines-kind", choices=("cpu", "mock"), default=None, help="default cpu if torch"
+    )
+    parser.add_argument(
         "--json", nargs="?", const="-", default=None, metavar="FILE", help="write JSON"
     )
     args = parser.parse_args(argv)
@@ -565,6 +699,17 @@ def main(argv: list[str] | None = None) -> int:
         out["results"].append(result)
         if not quiet:
             _print(result)
+    engines_n = args.engines if args.engines is not None else (10 if args.quick else 50)
+    if engines_n > 0:
+        import importlib.util
+
+        kind = args.engines_kind or (
+            "cpu" if importlib.util.find_spec("transformers") is not None else "mock"
+        )
+        result = run_engines_soak(engines_n, kind=kind)
+        out["results"].append(result)
+        if not quiet:
+            _print_engines(result)
     out["ok"] = all(r["ok"] for r in out["results"])
     if args.json is not None:
         text = json.dumps(out, indent=2)

@@ -418,15 +418,16 @@ async def test_a_dead_scheduler_thread_fails_requests_instead_of_hanging(
     engine = engine_factory(tiny_llama, max_new_tokens=500)
     await engine.start()
     sched = engine._scheduler
+    driver = engine._driver
 
-    def die() -> bool:
+    def die() -> Any:
         raise SystemExit("scheduler killed by the test")  # not an Exception: ends the thread
 
-    monkeypatch.setattr(sched, "_step", die)
+    monkeypatch.setattr(sched, "schedule", die)
     monkeypatch.setattr("threading.excepthook", lambda args: None)
     resp = await asyncio.wait_for(engine.execute(make_request(PROMPTS[0], 100)), 5)
     assert resp.finish_reason == "error" and resp.error is not None
-    await wait_until(lambda: not sched.is_alive)
+    await wait_until(lambda: not driver.is_alive)
     assert not await engine.health_check()
     later = await engine.execute(make_request(PROMPTS[0], 3))
     assert later.finish_reason == "error"
@@ -438,17 +439,24 @@ async def test_a_dead_scheduler_thread_fails_requests_instead_of_hanging(
 
 
 def test_results_for_a_closed_loop_cancel_the_request() -> None:
-    from sagellm_backend.engine.hf.core import _Handle
-    from sagellm_backend.engine.hf.scheduler import GenSequence, SamplingParams, TokenEvent
+    from types import SimpleNamespace
+
+    from sagellm_backend.engine.sched.driver import Driver, Handle
+    from sagellm_backend.engine.sched.scheduler import SchedSeq
 
     loop = asyncio.new_event_loop()
-    handle = _Handle(loop, make_request())
+    seq = SchedSeq("s1", [1, 2], 4)
+    seq.user = loop.run_until_complete(_make_handle(seq, Handle))
     loop.close()
-    cancelled: list[str] = []
-    handle.on_orphan = cancelled.append
-    handle.seq = GenSequence("s1", [1, 2], 4, SamplingParams(), False, True, handle.post)
-    handle.post(TokenEvent((5,)))
-    assert cancelled == ["s1"]
+    runner = SimpleNamespace(release=lambda seq_id: None)
+    driver = Driver(SimpleNamespace(), runner, name="t", threaded=True)
+    seq.output_ids.append(5)
+    driver._post([(seq, 1)], [])
+    assert driver._cancels == [seq]
+
+
+async def _make_handle(seq: Any, cls: Any) -> Any:
+    return cls(seq, streaming=True)
 
 
 async def test_stop_during_a_long_step_still_returns_in_time(

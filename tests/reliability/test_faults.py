@@ -260,16 +260,17 @@ async def test_a_step_that_raises_fails_the_batch_and_the_loop_goes_on(
 ) -> None:
     engine = _mock(simulate_latency_ms=1.0)
     await engine.start()
-    real_step = engine._step
+    runner = engine._runner
+    real_execute = runner.execute
     calls = {"n": 0}
 
-    async def flaky_step() -> None:
+    def flaky_execute(chunks: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated kernel crash")
-        await real_step()
+        return real_execute(chunks)
 
-    monkeypatch.setattr(engine, "_step", flaky_step)
+    monkeypatch.setattr(runner, "execute", flaky_execute)
     results = await asyncio.gather(
         *(engine.execute(make_request(words(3, i), 8)) for i in range(3))
     )

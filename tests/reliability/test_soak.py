@@ -84,19 +84,19 @@ def test_hf_soak_on_cuda(tiny_llama: str) -> None:
 
 def test_soak_detects_a_kv_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The soak's checks can fail: a request whose KV is never freed is caught."""
-    from sagellm_backend.engine.mock import MockEngine
+    from sagellm_backend.engine.sched.scheduler import Scheduler
 
-    real = MockEngine._release
+    real = Scheduler._release
     calls = {"n": 0}
 
-    def leaky(self: MockEngine, seq: Any, *, discard: bool = False) -> Any:
+    def leaky(self: Scheduler, seq: Any, *, discard: bool = False) -> Any:
         calls["n"] += 1
         if calls["n"] == 250:  # in the measured part
             seq.has_kv = False
             return None
         return real(self, seq, discard=discard)
 
-    monkeypatch.setattr(MockEngine, "_release", leaky)
+    monkeypatch.setattr(Scheduler, "_release", leaky)
     result = soak.run_mock_soak(300)
     assert not result["ok"]
     assert result["kv_after"]["seqs"] == 1
@@ -106,7 +106,11 @@ def test_soak_detects_a_kv_leak(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_soak_cli_json() -> None:
     proc = subprocess.run(
-        [sys.executable, str(SOAK_PATH), "--mock-requests", "300", "--hf-requests", "0", "--json"],
+        [
+            sys.executable,
+            str(SOAK_PATH),
+            *("--mock-requests", "300", "--hf-requests", "0", "--engines", "0", "--json"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -118,3 +122,16 @@ def test_soak_cli_json() -> None:
     assert data["ok"] and result["ok"] and result["requests"] == 300
     for key in ("req_per_s", "rss_before_mb", "rss_after_mb", "errors_by_kind", "cancellations"):
         assert key in result
+
+
+def test_engines_soak_gives_everything_back() -> None:
+    """Issue 19: engines created, served with and stopped on one provider leak nothing."""
+    result = soak.run_engines_soak(12, kind="mock")
+    assert result["ok"], result
+    assert result["provider_kv_bytes_after"] == 0 and result["leaked_threads"] == []
+
+
+@pytest.mark.hf
+def test_engines_soak_cpu() -> None:
+    result = soak.run_engines_soak(8, kind="cpu")
+    assert result["ok"], result

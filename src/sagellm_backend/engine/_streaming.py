@@ -8,16 +8,16 @@ Conventions every engine in this package follows (see :mod:`sagellm_backend.engi
   :func:`end_event`) instead of raising.
 * A stream is ``start``, ``delta*``, ``end``. Deltas carry the text and ids produced since the
   previous delta; the concatenated ``chunk`` strings equal the end event's ``output_text``.
-* :class:`TokenChannel` is the hand-over between an engine's step loop (producer, on the
-  event loop) and one consumer (``execute`` or ``stream``). The producer appends tokens and
-  finishes the channel exactly once; the consumer may cancel it at any time, which the
-  producer observes through :attr:`TokenChannel.cancelled` on its next step.
+* :func:`prepare_request` is the one request-validation path of every engine: fields,
+  ``metadata`` tuning keys, tokenization, vocabulary, context and token limits.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sagellm_protocol import (
@@ -31,15 +31,19 @@ from sagellm_protocol import (
     StreamEventStart,
 )
 
+from sagellm_backend.engine.sched.sampler import GREEDY, SamplingParams
 from sagellm_backend.errors import ConfigError
 
 __all__ = [
+    "REQUEST_METADATA_KEYS",
     "FinishReason",
-    "TokenChannel",
+    "PreparedRequest",
+    "RequestLimits",
     "delta_event",
     "end_event",
     "error_response",
     "internal_error",
+    "prepare_request",
     "request_ids",
     "start_event",
     "validate_request",
@@ -176,92 +180,188 @@ def internal_error(message: str, code: ErrorCode = ErrorCode.UNAVAILABLE) -> Err
     return Error(code=code, message=message, retryable=code is not ErrorCode.INVALID_ARGUMENT)
 
 
-class TokenChannel:
-    """One request's hand-over between the engine loop and its consumer.
+_log = logging.getLogger(__name__)
 
-    Invariants: ``tokens``/``texts`` only grow; :meth:`finish` is effective once (later
-    calls are ignored) and after it no token is added; :attr:`cancelled` is set only by the
-    consumer. All methods must be called on the event loop that created the channel.
+#: The request ``metadata`` keys engines read (others are ignored, with one warning each).
+REQUEST_METADATA_KEYS = (
+    "ignore_eos",
+    "prompt_token_ids",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "top_k",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What an engine accepts.
+
+    Attributes:
+        vocab_size: token ids must be in ``[0, vocab_size)``.
+        max_context: prompt + output length; the prompt must be shorter.
+        max_input_tokens: cap on the prompt length (None: only the context).
+        max_output_tokens: ``max_tokens`` above it is rejected (None: no such limit).
+        max_new_tokens: ``max_tokens`` above it is lowered to it (None: no cap).
+        default_max_tokens: used when ``max_tokens`` is None (None: it is required).
+        model: when set, ``request.model`` must equal it.
     """
 
-    __slots__ = (
-        "_event",
-        "_future",
-        "cancelled",
-        "error",
-        "finish_reason",
-        "finished",
-        "metrics",
-        "texts",
-        "tokens",
+    vocab_size: int
+    max_context: int
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_new_tokens: int | None = None
+    default_max_tokens: int | None = None
+    model: str | None = None
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A validated request, ready for the scheduler."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    ignore_eos: bool
+    stop_token_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+
+
+def _int_list(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise ConfigError(f"request.metadata[{name!r}] must be a list of ints, got {value!r}")
+    return [int(t) for t in value]
+
+
+def _sampling(request: Request, metadata: dict[str, Any]) -> SamplingParams:
+    seed = metadata.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
+    ):
+        raise ConfigError(f"request.metadata['seed'] must be an int in [0, 2**64), got {seed!r}")
+    top_k = metadata.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ConfigError(f"request.metadata['top_k'] must be an int >= 0 (0 = off), got {top_k!r}")
+    rp = metadata.get("repetition_penalty")
+    if rp is not None and (
+        isinstance(rp, bool) or not isinstance(rp, int | float) or not math.isfinite(rp) or rp <= 0
+    ):
+        raise ConfigError(
+            f"request.metadata['repetition_penalty'] must be a finite number > 0, got {rp!r}"
+        )
+    temperature = request.temperature
+    if not temperature and seed is None and top_k is None and rp is None:
+        return GREEDY
+    return SamplingParams(
+        temperature=float(temperature) if temperature else None,
+        top_p=float(request.top_p) if request.top_p is not None else None,
+        top_k=top_k or None,
+        repetition_penalty=float(rp) if rp is not None else None,
+        seed=seed,
     )
 
-    def __init__(self, *, streaming: bool) -> None:
-        self.tokens: list[int] = []
-        self.texts: list[str] = []
-        self.finished = False
-        self.cancelled = False
-        self.finish_reason: FinishReason = "error"
-        self.metrics: Metrics | None = None
-        self.error: Error | None = None
-        self._future: asyncio.Future[None] | None = None
-        self._event: asyncio.Event | None = asyncio.Event() if streaming else None
 
-    def push(self, token: int, text: str) -> None:
-        """Append one produced token (ignored once finished)."""
-        if self.finished:
-            return
-        self.tokens.append(token)
-        self.texts.append(text)
-        if self._event is not None:
-            self._event.set()
+def prepare_request(
+    request: Any,
+    limits: RequestLimits,
+    tokenize: Callable[[str], list[int]],
+    *,
+    warned: set[str] | None = None,
+) -> PreparedRequest:
+    """Validate ``request`` the way every engine does; tokenize its prompt.
 
-    def finish(self, reason: FinishReason, metrics: Metrics, error: Error | None = None) -> None:
-        """Record the terminal result and wake the consumer (first call wins)."""
-        if self.finished:
-            return
-        self.finished = True
-        self.finish_reason = reason
-        self.metrics = metrics
-        self.error = error
-        if self._event is not None:
-            self._event.set()
-        fut = self._future
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    Per-request options in ``request.metadata``: ``ignore_eos`` (bool), ``seed`` (int in
+    ``[0, 2**64)``), ``top_k`` (int >= 0), ``repetition_penalty`` (> 0), ``stop_token_ids``
+    (list of ints), ``stop`` (list of strings), ``prompt_token_ids`` (list of ints used
+    instead of tokenizing ``prompt``). Other keys are ignored with one warning per key
+    (``warned`` remembers which were reported), naming the valid ones.
 
-    def cancel(self) -> None:
-        """Consumer side: the result is no longer wanted."""
-        self.cancelled = True
-
-    async def wait_finished(self) -> None:
-        """Wait until :meth:`finish` has been called."""
-        if self.finished:
-            return
-        await self.finished_future(asyncio.get_running_loop())
-
-    def finished_future(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future of ``loop`` (the channel's event loop) resolved by :meth:`finish`.
-
-        Already resolved when the channel is finished. Awaiting it directly saves the
-        coroutine frame of :meth:`wait_finished` on hot paths.
-        """
-        fut = self._future
-        if fut is None:
-            fut = self._future = loop.create_future()
-            if self.finished:
-                fut.set_result(None)
-        return fut
-
-    async def wait_progress(self) -> None:
-        """Streaming consumers: wait for a new token or the finish (returns at once if any)."""
-        event = self._event
-        if event is None:
-            raise RuntimeError("wait_progress() needs a channel created with streaming=True")
-        await event.wait()
-        event.clear()
-
-    @property
-    def text(self) -> str:
-        """The output text so far."""
-        return "".join(self.texts)
+    Raises:
+        ConfigError: naming the field, the bad value and what is valid.
+    """
+    max_tokens = validate_request(request, default_max_tokens=limits.default_max_tokens)
+    metadata: dict[str, Any] = request.metadata or {}
+    if warned is not None and metadata:
+        for key in metadata:
+            if key not in REQUEST_METADATA_KEYS and key not in warned:
+                warned.add(key)
+                _log.warning(
+                    "request.metadata key %r is not a request option and is ignored; "
+                    "valid keys: %s",
+                    key,
+                    ", ".join(REQUEST_METADATA_KEYS),
+                )
+    if limits.max_output_tokens is not None and max_tokens > limits.max_output_tokens:
+        raise ConfigError(
+            f"request.max_tokens={max_tokens} exceeds the engine's max_output_tokens="
+            f"{limits.max_output_tokens}"
+        )
+    if limits.model and request.model != limits.model:
+        raise ConfigError(
+            f"request.model={request.model!r} is not served by this engine (model {limits.model!r})"
+        )
+    ignore_eos = metadata.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ConfigError(f"request.metadata['ignore_eos'] must be a bool, got {ignore_eos!r}")
+    sampling = _sampling(request, metadata)
+    stop_ids = metadata.get("stop_token_ids", ())
+    if not isinstance(stop_ids, list | tuple | set | frozenset) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
+    ):
+        raise ConfigError(
+            f"request.metadata['stop_token_ids'] must be a list of ints, got {stop_ids!r}"
+        )
+    stops = metadata.get("stop", ())
+    if isinstance(stops, str):
+        stops = (stops,)
+    if not isinstance(stops, list | tuple) or not all(isinstance(x, str) and x for x in stops):
+        raise ConfigError(
+            f"request.metadata['stop'] must be a list of non-empty strings, got {stops!r}"
+        )
+    given = metadata.get("prompt_token_ids")
+    if given is not None:
+        ids = _int_list("prompt_token_ids", given)
+    else:
+        try:
+            request.prompt.encode("utf-8")
+            ids = tokenize(request.prompt)
+        except Exception as exc:  # e.g. a lone surrogate: not encodable as UTF-8
+            raise ConfigError(
+                f"request.prompt cannot be tokenized ({type(exc).__name__}: {exc}); give "
+                "valid Unicode text"
+            ) from exc
+    if not ids:
+        raise ConfigError("request.prompt tokenizes to no tokens; give a prompt with some text")
+    vocab = limits.vocab_size
+    if min(ids) < 0 or max(ids) >= vocab:
+        bad = [t for t in ids if not 0 <= t < vocab]
+        raise ConfigError(
+            f"request prompt has token id(s) {sorted(set(bad))[:8]} outside the model's "
+            f"vocabulary 0..{vocab - 1}"
+        )
+    n = len(ids)
+    if limits.max_input_tokens is not None and n > limits.max_input_tokens:
+        raise ConfigError(
+            f"request.prompt has {n} tokens, more than the engine's max_input_tokens="
+            f"{limits.max_input_tokens}"
+        )
+    if n >= limits.max_context:
+        raise ConfigError(
+            f"request.prompt has {n} tokens but the context length is {limits.max_context}; "
+            "the prompt must be shorter than the context (at least one token is generated)"
+        )
+    cap = limits.max_context - n
+    if limits.max_new_tokens is not None:
+        cap = min(cap, limits.max_new_tokens)
+    return PreparedRequest(
+        prompt_ids=ids,
+        max_tokens=min(max_tokens, cap),
+        sampling=sampling,
+        ignore_eos=ignore_eos,
+        stop_token_ids=frozenset(int(t) for t in stop_ids),
+        stop_strings=tuple(stops),
+    )

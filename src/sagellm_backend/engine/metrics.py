@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from sagellm_protocol import Metrics
 
+from sagellm_backend.kv.stats import KVRequestStats
+
 __all__ = ["ErrorRateCounter", "KVRequestStats", "RequestTimeline", "build_metrics", "now"]
 
 # One offset so wall-clock timestamps are derived from the monotonic clock consistently.
@@ -77,17 +79,6 @@ class RequestTimeline:
     def first_token(self) -> float | None:
         """Instant of the first output token, if any."""
         return self.token_times[0] if self.token_times else None
-
-
-@dataclass(frozen=True)
-class KVRequestStats:
-    """KV-cache figures of one request at completion (from the KV manager)."""
-
-    used_tokens: int = 0
-    used_bytes: int = 0
-    prefix_hit_rate: float = 0.0
-    evict_count: int = 0
-    evict_ms: float = 0.0
 
 
 _NO_KV = KVRequestStats()

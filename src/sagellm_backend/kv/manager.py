@@ -40,10 +40,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sagellm_backend.engine.metrics import KVRequestStats
 from sagellm_backend.errors import InvalidKVBlockError, InvalidStateError, KVCacheExhaustedError
 from sagellm_backend.kv.block_pool import ROOT_HASH, BlockHashFn, BlockPool, hash_block_tokens
 from sagellm_backend.kv.spec import KVSpec
+from sagellm_backend.kv.stats import KVRequestStats
 from sagellm_backend.kv.storage import KVStorage
 
 __all__ = ["KVCacheManager", "KVStats"]

@@ -7,8 +7,8 @@ Modules (import them directly; this package imports nothing heavy):
 * :mod:`.runner` -- one forward pass per step: the paged runner for Llama-family models
   (packed variable-length prefill, batched paged decode, K/V in the provider's pool) and
   the ``DynamicCache`` fallback for other architectures;
-* :mod:`.scheduler` -- iteration-level continuous batching in one worker thread, KV
-  admission and prefix reuse, sampling, cancellation, preemption;
 * :mod:`.detok` -- incremental detokenisation for streaming;
-* :mod:`.core` -- :class:`~.core.HFEngineCore`, the ``BaseEngine`` both faces extend.
+* :mod:`.core` -- :class:`~.core.HFEngineCore`, the engine both faces extend: the shared
+  scheduler and driver (:mod:`sagellm_backend.engine.sched`) over a runner from
+  :func:`~.core.build_runner`.
 """

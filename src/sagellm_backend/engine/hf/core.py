@@ -1,44 +1,36 @@
 """The HF engine core shared by CPUEngine and HFCudaEngine.
 
 :mod:`sagellm_backend.engine.cpu` and :mod:`sagellm_backend.engine.hf_cuda` are thin faces
-over this module.
+over this module. :class:`HFEngineCore` is a
+:class:`~sagellm_backend.engine.sched.engine.ScheduledEngine` -- the shared scheduler +
+driver -- over a Hugging Face causal LM:
 
-:class:`HFEngineCore` is a :class:`~sagellm_backend.engine.base.BaseEngine` over a Hugging
-Face causal LM:
+* ``start()`` (in a worker thread) creates or adopts the backend provider, loads the model
+  and tokenizer through :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`
+  the first time (they are kept across ``stop()``/``start()``), asks the provider for a
+  :class:`~sagellm_backend.kv.manager.KVCacheManager` sized for the model's KV geometry,
+  builds the runner (:func:`build_runner`: the generic paged runner where the model supports
+  custom attention, else the batched fallback) and the
+  :class:`~sagellm_backend.engine.sched.scheduler.Scheduler`; the driver runs the steps in a
+  worker thread under ``torch.inference_mode``.
+* ``stop()`` gives the KV manager back to the provider; a failed or cancelled start gives
+  back whatever it took (see :mod:`sagellm_backend.engine.sched.engine`).
+* With ``mock_mode`` a face passes what :func:`make_mock_engine` returns -- the one place
+  the flag is read -- and the engine serves a mock runner and tokenizer instead of the
+  model (no torch), with its own validation and limits.
 
-* ``start()`` loads the model and tokenizer (in a worker thread, through
-  :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`), creates or adopts the
-  backend provider, asks it for a :class:`~sagellm_backend.kv.manager.KVCacheManager` sized
-  for the model's KV geometry, builds a model runner (``runners.select.select_runner``: the
-  generic paged runner where the model supports custom attention, else the batched
-  fallback) and starts the :class:`~sagellm_backend.engine.hf.scheduler.Scheduler` thread.
-  The model, provider, KV manager and runner are kept across ``stop()``/``start()``.
-* ``execute``/``stream`` tokenize and validate on the event loop, hand a
-  :class:`~sagellm_backend.engine.hf.scheduler.GenSequence` to the scheduler and await its
-  events, which the worker thread posts with ``loop.call_soon_threadsafe`` into a
-  per-request :class:`asyncio.Queue`. Streaming text comes from an
-  :class:`~sagellm_backend.engine.hf.detok.IncrementalDetokenizer`; ``execute`` decodes the
-  same way, so ``execute`` text equals the concatenated stream deltas.
-* Faces (CPU, CUDA) subclass it and provide :meth:`HFEngineCore._make_provider`,
-  :meth:`HFEngineCore._thread_init` and their config mapping; with ``mock_mode`` they
-  delegate every call to a :class:`~sagellm_backend.engine.mock.MockEngine` (no torch).
-
-Per-request options (``Request.metadata``): ``ignore_eos`` (bool), ``seed`` (int, seeds the
-request's sampler), ``stop_token_ids`` (list of ints that end the request with ``"stop"``),
-``prompt_token_ids`` (list of ints used instead of tokenizing ``prompt``). Sampling is
-greedy unless ``temperature > 0``; ``top_p`` applies when sampling. ``max_tokens`` is capped
-by the engine's ``max_new_tokens`` and by the context left after the prompt.
+Per-request options (``Request.metadata``): see
+:func:`~sagellm_backend.engine._streaming.prepare_request`. ``max_tokens`` is capped by the
+engine's ``max_new_tokens`` and by the context left after the prompt.
 
 Invariants (besides :mod:`sagellm_backend.engine.base`'s):
     * A bad request (prompt longer than the context or ``max_input_tokens``, empty after
       tokenization, token ids outside the vocabulary, invalid max_tokens/temperature/top_p
       or metadata, more KV than the whole pool) gets ``finish_reason="error"`` with
       INVALID_ARGUMENT (RESOURCE_EXHAUSTED for KV) and never reaches the scheduler.
-    * A consumer that stops iterating a stream, or cancels the task awaiting ``execute``,
-      has its request removed from the batch, and its KV freed, at the next step.
     * ``stop()`` returns within about 2 s with every request in flight ended by a terminal
-      result; the scheduler thread is joined (or, if a step is still running, joined on the
-      next ``start()``) and the KV manager holds no sequence afterwards.
+      result; a step still running then ends on its own, and the next ``start()`` waits
+      for it.
 """
 
 from __future__ import annotations
@@ -46,41 +38,20 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import itertools
 import logging
-import math
-from collections.abc import AsyncIterator, Mapping
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from sagellm_protocol import Error, ErrorCode, Request, Response
-
-from sagellm_backend.engine._streaming import (
-    delta_event,
-    end_event,
-    error_response,
-    request_ids,
-    start_event,
-    validate_request,
-)
-from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
-from sagellm_backend.engine.metrics import (
-    ErrorRateCounter,
-    KVRequestStats,
-    RequestTimeline,
-    build_metrics,
-)
-from sagellm_backend.errors import (
-    BackendNotAvailableError,
-    ConfigError,
-    KVCacheExhaustedError,
-    to_protocol_error,
-)
+from sagellm_backend.engine._streaming import RequestLimits
+from sagellm_backend.engine.base import EngineConfig
+from sagellm_backend.engine.sched.engine import Detokenizer, ScheduledEngine, Serving
+from sagellm_backend.engine.sched.scheduler import Scheduler
+from sagellm_backend.errors import ConfigError
 
 if TYPE_CHECKING:
     from sagellm_backend.engine._plugin import PluginEngineSettings
-    from sagellm_backend.engine.hf.scheduler import FinishEvent, GenSequence, Scheduler
-    from sagellm_backend.engine.mock import MockEngine
     from sagellm_backend.engine.runners.base import ModelRunner
     from sagellm_backend.kv.manager import KVCacheManager
 
@@ -91,6 +62,8 @@ __all__ = [
     "EngineOptions",
     "HFEngineCore",
     "LoadSettings",
+    "MockModeServing",
+    "build_runner",
     "check_bool",
     "check_common_fields",
     "check_positive_int",
@@ -309,31 +282,52 @@ def hf_unavailable_reason() -> str | None:
     return None
 
 
-def make_mock_engine(config: EngineConfig, engine_name: str, from_core: bool) -> Any:
-    """A MockEngine standing in for an HF engine in mock mode (no torch needed).
+class MockModeServing:
+    """The ``mock_mode`` choice of an HF engine face: a mock-model serving set (no torch).
 
-    It runs on the config's provider, or a fresh MockBackendProvider; its component_trace
-    names the HF engine and ``"mock"``; requests default to ``max_new_tokens`` tokens.
+    The engine keeps its own validation, limits (``max_new_tokens`` caps ``max_tokens``,
+    ``max_input_tokens``) and life cycle; only the runner (the
+    :class:`~sagellm_backend.engine.runners.mock.MockRunner`), tokenizer and KV geometry
+    are the mock's. It runs on the config's provider, or a fresh MockBackendProvider; its
+    component_trace ends with ``"mock"``.
     """
-    from sagellm_backend.engine._plugin import core_component_trace
-    from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
-    from sagellm_backend.providers.mock import MockBackendProvider
 
-    provider = config.provider if config.provider is not None else MockBackendProvider()
-    max_new = getattr(config, "max_new_tokens", None)
-    return MockEngine(
-        MockEngineConfig(
-            config.engine_id,
-            default_max_tokens=max_new or 128,
-            component_trace=[*core_component_trace(engine_name, from_core), "mock"],
-            model_path=config.model_path,
-            device=config.device,
-            max_batch_size=config.max_batch_size,
-            mock_mode=True,
-            provider=provider,
-            metadata=dict(config.metadata),
+    def __init__(self, config: EngineConfig, engine_name: str, from_core: bool) -> None:
+        from sagellm_backend.engine._plugin import core_component_trace
+        from sagellm_backend.engine.mock.tokenizer import MockTokenizer
+
+        self.trace = [*core_component_trace(engine_name, from_core), "mock"]
+        self.tokenizer = MockTokenizer()
+        self.max_batch_size = config.max_batch_size
+        self.max_new_tokens: int | None = getattr(config, "max_new_tokens", None)
+
+    def build(self, provider: Any, options: EngineOptions) -> tuple[Any, Serving]:
+        """(provider, serving set); a MockBackendProvider when ``provider`` is None."""
+        from sagellm_backend.engine.mock.engine import DEFAULT_MOCK_CONTEXT, make_mock_serving
+
+        if provider is None:
+            from sagellm_backend.providers.mock import MockBackendProvider
+
+            provider = MockBackendProvider()
+        context = options.max_model_len or DEFAULT_MOCK_CONTEXT
+        return make_mock_serving(
+            provider,
+            tokenizer=self.tokenizer,
+            runner_options={},
+            enable_prefix_caching=options.enable_prefix_caching,
+            max_batch_size=self.max_batch_size,
+            limits=RequestLimits(
+                vocab_size=self.tokenizer.vocab_size,
+                max_context=context,
+                max_input_tokens=options.max_input_tokens,
+                max_new_tokens=self.max_new_tokens,
+            ),
         )
-    )
+
+
+def make_mock_engine(config: EngineConfig, engine_name: str, from_core: bool) -> MockModeServing:
+    """The one place ``mock_mode`` is looked at: what an HF face serves with in mock mode."""
+    return MockModeServing(config, engine_name, from_core)
 
 
 _FaceConfigT = TypeVar("_FaceConfigT", bound=EngineConfig)
@@ -431,30 +425,105 @@ class LoadSettings:
     bnb_4bit_use_double_quant: bool = True
 
 
-class _Handle:
-    """The consumer side of one request: a queue the worker thread posts events to."""
+def build_runner(
+    model: Any,
+    kv: KVCacheManager,
+    provider: Any,
+    *,
+    model_path: str,
+    options: EngineOptions,
+    max_batch_size: int,
+    context: int,
+) -> ModelRunner:
+    """The model runner for ``model`` over ``kv`` (the one place the engine gets a runner).
 
-    __slots__ = ("done", "loop", "on_orphan", "prompt_len", "queue", "request", "seq")
+    Delegates to :func:`~sagellm_backend.engine.runners.select.select_runner`
+    (``options.runner``: ``"paged"``, ``"hf"`` or ``"auto"``).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, request: Request) -> None:
-        self.loop = loop
-        self.request = request
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.seq: GenSequence | None = None
-        self.done = False
-        self.prompt_len = 0
-        self.on_orphan: Any = None
+    Raises:
+        ConfigError: the requested runner cannot serve this model or provider.
+    """
+    from sagellm_backend.engine.runners.select import select_runner
 
-    def post(self, event: Any) -> None:
-        """Called from the worker thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the consumer's loop is closed: nobody will ever listen
-            if self.on_orphan is not None and self.seq is not None:
-                self.on_orphan(self.seq.seq_id)
+    runner: ModelRunner = select_runner(
+        model,
+        kv.storage,
+        block_size=options.block_size,
+        max_context=context,
+        runner=options.runner,
+        max_batch_size=max_batch_size,
+        prepack_weights=options.prepack_weights,
+    )
+    return runner
 
 
-class HFEngineCore(BaseEngine):
+def _uses_paged_kv(options: EngineOptions, model: Any, model_path: str) -> bool:
+    """Whether the runner for ``model`` keeps K/V in pages (ConfigError for a refused 'paged')."""
+    from sagellm_backend.engine.runners.select import describe_runner
+
+    kind, reason = describe_runner(model, options.runner)
+    _log.info("runner %s for %s: %s", kind, model_path, reason)
+    return kind == "paged"
+
+
+class _HFDetok(Detokenizer):
+    """Incremental detokenization through the model's tokenizer."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, tokenizer: Any) -> None:
+        from sagellm_backend.engine.hf.detok import IncrementalDetokenizer
+
+        self._inner = IncrementalDetokenizer(tokenizer)
+
+    def add(self, ids: list[int]) -> str:
+        return str(self._inner.add(ids))
+
+    def flush(self) -> str:
+        return str(self._inner.flush())
+
+
+def _hf_tokenize(tokenizer: Any) -> Any:
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    return tokenize
+
+
+def _release_kv(provider: Any, kv: Any) -> None:
+    release = getattr(provider, "release_kv_manager", None)
+    if callable(release):
+        release(kv)
+
+
+def _release_serving(provider: Any, kv: Any, tp: Any) -> None:
+    """Stop the tensor-parallel workers (if any), then give the KV pool back."""
+    try:
+        if tp is not None:
+            tp.shutdown()
+    finally:
+        _release_kv(provider, kv)
+
+
+def _weak_thread_init(engine: HFEngineCore) -> Any:
+    """``engine._thread_init`` without a strong reference to the engine."""
+    ref = weakref.ref(engine)
+
+    def init() -> None:
+        target = ref()
+        if target is not None:
+            target._thread_init()
+
+    return init
+
+
+def _inference_mode() -> Any:
+    import torch
+
+    return torch.inference_mode()
+
+
+class HFEngineCore(ScheduledEngine):
     """Continuous-batching engine over a Hugging Face causal LM (see module docstring).
 
     Subclasses set :attr:`ENGINE_NAME` and implement :meth:`backend_type`,
@@ -464,11 +533,13 @@ class HFEngineCore(BaseEngine):
         config: the face's config (already validated by it).
         load: how to load the model (ignored in mock mode).
         options: tuning options.
-        mock_engine: in mock mode, the MockEngine every call is delegated to.
+        mock_engine: in mock mode, what :func:`make_mock_engine` returned (a mock runner
+            instead of the model).
         from_core: created through sagellm-core (affects ``component_trace``).
     """
 
     ENGINE_NAME: ClassVar[str] = "HFEngineCore"
+    kv_visible_after_stop = True
     #: Appended to the wrong-provider error of :meth:`_check_provider`.
     PROVIDER_HINT: ClassVar[str] = ""
 
@@ -478,36 +549,30 @@ class HFEngineCore(BaseEngine):
         load: LoadSettings | None,
         options: EngineOptions,
         *,
-        mock_engine: MockEngine | None = None,
+        mock_engine: MockModeServing | None = None,
         from_core: bool = False,
     ) -> None:
-        super().__init__(config)
         from sagellm_backend.engine._plugin import core_component_trace
 
+        trace_base = core_component_trace(type(self).__name__, from_core)
+        super().__init__(
+            config, component_trace=list(mock_engine.trace if mock_engine else trace_base)
+        )
         self._load_settings = load
         self._options = options
         self._mock = mock_engine
         self._from_core = from_core
-        self._trace_base = core_component_trace(type(self).__name__, from_core)
-        self._trace = list(self._trace_base)
-        self._provider: Any = config.provider
+        self._trace_base = trace_base
         self._owns_provider = False
         self._model: Any = None
-        self._tokenizer: Any = None
-        self._kv: KVCacheManager | None = None
-        self._runner: ModelRunner | None = None
-        self._scheduler: Scheduler | None = None
-        self._zombie: Scheduler | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._handles: dict[str, _Handle] = {}
-        self._errors = ErrorRateCounter()
-        self._counter = itertools.count(1)
+        self._tokenizer: Any = mock_engine.tokenizer if mock_engine is not None else None
         self._eos: frozenset[int] = frozenset()
         self._max_context = 0
         self._vocab_size = 0
-        self._start_lock: asyncio.Lock | None = None
+        self._runner_name: str | None = None
         self._quantization: str | None = None
         self._tp: Any = None  # distributed.TensorParallelGroup when tensor_parallel_size > 1
+        self.load_in_thread = mock_engine is None
 
     # ------------------------------------------------------------------ face hooks
     def _make_provider(self) -> Any:
@@ -535,97 +600,85 @@ class HFEngineCore(BaseEngine):
 
     # ------------------------------------------------------------------ properties
     @property
-    def provider(self) -> Any:
-        """The backend provider (None before the first start when not injected)."""
-        if self._mock is not None:
-            return self._mock.provider
-        return self._provider
-
-    @property
-    def kv_manager(self) -> KVCacheManager | None:
-        """The KV cache manager (None before the first start)."""
-        if self._mock is not None:
-            return self._mock.kv_manager
-        return self._kv
-
-    @property
     def model(self) -> Any:
         """The loaded transformers model (None before start or in mock mode)."""
         return self._model
 
     @property
     def tokenizer(self) -> Any:
-        """The loaded tokenizer (None before start or in mock mode)."""
-        if self._mock is not None:
-            return self._mock.tokenizer
+        """The tokenizer (the mock's in mock mode; None before the first start otherwise)."""
         return self._tokenizer
 
     @property
     def runner_name(self) -> str | None:
-        """``"paged"`` or ``"hf-batched"`` once started (None before)."""
-        return None if self._runner is None else self._runner.name
+        """``"paged"``, ``"hf-batched"`` or ``"mock"`` once started (None before)."""
+        return self._runner_name
 
     @property
     def max_context(self) -> int:
         """Longest prompt + output once started (0 before)."""
         return self._max_context
 
-    # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        """Load the model (first start), create the KV manager and start the scheduler.
-
-        Raises:
-            RuntimeError: already running.
-            ConfigError / DependencyMissingError / BackendNotAvailableError: from loading
-                (bad path, missing packages, device not available).
-        """
-        if self._running:
-            raise RuntimeError(f"{type(self).__name__} {self.engine_id!r} is already running")
+    # ------------------------------------------------------------------ serving set
+    def _build_serving(self) -> Serving:
         if self._mock is not None:
-            await self._mock.start()
-            self._running = True
-            return
-        if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
-        async with self._start_lock:
-            if self._running:
-                raise RuntimeError(f"{type(self).__name__} {self.engine_id!r} is already running")
-            zombie, self._zombie = self._zombie, None
-            if zombie is not None:  # a step outlived the last stop(): wait for it now
-                await asyncio.to_thread(zombie.stop, None)
-            if self._model is None:
-                await asyncio.to_thread(self._load)
-            elif self._tp is not None:  # tensor parallelism: fresh workers after a stop()
-                await asyncio.to_thread(self._tp.relaunch)
-            self._start_scheduler()
-            self._loop = asyncio.get_running_loop()
-            self._running = True
+            provider, serving = self._mock.build(self._provider, self._options)
+            self._provider = provider
+            self._max_context = serving.limits.max_context
+            self._vocab_size = serving.limits.vocab_size
+            self._runner_name = serving.runner.name
+            return serving
+        return self._build_hf_serving()
 
-    def _load(self) -> None:
-        """Load model + tokenizer, create provider, KV manager and runner (worker thread)."""
-        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, quantization_name
-        from sagellm_backend.engine.hf.runner import model_compute_dtype, model_context_length
-        from sagellm_backend.engine.runners.select import describe_runner, select_runner
-        from sagellm_backend.kv.spec import KVSpec
+    def _load_model(self, provider: Any) -> None:
+        """Load model and tokenizer once (kept across stop/start)."""
+        from sagellm_backend.engine.hf.loader import quantization_name
+        from sagellm_backend.engine.hf.runner import model_context_length
 
         load = self._load_settings
         assert load is not None
-        opts = self._options
-        self._thread_init()
-        # The provider first: on a machine without the device this fails fast, naming why.
-        provider = self._provider
-        if provider is None:
-            provider = self._make_provider()
-            self._owns_provider = True
-        self._check_provider(provider)
         tp = None
         if getattr(self.config, "tensor_parallel_size", 1) > 1:
             from sagellm_backend.engine.hf.distributed import TensorParallelGroup
 
-            tp = TensorParallelGroup(self.config, load, opts, provider, self.backend_type())
+            tp = TensorParallelGroup(
+                self.config, load, self._options, provider, self.backend_type()
+            )
             load = tp.load  # one device per rank
             tp.launch()  # spawned workers load the model while this rank does
-        model, tokenizer = load_model_and_tokenizer(
+        try:
+            model, tokenizer = self._load_files(load, provider)
+            if tp is not None:  # this rank's shard (under torchrun, ranks > 0 serve here, exit)
+                model = tp.shard(model)
+        except BaseException:
+            if tp is not None:
+                tp.shutdown()
+            raise
+        self._tp = tp
+        self._quantization = quantization_name(
+            load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type
+        )
+        context = model_context_length(model.config)
+        if self._options.max_model_len is not None:
+            context = min(context, self._options.max_model_len)
+        eos: set[int] = set()
+        for source in (getattr(model, "generation_config", None), tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, list | tuple):
+                eos.update(int(v) for v in value)
+        self._model = model
+        self._tokenizer = tokenizer
+        self._eos = frozenset(eos)
+        self._max_context = context
+
+    @staticmethod
+    def _load_files(load: LoadSettings, provider: Any) -> tuple[Any, Any]:
+        """Model and tokenizer from ``load`` (transformers, bitsandbytes)."""
+        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(
             load.model_path,
             device=load.device,
             dtype=load.dtype,
@@ -639,146 +692,125 @@ class HFEngineCore(BaseEngine):
             bnb_4bit_use_double_quant=load.bnb_4bit_use_double_quant,
             device_dtypes=_provider_dtypes(provider),
         )
-        if tp is not None:  # this rank's shard (under torchrun, ranks > 0 serve here and exit)
-            model = tp.shard(model)
-        context = model_context_length(model.config)
-        if opts.max_model_len is not None:
-            context = min(context, opts.max_model_len)
-        kind, reason = describe_runner(model, opts.runner)  # ConfigError for a refused 'paged'
-        paged = kind == "paged"
-        _log.info("runner %s for %s: %s", kind, load.model_path, reason)
 
-        dtype = model_compute_dtype(model)
+    def _build_hf_serving(self) -> Serving:
+        """Provider, model (first time), KV manager, runner and scheduler (worker thread).
+
+        Whatever is taken from the provider is given back if a later part fails.
+        """
         from sagellm_backend.capability import DType
+        from sagellm_backend.engine.hf.runner import model_compute_dtype
+        from sagellm_backend.kv.spec import KVSpec
 
+        load = self._load_settings
+        assert load is not None
+        opts = self._options
+        self._thread_init()
+        # The provider first: on a machine without the device this fails fast, naming why.
+        provider = self._provider
+        if provider is None:
+            provider = self._make_provider()
+            self._owns_provider = True
+            self._provider = provider
+        self._check_provider(provider)
+        if self._model is None:
+            self._load_model(provider)
+        elif self._tp is not None:  # tensor parallelism: fresh workers after a stop()
+            self._tp.relaunch_workers()
+        model = self._model
+        tp = self._tp
+        paged = _uses_paged_kv(opts, model, load.model_path)
         kv_dtype = {
             "torch.float32": DType.FP32,
             "torch.float16": DType.FP16,
             "torch.bfloat16": DType.BF16,
-        }.get(str(dtype), DType.FP16)
+        }.get(str(model_compute_dtype(model)), DType.FP16)
         spec = KVSpec.from_model_config(model.config, block_size=opts.block_size, dtype=kv_dtype)
         kv: KVCacheManager = provider.create_kv_manager(
             spec,
             memory_bytes=opts.kv_cache_memory_bytes,
             enable_prefix_caching=opts.enable_prefix_caching and paged,
         )
-        runner: ModelRunner = select_runner(
-            model,
-            kv.storage,
-            block_size=opts.block_size,
-            max_context=context,
-            runner=opts.runner,
-            max_batch_size=load.max_batch_size,
-            prepack_weights=opts.prepack_weights,
-        )
-        if tp is not None:
-            runner = tp.start(runner, kv, load.max_batch_size)
-            self._tp = tp
-        eos: set[int] = set()
-        for source in (getattr(model, "generation_config", None), tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                eos.add(value)
-            elif isinstance(value, list | tuple):
-                eos.update(int(v) for v in value)
-        self._provider = provider
-        self._model = model
-        self._tokenizer = tokenizer
-        self._kv = kv
-        self._runner = runner
-        self._eos = frozenset(eos)
-        self._max_context = context
+        try:
+            runner = build_runner(
+                model,
+                kv,
+                provider,
+                model_path=load.model_path,
+                options=opts,
+                max_batch_size=load.max_batch_size,
+                context=self._max_context,
+            )
+            if tp is not None:
+                runner = tp.start(runner, kv, load.max_batch_size)
+            tokenizer = self._tokenizer
+            scheduler = Scheduler(
+                kv,
+                max_batch_size=load.max_batch_size,
+                max_num_batched_tokens=opts.max_num_batched_tokens,
+                max_context=self._max_context,
+                eos_token_ids=self._eos,
+                paged=runner.uses_paged_kv,
+                decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
+            )
+        except BaseException:
+            if tp is not None:
+                tp.shutdown()
+            _release_kv(provider, kv)
+            raise
         self._vocab_size = runner.vocab_size
-        quant = quantization_name(load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type)
-        self._quantization = quant
+        self._runner_name = runner.name
         self._trace = [
             *self._trace_base,
             f"runner:{runner.name}",
             f"provider:{type(provider).__name__}",
-            f"weights:{quant}",
+            f"weights:{self._quantization}",
         ]
-
-    def _start_scheduler(self) -> None:
-        from sagellm_backend.engine.hf.scheduler import Scheduler
-
-        assert self._runner is not None and self._kv is not None and self._load_settings
-        self._runner.reset()  # no sequence of an earlier run is alive any more
-        sched = Scheduler(
-            self._runner,
-            self._kv,
-            max_batch_size=self._load_settings.max_batch_size,
-            max_num_batched_tokens=self._options.max_num_batched_tokens,
-            max_context=self._max_context,
-            eos_token_ids=self._eos,
-            thread_init=self._thread_init,
-            name=f"sagellm-{type(self).__name__}-{self.engine_id}",
+        return Serving(
+            scheduler=scheduler,
+            runner=runner,
+            limits=RequestLimits(
+                vocab_size=runner.vocab_size,
+                max_context=self._max_context,
+                max_input_tokens=opts.max_input_tokens,
+                max_new_tokens=load.max_new_tokens,
+            ),
+            tokenize=_hf_tokenize(tokenizer),
+            new_detok=lambda: _HFDetok(tokenizer),
+            release=lambda: _release_serving(provider, kv, tp),
+            threaded=True,
+            thread_init=_weak_thread_init(self),
+            thread_context=_inference_mode,
         )
-        sched.start()
-        self._scheduler = sched
 
     async def stop(self) -> None:
-        """End every request in flight (terminal error result) and stop the scheduler.
+        """Stop as every engine does; a step blocked on a hung rank ends with the group.
 
-        Returns within about 2 s. The model, provider and KV manager are kept for a later
-        ``start()``; the KV manager holds no sequence and no cached page afterwards (when a
-        step was still running, that is true once it ends).
+        Invariant: returns within about 5 s even when a tensor-parallel rank hangs -- the
+        driver is given its usual join time, then the group is torn down, which makes the
+        blocked collective fail, the step end and the KV pool go back to the provider.
         """
-        if not self._running:
-            return
-        self._running = False
-        if self._mock is not None:
-            await self._mock.stop()
-            return
-        sched, self._scheduler = self._scheduler, None
-        joined = True
-        if sched is not None:
-            joined = await asyncio.to_thread(sched.stop, _STOP_JOIN_S)
-        if not joined:
-            self._zombie = sched
-            stopped = Error(
-                code=ErrorCode.UNAVAILABLE,
-                message="the engine stopped before the request finished",
-                retryable=True,
-            )
-            from sagellm_backend.engine.hf.scheduler import FinishEvent
-
-            for handle in list(self._handles.values()):
-                seq = handle.seq
-                outs = list(seq.output_ids) if seq is not None else []
-                handle.queue.put_nowait(FinishEvent("error", outs, stopped, None))
-        elif self._kv is not None:
-            self._kv.clear_cache()
-        if self._tp is not None:
+        await super().stop()
+        if self._tp is not None and self._zombie is not None:
             await asyncio.to_thread(self._tp.shutdown)
-        # Let the consumers see the terminal events posted by the worker thread.
-        await asyncio.sleep(0)
 
     async def health_check(self) -> bool:
-        """True when running and (real mode) the scheduler thread is alive."""
-        if self._mock is not None:
-            return await self._mock.health_check()
-        tp_ok = self._tp is None or self._tp.healthy
-        return tp_ok and self._running and self._scheduler is not None and self._scheduler.is_alive
+        """True when running, the step loop is alive and (TP) every rank is reachable."""
+        if self._tp is not None and not self._tp.healthy:
+            return False
+        return await super().health_check()
 
+    # ------------------------------------------------------------------ info
     def get_info(self) -> dict[str, Any]:
         """Engine description plus model, runner, scheduler and KV figures."""
-        if self._mock is not None:
-            info = self._mock.get_info()
-            info.update(engine_type=type(self).__name__, backend_type=self.backend_type())
-            info["mock_mode"] = True
-            return info
         info = super().get_info()
         info.update(
-            mock_mode=False,
+            mock_mode=self._mock is not None,
             runner=self.runner_name,
             max_context=self._max_context,
             options=dataclasses.asdict(self._options),
             provider=type(self._provider).__name__ if self._provider is not None else None,
         )
-        if self._scheduler is not None:
-            info["scheduler"] = dataclasses.asdict(self._scheduler.stats())
-        if self._kv is not None:
-            info["kv"] = dataclasses.asdict(self._kv.stats())
         if self._tp is not None:
             info["tensor_parallel"] = self._tp.info()
         if self._model is not None and self._quantization is not None:
@@ -790,282 +822,3 @@ class HFEngineCore(BaseEngine):
             info["weight_memory"] = dataclasses.asdict(weights)
             info["quantization"] = weights.quantization
         return info
-
-    # ------------------------------------------------------------------ requests
-    async def execute(self, request: Request) -> Response:
-        """Run ``request`` to completion (a bad request -> ``finish_reason="error"``).
-
-        Raises:
-            RuntimeError: the engine is not running.
-        """
-        if self._mock is not None:
-            return await self._mock.execute(self._cap_for_mock(request))
-        handle, early = self._submit(request, stream=False)
-        if early is not None:
-            return early
-        assert handle is not None
-        from sagellm_backend.engine.hf.scheduler import FinishEvent
-
-        try:
-            while True:
-                event = await handle.queue.get()
-                if isinstance(event, FinishEvent):
-                    break
-        except asyncio.CancelledError:
-            self._cancel(handle)
-            raise
-        self._close(handle)
-        text = self._decode(event.output_ids)
-        metrics = self._metrics(handle, event)
-        rid, tid = request_ids(request)
-        return Response(
-            request_id=rid,
-            trace_id=tid,
-            output_text=text,
-            output_tokens=list(event.output_ids),
-            finish_reason=event.reason,
-            metrics=metrics,
-            error=event.error,
-        )
-
-    def stream(self, request: Request) -> AsyncIterator[StreamEvent]:
-        """Yield start, deltas and end for ``request`` (see the base invariants).
-
-        Raises:
-            RuntimeError: (on first iteration) the engine is not running.
-        """
-        if self._mock is not None:
-            return self._mock.stream(self._cap_for_mock(request))
-        return self._stream(request)
-
-    async def _stream(self, request: Request) -> AsyncIterator[StreamEvent]:
-        from sagellm_backend.engine.hf.detok import IncrementalDetokenizer
-        from sagellm_backend.engine.hf.scheduler import FinishEvent
-
-        eid = self.engine_id
-        handle, early = self._submit(request, stream=True)
-        if early is not None:
-            yield start_event(request, eid, None)
-            yield end_event(
-                request,
-                eid,
-                output_text="",
-                output_tokens=[],
-                finish_reason="error",
-                metrics=early.metrics,
-                error=early.error,
-            )
-            return
-        assert handle is not None
-        try:
-            yield start_event(request, eid, handle.prompt_len)
-            detok = IncrementalDetokenizer(self._tokenizer)
-            texts: list[str] = []
-            while True:
-                event = await handle.queue.get()
-                ids: list[int] = []
-                finish: FinishEvent | None = None
-                while True:  # coalesce what is queued already into one delta
-                    if isinstance(event, FinishEvent):
-                        finish = event
-                        break
-                    ids.extend(event.token_ids)
-                    if handle.queue.empty():
-                        break
-                    event = handle.queue.get_nowait()
-                if ids:
-                    chunk = detok.add(ids)
-                    texts.append(chunk)
-                    yield delta_event(request, eid, chunk, ids)
-                if finish is None:
-                    continue
-                self._close(handle)
-                tail = detok.flush()
-                if tail:
-                    texts.append(tail)
-                    yield delta_event(request, eid, tail, [])
-                yield end_event(
-                    request,
-                    eid,
-                    output_text="".join(texts),
-                    output_tokens=list(finish.output_ids),
-                    finish_reason=finish.reason,
-                    metrics=self._metrics(handle, finish),
-                    error=finish.error,
-                )
-                return
-        finally:
-            if not handle.done:
-                self._cancel(handle)
-
-    # ------------------------------------------------------------------ internals
-    def _cap_for_mock(self, request: Request) -> Request:
-        """Mock mode: cap max_tokens by max_new_tokens as the real engine does."""
-        cap = self._load_settings.max_new_tokens if self._load_settings else None
-        mt = getattr(request, "max_tokens", None)
-        if cap is not None and isinstance(mt, int) and not isinstance(mt, bool) and mt > cap:
-            return request.model_copy(update={"max_tokens": cap})
-        return request
-
-    def _error_result(self, request: Any, exc: BaseException) -> Response:
-        metrics = build_metrics(
-            RequestTimeline(),
-            error_rate=self._errors.record(True),
-            peak_mem_mb=self._peak_mem_mb(),
-            component_trace=self._trace,
-        )
-        return error_response(request, to_protocol_error(exc), metrics)
-
-    def _prompt_ids(self, request: Request) -> list[int]:
-        metadata = request.metadata or {}
-        given = metadata.get("prompt_token_ids")
-        if given is not None:
-            if not isinstance(given, list | tuple) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in given
-            ):
-                raise ConfigError(
-                    f"request.metadata['prompt_token_ids'] must be a list of ints, got {given!r}"
-                )
-            ids = [int(t) for t in given]
-        else:
-            try:
-                ids = list(self._tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
-            except Exception as exc:  # e.g. a lone surrogate: not encodable as UTF-8
-                raise ConfigError(
-                    f"request.prompt cannot be tokenized ({type(exc).__name__}: {exc}); give "
-                    "valid Unicode text"
-                ) from exc
-        if not ids:
-            raise ConfigError("request.prompt tokenizes to no tokens; give a prompt with some text")
-        bad = [t for t in ids if not 0 <= t < self._vocab_size]
-        if bad:
-            raise ConfigError(
-                f"request prompt has token id(s) {sorted(set(bad))[:8]} outside the model's "
-                f"vocabulary 0..{self._vocab_size - 1}"
-            )
-        opts = self._options
-        if opts.max_input_tokens is not None and len(ids) > opts.max_input_tokens:
-            raise ConfigError(
-                f"request.prompt has {len(ids)} tokens, more than max_input_tokens="
-                f"{opts.max_input_tokens}"
-            )
-        if len(ids) >= self._max_context:
-            raise ConfigError(
-                f"request.prompt has {len(ids)} tokens but the context length is "
-                f"{self._max_context}; the prompt must be shorter than the context "
-                "(at least one token is generated)"
-            )
-        return ids
-
-    def _submit(self, request: Request, *, stream: bool) -> tuple[_Handle | None, Response | None]:
-        """Validate and queue; return (handle, None) or (None, an error Response)."""
-        if not self._running or self._scheduler is None:
-            raise RuntimeError(
-                f"{type(self).__name__} {self.engine_id!r} is not running; call start()"
-            )
-        from sagellm_backend.engine.hf.scheduler import GenSequence, SamplingParams
-
-        load = self._load_settings
-        assert load is not None
-        timeline = RequestTimeline()
-        try:
-            max_tokens = validate_request(request)
-            metadata: Mapping[str, Any] = request.metadata or {}
-            ignore_eos = metadata.get("ignore_eos", False)
-            if not isinstance(ignore_eos, bool):
-                raise ConfigError(
-                    f"request.metadata['ignore_eos'] must be a bool, got {ignore_eos!r}"
-                )
-            seed = metadata.get("seed")
-            if seed is not None and (
-                isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
-            ):
-                raise ConfigError(
-                    f"request.metadata['seed'] must be an int in [0, 2**64), got {seed!r}"
-                )
-            stop_ids = metadata.get("stop_token_ids", ())
-            if not isinstance(stop_ids, list | tuple | set | frozenset) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
-            ):
-                raise ConfigError(
-                    f"request.metadata['stop_token_ids'] must be a list of ints, got {stop_ids!r}"
-                )
-            prompt_ids = self._prompt_ids(request)
-        except ConfigError as exc:
-            return None, self._error_result(request, exc)
-        max_tokens = min(max_tokens, load.max_new_tokens, self._max_context - len(prompt_ids))
-        temperature = request.temperature
-        handle = _Handle(asyncio.get_running_loop(), request)
-        handle.prompt_len = len(prompt_ids)
-        seq = GenSequence(
-            seq_id=f"{request.request_id}#{next(self._counter)}",
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            sampling=SamplingParams(
-                temperature=float(temperature) if temperature else None,
-                top_p=float(request.top_p) if request.top_p is not None else None,
-                seed=seed,
-            ),
-            ignore_eos=ignore_eos,
-            stream=stream,
-            sink=handle.post,
-            stop_token_ids=frozenset(int(t) for t in stop_ids),
-            timeline=timeline,
-        )
-        handle.seq = seq
-        handle.on_orphan = self._scheduler.cancel
-        try:
-            self._scheduler.submit(seq)
-        except KVCacheExhaustedError as exc:
-            return None, self._error_result(request, exc)
-        except RuntimeError as exc:  # the scheduler thread died (see the log)
-            unavailable = BackendNotAvailableError(
-                f"{type(self).__name__} {self.engine_id!r} cannot serve: {exc}"
-            )
-            return None, self._error_result(request, unavailable)
-        self._handles[seq.seq_id] = handle
-        return handle, None
-
-    def _cancel(self, handle: _Handle) -> None:
-        if handle.done:
-            return
-        self._close(handle)
-        sched = self._scheduler
-        if sched is not None and handle.seq is not None:
-            sched.cancel(handle.seq.seq_id)
-
-    def _close(self, handle: _Handle) -> None:
-        handle.done = True
-        if handle.seq is not None:
-            self._handles.pop(handle.seq.seq_id, None)
-
-    def _decode(self, ids: list[int]) -> str:
-        from sagellm_backend.engine.hf.detok import IncrementalDetokenizer
-
-        if not ids:
-            return ""
-        detok = IncrementalDetokenizer(self._tokenizer)
-        return detok.add(ids) + detok.flush()
-
-    def _peak_mem_mb(self) -> int:
-        provider = self._provider
-        if provider is None:
-            return 0
-        try:
-            stats = provider.memory_stats()
-        except Exception:  # pragma: no cover - a provider bug must not fail the request
-            return 0
-        peak = stats.get("peak", stats.get("allocated", 0))
-        return math.ceil(int(peak) / _MIB) if peak else 0
-
-    def _metrics(self, handle: _Handle, event: FinishEvent) -> Any:
-        seq = handle.seq
-        assert seq is not None
-        failed = event.reason == "error"
-        return build_metrics(
-            seq.timeline,
-            error_rate=self._errors.record(failed),
-            peak_mem_mb=self._peak_mem_mb(),
-            kv=event.kv if event.kv is not None else KVRequestStats(),
-            component_trace=self._trace,
-        )

@@ -736,10 +736,13 @@ class TensorParallelGroup:
                 f"runner {local.name!r} has no tensor-parallel worker counterpart; "
                 f"valid: {sorted(LOCAL_RUNNERS)}"
             )
+        # The new runner (and its step lock) replaces the old one before the keep-alive
+        # thread starts: two runners broadcasting on one group would interleave messages.
+        runner = TensorParallelRunner(local, self)
+        runner.kv_for_reports = kv
+        self._runner = runner
         self._connect_or_clean_up(kv)
-        self._runner = TensorParallelRunner(local, self)
-        self._runner.kv_for_reports = kv
-        return self._runner
+        return runner
 
     def _connect_or_clean_up(self, kv: Any) -> None:
         """:meth:`_connect`; on failure no worker outlives it and the error names the rank."""
@@ -884,8 +887,22 @@ class TensorParallelGroup:
                 runner.release_lock()
         self.ctrl = None
         self._running = False
+        self._reducing = False  # a new local runner may probe the model before the next start
         if self._broken is None:
             self._broken = "the tensor-parallel group was shut down"
+
+    def relaunch_workers(self) -> None:
+        """Spawn fresh workers after :meth:`shutdown`; :meth:`start` then connects them.
+
+        Raises:
+            BackendNotAvailableError: under torchrun (its workers exited with the group).
+        """
+        if self.settings.torchrun:
+            raise BackendNotAvailableError(
+                "a torchrun tensor-parallel group cannot be restarted after stop(); restart "
+                "the torchrun job"
+            )
+        self.launch()
 
     def relaunch(self) -> None:
         """Start fresh workers after :meth:`shutdown` (spawn launch only).

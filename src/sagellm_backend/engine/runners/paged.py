@@ -115,12 +115,18 @@ def _prepack_linears(model: Any) -> int:
 
     The module's ``forward`` (an instance attribute, so the class is untouched) runs
     ``_mkl_linear`` on the packed copy for ``[1, PACK_ROWS, in]`` inputs and the original
-    computation otherwise. Returns how many modules were given the fast path.
+    computation otherwise. Returns how many modules have the fast path, counting those an
+    earlier runner on the same model gave it (so a restarted engine pads steps the same way,
+    which tensor-parallel ranks rely on: every rank must see the same step shapes).
     """
     count = 0
     for module in model.modules():
         kind = type(module).__name__
-        if getattr(module, "_hf_hook", None) is not None or "forward" in module.__dict__:
+        own_forward = module.__dict__.get("forward")
+        if getattr(own_forward, "sagellm_prepacked", False):
+            count += 1  # prepacked by an earlier runner on this model (engine restart)
+            continue
+        if getattr(module, "_hf_hook", None) is not None or own_forward is not None:
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -152,6 +158,7 @@ def _packed_forward(
             return out.unsqueeze(0)
         return plain(x)
 
+    forward.sagellm_prepacked = True  # type: ignore[attr-defined]
     return forward
 
 

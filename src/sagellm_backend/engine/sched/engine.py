@@ -1,0 +1,533 @@
+"""ScheduledEngine: an engine = scheduler + driver + runner, with one life cycle.
+
+Every engine of this package (MockEngine, CPUEngine, HFCudaEngine) is a
+:class:`ScheduledEngine`: a subclass says how to build what it serves with
+(:meth:`ScheduledEngine._build_serving` returns a :class:`Serving`: KV manager, scheduler,
+runner, tokenizer, limits) and everything else -- start/stop, validation, ``execute``,
+``stream``, metrics, error results -- is here, once.
+
+Life cycle (what an engine takes, it gives back):
+    * ``start()`` builds the serving set (in a worker thread when ``load_in_thread``) and
+      starts the :class:`~sagellm_backend.engine.sched.driver.Driver`. If it fails after the
+      KV manager was created, the builder releases it (the provider's budget is whole again).
+    * a ``start()`` that is cancelled (``asyncio.wait_for`` timing out) returns at once; the
+      build still running in its thread is undone when it ends (its KV manager released) and
+      the next ``start()`` waits for that first, so there is never a second concurrent load.
+    * ``stop()`` during ``start()`` wins: the start ends with ``BackendNotAvailableError``
+      and the engine is stopped, holding nothing.
+    * ``stop()`` ends every request in flight with a terminal error result, ends the
+      driver's loop and gives the KV manager back to the provider (``release_kv_manager``),
+      so another engine on the same provider can take that budget.
+    * an engine dropped while running is collected (nothing it started references it); a
+      ``ResourceWarning`` names it and its driver stops and releases its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import math
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sagellm_protocol import Request, Response
+
+from sagellm_backend.engine._streaming import (
+    RequestLimits,
+    delta_event,
+    end_event,
+    error_response,
+    prepare_request,
+    start_event,
+)
+from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
+from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
+from sagellm_backend.engine.sched.driver import Driver, Handle, stopped_error
+from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
+from sagellm_backend.errors import (
+    BackendNotAvailableError,
+    ConfigError,
+    KVCacheExhaustedError,
+    to_protocol_error,
+)
+
+__all__ = ["Detokenizer", "ScheduledEngine", "Serving"]
+
+_log = logging.getLogger(__name__)
+_MIB = 1 << 20
+_STOP_JOIN_S = 1.5
+#: How long a reading of the provider's peak memory is reused for request metrics.
+_PEAK_TTL_S = 0.02
+
+# Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
+_validate_response = Response.__pydantic_validator__.validate_python
+
+
+class Detokenizer:
+    """Incremental text of a token stream: ``add(ids) -> text``, ``flush() -> tail``."""
+
+    def add(self, ids: list[int]) -> str:  # pragma: no cover - interface
+        """Text of ``ids`` that is final now."""
+        raise NotImplementedError
+
+    def flush(self) -> str:  # pragma: no cover - interface
+        """Text held back so far."""
+        raise NotImplementedError
+
+
+@dataclass
+class Serving:
+    """What a started engine serves with (built by ``_build_serving``).
+
+    Attributes:
+        scheduler: the scheduler (its ``kv`` is the engine's KV manager).
+        runner: the model runner.
+        limits: what requests may ask for.
+        tokenize: prompt text -> token ids.
+        new_detok: a fresh incremental detokenizer per request.
+        release: gives everything taken from the provider back (the KV manager); called
+            once, from the driver's thread when it ends, or on an undone start.
+        threaded: run steps in a worker thread (torch runners).
+        thread_init: called first in the worker thread.
+        thread_context: context manager factory around the worker loop.
+    """
+
+    scheduler: Scheduler
+    runner: Any
+    limits: RequestLimits
+    tokenize: Callable[[str], list[int]]
+    new_detok: Callable[[], Detokenizer]
+    release: Callable[[], None]
+    threaded: bool
+    thread_init: Callable[[], None] | None = None
+    thread_context: Callable[[], Any] | None = None
+
+
+def _undo(serving: Serving) -> None:
+    try:
+        serving.release()
+    except Exception:
+        _log.exception("releasing an undone start failed")
+
+
+def _engine_lost(driver: Driver, name: str) -> None:
+    """Finalizer of a running engine that was collected without ``stop()``."""
+    warnings.warn(
+        f"{name} was never stopped; its scheduler is stopped and its KV released now",
+        ResourceWarning,
+        stacklevel=2,
+    )
+    driver.abandon()
+
+
+class ScheduledEngine(BaseEngine):
+    """Base of every engine here (see the module docstring).
+
+    Subclasses implement :meth:`backend_type` and :meth:`_build_serving`; they may set
+    :attr:`load_in_thread` and override :meth:`_describe`.
+    """
+
+    #: Build the serving set in a worker thread (model loading).
+    load_in_thread = False
+    #: After ``stop()``, :attr:`kv_manager` still shows the last (released, empty) manager.
+    kv_visible_after_stop = False
+
+    def __init__(self, config: EngineConfig, *, component_trace: list[str]) -> None:
+        super().__init__(config)
+        self._trace = component_trace
+        self._provider: Any = config.provider
+        self._serving: Serving | None = None
+        self._driver: Driver | None = None
+        self._zombie: Driver | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._handles: dict[str, Handle] = {}
+        self._errors = ErrorRateCounter()
+        self._early_failed = 0
+        self._counter = itertools.count(1)
+        self._warned: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._pending_build: asyncio.Future[Serving] | None = None
+        self._stop_requested = False
+        self._starting = False
+        self._start_done: asyncio.Event | None = None
+        self._peak_bytes = 0
+        self._peak_mb = 0
+        self._peak_read_at = -1.0
+        self._last_kv: Any = None
+        self._last_runner: Any = None
+
+    # ------------------------------------------------------------------ hooks
+    def _build_serving(self) -> Serving:
+        """Create KV manager, runner and scheduler (release what was taken if it fails)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def provider(self) -> Any:
+        """The backend provider (None before the first start when not injected)."""
+        return self._provider
+
+    @property
+    def kv_manager(self) -> Any:
+        """The KV cache manager while running (None before start).
+
+        After ``stop()``: the last (released, empty) manager when
+        :attr:`kv_visible_after_stop`, else None.
+        """
+        if self._serving is not None:
+            return self._serving.scheduler.kv
+        return self._last_kv if self.kv_visible_after_stop else None
+
+    @property
+    def _runner(self) -> Any:
+        """The runner while running, else the last one (tests patch its ``execute``)."""
+        return self._serving.runner if self._serving is not None else self._last_runner
+
+    @property
+    def _scheduler(self) -> Scheduler | None:
+        return None if self._serving is None else self._serving.scheduler
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Build the serving set and start the driver (see the module docstring).
+
+        Raises:
+            RuntimeError: already running.
+            BackendNotAvailableError: ``stop()`` was called while starting.
+            ConfigError / DependencyMissingError / KVCacheExhaustedError: from building.
+        """
+        if self._running:
+            raise RuntimeError(f"{type(self).__name__} {self.engine_id!r} is already running")
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._running:
+                raise RuntimeError(f"{type(self).__name__} {self.engine_id!r} is already running")
+            await self._settle()
+            self._stop_requested = False
+            self._starting = True
+            self._start_done = asyncio.Event()
+            try:
+                serving = await self._build()
+                if self._stop_requested:
+                    _undo(serving)
+                    raise BackendNotAvailableError(
+                        f"{type(self).__name__} {self.engine_id!r}: stop() was called during "
+                        "start(); the engine is stopped"
+                    )
+                self._launch(serving)
+            finally:
+                self._starting = False
+                self._start_done.set()
+
+    async def _settle(self) -> None:
+        """Wait for what an earlier start/stop left running (never twice at once)."""
+        zombie, self._zombie = self._zombie, None
+        if zombie is not None:  # a step outlived the last stop(): wait for it now
+            await asyncio.shield(asyncio.to_thread(zombie.join))
+        pending = self._pending_build
+        if pending is not None:
+            await asyncio.shield(asyncio.wait([pending]))
+            self._pending_build = None
+
+    async def _build(self) -> Serving:
+        if not self.load_in_thread:
+            return self._build_serving()
+        build = asyncio.ensure_future(asyncio.to_thread(self._build_serving))
+        try:
+            return await asyncio.shield(build)
+        except asyncio.CancelledError:
+            # The load goes on in its thread: undo it when it ends; the next start waits.
+            self._pending_build = build
+
+            def undo_when_done(fut: asyncio.Future[Serving]) -> None:
+                if not fut.cancelled() and fut.exception() is None:
+                    _undo(fut.result())
+
+            build.add_done_callback(undo_when_done)
+            raise
+
+    def _launch(self, serving: Serving) -> None:
+        loop = asyncio.get_running_loop()
+        name = f"{type(self).__name__}[{self.engine_id}]"
+        driver = Driver(
+            serving.scheduler,
+            serving.runner,
+            name=name,
+            threaded=serving.threaded,
+            thread_init=serving.thread_init,
+            thread_context=serving.thread_context,
+            on_exit=serving.release,
+        )
+        driver.start(loop)
+        self._serving = serving
+        self._driver = driver
+        self._loop = loop
+        self._finalizer = weakref.finalize(self, _engine_lost, driver, name)
+        self._running = True
+
+    async def stop(self) -> None:
+        """End every request in flight (terminal error result), stop, give KV back.
+
+        Returns within about 2 s; when a step is still running then, the KV manager is
+        released as soon as it ends (and the next ``start()`` waits for it).
+        """
+        if self._starting:
+            self._stop_requested = True
+            done = self._start_done
+            if done is not None:
+                await asyncio.shield(done.wait())
+        if not self._running:
+            return
+        self._running = False
+        driver, self._driver = self._driver, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        serving = self._serving
+        if driver is not None:
+            joined = await driver.stop(_STOP_JOIN_S)
+            if not joined:
+                self._zombie = driver
+                error = stopped_error(f"{type(self).__name__} {self.engine_id!r}")
+                for handle in list(self._handles.values()):
+                    seq = handle.seq
+                    if not seq.finished:
+                        seq.finish_reason, seq.error = "error", error
+                    handle.finish()
+        self._note_peak()
+        if serving is not None:
+            self._last_kv = serving.scheduler.kv
+            self._last_runner = serving.runner
+        self._serving = None
+        del serving
+        await asyncio.sleep(0)
+
+    async def health_check(self) -> bool:
+        """True when running and the step loop is alive."""
+        return self._running and self._driver is not None and self._driver.is_alive
+
+    # ------------------------------------------------------------------ info
+    def get_info(self) -> dict[str, Any]:
+        """Engine description plus scheduler counters and KV figures."""
+        info = super().get_info()
+        sched = self._scheduler
+        if sched is not None:
+            stats = sched.stats()
+            info["scheduler"] = dataclasses.asdict(stats)
+            info.update(
+                steps=stats.steps,
+                waiting=stats.waiting,
+                running=stats.running,
+                completed=stats.completed,
+                failed=stats.failed + self._early_failed,
+                cancelled=stats.cancelled,
+            )
+            kv = sched.kv.stats()
+            is_dc = dataclasses.is_dataclass(kv) and not isinstance(kv, type)
+            info["kv"] = dataclasses.asdict(kv) if is_dc else kv
+        return info
+
+    # ------------------------------------------------------------------ requests
+    async def execute(self, request: Request) -> Response:
+        """Run ``request`` to completion (a bad request -> ``finish_reason="error"``).
+
+        Raises:
+            RuntimeError: the engine is not running (or called from another event loop).
+        """
+        handle, early = self._submit(request, streaming=False)
+        if handle is None:
+            assert early is not None
+            return early
+        try:
+            if not handle.finished:
+                await handle.wait_finished()
+        except asyncio.CancelledError:
+            self._cancel(handle)
+            raise
+        seq = handle.seq
+        seq.user = None  # no cycle left between the sequence and its handle
+        self._handles.pop(seq.seq_id, None)
+        serving = self._serving
+        ids = seq.output_ids
+        text = ""
+        if ids and serving is not None:
+            detok = serving.new_detok()
+            text = detok.add(ids) + detok.flush()
+        response: Response = _validate_response(
+            {
+                "request_id": request.request_id,
+                "trace_id": request.trace_id,
+                "output_text": text,
+                "output_tokens": ids,
+                "finish_reason": seq.finish_reason,
+                "metrics": self._metrics(seq),
+                "error": seq.error,
+            }
+        )
+        return response
+
+    def stream(self, request: Request) -> AsyncIterator[StreamEvent]:
+        """Yield start, deltas and end for ``request`` (see :mod:`engine.base` invariants).
+
+        Raises:
+            RuntimeError: (on first iteration) the engine is not running.
+        """
+        return self._stream(request)
+
+    async def _stream(self, request: Request) -> AsyncIterator[StreamEvent]:
+        eid = self.engine_id
+        handle, early = self._submit(request, streaming=True)
+        if handle is None:
+            assert early is not None
+            yield start_event(request, eid, None)
+            yield end_event(
+                request,
+                eid,
+                output_text="",
+                output_tokens=[],
+                finish_reason="error",
+                metrics=early.metrics,
+                error=early.error,
+            )
+            return
+        seq = handle.seq
+        serving = self._serving
+        assert serving is not None
+        detok = serving.new_detok()
+        try:
+            yield start_event(request, eid, len(seq.prompt_ids))
+            texts: list[str] = []
+            sent = 0
+            while True:
+                visible = handle.visible
+                if visible > sent:
+                    ids = seq.output_ids[sent:visible]
+                    sent = visible
+                    chunk = detok.add(ids)
+                    texts.append(chunk)
+                    yield delta_event(request, eid, chunk, ids)
+                    continue
+                if handle.finished:
+                    seq.user = None  # no cycle left between the sequence and its handle
+                    self._handles.pop(seq.seq_id, None)
+                    tail = detok.flush()
+                    if tail:
+                        texts.append(tail)
+                        yield delta_event(request, eid, tail, [])
+                    yield end_event(
+                        request,
+                        eid,
+                        output_text="".join(texts),
+                        output_tokens=list(seq.output_ids[:sent]),
+                        finish_reason=seq.finish_reason or "error",
+                        metrics=self._metrics(seq),
+                        error=seq.error,
+                    )
+                    return
+                await handle.wait_progress()
+        finally:
+            if not handle.finished:
+                self._cancel(handle)
+
+    # ------------------------------------------------------------------ internals
+    def _submit(
+        self, request: Request, *, streaming: bool
+    ) -> tuple[Handle | None, Response | None]:
+        """Validate and queue; return (handle, None) or (None, an error Response)."""
+        driver, serving = self._driver, self._serving
+        if not self._running or driver is None or serving is None:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.engine_id!r} is not running; call start()"
+            )
+        if not serving.threaded and asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(
+                f"{type(self).__name__} {self.engine_id!r} serves the event loop it was "
+                "started on; it was called from another loop"
+            )
+        sched = serving.scheduler
+        try:
+            prep = prepare_request(request, serving.limits, serving.tokenize, warned=self._warned)
+            sched.check_fits(len(prep.prompt_ids), prep.max_tokens)
+        except (ConfigError, KVCacheExhaustedError) as exc:
+            return None, self._error_result(request, exc)
+        seq = SchedSeq(
+            f"{request.request_id}#{next(self._counter)}",
+            prep.prompt_ids,
+            prep.max_tokens,
+            prep.sampling,
+            prep.ignore_eos,
+            prep.stop_token_ids,
+            prep.stop_strings,
+        )
+        handle = Handle(seq, streaming=streaming)
+        seq.user = handle
+        try:
+            driver.submit(seq)
+        except RuntimeError as exc:  # the step loop died (see the log)
+            unavailable = BackendNotAvailableError(
+                f"{type(self).__name__} {self.engine_id!r} cannot serve: {exc}"
+            )
+            return None, self._error_result(request, unavailable)
+        self._handles[seq.seq_id] = handle
+        return handle, None
+
+    def _cancel(self, handle: Handle) -> None:
+        """The consumer gave up: the driver frees the request at its next step."""
+        handle.done = True
+        seq = handle.seq
+        seq.user = None  # nobody listens any more (and no cycle is left)
+        self._handles.pop(seq.seq_id, None)
+        driver = self._driver
+        if driver is not None and not handle.finished:
+            driver.cancel(seq)
+
+    def _error_result(self, request: Any, exc: BaseException) -> Response:
+        self._early_failed += 1
+        metrics = build_metrics(
+            RequestTimeline(),
+            error_rate=self._errors.record(True),
+            peak_mem_mb=self._peak_mem_mb(),
+            component_trace=self._trace,
+        )
+        return error_response(request, to_protocol_error(exc), metrics)
+
+    def _note_peak(self) -> None:
+        serving = self._serving
+        if serving is not None:
+            kv = serving.scheduler.kv
+            used = (kv.pool.num_pages - kv.pool.num_free) * kv.spec.page_bytes
+            if used > self._peak_bytes:
+                self._peak_bytes = used
+
+    def _peak_mem_mb(self) -> int:
+        """The provider's peak memory (MiB), read at most every ``_PEAK_TTL_S`` seconds."""
+        t = now()
+        if t - self._peak_read_at < _PEAK_TTL_S:
+            return self._peak_mb
+        provider = self._provider
+        if provider is None:
+            return self._peak_bytes // _MIB
+        try:
+            stats = provider.memory_stats()
+        except Exception:  # pragma: no cover - a provider bug must not fail the request
+            return self._peak_bytes // _MIB
+        peak = stats.get("peak", stats.get("allocated", 0))
+        self._peak_mb = math.ceil(int(peak) / _MIB) if peak else 0
+        self._peak_read_at = t
+        return self._peak_mb
+
+    def _metrics(self, seq: SchedSeq) -> Any:
+        return build_metrics(
+            seq.timeline,
+            error_rate=self._errors.record(seq.finish_reason == "error"),
+            peak_mem_mb=self._peak_mem_mb(),
+            kv=seq.kv_stats,
+            component_trace=self._trace,
+        )

@@ -1,0 +1,601 @@
+"""The continuous-batching scheduler every engine uses: pure Python, no torch, no threads.
+
+One step is ``plan = scheduler.schedule()`` -> the runner computes ``plan.chunks`` -> the
+sampler picks tokens for ``plan.sample_seqs`` -> ``scheduler.update(plan, tokens, t0, t1)``.
+The :mod:`~sagellm_backend.engine.sched.driver` runs that loop; this module decides who runs.
+
+:meth:`Scheduler.schedule`
+
+1. admits waiting sequences in arrival order while the batch has room (``max_batch_size``),
+   the step's token budget (``max_num_batched_tokens``) is not spent and the KV manager can
+   hold them. With ``reserve_output`` a sequence is admitted only when the pool also has
+   room for its *final* length beside the reservations of those running (it then never
+   needs preemption); otherwise only its current tokens are allocated and it grows.
+   A sequence that does not fit waits while others run (they will free pages); when nothing
+   of this scheduler runs, nothing can free pages, so it fails with RESOURCE_EXHAUSTED.
+   With prefix caching on a paged runner, a sequence sharing a full first block with a
+   prompt still being prefilled waits one step, to reuse that prompt's pages;
+2. builds one :class:`~sagellm_backend.engine.runners.base.SeqChunk` per running sequence:
+   the decode token of every generating sequence, then prompt chunks (starting at the cached
+   prefix on a paged runner; split so that a step computes at most
+   ``max_num_batched_tokens`` tokens). A growing sequence that finds the pool full preempts
+   the most recently admitted one (its pages are freed, its full blocks stay cached, and it
+   is re-queued first to be recomputed from its prompt and outputs).
+
+:meth:`Scheduler.update` records computed tokens (full blocks become reusable through
+``mark_computed``), appends the sampled tokens and ends sequences on EOS (unless
+``ignore_eos``), a stop token id, a stop string, ``max_tokens`` or the context length.
+
+Invariants:
+    * every added sequence finishes exactly once (``finished`` set, ``finish_reason`` set,
+      returned by exactly one of :meth:`update`, :meth:`abort`, :meth:`fail_all`);
+    * a finished, aborted or preempted sequence holds no KV pages; with no sequence left,
+      the manager holds none of this scheduler's sequences;
+    * waiting sequences keep arrival order (preempted ones go back to the front);
+    * a plan's chunks are valid until the next :meth:`schedule` (a sequence's decode chunk
+      object is reused step after step): runners must not keep them;
+    * the KV manager learns generated tokens lazily -- when a new page is needed, when a
+      block completes (prefix caching) and at the end -- so it sees one call per page, not per
+      token; a sequence's ``block_table`` always covers the tokens of its next chunk.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from sagellm_protocol import Error, ErrorCode
+
+from sagellm_backend.engine.metrics import RequestTimeline
+from sagellm_backend.engine.runners.base import SeqChunk
+from sagellm_backend.engine.sched.sampler import GREEDY, SamplingParams
+from sagellm_backend.errors import KVCacheExhaustedError, to_protocol_error
+from sagellm_backend.kv.stats import KVRequestStats
+
+if TYPE_CHECKING:
+    from sagellm_backend.kv.manager import KVCacheManager
+
+__all__ = ["FinishReason", "SchedSeq", "Scheduler", "SchedulerStats", "StepPlan"]
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(eq=False, slots=True)
+class SchedSeq:
+    """One request inside the scheduler.
+
+    The engine fills the first block of fields; the rest belongs to the scheduler (and, for
+    ``generator``, to the sampler). ``user`` is free for the driver (the consumer's handle).
+
+    Attributes:
+        seq_id: unique id (also the KV manager's sequence id).
+        prompt_ids: prompt tokens (non-empty).
+        max_tokens: tokens to produce at most (``>= 1``).
+        sampling: sampling parameters.
+        ignore_eos: keep generating after EOS.
+        stop_token_ids: tokens that end the sequence with ``"stop"`` (even with ignore_eos).
+        stop_strings: texts that end the sequence with ``"stop"`` once the output contains
+            one (needs the scheduler's ``decode``).
+        timeline: instants of the request (scheduled, token and completed times set here).
+    """
+
+    seq_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = GREEDY
+    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    timeline: RequestTimeline = field(default_factory=RequestTimeline)
+    user: Any = None
+    output_ids: list[int] = field(default_factory=list)
+    limit: int = 0
+    chunk: SeqChunk | None = None
+    num_computed: int = 0
+    kv_tokens: int = 0
+    kv_pages: int = 0
+    final_pages: int = 0
+    block_table: list[int] = field(default_factory=list)
+    has_kv: bool = False
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: Error | None = None
+    kv_stats: KVRequestStats | None = None
+    cancelled: bool = False
+    preemptions: int = 0
+    generator: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus produced tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``start..end-1`` of prompt + output."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    @property
+    def in_prefill(self) -> bool:
+        """The prompt (or the recomputed prefix after preemption) is not fully computed."""
+        return not self.output_ids or self.num_computed < self.num_tokens - 1
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one step computes.
+
+    Attributes:
+        chunks: one chunk per scheduled sequence.
+        seqs: the owner of each chunk.
+        sample_seqs: owners of the chunks with ``need_logits`` (the logits rows), in order.
+        prefill: some chunk computes prompt tokens.
+        decode: some chunk decodes one generated token.
+        special: rows (indices into ``sample_seqs``) whose sampling is not plain greedy.
+    """
+
+    chunks: list[SeqChunk]
+    seqs: list[SchedSeq]
+    sample_seqs: list[SchedSeq]
+    prefill: bool
+    decode: bool
+    special: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """Counters of a scheduler (a snapshot)."""
+
+    steps: int
+    waiting: int
+    running: int
+    preemptions: int
+    finished: int
+    completed: int
+    failed: int
+    cancelled: int
+    failed_steps: int
+    tokens_computed: int
+    tokens_generated: int
+
+
+class Scheduler:
+    """Continuous batching over a KV manager (see the module docstring).
+
+    Args:
+        kv: the KV manager (its pool bounds how many tokens are resident).
+        max_batch_size: most sequences in the running batch (``>= 1``).
+        max_num_batched_tokens: most tokens computed in one step (``>= max_batch_size``).
+        max_context: longest sequence (prompt + output).
+        eos_token_ids: tokens that end a sequence (unless it ignores EOS).
+        paged: the runner keeps K/V in the pool's pages (cached prefix pages are not
+            recomputed; prefix deduplication applies).
+        reserve_output: admit only when the final length fits beside the reservations.
+        keep_eos: the EOS token that ends a sequence stays in its output.
+        decode: token ids -> text, for stop strings.
+        on_release: called with a sequence's id whenever its pages are freed (finish,
+            abort, preemption): the runner forgets its per-sequence state there.
+    """
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        *,
+        max_batch_size: int,
+        max_num_batched_tokens: int,
+        max_context: int,
+        eos_token_ids: Iterable[int] = (),
+        paged: bool = False,
+        reserve_output: bool = False,
+        keep_eos: bool = True,
+        decode: Callable[[list[int]], str] | None = None,
+        on_release: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_num_batched_tokens < max_batch_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                f"max_batch_size ({max_batch_size})"
+            )
+        self.kv = kv
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_context = max_context
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.paged = paged
+        self.reserve_output = reserve_output
+        self.keep_eos = keep_eos
+        self.decode = decode
+        self.on_release = on_release
+        self.block_size: int = kv.spec.block_size
+        self._caching = bool(kv.enable_prefix_caching)
+        self._prefix_dedup = self._caching and paged
+        self.waiting: collections.deque[SchedSeq] = collections.deque()
+        self.running: list[SchedSeq] = []
+        self._reserved = 0
+        self.steps = 0
+        self.preemptions = 0
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.failed_steps = 0
+        self.tokens_computed = 0
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ queue
+    @property
+    def has_work(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages that hold ``num_tokens`` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise when a sequence of this size can never fit in the whole pool.
+
+        Raises:
+            KVCacheExhaustedError: naming the pages needed and held (RESOURCE_EXHAUSTED).
+        """
+        need = self.pages_for(prompt_len + max_tokens - 1)
+        total = self.kv.pool.num_pages
+        if need > total:
+            raise KVCacheExhaustedError(
+                f"request needs {need} KV pages ({prompt_len} prompt + {max_tokens} max_tokens "
+                f"tokens, {self.block_size} per page) but the pool holds {total}; lower "
+                "max_tokens or give the engine a larger KV budget"
+            )
+
+    def add(self, seq: SchedSeq) -> None:
+        """Queue a sequence (arrival order)."""
+        seq.final_pages = self.pages_for(len(seq.prompt_ids) + seq.max_tokens - 1)
+        seq.limit = min(seq.max_tokens, self.max_context - len(seq.prompt_ids))
+        self.waiting.append(seq)
+
+    def abort(self, seq: SchedSeq, error: Error, *, cancelled: bool = False) -> bool:
+        """End a waiting or running sequence with ``error``; False when already finished."""
+        if seq.finished:
+            return False
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(seq)
+        seq.cancelled = cancelled
+        self._finish(seq, "error", error)
+        return True
+
+    def fail_all(self, error: Error) -> list[SchedSeq]:
+        """End every sequence with ``error`` (their KV discarded); return them."""
+        seqs = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        for seq in seqs:
+            self._finish(seq, "error", error, discard=True)
+        return seqs
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> tuple[StepPlan | None, list[SchedSeq]]:
+        """Admit and plan one step; return (the plan or None, sequences failed meanwhile)."""
+        failed: list[SchedSeq] = []
+        if self.waiting:
+            self._admit(failed)
+        if not self.running:
+            return None, failed
+        plan = self._build(failed)
+        return (plan if plan.chunks else None), failed
+
+    def _admit(self, failed: list[SchedSeq]) -> None:
+        kv = self.kv
+        running = self.running
+        if len(running) >= self.max_batch_size:
+            return  # no room: skip the budget scan
+        waiting = self.waiting
+        budget = self.max_num_batched_tokens
+        for s in running:
+            budget -= s.num_tokens - s.num_computed
+        pending_keys = (
+            {self._first_block(s) for s in running if s.in_prefill} if self._prefix_dedup else None
+        )
+        deferred: list[SchedSeq] = []
+        block = self.block_size
+        while waiting and len(running) < self.max_batch_size and budget > 0:
+            seq = waiting[0]
+            key = None
+            if pending_keys is not None:
+                key = self._first_block(seq)
+                if key is not None and key in pending_keys:
+                    deferred.append(waiting.popleft())  # reuse that prompt's pages later
+                    continue
+            n = seq.num_tokens
+            if self.reserve_output and not kv.can_allocate(
+                (max(seq.final_pages, self.pages_for(n)) + self._reserved) * block
+            ):
+                if running:
+                    break
+                waiting.popleft()
+                self._finish(
+                    seq,
+                    "error",
+                    Error(
+                        code=ErrorCode.RESOURCE_EXHAUSTED,
+                        message=(
+                            f"KV pool exhausted: {seq.final_pages} KV pages needed, none can "
+                            "be freed (the pool is held elsewhere)"
+                        ),
+                        retryable=True,
+                    ),
+                )
+                failed.append(seq)
+                continue
+            try:
+                cached = kv.allocate(seq.seq_id, seq.token_slice(0, n))
+            except KVCacheExhaustedError as exc:
+                if running:
+                    break
+                waiting.popleft()
+                self._finish(seq, "error", exc.to_protocol())
+                failed.append(seq)
+                continue
+            waiting.popleft()
+            seq.has_kv = True
+            seq.kv_tokens = n
+            seq.kv_pages = pages = self.pages_for(n)
+            seq.block_table = kv.block_table(seq.seq_id)
+            if self.reserve_output and seq.final_pages > pages:
+                self._reserved += seq.final_pages - pages
+            seq.num_computed = cached if self.paged else 0
+            tl = seq.timeline
+            if tl.scheduled is None:
+                tl.mark_scheduled()
+            running.append(seq)
+            budget -= n - seq.num_computed
+            if key is not None and pending_keys is not None:
+                pending_keys.add(key)
+        if deferred:
+            waiting.extendleft(reversed(deferred))
+
+    def _first_block(self, seq: SchedSeq) -> tuple[int, ...] | None:
+        if seq.num_tokens <= self.block_size:
+            return None
+        return tuple(seq.token_slice(0, self.block_size))
+
+    def _build(self, failed: list[SchedSeq]) -> StepPlan:
+        chunks: list[SeqChunk] = []
+        owners: list[SchedSeq] = []
+        sample: list[SchedSeq] = []
+        special: list[int] = []
+        budget = self.max_num_batched_tokens
+        block = self.block_size
+        prefilling: list[SchedSeq] = []
+        add_chunk = chunks.append
+        add_owner = owners.append
+        for seq in list(self.running):
+            out = seq.output_ids
+            n = len(seq.prompt_ids) + len(out)
+            if not out or seq.num_computed != n - 1:
+                prefilling.append(seq)
+                continue
+            if not seq.has_kv or (n > seq.kv_pages * block and not self._grow(seq, n, failed)):
+                continue
+            chunk = seq.chunk
+            if chunk is None:
+                chunk = seq.chunk = SeqChunk(seq.seq_id, [out[-1]], n - 1, seq.block_table, True)
+            else:  # the sequence's decode chunk, reused: valid during one execute() only
+                chunk.token_ids[0] = out[-1]
+                chunk.start = n - 1
+                chunk.block_table = seq.block_table
+            add_chunk(chunk)
+            add_owner(seq)
+            if seq.sampling is not GREEDY:
+                special.append(len(sample))
+            sample.append(seq)
+        decode = bool(chunks)
+        budget -= len(chunks)
+        prefill = False
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if not seq.has_kv:
+                continue
+            n = seq.num_tokens
+            if n > seq.kv_pages * block and not self._grow(seq, n, failed):
+                continue
+            start = seq.num_computed
+            end = min(n, start + budget)
+            need = end == n
+            chunks.append(
+                SeqChunk(seq.seq_id, seq.token_slice(start, end), start, seq.block_table, need)
+            )
+            owners.append(seq)
+            if need:
+                if seq.sampling is not GREEDY:
+                    special.append(len(sample))
+                sample.append(seq)
+            budget -= end - start
+            prefill = True
+        return StepPlan(chunks, owners, sample, prefill, decode, special)
+
+    def _grow(self, seq: SchedSeq, n: int, failed: list[SchedSeq]) -> bool:
+        """Hand ``seq``'s pending tokens to the KV manager so its pages cover ``n`` tokens.
+
+        Preempts the youngest running sequence while the pool is full. Returns False when
+        ``seq`` itself left the batch (preempted, or failed because nothing can be freed).
+        """
+        kv = self.kv
+        while True:
+            try:
+                kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, n))
+            except KVCacheExhaustedError as exc:
+                victim = self.running[-1]
+                if victim is seq and len(self.running) == 1 and not self.waiting:
+                    self.running.remove(seq)
+                    self._finish(seq, "error", exc.to_protocol())
+                    failed.append(seq)
+                    return False
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+                continue
+            old = seq.kv_pages
+            seq.kv_tokens = n
+            seq.kv_pages = pages = self.pages_for(n)
+            seq.block_table = kv.block_table(seq.seq_id)
+            if self.reserve_output and seq.final_pages > old:
+                self._reserved -= min(pages, seq.final_pages) - old
+            return True
+
+    def _preempt(self, seq: SchedSeq) -> None:
+        """Free ``seq``'s pages and queue it first for recomputation."""
+        self.running.remove(seq)
+        self._release(seq, discard=False)
+        seq.num_computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ update
+    def update(
+        self, plan: StepPlan, tokens: list[int | BaseException], t0: float, t1: float
+    ) -> list[SchedSeq]:
+        """Record a computed step and its sampled tokens; return the sequences it finished.
+
+        Args:
+            plan: the plan :meth:`schedule` returned (computed by the runner).
+            tokens: one token, or the row's sampling exception, per ``plan.sample_seqs``.
+            t0: when the step started (monotonic seconds).
+            t1: when its tokens were ready.
+        """
+        self.steps += 1
+        dt_ms = (t1 - t0) * 1000.0
+        caching = self._caching
+        block = self.block_size
+        kv = self.kv
+        eos = self.eos_token_ids
+        keep_eos = self.keep_eos
+        computed = generated = 0
+        done: list[SchedSeq] = []
+        row = 0
+        for chunk, seq in zip(plan.chunks, plan.seqs, strict=True):
+            k = len(chunk.token_ids)
+            computed += k
+            end = chunk.start + k
+            tl = seq.timeline
+            out = seq.output_ids
+            if k > 1 or not out:
+                tl.prefill_ms += dt_ms
+            else:
+                tl.decode_ms += dt_ms
+            if caching and end // block > seq.num_computed // block:
+                if seq.kv_tokens < end:
+                    kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
+                    seq.kv_tokens = end
+                kv.mark_computed(seq.seq_id, end)
+            seq.num_computed = end
+            if not chunk.need_logits:
+                continue
+            tok = tokens[row]
+            row += 1
+            if not isinstance(tok, int):
+                self.running.remove(seq)
+                self._finish(seq, "error", to_protocol_error(tok))
+                done.append(seq)
+                continue
+            reason: FinishReason | None = None
+            if (tok in eos and not seq.ignore_eos) or tok in seq.stop_token_ids:
+                reason = "stop"
+                if keep_eos or tok not in eos:
+                    out.append(tok)
+                    tl.token_times.append(t1)
+                    generated += 1
+            else:
+                out.append(tok)
+                tl.token_times.append(t1)
+                generated += 1
+                if len(out) >= seq.limit:
+                    reason = "length"
+                elif seq.stop_strings and self.decode is not None:
+                    text = self.decode(out)
+                    if any(x in text for x in seq.stop_strings):
+                        reason = "stop"
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason, None, t=t1)
+                done.append(seq)
+        self.tokens_computed += computed
+        self.tokens_generated += generated
+        return done
+
+    # ------------------------------------------------------------------ release
+    def _release(self, seq: SchedSeq, *, discard: bool) -> KVRequestStats | None:
+        """Free ``seq``'s pages and reservation (idempotent); return its KV stats."""
+        if not seq.has_kv:
+            return None
+        seq.has_kv = False
+        if self.reserve_output and seq.final_pages > seq.kv_pages:
+            self._reserved -= seq.final_pages - seq.kv_pages
+        seq.kv_pages = 0
+        seq.block_table = []
+        try:
+            stats = self.kv.free(seq.seq_id, discard=discard)
+        finally:
+            seq.kv_tokens = 0
+            if self.on_release is not None:
+                self.on_release(seq.seq_id)
+        return stats
+
+    def _finish(
+        self,
+        seq: SchedSeq,
+        reason: FinishReason,
+        error: Error | None,
+        *,
+        discard: bool = False,
+        t: float | None = None,
+    ) -> None:
+        if seq.finished:
+            return
+        if seq.has_kv and reason != "error":
+            # the KV manager learns the tokens whose K/V were written (all but the last)
+            held = seq.num_tokens - 1
+            if seq.kv_tokens < held:
+                self.kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, held))
+                seq.kv_tokens = held
+            if self._caching:
+                self.kv.mark_computed(seq.seq_id, min(seq.num_computed, held))
+        seq.kv_stats = self._release(seq, discard=discard)
+        seq.finished = True
+        seq.finish_reason = reason
+        seq.error = error
+        seq.timeline.mark_completed(t)
+        if reason != "error":
+            self.completed += 1
+        elif seq.cancelled:
+            self.cancelled += 1
+        else:
+            self.failed += 1
+
+    def stats(self) -> SchedulerStats:
+        """Counters (a snapshot; read without locking)."""
+        return SchedulerStats(
+            steps=self.steps,
+            waiting=len(self.waiting),
+            running=len(self.running),
+            preemptions=self.preemptions,
+            finished=self.completed + self.failed + self.cancelled,
+            completed=self.completed,
+            failed=self.failed,
+            cancelled=self.cancelled,
+            failed_steps=self.failed_steps,
+            tokens_computed=self.tokens_computed,
+            tokens_generated=self.tokens_generated,
+        )
