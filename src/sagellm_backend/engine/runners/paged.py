@@ -15,6 +15,12 @@ is switched to it (``model.set_attn_implementation``). For each layer it
   attention mask transformers hands the function is ignored (it is ``None`` or wrong for
   packed rows).
 
+Decode tokens are packed after the prompt chunks, ordered by position, and attended in
+batched groups (one gather of the pages and one SDPA call per group and layer, shorter
+block tables padded with a masked page); :func:`split_decode` cuts them into several
+groups only where that saves at least :data:`DECODE_SPLIT_SAVING` of the gathered pages
+(one long sequence among short ones), since every extra group costs a call per layer.
+
 Model attention features arrive as keyword arguments (``scaling``, ``sliding_window``,
 ``softcap``, ``s_aux`` sinks) and are honoured per layer; a layer with an attention
 feature this function cannot honour is refused when the runner is built (a probe forward
