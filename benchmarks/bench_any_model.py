@@ -15,13 +15,17 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
 1. ``model.generate`` one request at a time (*sequential*);
 2. ``model.generate`` on a left-padded static batch of all requests (*static*);
 3. the engine (``CPUEngine``) with every request submitted at once (*engine*);
-4. for ``bench-llama`` only: the engine with the hand-written runner (*engine, llama*).
+4. for ``bench-llama`` only: the engine with the hand-written runner (*engine, llama*);
+5. with ``--one-decode-group``: the engine with the generic runner's decode attention as one
+   padded group (``decode_split_saving = 1.0``, the behaviour before decode rows were grouped
+   by length) (*engine_1group*).
 
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
 
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
-      [--quick] [--repeat N] [--requests N] [--new-tokens N] [--json FILE]
+      [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
+      [--json FILE]
 """
 
 from __future__ import annotations
@@ -117,12 +121,19 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     variants = [("engine", False)]
     if name == "bench-llama" and _handwritten_available():
         variants.append(("engine_llama", True))
+    if args.one_decode_group:
+        variants.append(("engine_1group", False))
     try:
         for key, handwritten in variants:
             _use_handwritten(handwritten)
             eng = make_engine(path, args, prefix_caching=False)
             loop.run_until_complete(eng.start())
             _use_handwritten(False)
+            if key == "engine_1group":
+                runner = getattr(eng, "_runner", None)
+                if not hasattr(runner, "decode_split_saving"):
+                    raise SystemExit("--one-decode-group: the engine's runner has no decode groups")
+                runner.decode_split_saving = 1.0  # type: ignore[union-attr]
             loop.run_until_complete(eng.execute(make_request(0, wl.ids[0], 2, "warm")))
             engines[key] = eng
             print(f"  {key}: runner {eng.runner_name}", flush=True)
@@ -209,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=_THREADS_DEFAULT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sequential", action="store_true", help="no one-at-a-time phase")
+    ap.add_argument(
+        "--one-decode-group",
+        action="store_true",
+        help="also run the engine with decode attention as one padded group",
+    )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     args.requests = args.requests or (8 if args.quick else 16)

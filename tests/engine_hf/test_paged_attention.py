@@ -125,8 +125,9 @@ def test_paged_attention_matches_reference(
     chunks = [SeqChunk(s, [5] * n, 0, seqs[s][1], True) for s, n in history.items()]
     rows = [tuple(full[s][x][:n] for x in range(3)) for s, n in history.items()]
     _call(runner, chunks, tuple(torch.cat([r[x] for r in rows]) for x in range(3)), **dict(kw))
-    # The step under test: a's whole prompt, b after its prefix, then c and d decoding.
-    spans = {"a": (0, 9), "b": (6, 11), "c": (10, 11), "d": (3, 4)}
+    # The step under test: a's whole prompt, b after its prefix, then d and c decoding (the
+    # runner packs decode rows by ascending position, so this order is also the row order).
+    spans = {"a": (0, 9), "b": (6, 11), "d": (3, 4), "c": (10, 11)}
     chunks = [SeqChunk(s, [5] * (e - b), b, seqs[s][1], True) for s, (b, e) in spans.items()]
     qkv = tuple(torch.cat([full[s][x][b:e] for s, (b, e) in spans.items()]) for x in range(3))
     out = _call(runner, chunks, qkv, **dict(kw))
@@ -288,3 +289,54 @@ def test_prepacked_weights_and_padded_steps_match_the_plain_runner(name: str) ->
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         # Pad rows wrote nothing: both pools hold the same K/V.
         torch.testing.assert_close(runners[0][1], runners[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_split_decode_cuts_only_where_it_saves_pages() -> None:
+    assert P.split_decode([]) == []
+    assert P.split_decode([3]) == []
+    assert P.split_decode([5, 6, 7, 8]) == []  # at most 3/32 of the pages saved
+    assert P.split_decode([2] * 15 + [12]) == [15]  # one long sequence among short ones
+    assert P.split_decode([2, 2, 2, 14, 14]) == [3]
+    assert P.split_decode([2, 2, 2, 14, 14], min_saving=1.0) == []
+    assert P.split_decode(list(range(1, 17))) == []  # the best cut saves under half
+    cuts = P.split_decode(list(range(1, 17)), min_saving=0.25)
+    assert cuts == sorted(set(cuts)) and len(cuts) > 0 and cuts[0] > 0 and cuts[-1] < 16
+
+
+def test_grouped_decode_matches_one_decode_group() -> None:
+    """Decode rows of mixed lengths, given out of order: split or not, the same logits."""
+    torch.manual_seed(3)
+    lengths = [30, 3, 17, 45, 5, 2, 28, 9]  # prompt lengths, deliberately unsorted
+    results = []
+    for saving in (0.25, 1.0):
+        pool = _Pool(pages=128)
+        runner = P.PagedRunner(_tiny_llama(), pool.layer_kv, block_size=BS, max_context=256)
+        runner.decode_split_saving = saving
+        gen = torch.Generator().manual_seed(4)
+        prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in lengths]
+        tables = [list(range(16 * i, 16 * i + 16))[::-1] for i in range(len(lengths))]
+        chunks = [SeqChunk(str(i), p, 0, tables[i], True) for i, p in enumerate(prompts)]
+        logits = runner.execute(chunks)
+        outs = []
+        for _ in range(3):
+            step, *_ = runner._prepare(
+                [
+                    SeqChunk(c.seq_id, [1], c.start + len(c.token_ids), c.block_table, True)
+                    for c in chunks
+                ]
+            )
+            assert (len(step.decode) > 1) == (saving < 1.0)
+            chunks = [
+                SeqChunk(
+                    c.seq_id,
+                    [int(logits[i].argmax())],
+                    c.start + len(c.token_ids),
+                    c.block_table,
+                    True,
+                )
+                for i, c in enumerate(chunks)
+            ]
+            logits = runner.execute(chunks)
+            outs.append(logits)
+        results.append(torch.stack(outs))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)

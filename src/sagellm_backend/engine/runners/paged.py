@@ -15,6 +15,12 @@ is switched to it (``model.set_attn_implementation``). For each layer it
   attention mask transformers hands the function is ignored (it is ``None`` or wrong for
   packed rows).
 
+Decode tokens are packed after the prompt chunks, ordered by position, and attended in
+batched groups (one gather of the pages and one SDPA call per group and layer, shorter
+block tables padded with a masked page); :func:`split_decode` cuts them into several
+groups only where that saves at least :data:`DECODE_SPLIT_SAVING` of the gathered pages
+(one long sequence among short ones), since every extra group costs a call per layer.
+
 Model attention features arrive as keyword arguments (``scaling``, ``sliding_window``,
 ``softcap``, ``s_aux`` sinks) and are honoured per layer; a layer with an attention
 feature this function cannot honour is refused when the runner is built (a probe forward
@@ -39,6 +45,7 @@ Invariants:
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,12 +58,14 @@ from sagellm_backend.engine.runners.base import SeqChunk
 
 __all__ = [
     "ATTN_NAME",
+    "DECODE_SPLIT_SAVING",
     "PACK_MIN_ROWS",
     "PACK_ROWS",
     "PagedRunner",
     "dense_attention",
     "paged_attention",
     "register_paged_attention",
+    "split_decode",
 ]
 
 #: The name :func:`paged_attention` is registered under in ``transformers.AttentionInterface``.
@@ -90,6 +99,9 @@ _local = threading.local()
 PACK_ROWS = 16
 #: Steps with fewer real tokens than this run unpadded (a 1-row GEMV beats a 16-row GEMM).
 PACK_MIN_ROWS = 4
+#: Decode rows are split into groups of similar length when that saves at least this share
+#: of the gathered (padded) pages; each group is one batched attention call per layer.
+DECODE_SPLIT_SAVING = 0.5
 
 
 def mkl_prepack_available() -> bool:
@@ -399,6 +411,19 @@ class _Prefill:
 
 
 @dataclass(slots=True)
+class _DecodeGroup:
+    """Decode tokens of sequences of similar length: consecutive rows of the packed step."""
+
+    row: int
+    count: int
+    pages: torch.Tensor  # [count * nb] page ids, row-major (short tables padded)
+    length: int  # nb * block_size: the gathered context width
+    q_pos: torch.Tensor  # [count, 1] decode positions
+    ctx: torch.Tensor  # [count, 1] context lengths (start + 1)
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _Step:
     """Metadata of one step, shared by every layer."""
 
@@ -406,13 +431,31 @@ class _Step:
     num_real: int  # real tokens: the first rows (the rest pad the step to PACK_ROWS)
     slots: torch.Tensor  # [num_real]
     prefills: list[_Prefill]
-    dec_row: int
-    dec_count: int
-    dec_pages: torch.Tensor | None  # [B * nb] page ids, row-major
-    dec_len: int
-    dec_q_pos: torch.Tensor | None  # [B, 1] decode positions
-    dec_ctx: torch.Tensor | None  # [B, 1] context lengths (start + 1)
-    dec_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    decode: list[_DecodeGroup]
+
+
+def split_decode(pages: Sequence[int], min_saving: float = DECODE_SPLIT_SAVING) -> list[int]:
+    """Where to cut decode rows sorted by page count, to gather fewer padded pages.
+
+    ``pages`` is the page count of each decode row in ascending order. Returns the start
+    index of every group after the first (empty: one group). A cut is taken only where it
+    saves at least ``min_saving`` of the pages one group would gather, and each group is
+    split again by the same rule.
+    """
+    n = len(pages)
+    if n < 2:
+        return []
+    whole = n * pages[-1]
+    best, cut = whole, 0
+    for i in range(1, n):
+        cost = i * pages[i - 1] + (n - i) * pages[-1]
+        if cost < best:
+            best, cut = cost, i
+    if cut == 0 or whole - best < min_saving * whole:
+        return []
+    left = split_decode(pages[:cut], min_saving)
+    right = split_decode(pages[cut:], min_saving)
+    return [*left, cut, *(cut + r for r in right)]
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -494,6 +537,8 @@ class PagedRunner:
             self._v.append(v_cache)
         self._num_slots = int(self._k[0].shape[0])
         self._zeroed_pages = 0
+        #: See :data:`DECODE_SPLIT_SAVING` (1.0 or more: decode is always one group).
+        self.decode_split_saving = DECODE_SPLIT_SAVING
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self.prepacked = (
@@ -538,10 +583,21 @@ class PagedRunner:
     def _prepare(
         self, chunks: Sequence[SeqChunk]
     ) -> tuple[_Step, torch.Tensor, torch.Tensor, list[int]]:
+        """Pack ``chunks`` into one row: prompt chunks in the given order, then decode tokens.
+
+        Decode rows are ordered by ascending position (not by their order in ``chunks``) and
+        cut into :class:`_DecodeGroup` row ranges by :func:`split_decode`. Returns the step
+        metadata, ``input_ids`` and ``position_ids`` (``[1, T]``) and, for every chunk that
+        wants logits, in ``chunks`` order, the row of its last token.
+        """
         bs, dev = self.block_size, self.device
         self._validate(chunks)
         prefill = [c for c in chunks if len(c.token_ids) > 1 or c.start == 0]
-        decode = [c for c in chunks if not (len(c.token_ids) > 1 or c.start == 0)]
+        # Decode rows sorted by length, so that groups of similar length are row ranges.
+        decode = sorted(
+            (c for c in chunks if not (len(c.token_ids) > 1 or c.start == 0)),
+            key=lambda c: c.start,
+        )
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -566,20 +622,30 @@ class PagedRunner:
                     )
                 prefills.append(_Prefill(row, n, c.start, ctx))
         dec_row = sum(len(c.token_ids) for c in prefill)
-        dec_pages = dec_q = dec_ctx = None
-        dec_len = 0
-        if decode:
-            nb = max(c.start // bs + 1 for c in decode)
+        groups: list[_DecodeGroup] = []
+        counts = [c.start // bs + 1 for c in decode]
+        bounds = [0, *split_decode(counts, self.decode_split_saving), len(decode)]
+        for g0, g1 in itertools.pairwise(bounds):
+            if g0 == g1:
+                continue
+            nb = counts[g1 - 1]
             pages: list[int] = []
-            for c in decode:
+            for c in decode[g0:g1]:
                 bt = c.block_table[:nb]
                 pages.extend(bt)
                 pages.extend([bt[0]] * (nb - len(bt)))  # padding: a valid page, masked out
-            dec_pages = torch.tensor(pages, dtype=torch.long, device=dev)
-            dec_len = nb * bs
-            dec_q = torch.tensor([c.start for c in decode], dtype=torch.long, device=dev)
-            dec_q = dec_q.view(-1, 1)
-            dec_ctx = dec_q + 1
+            q_pos = torch.tensor([c.start for c in decode[g0:g1]], dtype=torch.long, device=dev)
+            q_pos = q_pos.view(-1, 1)
+            groups.append(
+                _DecodeGroup(
+                    row=dec_row + g0,
+                    count=g1 - g0,
+                    pages=torch.tensor(pages, dtype=torch.long, device=dev),
+                    length=nb * bs,
+                    q_pos=q_pos,
+                    ctx=q_pos + 1,
+                )
+            )
         num_real = len(ids)
         if self.prepacked and PACK_MIN_ROWS <= num_real < PACK_ROWS:
             ids.extend([0] * (PACK_ROWS - num_real))  # static shape for the packed GEMMs
@@ -589,12 +655,7 @@ class PagedRunner:
             num_real=num_real,
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefills,
-            dec_row=dec_row,
-            dec_count=len(decode),
-            dec_pages=dec_pages,
-            dec_len=dec_len,
-            dec_q_pos=dec_q,
-            dec_ctx=dec_ctx,
+            decode=groups,
         )
         wanted = [last_row[id(c)] for c in chunks if c.need_logits]
         return (
@@ -648,7 +709,7 @@ class PagedRunner:
         real = step.num_real
         k_cache.index_copy_(0, step.slots, k if real == t else k[:real])
         v_cache.index_copy_(0, step.slots, v if real == t else v[:real])
-        single = len(step.prefills) + (1 if step.dec_count else 0) == 1
+        single = len(step.prefills) + len(step.decode) == 1
         if single and real == t:
             out = None
         elif real == t:
@@ -683,34 +744,24 @@ class PagedRunner:
             if out is None:
                 return res.unsqueeze(0)
             out[r0 : r0 + n] = res
-        if step.dec_count:
-            b, length, bs = step.dec_count, step.dec_len, self.block_size
-            assert step.dec_pages is not None
-            assert step.dec_q_pos is not None and step.dec_ctx is not None
-            num_pages = self._num_slots // bs
-            keys = (
-                k_cache.view(num_pages, bs, h_kv, d)
-                .index_select(0, step.dec_pages)
-                .view(b, length, h_kv, d)
-                .transpose(1, 2)
-            )
-            values = (
-                v_cache.view(num_pages, bs, h_kv, d)
-                .index_select(0, step.dec_pages)
-                .view(b, length, h_kv, d)
-                .transpose(1, 2)
-            )
-            mask = step.dec_masks.get(window)
+        num_pages = self._num_slots // self.block_size
+        k_pages = k_cache.view(num_pages, self.block_size, h_kv, d)
+        v_pages = v_cache.view(num_pages, self.block_size, h_kv, d)
+        for grp in step.decode:
+            b, length = grp.count, grp.length
+            keys = k_pages.index_select(0, grp.pages).view(b, length, h_kv, d).transpose(1, 2)
+            values = v_pages.index_select(0, grp.pages).view(b, length, h_kv, d).transpose(1, 2)
+            mask = grp.masks.get(window)
             if mask is None:
                 mask = _window_mask(
-                    step.dec_q_pos,
+                    grp.q_pos,
                     torch.arange(length, device=q.device).view(1, -1),
-                    step.dec_ctx,
+                    grp.ctx,
                     window,
                     q.dtype,
                 ).view(b, 1, 1, length)
-                step.dec_masks[window] = mask
-            qd = q[step.dec_row : step.dec_row + b]
+                grp.masks[window] = mask
+            qd = q[grp.row : grp.row + b]
             if softcap is None and sinks is None:
                 # Queries of the heads sharing one KV head form the "query length" axis.
                 res = F.scaled_dot_product_attention(
@@ -722,7 +773,7 @@ class PagedRunner:
                 ).view(b, h, d)
             if out is None:
                 return res.unsqueeze(0)
-            out[step.dec_row : step.dec_row + b] = res
+            out[grp.row : grp.row + b] = res
         assert out is not None
         return out.unsqueeze(0)
 
