@@ -217,6 +217,9 @@ class RequestLimits:
     model: str | None = None
 
 
+_NO_IDS: frozenset[int] = frozenset()
+
+
 @dataclass(slots=True)
 class PreparedRequest:
     """A validated request, ready for the scheduler."""
@@ -304,25 +307,32 @@ def prepare_request(
         raise ConfigError(
             f"request.model={request.model!r} is not served by this engine (model {limits.model!r})"
         )
-    ignore_eos = metadata.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise ConfigError(f"request.metadata['ignore_eos'] must be a bool, got {ignore_eos!r}")
-    sampling = _sampling(request, metadata)
-    stop_ids = metadata.get("stop_token_ids", ())
-    if not isinstance(stop_ids, list | tuple | set | frozenset) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
-    ):
-        raise ConfigError(
-            f"request.metadata['stop_token_ids'] must be a list of ints, got {stop_ids!r}"
-        )
-    stops = metadata.get("stop", ())
-    if isinstance(stops, str):
-        stops = (stops,)
-    if not isinstance(stops, list | tuple) or not all(isinstance(x, str) and x for x in stops):
-        raise ConfigError(
-            f"request.metadata['stop'] must be a list of non-empty strings, got {stops!r}"
-        )
-    given = metadata.get("prompt_token_ids")
+    stop_ids: Any = ()
+    stops: Any = ()
+    given: Any = None
+    ignore_eos: bool = False
+    if metadata:  # the options; a request without metadata has none to check
+        ignore_eos = metadata.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ConfigError(f"request.metadata['ignore_eos'] must be a bool, got {ignore_eos!r}")
+        sampling = _sampling(request, metadata)
+        stop_ids = metadata.get("stop_token_ids", ())
+        if not isinstance(stop_ids, list | tuple | set | frozenset) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
+        ):
+            raise ConfigError(
+                f"request.metadata['stop_token_ids'] must be a list of ints, got {stop_ids!r}"
+            )
+        stops = metadata.get("stop", ())
+        if isinstance(stops, str):
+            stops = (stops,)
+        if not isinstance(stops, list | tuple) or not all(isinstance(x, str) and x for x in stops):
+            raise ConfigError(
+                f"request.metadata['stop'] must be a list of non-empty strings, got {stops!r}"
+            )
+        given = metadata.get("prompt_token_ids")
+    else:
+        sampling = _sampling(request, metadata)
     if given is not None:
         ids = _int_list("prompt_token_ids", given)
     else:
@@ -362,6 +372,6 @@ def prepare_request(
         max_tokens=min(max_tokens, cap),
         sampling=sampling,
         ignore_eos=ignore_eos,
-        stop_token_ids=frozenset(int(t) for t in stop_ids),
+        stop_token_ids=frozenset(int(t) for t in stop_ids) if stop_ids else _NO_IDS,
         stop_strings=tuple(stops),
     )
