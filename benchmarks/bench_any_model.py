@@ -3,7 +3,7 @@
 Workload (issue 15): 16 concurrent requests, seeded prompts of 16-200 tokens, exactly 64
 new tokens each (greedy, eos ignored), torch with 2 threads, on random models of about the
 ``bench-llama`` size built offline by
-:func:`sagellm_backend.engine.tiny_models.ensure_tiny_model`: ``bench-gpt2`` and
+:func:`sagellm_backend.testing.tiny_models.ensure_tiny_model`: ``bench-gpt2`` and
 ``bench-phi3`` (served by the generic paged runner), and ``bench-llama``, where the generic
 runner was compared with the hand-written Llama runner (``PagedDecoderRunner``) while that
 existed (it was removed after this comparison found it no faster; the comparison runs
@@ -98,7 +98,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-    from sagellm_backend.engine.tiny_models import CORPUS, ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import CORPUS, ensure_tiny_model
 
     path = str(ensure_tiny_model(name))
     model, tokenizer = load_model_and_tokenizer(

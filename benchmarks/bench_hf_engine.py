@@ -3,7 +3,7 @@
 Workload (DESIGN.md "Measured on this kind of machine", issue 6 "Benchmark and targets"):
 the ``bench-llama`` model (random Llama, hidden 512, intermediate 1536, 8 layers, 8/4
 heads, vocab 8000, fp32, ~33M params) built offline by
-:func:`sagellm_backend.engine.tiny_models.ensure_tiny_model`, torch with 2 threads,
+:func:`sagellm_backend.testing.tiny_models.ensure_tiny_model`, torch with 2 threads,
 16 concurrent requests with seeded prompts of 16-200 tokens and exactly 64 new tokens each
 (eos ignored, greedy).
 
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-    from sagellm_backend.engine.tiny_models import CORPUS, ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import CORPUS, ensure_tiny_model
 
     t0 = time.perf_counter()
     model_path = args.model or str(ensure_tiny_model("bench-llama"))

@@ -46,7 +46,7 @@ _BUILD_VERSION = 1
 
 def bench_model(init: float, seed: int) -> Path:
     """The bench-llama geometry with weights drawn at ``init`` (built once, then cached)."""
-    from sagellm_backend.engine.tiny_models import default_cache_root, ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import default_cache_root, ensure_tiny_model
 
     base = ensure_tiny_model("bench-llama")
     final = default_cache_root() / f"bench-llama-init{init:g}-s{seed}-v{_BUILD_VERSION}"
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_hf_engine import encode, make_request, make_texts
     from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-    from sagellm_backend.engine.tiny_models import CORPUS
+    from sagellm_backend.testing.tiny_models import CORPUS
 
     model_path = args.model or str(bench_model(args.init, args.seed))
     _, tokenizer = load_model_and_tokenizer(model_path, device="cpu", dtype="float32")

@@ -2,7 +2,7 @@
 
 Workload: the ``bench-llama`` model (random Llama, hidden 512, intermediate 1536, 8
 layers, 8/4 heads, vocab 8000, fp32) built offline by
-:func:`sagellm_backend.engine.tiny_models.ensure_tiny_model`; 16 concurrent requests with
+:func:`sagellm_backend.testing.tiny_models.ensure_tiny_model`; 16 concurrent requests with
 seeded prompts of 16-200 tokens drawn from :data:`_workload.WORDS`, exactly 64 new tokens
 each (greedy, eos ignored). ``CPUEngine`` with ``tensor_parallel_size`` 1 (``--threads``
 torch threads) and 2 (gloo, ``--threads / 2`` threads per rank, so both use the same cores).
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(requests, new_tokens, args.threads, args.repeat) < 1:
         ap.error("--requests, --new-tokens, --threads and --repeat must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     model_path = args.model or str(ensure_tiny_model("bench-llama"))
     prompts = make_prompts(random.Random(args.seed), requests)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     probe: dict[str, Any] = {}
     p2 = results[1]["pass"]
     if not args.no_probe and p2.get("steps"):
-        from sagellm_backend.engine.tiny_models import tiny_model_spec
+        from sagellm_backend.testing.tiny_models import tiny_model_spec
 
         hidden = tiny_model_spec("bench-llama").hidden_size if not args.model else None
         if hidden is None:

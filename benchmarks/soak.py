@@ -480,7 +480,7 @@ def run_hf_soak(
     ``device="cpu"`` runs CPUEngine; ``"cuda"``/``"cuda:N"`` runs HFCudaEngine (fp32, the
     whole model on that device) with the same workload.
     """
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model(model))
     plans, warmup = _workload_plans(
@@ -524,8 +524,8 @@ def run_engines_soak(
     """
     if kind == "cpu":
         from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
-        from sagellm_backend.engine.tiny_models import ensure_tiny_model
         from sagellm_backend.providers.cpu import CPUBackendProvider
+        from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
         path = str(ensure_tiny_model("tiny-llama"))
         provider: Any = CPUBackendProvider(kv_memory_bytes=64 << 20)

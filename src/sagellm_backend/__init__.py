@@ -14,9 +14,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from sagellm_backend._lazy import resolve_lazy
 from sagellm_backend._version import __version__
 
 if TYPE_CHECKING:
@@ -66,14 +66,7 @@ _SUBMODULES = frozenset({"base", "capability", "errors", "engine", "providers", 
 
 def __getattr__(name: str) -> Any:
     """Resolve the lazily imported public names (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        if name in _SUBMODULES:  # e.g. ``sagellm_backend.base`` after a bare import
-            return importlib.import_module(f"{__name__}.{name}")
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return resolve_lazy(globals(), _LAZY, name, _SUBMODULES)
 
 
 def __dir__() -> list[str]:

@@ -434,14 +434,7 @@ class PluginRegistry:
         try:
             obj = self.load(kind)
         except (PluginConflictError, PluginLoadError) as exc:
-            return PluginStatus(
-                **base,
-                state=PluginState.ERROR,
-                reason=str(exc),
-                priority=self._priorities.get(kind, self._default_priority),
-                loaded=False,
-                error=exc,
-            )
+            return self._error_status(base, kind, exc, loaded=False)
         try:
             priority = self._priority_of(kind, obj)
             available, reason = self._availability_of(obj)
@@ -454,20 +447,26 @@ class PluginRegistry:
             )
             error.__cause__ = exc
             logger.warning("%s", error)
-            return PluginStatus(
-                **base,
-                state=PluginState.ERROR,
-                reason=str(error),
-                priority=self._priorities.get(kind, self._default_priority),
-                loaded=True,
-                error=error,
-            )
+            return self._error_status(base, kind, error, loaded=True)
         return PluginStatus(
             **base,
             state=PluginState.AVAILABLE if available else PluginState.UNAVAILABLE,
             reason=reason,
             priority=priority,
             loaded=True,
+        )
+
+    def _error_status(
+        self, base: dict[str, Any], kind: str, error: Exception, *, loaded: bool
+    ) -> PluginStatus:
+        """The ``error`` state of ``kind`` (``base``: its entry-point fields) with ``error``."""
+        return PluginStatus(
+            **base,
+            state=PluginState.ERROR,
+            reason=str(error),
+            priority=self._priorities.get(kind, self._default_priority),
+            loaded=loaded,
+            error=error,
         )
 
     def statuses(self) -> list[PluginStatus]:

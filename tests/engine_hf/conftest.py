@@ -51,7 +51,7 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     pytest.importorskip("transformers")
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-llama"))
 
@@ -59,7 +59,7 @@ def tiny_llama() -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> str:
     pytest.importorskip("transformers")
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-gpt2"))
 

@@ -39,7 +39,7 @@ _REFS: dict[str, Reference] = {}
 
 
 def _ref(name: str) -> tuple[str, Reference]:
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model(name))
     if name not in _REFS:

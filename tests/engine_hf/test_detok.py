@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sagellm_backend.engine.hf.detok import IncrementalDetokenizer
-from sagellm_backend.engine.tiny_models import CORPUS, ensure_tiny_model
+from sagellm_backend.testing.tiny_models import CORPUS, ensure_tiny_model
 
 REPLACEMENT = "\ufffd"
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.hf
 def test_info_model_json_and_text(
     capsys: pytest.CaptureFixture[str], name: str, runner: str, why: str
 ) -> None:
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model(name))
     assert cli.main(["info", "--json", "--no-inspect", "--model", path]) == 0

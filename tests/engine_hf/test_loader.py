@@ -19,10 +19,10 @@ import torch
 
 from sagellm_backend.engine.hf import loader
 from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, resolve_torch_dtype
-from sagellm_backend.engine.tiny_models import ensure_tiny_model
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError, DependencyMissingError
+from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "sagellm_backend" / "engine"
+SRC = Path(__file__).resolve().parents[2] / "src" / "sagellm_backend"
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_device_torch_cannot_use(models: Path) -> None:
 
 
 def test_no_direct_cuda_calls_in_engine_helpers() -> None:
-    for rel in ("hf/loader.py", "hf/detok.py", "tiny_models.py"):
+    for rel in ("engine/hf/loader.py", "engine/hf/detok.py", "testing/tiny_models.py"):
         assert "torch.cuda" not in (SRC / rel).read_text(), rel
 
 

@@ -202,7 +202,7 @@ def test_describe_runner_from_configs() -> None:
 def test_describe_runner_for_path(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match=r"config\.json"):
         describe_runner_for_path(tmp_path)
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     got = describe_runner_for_path(ensure_tiny_model("tiny-bloom"))
     assert got["runner"] == "hf-batched" and got["model_type"] == "bloom"
@@ -211,7 +211,7 @@ def test_describe_runner_for_path(tmp_path: Any) -> None:
 
 def test_batched_fallback_matches_generate_and_checks_continuity() -> None:
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model("tiny-bloom"))
     model, _ = load_model_and_tokenizer(path, device="cpu", dtype="float32")
@@ -255,8 +255,8 @@ def test_prepacked_weights_and_padded_steps_match_the_plain_runner(name: str) ->
     if not P.mkl_prepack_available():
         pytest.skip("this torch has no MKL prepacking")
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
     from sagellm_backend.kv.spec import KVSpec
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model(name))
     runners = []

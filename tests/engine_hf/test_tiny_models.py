@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from sagellm_backend.engine import tiny_models
-from sagellm_backend.engine.tiny_models import (
+from sagellm_backend.errors import ConfigError
+from sagellm_backend.testing import tiny_models
+from sagellm_backend.testing.tiny_models import (
     BUILDER_VERSION,
     CORPUS,
     ensure_tiny_model,
     list_tiny_models,
     tiny_model_spec,
 )
-from sagellm_backend.errors import ConfigError
 
 pytest.importorskip("transformers")
 
@@ -105,7 +105,7 @@ def test_concurrent_builders_publish_one_complete_dir(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from sagellm_backend.engine.tiny_models import ensure_tiny_model;"
+            "import sys; from sagellm_backend.testing.tiny_models import ensure_tiny_model;"
             "print(ensure_tiny_model('tiny-gpt2', sys.argv[1]))",
             str(tmp_path),
         ],
@@ -151,7 +151,7 @@ def test_default_cache_root_follows_env(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, sagellm_backend.engine.tiny_models\n"
+        "import sys, sagellm_backend.testing.tiny_models\n"
         "bad = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules]\n"
         "assert not bad, bad"
     )

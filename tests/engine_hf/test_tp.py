@@ -254,7 +254,7 @@ def test_the_batched_fallback_runner_shards_too(
 
 def test_gpt_neox_fused_qkv_follows_its_own_tp_plan(tp_engine: Any) -> None:
     """GPT-NeoX's fused query_key_value is laid out per head: a plain column split works."""
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model("tiny-gpt-neox"))
     single, _, _ = _single(path)
@@ -268,8 +268,8 @@ def test_gpt_neox_fused_qkv_follows_its_own_tp_plan(tp_engine: Any) -> None:
 
 
 def test_a_model_whose_plan_we_cannot_apply_is_refused_at_start(tp_engine: Any) -> None:
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
     from sagellm_backend.errors import ConfigError
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     before = _children()
     engine = tp_engine(str(ensure_tiny_model("tiny-phi3")))  # fused gate_up / qkv styles

@@ -148,7 +148,7 @@ def tiny_llama() -> str:
     """Path of the offline tiny Llama (built once per machine)."""
     if not hf_available():
         pytest.skip("torch/transformers not installed")
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-llama"))
 

@@ -79,7 +79,7 @@ def resolve_engine_kind(requested: str) -> tuple[str, str]:
 
 
 def _tiny_cached(name: str) -> bool:
-    from sagellm_backend.engine.tiny_models import BUILDER_VERSION, default_cache_root
+    from sagellm_backend.testing.tiny_models import BUILDER_VERSION, default_cache_root
 
     return (default_cache_root() / f"{name}-v{BUILDER_VERSION}" / "config.json").is_file()
 
@@ -96,14 +96,14 @@ def resolve_model(
     * ``None``: ``default`` when given; the mock needs no model; else a :class:`UsageError`.
     * A built-in offline model name (``tiny-llama``, ``bench-llama``, ...) that is not a
       local path: built on first use (cached) by
-      :func:`~sagellm_backend.engine.tiny_models.ensure_tiny_model`; its directory.
+      :func:`~sagellm_backend.testing.tiny_models.ensure_tiny_model`; its directory.
     * An existing path: itself. Something that looks like a local path but does not exist:
       a :class:`UsageError`. Anything else is passed on as a Hugging Face hub id.
 
     Returns:
         ``(model_path, label)``; ``model_path`` is None only for the mock without a model.
     """
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model, list_tiny_models
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model, list_tiny_models
 
     tiny = list_tiny_models()
     if model is None:

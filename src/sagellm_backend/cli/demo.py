@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _model_note(label: str, kind: str) -> str:
     if kind == "mock":
         return ": no weights, the mock engine simulates one (deterministic pseudo-words)"
-    from sagellm_backend.engine.tiny_models import list_tiny_models, tiny_model_spec
+    from sagellm_backend.testing.tiny_models import list_tiny_models, tiny_model_spec
 
     if label in list_tiny_models():
         spec = tiny_model_spec(label)

@@ -5,9 +5,9 @@ Importing this package never imports torch; HF engine names resolve on first acc
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from sagellm_backend._lazy import resolve_lazy
 from sagellm_backend.engine.base import BaseEngine, EngineConfig
 
 _LAZY: dict[str, str] = {
@@ -28,12 +28,7 @@ _LAZY: dict[str, str] = {
 
 def __getattr__(name: str) -> Any:
     """Resolve lazily imported names (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return resolve_lazy(globals(), _LAZY, name)
 
 
 __all__ = ["BaseEngine", "EngineConfig", *sorted(_LAZY)]

@@ -42,7 +42,7 @@ from sagellm_backend.engine.hf.core import (
     resolve_engine_options,
     with_provider,
 )
-from sagellm_backend.engine.hf.loader import check_bnb_options
+from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
 from sagellm_backend.errors import ConfigError
 
 __all__ = ["CPUEngine", "CPUEngineConfig", "create_cpu_engine"]
@@ -126,9 +126,7 @@ class CPUEngineConfig(EngineOptionFields):
             owner,
             load_in_8bit=self.load_in_8bit,
             load_in_4bit=self.load_in_4bit,
-            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
-            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            **bnb_4bit_fields(self),
         )
         if self.num_threads is not None:
             check_positive_int(owner, "num_threads", self.num_threads)
@@ -176,9 +174,7 @@ class CPUEngine(HFEngineCore):
                 low_cpu_mem_usage=config.low_cpu_mem_usage,
                 max_new_tokens=config.max_new_tokens,
                 max_batch_size=config.max_batch_size,
-                bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-                bnb_4bit_compute_dtype=config.bnb_4bit_compute_dtype,
-                bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+                **bnb_4bit_fields(config),
             )
         super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
         self._cpu_config = config

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
+from sagellm_backend._lazy import resolve_lazy
 from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.engine._plugin import is_backend_provider, normalize_engine_config
 from sagellm_backend.engine.base import BaseEngine, EngineConfig
@@ -63,16 +64,12 @@ __all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", 
 
 #: 0.1.1.2 names this module also exports (resolved lazily: the mock engine module is
 #: imported on first access only).
-_LAZY_COMPAT = {"MockEngine", "create_mock_engine"}
+_LAZY_COMPAT = dict.fromkeys(("MockEngine", "create_mock_engine"), "sagellm_backend.engine.mock")
 
 
 def __getattr__(name: str) -> Any:
     """Resolve ``MockEngine`` / ``create_mock_engine`` (0.1.1.2 exports) on first access."""
-    if name in _LAZY_COMPAT:
-        value = getattr(importlib.import_module("sagellm_backend.engine.mock"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return resolve_lazy(globals(), _LAZY_COMPAT, name)
 
 
 #: ``factory(config, provider) -> engine``: the sagellm-core plugin calling convention.

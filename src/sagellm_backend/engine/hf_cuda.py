@@ -63,7 +63,7 @@ from sagellm_backend.engine.hf.core import (
     resolve_engine_options,
     with_provider,
 )
-from sagellm_backend.engine.hf.loader import check_bnb_options
+from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
 from sagellm_backend.errors import ConfigError
 
 __all__ = ["HFCudaEngine", "HFCudaEngineConfig", "create_cuda_engine"]
@@ -175,9 +175,7 @@ class HFCudaEngineConfig(EngineOptionFields):
             owner,
             load_in_8bit=load_8,
             load_in_4bit=load_4,
-            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
-            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            **bnb_4bit_fields(self),
         )
         check_bool(owner, "trust_remote_code", self.trust_remote_code)
         check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
@@ -225,9 +223,7 @@ class HFCudaEngine(HFEngineCore):
             low_cpu_mem_usage=True,
             max_new_tokens=config.max_new_tokens,
             max_batch_size=config.max_batch_size,
-            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=config.bnb_4bit_compute_dtype,
-            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+            **bnb_4bit_fields(config),
         )
         mock = (
             make_mock_engine(config, type(self).__name__, from_core) if config.mock_mode else None

@@ -126,6 +126,39 @@ def _check_pages(pages: Sequence[int], num_pages: int, what: str) -> list[int]:
     return out
 
 
+def _check_copy(
+    src: Sequence[int], dst: Sequence[int], num_pages: int
+) -> tuple[list[int], list[int]]:
+    """Validated ``(src, dst)`` page lists of a copy: equal lengths, distinct targets."""
+    if len(src) != len(dst):
+        raise InvalidKVBlockError(f"copy_pages: {len(src)} source pages but {len(dst)} targets")
+    if len(set(dst)) != len(dst):
+        raise InvalidKVBlockError("copy_pages: target pages must be distinct")
+    return (
+        _check_pages(src, num_pages, "copy_pages src"),
+        _check_pages(dst, num_pages, "copy_pages dst"),
+    )
+
+
+def _split_tail(
+    spec: KVSpec, n: int, tail_tokens: int | None, dtype: DType | None
+) -> tuple[int, int | None, DType]:
+    """Split ``n`` pages into (whole pages, tokens of a partial last page or None, dtype).
+
+    ``dtype`` defaults to the spec dtype; ``tail_tokens`` must be in
+    ``1..spec.tokens_per_page(dtype)`` (a full last page counts as whole).
+    """
+    d = spec.dtype if dtype is None else parse_dtype(dtype)
+    if tail_tokens is None or n == 0:
+        return n, None, d
+    per_page = spec.tokens_per_page(d)
+    if not 0 < tail_tokens <= per_page:
+        raise InvalidKVBlockError(f"tail_tokens must be in 1..{per_page}, got {tail_tokens}")
+    if tail_tokens == per_page:
+        return n, None, d
+    return n - 1, tail_tokens, d
+
+
 def _check_num_pages(num_pages: int) -> None:
     if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
         raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
@@ -330,15 +363,8 @@ class HostKVStorage:
 
     def _tail(self, n: int, tail_tokens: int | None, dtype: DType | None) -> tuple[int, int]:
         """(whole pages, bytes per run of the partial last page, 0 if none)."""
-        d = self.spec.dtype if dtype is None else parse_dtype(dtype)
-        if tail_tokens is None or n == 0:
-            return n, 0
-        per_page = self.spec.tokens_per_page(d)
-        if not 0 < tail_tokens <= per_page:
-            raise InvalidKVBlockError(f"tail_tokens must be in 1..{per_page}, got {tail_tokens}")
-        if tail_tokens == per_page:
-            return n, 0
-        return n - 1, tail_tokens * self._token_bytes(d)
+        whole, tail, d = _split_tail(self.spec, n, tail_tokens, dtype)
+        return whole, 0 if tail is None else tail * self._token_bytes(d)
 
     def _copy_tail(self, src: memoryview | bytes, dst_page: int, nbytes: int) -> None:
         """Copy the first ``nbytes`` of each run of page ``src`` into page ``dst_page``."""
@@ -361,12 +387,7 @@ class HostKVStorage:
         old page 2). With ``tail_tokens`` only that many ``dtype`` tokens of each run of the
         last page are copied; the rest of that target page is kept.
         """
-        if len(src) != len(dst):
-            raise InvalidKVBlockError(f"copy_pages: {len(src)} source pages but {len(dst)} targets")
-        if len(set(dst)) != len(dst):
-            raise InvalidKVBlockError("copy_pages: target pages must be distinct")
-        s = _check_pages(src, self.num_pages, "copy_pages src")
-        d = _check_pages(dst, self.num_pages, "copy_pages dst")
+        s, d = _check_copy(src, dst, self.num_pages)
         self.write_pages(d, self.read_pages(s), tail_tokens=tail_tokens, dtype=dtype)
 
     def read_pages(self, pages: Sequence[int]) -> HostPages:
@@ -560,20 +581,6 @@ class TorchKVStorage:
         ids = _check_pages(pages, self.num_pages, what)
         return torch.tensor(ids, dtype=torch.long, device=self.data.device)
 
-    def _split_tail(
-        self, n: int, tail_tokens: int | None, dtype: DType | None
-    ) -> tuple[int, int | None, DType]:
-        """(whole pages, tokens of the partial last page or None, dtype)."""
-        d = self.spec.dtype if dtype is None else parse_dtype(dtype)
-        if tail_tokens is None or n == 0:
-            return n, None, d
-        per_page = self.spec.tokens_per_page(d)
-        if not 0 < tail_tokens <= per_page:
-            raise InvalidKVBlockError(f"tail_tokens must be in 1..{per_page}, got {tail_tokens}")
-        if tail_tokens == per_page:
-            return n, None, d
-        return n - 1, tail_tokens, d
-
     def copy_pages(
         self,
         src: Sequence[int],
@@ -586,13 +593,8 @@ class TorchKVStorage:
 
         With ``tail_tokens`` only that many ``dtype`` tokens of the last page are copied.
         """
-        if len(src) != len(dst):
-            raise InvalidKVBlockError(f"copy_pages: {len(src)} source pages but {len(dst)} targets")
-        if len(set(dst)) != len(dst):
-            raise InvalidKVBlockError("copy_pages: target pages must be distinct")
-        s = _check_pages(src, self.num_pages, "copy_pages src")
-        d = _check_pages(dst, self.num_pages, "copy_pages dst")
-        whole, tail, dt = self._split_tail(len(s), tail_tokens, dtype)
+        s, d = _check_copy(src, dst, self.num_pages)
+        whole, tail, dt = _split_tail(self.spec, len(s), tail_tokens, dtype)
         if whole:
             si = self._index(s[:whole], "copy_pages src")
             di = self._index(d[:whole], "copy_pages dst")
@@ -632,7 +634,7 @@ class TorchKVStorage:
                 f"expected {tuple(expected)} {self.data.dtype}"
             )
         data = data.to(self.data.device)
-        whole, tail, dt = self._split_tail(len(ids), tail_tokens, dtype)
+        whole, tail, dt = _split_tail(self.spec, len(ids), tail_tokens, dtype)
         if whole:
             idx = self._index(ids[:whole], "write_pages")
             self.data.index_copy_(2, idx, data[:, :, :whole])

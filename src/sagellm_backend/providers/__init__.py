@@ -6,8 +6,9 @@ so importing this package imports no provider module, and never torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from sagellm_backend._lazy import resolve_lazy
 
 if TYPE_CHECKING:
     from sagellm_backend.providers.cpu import CPUBackendProvider, create_cpu_backend
@@ -26,12 +27,7 @@ _LAZY: dict[str, str] = {
 
 def __getattr__(name: str) -> Any:
     """Resolve the lazily imported provider names (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return resolve_lazy(globals(), _LAZY, name)
 
 
 def __dir__() -> list[str]:

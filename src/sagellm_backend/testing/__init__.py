@@ -18,9 +18,10 @@ compared values.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import TYPE_CHECKING, Any
+
+from sagellm_backend._lazy import resolve_lazy
 
 if "pytest" in sys.modules:  # running under pytest: detailed assertion messages
     sys.modules["pytest"].register_assert_rewrite("sagellm_backend.testing.conformance")
@@ -30,11 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ProviderConformance", "make_conformance_tests"]
 
+_LAZY = dict.fromkeys(__all__, "sagellm_backend.testing.conformance")
+
 
 def __getattr__(name: str) -> Any:
     """Resolve the conformance names on first access (PEP 562)."""
-    if name in __all__:
-        value = getattr(importlib.import_module("sagellm_backend.testing.conformance"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return resolve_lazy(globals(), _LAZY, name)

@@ -381,11 +381,7 @@ class ProviderConformance:
 
     def test_event_elapsed_measures_real_time(self, provider: BackendProvider) -> None:
         """elapsed_ms between two recorded events is at least a real sleep between them."""
-        cap = provider.capability()
-        if not (cap.has_stream and cap.has_event):
-            pytest.skip("needs has_stream and has_event")
-        stream = provider.create_stream()
-        start, end = provider.create_event(), provider.create_event()
+        stream, (start, end) = _stream_and_two_events(provider)
         stream.record_event(start)
         time.sleep(self.event_sleep_ms / 1000.0)
         stream.record_event(end)
@@ -397,11 +393,7 @@ class ProviderConformance:
 
     def test_unrecorded_event_cannot_be_timed(self, provider: BackendProvider) -> None:
         """elapsed_ms involving a never-recorded event raises instead of inventing a number."""
-        cap = provider.capability()
-        if not (cap.has_stream and cap.has_event):
-            pytest.skip("needs has_stream and has_event")
-        stream = provider.create_stream()
-        recorded, unrecorded = provider.create_event(), provider.create_event()
+        stream, (recorded, unrecorded) = _stream_and_two_events(provider)
         stream.record_event(recorded)
         with pytest.raises((RuntimeError, ValueError)):
             unrecorded.elapsed_ms(recorded)
@@ -714,6 +706,14 @@ class ProviderConformance:
         provider.clear_cache()
         assert self._kv_state(provider) == before
         provider.kv_block_free(block)
+
+
+def _stream_and_two_events(provider: BackendProvider) -> tuple[Stream, tuple[Event, Event]]:
+    """A new stream and two new events; skips the test unless the provider has both."""
+    cap = provider.capability()
+    if not (cap.has_stream and cap.has_event):
+        pytest.skip("needs has_stream and has_event")
+    return provider.create_stream(), (provider.create_event(), provider.create_event())
 
 
 def _snapshot(page: Any) -> Any:

@@ -43,7 +43,7 @@ def engine_threads() -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_llama() -> str:
     pytest.importorskip("transformers")
-    from sagellm_backend.engine.tiny_models import ensure_tiny_model
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     return str(ensure_tiny_model("tiny-llama"))
 

@@ -65,6 +65,7 @@ __all__ = [
     "DEVICE_MAP_STRATEGIES",
     "VALID_DTYPES",
     "WeightMemory",
+    "bnb_4bit_fields",
     "check_bnb_options",
     "load_model_and_tokenizer",
     "quantization_name",
@@ -264,6 +265,19 @@ def quantization_name(
     if load_in_4bit:
         return f"bnb-{bnb_4bit_quant_type}"
     return "none"
+
+
+_BNB_4BIT_FIELDS = ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
+
+
+def bnb_4bit_fields(config: Any) -> dict[str, Any]:
+    """The three 4-bit options of an engine config, as keyword arguments.
+
+    For :func:`check_bnb_options` and :class:`~sagellm_backend.engine.hf.core.LoadSettings`;
+    ``config`` has the attributes ``bnb_4bit_quant_type``, ``bnb_4bit_compute_dtype`` and
+    ``bnb_4bit_use_double_quant`` (the values are passed unchecked).
+    """
+    return {name: getattr(config, name) for name in _BNB_4BIT_FIELDS}
 
 
 def check_bnb_options(

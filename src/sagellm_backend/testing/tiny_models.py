@@ -106,19 +106,32 @@ def _spec_dict(spec: TinyModelSpec) -> dict[str, Any]:
     return out
 
 
-def _tiny(name: str, architecture: str, seed: int, description: str, **kw: Any) -> TinyModelSpec:
-    """A 2-layer, hidden-64 model of ``architecture`` (vocab 1024, 4 heads / 2 KV heads)."""
+_TINY_GEOMETRY: dict[str, int] = {
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "max_position_embeddings": 1024,
+}
+_BENCH_GEOMETRY: dict[str, int] = {
+    "vocab_size": 8000,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_layers": 8,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "max_position_embeddings": 4096,
+}
+
+
+def _spec(
+    base: dict[str, int], name: str, architecture: str, seed: int, description: str, **kw: Any
+) -> TinyModelSpec:
+    """A spec with ``base`` geometry, overridden by ``kw`` (``extra`` is a dict, sorted)."""
     extra = tuple(sorted(kw.pop("extra", {}).items()))
-    geometry: dict[str, Any] = {
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_position_embeddings": 1024,
-    }
-    geometry.update(kw)
+    geometry: dict[str, Any] = {**base, **kw}
     return TinyModelSpec(
         name=name,
         architecture=architecture,
@@ -129,45 +142,37 @@ def _tiny(name: str, architecture: str, seed: int, description: str, **kw: Any) 
     )
 
 
+def _tiny(name: str, architecture: str, seed: int, description: str, **kw: Any) -> TinyModelSpec:
+    """A 2-layer, hidden-64 model of ``architecture`` (vocab 1024, 4 heads / 2 KV heads)."""
+    return _spec(_TINY_GEOMETRY, name, architecture, seed, description, **kw)
+
+
+def _bench(name: str, architecture: str, seed: int, description: str, **kw: Any) -> TinyModelSpec:
+    """An 8-layer, hidden-512 model of ``architecture`` (vocab 8000, 8 heads / 4 KV heads)."""
+    return _spec(_BENCH_GEOMETRY, name, architecture, seed, description, **kw)
+
+
 _SPECS: dict[str, TinyModelSpec] = {
-    "tiny-llama": TinyModelSpec(
-        name="tiny-llama",
-        architecture="llama",
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+    "tiny-llama": _tiny(
+        "tiny-llama",
+        "llama",
+        1234,
+        "random Llama, 2 layers, hidden 64, GQA 4/2 heads, vocab 1024 (~0.2M params)",
         max_position_embeddings=2048,
-        seed=1234,
-        description="random Llama, 2 layers, hidden 64, GQA 4/2 heads, vocab 1024 (~0.2M params)",
     ),
-    "tiny-gpt2": TinyModelSpec(
-        name="tiny-gpt2",
-        architecture="gpt2",
-        vocab_size=1024,
-        hidden_size=64,
+    "tiny-gpt2": _tiny(
+        "tiny-gpt2",
+        "gpt2",
+        4321,
+        "random GPT-2, 2 layers, hidden 64, 4 heads, vocab 1024 (~0.2M params)",
         intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
         num_kv_heads=4,
-        max_position_embeddings=1024,
-        seed=4321,
-        description="random GPT-2, 2 layers, hidden 64, 4 heads, vocab 1024 (~0.2M params)",
     ),
-    "bench-llama": TinyModelSpec(
-        name="bench-llama",
-        architecture="llama",
-        vocab_size=8000,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        max_position_embeddings=4096,
-        seed=2024,
-        description="random Llama, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
+    "bench-llama": _bench(
+        "bench-llama",
+        "llama",
+        2024,
+        "random Llama, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
         "(~33M params; the DESIGN.md benchmark model)",
     ),
     "tiny-mistral": _tiny(
@@ -221,32 +226,21 @@ _SPECS: dict[str, TinyModelSpec] = {
         num_kv_heads=4,
         intermediate_size=256,
     ),
-    "bench-gpt2": TinyModelSpec(
-        name="bench-gpt2",
-        architecture="gpt2",
-        vocab_size=8000,
-        hidden_size=512,
+    "bench-gpt2": _bench(
+        "bench-gpt2",
+        "gpt2",
+        2025,
+        "random GPT-2, 8 layers, hidden 512, 8 heads, vocab 8000, fp32 (~33M "
+        "params; bench-llama's size)",
         intermediate_size=2048,
-        num_layers=8,
-        num_heads=8,
         num_kv_heads=8,
         max_position_embeddings=1024,
-        seed=2025,
-        description="random GPT-2, 8 layers, hidden 512, 8 heads, vocab 8000, fp32 (~33M "
-        "params; bench-llama's size)",
     ),
-    "bench-phi3": TinyModelSpec(
-        name="bench-phi3",
-        architecture="phi3",
-        vocab_size=8000,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        max_position_embeddings=4096,
-        seed=2026,
-        description="random Phi-3, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
+    "bench-phi3": _bench(
+        "bench-phi3",
+        "phi3",
+        2026,
+        "random Phi-3, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
         "(~33M params; bench-llama's size)",
     ),
 }
