@@ -1,7 +1,6 @@
 """Model runners against the model's own forward: packed prefill, prefix, decode, fallback.
 
-The generic paged runner is reached here through its earlier name ``PagedDecoderRunner``
-(kept for importers) and the batched fallback through ``HFCacheRunner``.
+The generic paged runner (``PagedRunner``) and the batched fallback (``HFBatchedRunner``).
 """
 
 from __future__ import annotations
@@ -18,13 +17,11 @@ pytest.importorskip("transformers")
 
 import torch
 
-from sagellm_backend.engine.hf.runner import (
-    HFCacheRunner,
-    PagedDecoderRunner,
-    SeqChunk,
-    model_context_length,
-    paged_unsupported_reason,
-)
+from sagellm_backend.engine.hf.runner import model_context_length
+from sagellm_backend.engine.runners.base import SeqChunk
+from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner as HFCacheRunner
+from sagellm_backend.engine.runners.paged import PagedRunner as PagedDecoderRunner
+from sagellm_backend.engine.runners.select import describe_runner
 
 from .conftest import Reference
 
@@ -156,7 +153,7 @@ def test_paged_runner_rejects_bad_inputs(tiny_llama: str) -> None:
 
 def test_fallback_runner_matches_generate_for_gpt2(tiny_gpt2: str, gpt2_ref: Reference) -> None:
     model = Reference(tiny_gpt2).model
-    assert paged_unsupported_reason(model) is None  # GPT-2 is paged now; fallback on demand
+    assert describe_runner(model)[0] == "paged"  # GPT-2 is paged now; fallback on demand
     assert model_context_length(model.config) == 1024
     runner = HFCacheRunner(model, max_context=1024)
     prompts = _prompts(model.config.vocab_size, 3, seed=3)

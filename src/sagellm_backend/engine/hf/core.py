@@ -35,7 +35,6 @@ Invariants (besides :mod:`sagellm_backend.engine.base`'s):
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
 import logging
@@ -61,6 +60,7 @@ __all__ = [
     "EngineOptionFields",
     "EngineOptions",
     "HFEngineCore",
+    "HFFaceFields",
     "LoadSettings",
     "MockModeServing",
     "build_runner",
@@ -147,6 +147,23 @@ class EngineOptionFields(EngineConfig):
     fuse_projections: bool = True
     prepack_weights: bool = True
     decode_workspace_bytes: int = 512 << 20
+
+
+@dataclass(kw_only=True)
+class HFFaceFields(EngineOptionFields):
+    """The keyword-only fields both HF faces add to :class:`EngineOptionFields`.
+
+    4-bit options (validated by :func:`~sagellm_backend.engine.hf.loader.bnb_4bit_fields`;
+    they may differ from their defaults only with ``load_in_4bit=True``) and tensor
+    parallelism (validated by :func:`~sagellm_backend.engine.hf.distributed.check_tp_fields`).
+    """
+
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_use_double_quant: bool = True
+    tensor_parallel_size: int = 1
+    distributed_backend: str = "auto"
+    distributed_timeout_s: float = 60.0
 
 
 _BASE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -778,21 +795,12 @@ class HFEngineCore(ScheduledEngine):
             tokenize=_hf_tokenize(tokenizer),
             new_detok=lambda: _HFDetok(tokenizer),
             release=lambda: _release_serving(provider, kv, tp),
+            # a step blocked on a hung rank ends when the group is torn down
+            interrupt=tp.shutdown if tp is not None else None,
             threaded=True,
             thread_init=_weak_thread_init(self),
             thread_context=_inference_mode,
         )
-
-    async def stop(self) -> None:
-        """Stop as every engine does; a step blocked on a hung rank ends with the group.
-
-        Invariant: returns within about 5 s even when a tensor-parallel rank hangs -- the
-        driver is given its usual join time, then the group is torn down, which makes the
-        blocked collective fail, the step end and the KV pool go back to the provider.
-        """
-        await super().stop()
-        if self._tp is not None and self._zombie is not None:
-            await asyncio.to_thread(self._tp.shutdown)
 
     async def health_check(self) -> bool:
         """True when running, the step loop is alive and (TP) every rank is reachable."""

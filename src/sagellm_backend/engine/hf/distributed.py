@@ -507,7 +507,8 @@ class TensorParallelGroup:
 
     Lifecycle: :meth:`launch` (spawn workers, or join torchrun's group), :meth:`shard`
     (this rank's model share), :meth:`start` (rendezvous, pools, the wrapping runner),
-    :meth:`shutdown`; :meth:`relaunch` starts fresh workers after a shutdown (spawn only).
+    :meth:`shutdown`; :meth:`relaunch_workers` spawns fresh workers after a shutdown (spawn
+    only) and the next :meth:`start` connects them.
 
     Args:
         config: the engine face's config (``tensor_parallel_size``, ``distributed_backend``,
@@ -739,7 +740,6 @@ class TensorParallelGroup:
         # The new runner (and its step lock) replaces the old one before the keep-alive
         # thread starts: two runners broadcasting on one group would interleave messages.
         runner = TensorParallelRunner(local, self)
-        runner.kv_for_reports = kv
         self._runner = runner
         self._connect_or_clean_up(kv)
         return runner
@@ -904,22 +904,6 @@ class TensorParallelGroup:
             )
         self.launch()
 
-    def relaunch(self) -> None:
-        """Start fresh workers after :meth:`shutdown` (spawn launch only).
-
-        Raises:
-            BackendNotAvailableError: under torchrun (its workers exited with the group).
-        """
-        if self.settings.torchrun:
-            raise BackendNotAvailableError(
-                "a torchrun tensor-parallel group cannot be restarted after stop(); restart "
-                "the torchrun job"
-            )
-        assert self._runner is not None
-        self.launch()
-        self._connect_or_clean_up(self._runner.kv_for_reports)
-        self._runner.restarted()
-
     def info(self) -> dict[str, Any]:
         """Group figures for ``get_info()``: size, backend, health, per-rank shares, comm."""
         runner = self._runner
@@ -968,7 +952,6 @@ class TensorParallelRunner:
         self._released: list[int] = []
         self._reset = False
         self.last_message = time.monotonic()
-        self.kv_for_reports: Any = None
         self.steps = 0
         self.step_s = 0.0
         self.plan_s = 0.0
@@ -981,13 +964,6 @@ class TensorParallelRunner:
     def release_lock(self) -> None:
         """Give the step lock back."""
         self._lock.release()
-
-    def restarted(self) -> None:
-        """Forget sequence numbers (the workers are new)."""
-        self._seq_nums.clear()
-        self._released.clear()
-        self._reset = False
-        self.last_message = time.monotonic()
 
     def _seq_num(self, seq_id: str) -> int:
         num = self._seq_nums.get(seq_id)

@@ -95,6 +95,9 @@ class Serving:
         threaded: run steps in a worker thread (torch runners).
         thread_init: called first in the worker thread.
         thread_context: context manager factory around the worker loop.
+        interrupt: ends a step that is blocked outside the engine (e.g. a collective on a
+            hung tensor-parallel rank); called by ``stop()`` when the driver did not join in
+            time, so that ``stop()`` still returns promptly. None: nothing to interrupt.
     """
 
     scheduler: Scheduler
@@ -106,6 +109,7 @@ class Serving:
     threaded: bool
     thread_init: Callable[[], None] | None = None
     thread_context: Callable[[], Any] | None = None
+    interrupt: Callable[[], None] | None = None
 
 
 def _undo(serving: Serving) -> None:
@@ -301,6 +305,8 @@ class ScheduledEngine(BaseEngine):
                     if not seq.finished:
                         seq.finish_reason, seq.error = "error", error
                     handle.finish()
+                if serving is not None and serving.interrupt is not None:
+                    await asyncio.to_thread(serving.interrupt)
         self._note_peak()
         if serving is not None:
             self._last_kv = serving.scheduler.kv
