@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagellm_backend.cli.bench.loadgen import greedy_config
+
 # Thread settings must be in place before torch is imported.
 _THREADS_DEFAULT = 2
 
@@ -145,20 +147,6 @@ def make_texts(
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """The ids the engine gets for each prompt (special tokens as the tokenizer adds them)."""
     return [list(tokenizer(t)["input_ids"]) for t in texts]
-
-
-def greedy_config(model: Any, tokenizer: Any, new_tokens: int) -> Any:
-    """Greedy, exactly ``new_tokens`` tokens: eos does not stop generation."""
-    gen = copy.deepcopy(model.generation_config)
-    gen.do_sample = False
-    gen.temperature = None
-    gen.top_p = None
-    gen.top_k = None
-    gen.max_new_tokens = new_tokens
-    gen.min_new_tokens = None
-    gen.eos_token_id = None
-    gen.pad_token_id = tokenizer.pad_token_id
-    return gen
 
 
 # ---------------------------------------------------------------------------- baselines

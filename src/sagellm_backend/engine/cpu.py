@@ -30,8 +30,8 @@ from sagellm_protocol import Timestamps as Timestamps
 from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
-    EngineOptionFields,
     HFEngineCore,
+    HFFaceFields,
     LoadSettings,
     check_bool,
     check_common_fields,
@@ -51,7 +51,7 @@ _VALID_DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 @dataclass
-class CPUEngineConfig(EngineOptionFields):
+class CPUEngineConfig(HFFaceFields):
     """Configuration of :class:`CPUEngine` (the 0.1.1.2 fields, plus tuning options).
 
     Attributes:
@@ -98,13 +98,6 @@ class CPUEngineConfig(EngineOptionFields):
     load_in_8bit: bool = False
     num_threads: int | None = None
     load_in_4bit: bool = field(default=False, kw_only=True)
-    bnb_4bit_quant_type: str = field(default="nf4", kw_only=True)
-    bnb_4bit_compute_dtype: str | None = field(default=None, kw_only=True)
-    bnb_4bit_use_double_quant: bool = field(default=True, kw_only=True)
-    # Tensor parallelism (see sagellm_backend.engine.hf.distributed).
-    tensor_parallel_size: int = field(default=1, kw_only=True)
-    distributed_backend: str = field(default="auto", kw_only=True)
-    distributed_timeout_s: float = field(default=60.0, kw_only=True)
 
     def __post_init__(self) -> None:
         owner = "CPUEngineConfig"

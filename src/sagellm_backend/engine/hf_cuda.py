@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # 0.1.1.2 exported these names from this module; kept for code that imports them here.
@@ -51,8 +51,8 @@ from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 e
 from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf.core import (
-    EngineOptionFields,
     HFEngineCore,
+    HFFaceFields,
     LoadSettings,
     check_bool,
     check_common_fields,
@@ -74,7 +74,7 @@ _DEVICE_MAP_RE = re.compile(r"^cuda:\d+$")
 
 
 @dataclass
-class HFCudaEngineConfig(EngineOptionFields):
+class HFCudaEngineConfig(HFFaceFields):
     """Configuration of :class:`HFCudaEngine`; the documented fields are all required.
 
     Required (None is rejected): ``engine_id``, ``model_path``, ``device`` (``"cuda"`` or
@@ -115,13 +115,6 @@ class HFCudaEngineConfig(EngineOptionFields):
     load_in_4bit: bool | None = None
     trust_remote_code: bool | None = None
     max_new_tokens: int | None = None
-    bnb_4bit_quant_type: str = field(default="nf4", kw_only=True)
-    bnb_4bit_compute_dtype: str | None = field(default=None, kw_only=True)
-    bnb_4bit_use_double_quant: bool = field(default=True, kw_only=True)
-    # Tensor parallelism (see sagellm_backend.engine.hf.distributed).
-    tensor_parallel_size: int = field(default=1, kw_only=True)
-    distributed_backend: str = field(default="auto", kw_only=True)
-    distributed_timeout_s: float = field(default=60.0, kw_only=True)
 
     def __post_init__(self) -> None:
         self.validate()

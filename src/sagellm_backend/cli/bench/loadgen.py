@@ -206,7 +206,7 @@ async def _warmup(engine: Any, wl: Workload, label: str, count: int) -> None:
             raise RuntimeError(f"the warm-up request failed: {request_error_text(response.error)}")
 
 
-def _greedy_config(model: Any, tokenizer: Any, new_tokens: int) -> Any:
+def greedy_config(model: Any, tokenizer: Any, new_tokens: int) -> Any:
     """Greedy, exactly ``new_tokens`` tokens (end of sequence does not stop generation)."""
     import copy
 
@@ -254,11 +254,11 @@ def run_hf_baseline(
     if model is None or wl.ids is None:
         raise RuntimeError("the hf baseline needs a Hugging Face engine with its model loaded")
     device = next(model.parameters()).device
-    gen = _greedy_config(model, tokenizer, wl.output_len)
+    gen = greedy_config(model, tokenizer, wl.output_len)
     pad = int(gen.pad_token_id)
     out: dict[str, Any] = {}
     with torch.inference_mode():
-        warm = _greedy_config(model, tokenizer, 2)
+        warm = greedy_config(model, tokenizer, 2)
         x = torch.tensor([wl.ids[0][:8]], device=device)
         model.generate(x, attention_mask=torch.ones_like(x), generation_config=warm)
         for mode in modes:
