@@ -42,27 +42,20 @@ allocated``), ``reserved`` (= ``allocated``: the mock has no caching allocator),
 
 from __future__ import annotations
 
-import copy
-import functools
-import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sagellm_protocol import ErrorCode
-
 from sagellm_backend.base import Event as Event  # 0.1.1.2 export
 from sagellm_backend.base import KVBlock
 from sagellm_backend.base import Stream as Stream  # 0.1.1.2 export
-from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind, parse_dtype
+from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind
 from sagellm_backend.errors import (
-    BackendError,
     BackendNotAvailableError,
     CapabilityNotSupportedError,
     ConfigError,
-    InvalidStateError,
     KVCacheExhaustedError,
 )
 from sagellm_backend.kernels.registry import KernelRegistry
@@ -70,6 +63,21 @@ from sagellm_backend.kv.manager import KVCacheManager
 from sagellm_backend.kv.provider_kv import ProviderKV
 from sagellm_backend.kv.spec import DEFAULT_KV_SPEC, KVSpec
 from sagellm_backend.kv.storage import AccountingStorage, PageRef
+from sagellm_backend.providers._mock_config import (
+    InjectedFaultError,
+    KernelFault,
+    _capability_matrix,
+    _check_flags,
+    _check_names,
+    _faulty_kernel,
+    _kernel_faults,
+    _kernel_latencies,
+    _mock_options,
+    _non_negative,
+    _positive_int,
+)
+from sagellm_backend.providers._mock_kernels import _BUILTIN_KERNELS, _gather, _reduce_in_place
+from sagellm_backend.providers._mock_streams import MockEvent, MockStream
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -84,373 +92,6 @@ MIB = 1 << 20
 
 #: Reduction ops accepted by ``all_reduce``.
 COLLECTIVE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min", "product")
-
-_DEFAULT_DTYPES = (DType.FP16, DType.BF16)  # the 0.1.1.x defaults
-_DEFAULT_KINDS = (KernelKind.MATMUL, KernelKind.ATTENTION)
-
-
-class InjectedFaultError(BackendError, RuntimeError):
-    """A failure the mock was configured to inject (UNAVAILABLE, retryable)."""
-
-    code = ErrorCode.UNAVAILABLE
-    retryable = True
-
-
-# --------------------------------------------------------------------------- stream / event
-
-
-class MockEvent:
-    """Timing event; :meth:`record` stamps ``time.perf_counter()``."""
-
-    def __init__(self) -> None:
-        self._time: float | None = None
-
-    @property
-    def recorded(self) -> bool:
-        """Whether the event has been recorded."""
-        return self._time is not None
-
-    def record(self, stream: MockStream | None = None) -> None:
-        """Record the event now (mock work is synchronous, so "now" is the stream's end)."""
-        self._time = time.perf_counter()
-        if stream is not None:
-            stream.num_events += 1
-
-    def query(self) -> bool:
-        """Whether the work before the event has finished (always, once recorded)."""
-        return self._time is not None
-
-    def synchronize(self) -> None:
-        """Return at once: mock work completes synchronously."""
-
-    def elapsed_ms(self, start: MockEvent) -> float:
-        """Milliseconds from ``start`` to this event (real wall time between the records).
-
-        Raises:
-            TypeError: ``start`` is not a :class:`MockEvent`.
-            InvalidStateError: either event was never recorded.
-        """
-        if not isinstance(start, MockEvent):
-            raise TypeError(f"start must be a MockEvent, got {type(start).__name__}")
-        if start._time is None or self._time is None:
-            which = "start" if start._time is None else "end"
-            raise InvalidStateError(f"elapsed_ms: the {which} event was never recorded")
-        return (self._time - start._time) * 1000.0
-
-
-class MockStream:
-    """Ordered queue of mock work (executed synchronously, so it is always drained)."""
-
-    def __init__(self) -> None:
-        self.num_events = 0
-        self.num_synchronize = 0
-
-    def synchronize(self) -> None:
-        """Return at once (all work already ran); counted in ``num_synchronize``."""
-        self.num_synchronize += 1
-
-    def record_event(self, event: MockEvent) -> None:
-        """Record ``event`` at the current end of this stream."""
-        if not isinstance(event, MockEvent):
-            raise TypeError(f"record_event expects a MockEvent, got {type(event).__name__}")
-        event.record(self)
-
-    def wait_event(self, event: MockEvent) -> None:
-        """Make later work wait for ``event`` (nothing to wait for in the mock)."""
-        if not isinstance(event, MockEvent):
-            raise TypeError(f"wait_event expects a MockEvent, got {type(event).__name__}")
-
-
-# --------------------------------------------------------------------------- pure-Python kernels
-
-
-def _depth(x: Any) -> int:
-    d = 0
-    while isinstance(x, list | tuple):
-        d += 1
-        if not x:
-            break
-        x = x[0]
-    return d
-
-
-def _rows(x: Any, name: str) -> list[list[float]]:
-    if _depth(x) != 2 or not x:
-        raise ValueError(f"{name} must be a non-empty 2-d list of numbers")
-    width = len(x[0])
-    for row in x:
-        if len(row) != width:
-            raise ValueError(f"{name} is ragged: rows of {width} and {len(row)} elements")
-    return [list(map(float, r)) for r in x]
-
-
-def _matmul(a: Any, b: Any, bias: Any = None) -> Any:
-    """``a @ b`` (+ ``bias`` over the last dim) on nested lists; leading dims are batched."""
-    da, db = _depth(a), _depth(b)
-    if da > 2 or db > 2:
-        if da > 2 and db > 2:
-            if len(a) != len(b):
-                raise ValueError(f"matmul: batch sizes differ: {len(a)} and {len(b)}")
-            return [_matmul(x, y, bias) for x, y in zip(a, b, strict=True)]
-        if da > 2:
-            return [_matmul(x, b, bias) for x in a]
-        return [_matmul(a, y, bias) for y in b]
-    if da == 1:
-        return _matmul([a], b, bias)[0]
-    if db == 1:
-        rows = _rows(a, "a")
-        if len(rows[0]) != len(b):
-            raise ValueError(f"matmul: inner dimensions differ: {len(rows[0])} and {len(b)}")
-        return [math.fsum(x * float(y) for x, y in zip(r, b, strict=True)) for r in rows]
-    ra, rb = _rows(a, "a"), _rows(b, "b")
-    if len(ra[0]) != len(rb):
-        raise ValueError(
-            f"matmul: inner dimensions differ: a is {len(ra)}x{len(ra[0])}, "
-            f"b is {len(rb)}x{len(rb[0])}"
-        )
-    cols = list(zip(*rb, strict=True))
-    out = [[math.fsum(x * y for x, y in zip(r, c, strict=True)) for c in cols] for r in ra]
-    if bias is not None:
-        if len(bias) != len(cols):
-            raise ValueError(f"matmul: bias has {len(bias)} elements, expected {len(cols)}")
-        out = [[v + float(bb) for v, bb in zip(r, bias, strict=True)] for r in out]
-    return out
-
-
-def _softmax_row(row: list[float]) -> list[float]:
-    finite = [v for v in row if v != -math.inf]
-    if not finite:
-        return [0.0] * len(row)
-    m = max(finite)
-    exps = [math.exp(v - m) if v != -math.inf else 0.0 for v in row]
-    total = math.fsum(exps)
-    return [e / total for e in exps]
-
-
-def _softmax(x: Any, dim: int = -1) -> Any:
-    """Numerically stable softmax over the last dim of nested lists."""
-    if dim not in (-1, _depth(x) - 1):
-        raise ValueError(f"softmax: the mock kernel works on the last dim only, got dim={dim}")
-    if _depth(x) == 1:
-        return _softmax_row([float(v) for v in x])
-    return [_softmax(r, -1) for r in x]
-
-
-def _attention_2d(
-    q: Any, k: Any, v: Any, mask: Any, is_causal: bool, scale: float | None
-) -> list[list[float]]:
-    rq, rk, rv = _rows(q, "query"), _rows(k, "key"), _rows(v, "value")
-    d = len(rq[0])
-    if len(rk[0]) != d or len(rk) != len(rv):
-        raise ValueError(
-            f"attention: query dim {d}, key {len(rk)}x{len(rk[0])}, value {len(rv)}x{len(rv[0])}"
-        )
-    s = 1.0 / math.sqrt(d) if scale is None else scale
-    out = []
-    for i, qi in enumerate(rq):
-        scores = [math.fsum(a * b for a, b in zip(qi, kj, strict=True)) * s for kj in rk]
-        for j in range(len(rk)):
-            if is_causal and j > i:
-                scores[j] = -math.inf
-            elif mask is not None:
-                m = mask[i][j]
-                if isinstance(m, bool):
-                    if not m:
-                        scores[j] = -math.inf
-                else:
-                    scores[j] += float(m)
-        p = _softmax_row(scores)
-        out.append(
-            [math.fsum(pj * vj[c] for pj, vj in zip(p, rv, strict=True)) for c in range(len(rv[0]))]
-        )
-    return out
-
-
-def _attention(
-    query: Any,
-    key: Any,
-    value: Any,
-    attn_mask: Any = None,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-) -> Any:
-    """Scaled dot-product attention on nested lists.
-
-    Shapes: ``[S, D]`` (one head), ``[H, S, D]`` or ``[B, H, S, D]``; key/value may have
-    fewer heads than the query (grouped-query: ``Hq % Hkv == 0``). ``attn_mask`` is boolean
-    (True = attend) or additive, ``[Sq, Sk]`` or with the same leading dims as the query.
-    ``is_causal`` masks key ``j > i`` (top-left aligned). Fully masked rows give zeros.
-    """
-    dq = _depth(query)
-    if dq not in (2, 3, 4) or _depth(key) != dq or _depth(value) != dq:
-        raise ValueError("attention: query/key/value must all be [S, D], [H, S, D] or [B, H, S, D]")
-    mask_depth = _depth(attn_mask) if attn_mask is not None else 0
-    if dq == 2:
-        return _attention_2d(query, key, value, attn_mask, is_causal, scale)
-    if dq == 4:
-        if not len(query) == len(key) == len(value):
-            raise ValueError("attention: batch sizes of query/key/value differ")
-        return [
-            _attention(
-                q,
-                k,
-                v,
-                attn_mask[b] if mask_depth == 4 else attn_mask,
-                is_causal=is_causal,
-                scale=scale,
-            )
-            for b, (q, k, v) in enumerate(zip(query, key, value, strict=True))
-        ]
-    hq, hkv = len(query), len(key)
-    if hkv == 0 or hq % hkv or len(value) != hkv:
-        raise ValueError(
-            f"attention: query heads ({hq}) must be a multiple of key/value heads "
-            f"(key {hkv}, value {len(value)})"
-        )
-    group = hq // hkv
-    return [
-        _attention_2d(
-            query[h],
-            key[h // group],
-            value[h // group],
-            attn_mask[h] if mask_depth == 3 else attn_mask,
-            is_causal,
-            scale,
-        )
-        for h in range(hq)
-    ]
-
-
-def _norm_rows(x: Any, fn: Callable[[list[float]], list[float]]) -> Any:
-    if _depth(x) == 1:
-        return fn([float(v) for v in x])
-    if _depth(x) == 0:
-        raise ValueError("expected a list of numbers")
-    return [_norm_rows(r, fn) for r in x]
-
-
-def _check_param(p: Any, n: int, name: str) -> list[float] | None:
-    if p is None:
-        return None
-    if _depth(p) != 1 or len(p) != n:
-        raise ValueError(f"{name} must be a list of {n} numbers (the last dim of x)")
-    return [float(v) for v in p]
-
-
-def _layer_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
-    """Layer norm over the last dim of nested lists."""
-
-    def row(r: list[float]) -> list[float]:
-        n = len(r)
-        w, b = _check_param(weight, n, "weight"), _check_param(bias, n, "bias")
-        mean = math.fsum(r) / n
-        var = math.fsum((v - mean) ** 2 for v in r) / n
-        inv = 1.0 / math.sqrt(var + eps)
-        out = [(v - mean) * inv for v in r]
-        if w is not None:
-            out = [o * wi for o, wi in zip(out, w, strict=True)]
-        if b is not None:
-            out = [o + bi for o, bi in zip(out, b, strict=True)]
-        return out
-
-    return _norm_rows(x, row)
-
-
-def _rms_norm(x: Any, weight: Any = None, eps: float = 1e-6) -> Any:
-    """RMS norm over the last dim of nested lists (Llama convention)."""
-
-    def row(r: list[float]) -> list[float]:
-        w = _check_param(weight, len(r), "weight")
-        inv = 1.0 / math.sqrt(math.fsum(v * v for v in r) / len(r) + eps)
-        out = [v * inv for v in r]
-        return out if w is None else [o * wi for o, wi in zip(out, w, strict=True)]
-
-    return _norm_rows(x, row)
-
-
-def _silu_and_mul(x: Any) -> Any:
-    """Fused SwiGLU gate: last dim ``[a, b]`` (halves) -> ``silu(a) * b``."""
-
-    def row(r: list[float]) -> list[float]:
-        if len(r) % 2:
-            raise ValueError(f"silu_and_mul: last dim must be even, got {len(r)}")
-        h = len(r) // 2
-        return [a / (1.0 + math.exp(-a)) * b for a, b in zip(r[:h], r[h:], strict=True)]
-
-    return _norm_rows(x, row)
-
-
-_BUILTIN_KERNELS: dict[KernelKind, tuple[tuple[str, Callable[..., Any], str], ...]] = {
-    KernelKind.MATMUL: (("matmul", _matmul, "a @ b (+ bias), pure Python"),),
-    KernelKind.ATTENTION: (("attention", _attention, "scaled dot-product attention, GQA"),),
-    KernelKind.LAYERNORM: (
-        ("layer_norm", _layer_norm, "layer norm over the last dim"),
-        ("rms_norm", _rms_norm, "RMS norm over the last dim"),
-    ),
-    KernelKind.SOFTMAX: (("softmax", _softmax, "softmax over the last dim"),),
-    KernelKind.FUSION: (("silu_and_mul", _silu_and_mul, "fused SwiGLU gate"),),
-}
-
-
-# --------------------------------------------------------------------------- collectives
-
-
-def _reduce_in_place(tensor: Any, op: str, world: int) -> None:
-    def value(v: Any) -> Any:
-        if op == "sum":
-            return v * world
-        if op == "product":
-            return v**world
-        return v  # avg, max, min over identical replicas
-
-    if isinstance(tensor, list):
-        for i, v in enumerate(tensor):
-            if isinstance(v, list):
-                _reduce_in_place(v, op, world)
-            else:
-                tensor[i] = value(v)
-        return
-    if hasattr(tensor, "mul_") and hasattr(tensor, "pow_"):  # torch-like tensor
-        if op == "sum":
-            tensor.mul_(world)
-        elif op == "product":
-            tensor.pow_(world)
-        return
-    raise TypeError(
-        f"all_reduce works in place on a list or a torch-like tensor, got {type(tensor).__name__}"
-    )
-
-
-def _gather(tensor: Any, world: int) -> Any:
-    if isinstance(tensor, list | tuple):
-        items = copy.deepcopy(list(tensor))
-        return [copy.deepcopy(x) for _ in range(world) for x in items]
-    if isinstance(tensor, int | float) and not isinstance(tensor, bool):
-        return [tensor] * world
-    if hasattr(tensor, "clone") and hasattr(tensor, "repeat"):  # torch-like tensor
-        t = tensor.reshape(1) if tensor.dim() == 0 else tensor
-        return t.repeat(world, *([1] * (t.dim() - 1)))
-    raise TypeError(
-        f"all_gather takes a list, a number or a torch-like tensor, got {type(tensor).__name__}"
-    )
-
-
-# --------------------------------------------------------------------------- provider
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
 
 
 class MockBackendProvider:
@@ -531,39 +172,21 @@ class MockBackendProvider:
             raise BackendNotAvailableError(
                 f"mock backend failed to start (injected fault: {reason})"
             )
-        try:
-            dtypes = tuple(dict.fromkeys(parse_dtype(d) for d in (supported_dtypes or ())))
-        except ValueError as exc:
-            raise ConfigError(f"supported_dtypes: {exc}") from exc
-        self._dtypes = dtypes or _DEFAULT_DTYPES
-        kinds: list[KernelKind] = []
-        for k in supported_kernels or _DEFAULT_KINDS:
-            try:
-                kinds.append(KernelKind(k))
-            except ValueError as exc:
-                valid = ", ".join(x.value for x in KernelKind)
-                raise ConfigError(f"supported_kernels: unknown kind {k!r}; valid: {valid}") from exc
-        for name, flag in (
-            ("has_collective", has_collective),
-            ("has_graph_exec", has_graph_exec),
-            ("has_stream", has_stream),
-            ("has_event", has_event),
-        ):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{name} must be a bool, got {flag!r}")
+        dtypes, kinds = _capability_matrix(supported_dtypes, supported_kernels)
+        self._dtypes = dtypes
+        _check_flags(
+            has_collective=has_collective,
+            has_graph_exec=has_graph_exec,
+            has_stream=has_stream,
+            has_event=has_event,
+        )
         _positive_int("max_memory_mb", max_memory_mb)
         _positive_int("max_batch_size", max_batch_size, allow_none=True)
         _positive_int("max_sequence_length", max_sequence_length, allow_none=True)
         _positive_int("world_size", world_size)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be an int in 0..{world_size - 1}, got {rank!r}")
-        for name, text in (
-            ("device", device),
-            ("device_name", device_name),
-            ("device_type", device_type),
-        ):
-            if not isinstance(text, str) or not text.strip():
-                raise ConfigError(f"{name} must be a non-empty string, got {text!r}")
+        _check_names(device=device, device_name=device_name, device_type=device_type)
         if kv_spec is not None and not isinstance(kv_spec, KVSpec):
             raise ConfigError(f"kv_spec must be a KVSpec, got {type(kv_spec).__name__}")
         spec = kv_spec or DEFAULT_KV_SPEC
@@ -603,34 +226,10 @@ class MockBackendProvider:
         self._collective_latency_s = (
             _non_negative("collective_latency_ms", collective_latency_ms) / 1e3
         )
-        self._kernel_latency_s: dict[str, float] = {}
-        self._default_kernel_latency_s = 0.0
-        if isinstance(kernel_latency_ms, Mapping):
-            for name, ms in kernel_latency_ms.items():
-                self._kernel_latency_s[name] = (
-                    _non_negative(f"kernel_latency_ms[{name!r}]", ms) / 1e3
-                )
-        else:
-            self._default_kernel_latency_s = (
-                _non_negative("kernel_latency_ms", kernel_latency_ms) / 1e3
-            )
-        self._kernel_faults: dict[str, BaseException | type[BaseException] | None] = {}
-        if isinstance(failing_kernels, Mapping):
-            for name, err in failing_kernels.items():
-                if not (
-                    err is None
-                    or isinstance(err, BaseException)
-                    or (isinstance(err, type) and issubclass(err, BaseException))
-                ):
-                    raise ConfigError(
-                        f"failing_kernels[{name!r}] must be an exception instance or class, "
-                        f"got {err!r}"
-                    )
-            self._kernel_faults.update(failing_kernels)
-        elif failing_kernels is not None:
-            if isinstance(failing_kernels, str):
-                raise ConfigError("failing_kernels must be an iterable of names, not a string")
-            self._kernel_faults.update(dict.fromkeys(failing_kernels))
+        self._kernel_latency_s, self._default_kernel_latency_s = _kernel_latencies(
+            kernel_latency_ms
+        )
+        self._kernel_faults: dict[str, KernelFault] = _kernel_faults(failing_kernels)
         self._fail_kv_after = fail_kv_after_pages
         self.kv_pages_handed_out = 0
 
@@ -896,19 +495,7 @@ class MockBackendProvider:
         delay = self._kernel_latency_s.get(name, self._default_kernel_latency_s)
         if not fault_set and not delay:
             return impl
-        fault = self._kernel_faults.get(name)
-
-        @functools.wraps(impl)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if delay:
-                time.sleep(delay)
-            if fault_set:
-                if fault is None:
-                    raise InjectedFaultError(f"kernel {name!r} failed (injected fault)")
-                raise fault
-            return impl(*args, **kwargs)
-
-        return wrapper
+        return _faulty_kernel(name, impl, fault_set, self._kernel_faults.get(name), delay)
 
     # ------------------------------------------------------------------ fault injection
     def inject_kernel_failure(
@@ -961,37 +548,6 @@ class MockBackendProvider:
         )
 
 
-_CONFIG_KEYS: frozenset[str] = frozenset(
-    {
-        "supported_dtypes",
-        "supported_kernels",
-        "has_collective",
-        "has_graph_exec",
-        "max_memory_mb",
-        "has_stream",
-        "has_event",
-        "device",
-        "device_name",
-        "device_type",
-        "compute_capability",
-        "max_batch_size",
-        "max_sequence_length",
-        "kv_spec",
-        "kv_block_size",
-        "offload_device",
-        "offload_memory_mb",
-        "world_size",
-        "rank",
-        "device_ids",
-        "fail_on_init",
-        "fail_kv_after_pages",
-        "failing_kernels",
-        "kernel_latency_ms",
-        "collective_latency_ms",
-    }
-)
-
-
 def create_mock_backend(config: Any = None, **kwargs: Any) -> MockBackendProvider:
     """Entry point of the ``mock`` kind (``sagellm.backends``).
 
@@ -1006,32 +562,4 @@ def create_mock_backend(config: Any = None, **kwargs: Any) -> MockBackendProvide
         ConfigError: unknown keys (the message lists the valid ones), or a kind other than
             ``"mock"``.
     """
-    options: dict[str, Any] = {}
-    if config is None:
-        pass
-    elif isinstance(config, Mapping):
-        options.update(config)
-    elif hasattr(config, "kind"):
-        for attr in ("kind", "device", "device_ids"):
-            value = getattr(config, attr, None)
-            if value is not None:
-                options[attr] = value
-    else:
-        raise ConfigError(
-            "config must be None, a dict, or a BackendConfig-like object with kind/device/"
-            f"device_ids; got {type(config).__name__}"
-        )
-    options.update(kwargs)
-    kind = options.pop("kind", None)
-    if kind is not None and kind != "mock":
-        raise ConfigError(f"create_mock_backend got kind={kind!r}; this factory builds 'mock'")
-    unknown = sorted(set(options) - _CONFIG_KEYS)
-    if unknown:
-        valid = ", ".join(sorted(_CONFIG_KEYS | {"kind"}))
-        raise ConfigError(f"unknown mock backend option(s): {', '.join(unknown)}; valid: {valid}")
-    if options.get("device") is None:
-        options.pop("device", None)
-        ids = options.get("device_ids")
-        if ids:
-            options["device"] = f"mock:{next(iter(ids))}"
-    return MockBackendProvider(**options)
+    return MockBackendProvider(**_mock_options(config, kwargs))
