@@ -31,6 +31,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagellm_backend._validate import check_int, check_text
 from sagellm_backend.errors import ConfigError
 
 __all__ = [
@@ -208,20 +209,8 @@ def missing_fields_error(owner: str, missing: Collection[str], example: str) -> 
     return ConfigError(f"{owner} config is missing required field(s): {names}; e.g. {example}")
 
 
-def _check_str(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"engine config '{name}' must be a non-empty string, got {value!r}")
-    return value
-
-
-def _check_positive_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"engine config '{name}' must be an integer > 0, got {value!r}")
-    return value
+def _field(name: str) -> str:
+    return f"engine config '{name}'"
 
 
 def _generate_engine_id(kind: str | None, model: str | None) -> str:
@@ -260,9 +249,11 @@ def normalize_engine_config(
     # Dataclass configs carry fields (mock_mode, provider, ...) that are not errors.
     values: dict[str, Any] = {}
     for name in _STR_FIELDS:
-        values[name] = _check_str(name, data.get(name))
+        values[name] = check_text(_field(name), data.get(name), optional=True)
     for name in _INT_FIELDS:
-        values[name] = _check_positive_int(name, data.get(name))
+        values[name] = check_int(
+            _field(name), data.get(name), optional=True, valid="an integer > 0"
+        )
 
     provider: Any = None
     if backend is not None:

@@ -29,20 +29,11 @@ from sagellm_protocol import Timestamps as Timestamps
 
 from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
-from sagellm_backend.engine.hf.core import (
-    HFEngineCore,
-    HFFaceFields,
-    LoadSettings,
-    check_bool,
-    check_common_fields,
-    check_positive_int,
-    face_config_fields,
-    hf_unavailable_reason,
-    make_mock_engine,
-    resolve_engine_options,
-    with_provider,
-)
+from sagellm_backend.engine.hf import face
+from sagellm_backend.engine.hf.core import HFEngineCore
+from sagellm_backend.engine.hf.face import HFFaceFields, LoadSettings, check_bool
 from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
+from sagellm_backend.engine.options import resolve_engine_options
 from sagellm_backend.errors import ConfigError
 
 __all__ = ["CPUEngine", "CPUEngineConfig", "create_cpu_engine"]
@@ -101,14 +92,14 @@ class CPUEngineConfig(HFFaceFields):
 
     def __post_init__(self) -> None:
         owner = "CPUEngineConfig"
-        check_common_fields(owner, self)
+        face.check_common_fields(owner, self)
         if not self.mock_mode and self.device != "cpu":
             raise ConfigError(
                 f"{owner}.device must be 'cpu' (use HFCudaEngine for GPUs, or mock_mode=True), "
                 f"got {self.device!r}"
             )
-        check_positive_int(owner, "max_batch_size", self.max_batch_size)
-        check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
+        face.check_positive_int(owner, "max_batch_size", self.max_batch_size)
+        face.check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
         if self.torch_dtype not in _VALID_DTYPES:
             raise ConfigError(
                 f"{owner}.torch_dtype must be one of {_VALID_DTYPES}, got {self.torch_dtype!r}"
@@ -122,7 +113,7 @@ class CPUEngineConfig(HFFaceFields):
             **bnb_4bit_fields(self),
         )
         if self.num_threads is not None:
-            check_positive_int(owner, "num_threads", self.num_threads)
+            face.check_positive_int(owner, "num_threads", self.num_threads)
         resolve_engine_options(owner, self)
         from sagellm_backend.engine.hf.distributed import check_tp_fields
 
@@ -140,6 +131,7 @@ class CPUEngine(HFEngineCore):
     """
 
     ENGINE_NAME = "CPUEngine"
+    INFO_FIELDS = ("torch_dtype", "load_in_8bit", "load_in_4bit", "max_new_tokens", "num_threads")
 
     def __init__(self, config: CPUEngineConfig | EngineConfig, *, from_core: bool = False) -> None:
         if not isinstance(config, CPUEngineConfig):
@@ -153,21 +145,14 @@ class CPUEngine(HFEngineCore):
         mock = None
         load = None
         if config.mock_mode:
-            mock = make_mock_engine(config, type(self).__name__, from_core)
+            mock = face.make_mock_engine(config, type(self).__name__, from_core)
         else:
-            assert config.model_path is not None
-            load = LoadSettings(
-                model_path=config.model_path,
+            load = LoadSettings.from_config(
+                config,
                 device="cpu",
                 dtype=config.torch_dtype,
                 device_map=None,
-                load_in_8bit=config.load_in_8bit,
-                load_in_4bit=config.load_in_4bit,
-                trust_remote_code=config.trust_remote_code,
                 low_cpu_mem_usage=config.low_cpu_mem_usage,
-                max_new_tokens=config.max_new_tokens,
-                max_batch_size=config.max_batch_size,
-                **bnb_4bit_fields(config),
             )
         super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
         self._cpu_config = config
@@ -180,12 +165,12 @@ class CPUEngine(HFEngineCore):
     @classmethod
     def is_available(cls) -> bool:
         """Whether torch and transformers are installed (imports neither)."""
-        return hf_unavailable_reason() is None
+        return face.hf_unavailable_reason() is None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why the engine cannot run here, or None."""
-        return hf_unavailable_reason()
+        return face.hf_unavailable_reason()
 
     @classmethod
     def priority(cls) -> int:
@@ -206,19 +191,6 @@ class CPUEngine(HFEngineCore):
             import torch
 
             torch.set_num_threads(n)
-
-    def get_info(self) -> dict[str, Any]:
-        """Engine description (see :meth:`HFEngineCore.get_info`) plus the CPU settings."""
-        info = super().get_info()
-        cfg = self._cpu_config
-        info.update(
-            torch_dtype=cfg.torch_dtype,
-            load_in_8bit=cfg.load_in_8bit,
-            load_in_4bit=cfg.load_in_4bit,
-            max_new_tokens=cfg.max_new_tokens,
-            num_threads=cfg.num_threads,
-        )
-        return info
 
 
 def create_cpu_engine(config: Any = None, backend: Any = None) -> CPUEngine:
@@ -241,12 +213,12 @@ def create_cpu_engine(config: Any = None, backend: Any = None) -> CPUEngine:
     from sagellm_backend.engine._plugin import missing_fields_error, normalize_engine_config
 
     if isinstance(config, CPUEngineConfig):
-        return CPUEngine(with_provider(config, backend))
+        return CPUEngine(face.with_provider(config, backend))
     names = {f.name for f in dataclasses.fields(CPUEngineConfig)}
     settings = normalize_engine_config(config, backend, fields=names)
     if settings.kind is not None and settings.kind.lower() not in ("cpu", "hf_cpu", "cpu_engine"):
         raise ConfigError(f"create_cpu_engine got engine kind {settings.kind!r}, expected 'cpu'")
-    fields = face_config_fields(settings, CPUEngineConfig, "cpu", default_device="cpu")
+    fields = face.face_config_fields(settings, CPUEngineConfig, "cpu", default_device="cpu")
     if settings.model_path is None and not settings.extra.get("mock_mode"):
         raise missing_fields_error(
             "cpu engine",

@@ -50,20 +50,11 @@ from sagellm_protocol import Timestamps as Timestamps
 from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
-from sagellm_backend.engine.hf.core import (
-    HFEngineCore,
-    HFFaceFields,
-    LoadSettings,
-    check_bool,
-    check_common_fields,
-    check_positive_int,
-    face_config_fields,
-    hf_unavailable_reason,
-    make_mock_engine,
-    resolve_engine_options,
-    with_provider,
-)
+from sagellm_backend.engine.hf import face
+from sagellm_backend.engine.hf.core import HFEngineCore
+from sagellm_backend.engine.hf.face import HFFaceFields, LoadSettings, check_bool
 from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
+from sagellm_backend.engine.options import resolve_engine_options
 from sagellm_backend.errors import ConfigError
 
 __all__ = ["HFCudaEngine", "HFCudaEngineConfig", "create_cuda_engine"]
@@ -126,7 +117,7 @@ class HFCudaEngineConfig(HFFaceFields):
             ConfigError: the first invalid field, with what a valid value looks like.
         """
         owner = "HFCudaEngineConfig"
-        check_common_fields(owner, self)
+        face.check_common_fields(owner, self)
         if self.model_path is None:
             raise ConfigError(
                 f"{owner}.model_path is required (e.g. 'TinyLlama/TinyLlama-1.1B-Chat-v1.0' "
@@ -171,8 +162,8 @@ class HFCudaEngineConfig(HFFaceFields):
             **bnb_4bit_fields(self),
         )
         check_bool(owner, "trust_remote_code", self.trust_remote_code)
-        check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
-        check_positive_int(owner, "max_batch_size", self.max_batch_size)
+        face.check_positive_int(owner, "max_new_tokens", self.max_new_tokens)
+        face.check_positive_int(owner, "max_batch_size", self.max_batch_size)
         resolve_engine_options(owner, self)
         from sagellm_backend.engine.hf.distributed import check_tp_fields
 
@@ -189,6 +180,7 @@ class HFCudaEngine(HFEngineCore):
 
     ENGINE_NAME = "HFCudaEngine"
     PROVIDER_HINT = "; use mock_mode=True for a simulation"
+    INFO_FIELDS = ("dtype", "device_map", "load_in_8bit", "load_in_4bit", "max_new_tokens")
 
     def __init__(
         self, config: HFCudaEngineConfig | EngineConfig, *, from_core: bool = False
@@ -202,24 +194,18 @@ class HFCudaEngine(HFEngineCore):
             config = HFCudaEngineConfig(**base)  # the required fields are missing: raises
         config.validate()
         options = resolve_engine_options("HFCudaEngineConfig", config)
-        assert config.model_path is not None and config.max_new_tokens is not None
-        assert config.max_batch_size is not None and config.dtype is not None
-        assert config.device is not None
-        load = LoadSettings(
-            model_path=config.model_path,
+        assert config.device is not None and config.dtype is not None
+        load = LoadSettings.from_config(
+            config,
             device=config.device,
             dtype=config.dtype,
             device_map=config.device_map,
-            load_in_8bit=bool(config.load_in_8bit),
-            load_in_4bit=bool(config.load_in_4bit),
-            trust_remote_code=bool(config.trust_remote_code),
             low_cpu_mem_usage=True,
-            max_new_tokens=config.max_new_tokens,
-            max_batch_size=config.max_batch_size,
-            **bnb_4bit_fields(config),
         )
         mock = (
-            make_mock_engine(config, type(self).__name__, from_core) if config.mock_mode else None
+            face.make_mock_engine(config, type(self).__name__, from_core)
+            if config.mock_mode
+            else None
         )
         super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
         self._cuda_config = config
@@ -237,7 +223,7 @@ class HFCudaEngine(HFEngineCore):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why the engine cannot run here (missing packages or no CUDA device), or None."""
-        reason = hf_unavailable_reason()
+        reason = face.hf_unavailable_reason()
         if reason is not None:
             return reason
         from sagellm_backend.providers.cuda import unavailable_reason
@@ -256,19 +242,6 @@ class HFCudaEngine(HFEngineCore):
         if self._options.kv_cache_memory_bytes is not None:
             options["kv_memory_bytes"] = self._options.kv_cache_memory_bytes
         return create_cuda_backend(options)
-
-    def get_info(self) -> dict[str, Any]:
-        """Engine description (see :meth:`HFEngineCore.get_info`) plus the CUDA settings."""
-        info = super().get_info()
-        cfg = self._cuda_config
-        info.update(
-            dtype=cfg.dtype,
-            device_map=cfg.device_map,
-            load_in_8bit=cfg.load_in_8bit,
-            load_in_4bit=cfg.load_in_4bit,
-            max_new_tokens=cfg.max_new_tokens,
-        )
-        return info
 
 
 #: What :func:`create_cuda_engine` uses for documented fields a sagellm-core config lacks.
@@ -305,7 +278,7 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
     from sagellm_backend.engine._plugin import missing_fields_error, normalize_engine_config
 
     if isinstance(config, HFCudaEngineConfig):
-        return HFCudaEngine(with_provider(config, backend))
+        return HFCudaEngine(face.with_provider(config, backend))
     names = {f.name for f in dataclasses.fields(HFCudaEngineConfig)}
     settings = normalize_engine_config(config, backend, fields=names)
     if settings.kind is not None and settings.kind.lower().replace("-", "_") not in (
@@ -316,7 +289,7 @@ def create_cuda_engine(config: Any = None, backend: Any = None) -> HFCudaEngine:
         "gpu",
     ):
         raise ConfigError(f"create_cuda_engine got engine kind {settings.kind!r}, expected 'cuda'")
-    fields = face_config_fields(
+    fields = face.face_config_fields(
         settings, HFCudaEngineConfig, "cuda", default_device="cuda:0", defaults=FACTORY_DEFAULTS
     )
     missing = []

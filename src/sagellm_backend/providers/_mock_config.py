@@ -14,6 +14,7 @@ from typing import Any
 
 from sagellm_protocol import ErrorCode
 
+from sagellm_backend._validate import check_bool, check_int, check_number, check_text
 from sagellm_backend.capability import DType, KernelKind, parse_dtype
 from sagellm_backend.errors import BackendError, ConfigError
 
@@ -32,17 +33,16 @@ class InjectedFaultError(BackendError, RuntimeError):
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    valid = "a positive integer"
+    if allow_none:
+        return check_int(name, value, optional=True, valid=valid)
+    return check_int(name, value, valid=valid)
 
 
 def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
+    return check_number(
+        name, value, lo=0, finite=False, valid="a number >= 0", in_range="a number >= 0"
+    )
 
 
 def _capability_matrix(
@@ -67,15 +67,13 @@ def _capability_matrix(
 def _check_flags(**flags: object) -> None:
     """Raise ConfigError naming the first keyword whose value is not a bool."""
     for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name} must be a bool, got {flag!r}")
+        check_bool(name, flag)
 
 
 def _check_names(**texts: object) -> None:
     """Raise ConfigError naming the first keyword whose value is not a non-empty string."""
     for name, text in texts.items():
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"{name} must be a non-empty string, got {text!r}")
+        check_text(name, text)
 
 
 def _kernel_latencies(

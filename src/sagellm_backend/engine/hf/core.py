@@ -35,25 +35,43 @@ Invariants (besides :mod:`sagellm_backend.engine.base`'s):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sagellm_backend.engine._streaming import RequestLimits
 from sagellm_backend.engine.base import EngineConfig
+from sagellm_backend.engine.hf.face import (
+    HFFaceFields,
+    LoadSettings,
+    MockModeServing,
+    check_bool,
+    check_common_fields,
+    check_positive_int,
+    face_config_fields,
+    hf_unavailable_reason,
+    make_mock_engine,
+    with_provider,
+)
+from sagellm_backend.engine.mock.serving import release_to
+from sagellm_backend.engine.options import (
+    ENGINE_OPTION_DEFAULTS,
+    RUNNER_CHOICES,
+    EngineOptionFields,
+    EngineOptions,
+    resolve_engine_options,
+)
 from sagellm_backend.engine.sched.engine import Detokenizer, ScheduledEngine, Serving
 from sagellm_backend.engine.sched.scheduler import Scheduler
 from sagellm_backend.errors import ConfigError
 
 if TYPE_CHECKING:
-    from sagellm_backend.engine._plugin import PluginEngineSettings
     from sagellm_backend.engine.runners.base import ModelRunner
     from sagellm_backend.kv.manager import KVCacheManager
 
+# The names below ENGINE_OPTION_DEFAULTS .. with_provider moved to engine.options and
+# engine.hf.face; they are re-exported here (their published home in this package).
 __all__ = [
     "ENGINE_OPTION_DEFAULTS",
     "RUNNER_CHOICES",
@@ -75,210 +93,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_MIB = 1 << 20
-_STOP_JOIN_S = 1.5
-
-#: Values of the ``runner`` option.
-RUNNER_CHOICES = ("auto", "paged", "hf")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Tuning options shared by the HF engines (config fields of the same names).
-
-    Attributes:
-        kv_cache_memory_bytes: bytes of the KV pool the engine asks its provider for; None
-            takes what the provider's KV budget has left (a provider the engine creates
-            itself gets this as its budget).
-        block_size: tokens per KV page.
-        enable_prefix_caching: reuse the K/V of cached full blocks of a repeated prompt
-            prefix (paged runner only; the fallback runner always recomputes).
-        max_num_batched_tokens: most tokens one step computes (prompt chunks are split to
-            fit); bounds step latency and so ``stop()`` latency.
-        max_model_len: cap on prompt + output length (None: the model's context length).
-        max_input_tokens: cap on prompt length (None: only the context bounds it).
-        runner: ``"auto"`` (paged where the model supports custom attention functions, else
-            the batched fallback), ``"paged"`` (error if the model is not supported) or
-            ``"hf"`` (always the fallback).
-        fuse_projections: accepted and validated, no effect (it tuned the hand-written
-            Llama runner, removed since: the generic paged runner was as fast).
-        prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
-            MKL-prepacked copy of the plain linear weights for steps of 4..16 tokens, which
-            run padded to 16 rows (paged runner; a second copy of the linear weights'
-            memory, so turn it off for models that barely fit in RAM).
-        decode_workspace_bytes: accepted and validated, no effect (as ``fuse_projections``).
-    """
-
-    kv_cache_memory_bytes: int | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_input_tokens: int | None = None
-    runner: str = "auto"
-    fuse_projections: bool = True
-    prepack_weights: bool = True
-    decode_workspace_bytes: int = 512 << 20
-
-
-#: Option name -> default (the config dataclasses declare fields with these defaults).
-ENGINE_OPTION_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in dataclasses.fields(EngineOptions)
-}
-
-
-@dataclass(kw_only=True)
-class EngineOptionFields(EngineConfig):
-    """Base of the face configs: :class:`EngineConfig` plus the :class:`EngineOptions` fields.
-
-    The option fields are keyword-only, so they follow every positional field a face
-    declares (its published positional order is kept). Invariant: the names and defaults
-    equal :data:`ENGINE_OPTION_DEFAULTS` (checked at import); the values are validated by
-    :func:`resolve_engine_options`.
-    """
-
-    kv_cache_memory_bytes: int | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_input_tokens: int | None = None
-    runner: str = "auto"
-    fuse_projections: bool = True
-    prepack_weights: bool = True
-    decode_workspace_bytes: int = 512 << 20
-
-
-@dataclass(kw_only=True)
-class HFFaceFields(EngineOptionFields):
-    """The keyword-only fields both HF faces add to :class:`EngineOptionFields`.
-
-    4-bit options (validated by :func:`~sagellm_backend.engine.hf.loader.bnb_4bit_fields`;
-    they may differ from their defaults only with ``load_in_4bit=True``) and tensor
-    parallelism (validated by :func:`~sagellm_backend.engine.hf.distributed.check_tp_fields`).
-    """
-
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_compute_dtype: str | None = None
-    bnb_4bit_use_double_quant: bool = True
-    tensor_parallel_size: int = 1
-    distributed_backend: str = "auto"
-    distributed_timeout_s: float = 60.0
-
-
-_BASE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
-if {
-    f.name: f.default for f in dataclasses.fields(EngineOptionFields) if f.name not in _BASE_FIELDS
-} != ENGINE_OPTION_DEFAULTS:  # pragma: no cover - a development error
-    raise AssertionError("EngineOptionFields and EngineOptions declare different options")
-
-
-def _check_option(owner: str, name: str, value: Any) -> Any:
-    def bad(valid: str) -> ConfigError:
-        return ConfigError(f"{owner}.{name} must be {valid}, got {value!r}")
-
-    if name in ("kv_cache_memory_bytes", "max_model_len", "max_input_tokens"):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise bad("None or an integer >= 1")
-    elif name in ("block_size", "max_num_batched_tokens"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad("an integer >= 1")
-    elif name == "decode_workspace_bytes":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad("an integer >= 0 (0 turns the workspace off)")
-    elif name in ("enable_prefix_caching", "fuse_projections", "prepack_weights"):
-        if not isinstance(value, bool):
-            raise bad("a bool (True or False)")
-    elif name == "runner" and value not in RUNNER_CHOICES:
-        raise bad(f"one of {RUNNER_CHOICES}")
-    return value
-
-
-def resolve_engine_options(owner: str, config: Any) -> EngineOptions:
-    """Read and validate the :class:`EngineOptions` of an engine config.
-
-    Each option comes from the config field of the same name; ``config.metadata`` may also
-    carry it (for configs built by generic code). A metadata value is used when the field
-    is at its default; a field set to something else and a different metadata value is a
-    conflict.
-
-    Raises:
-        ConfigError: an invalid value or a conflict (the message names the option).
-    """
-    metadata = getattr(config, "metadata", None) or {}
-    values: dict[str, Any] = {}
-    for name, default in ENGINE_OPTION_DEFAULTS.items():
-        value = getattr(config, name, default)
-        if name in metadata:
-            meta = metadata[name]
-            if value != default and meta != value:
-                raise ConfigError(
-                    f"{owner}.{name}={value!r} conflicts with metadata[{name!r}]={meta!r}; "
-                    "set it in one place"
-                )
-            value = meta
-        values[name] = _check_option(owner, name, value)
-    opts = EngineOptions(**values)
-    max_batch = getattr(config, "max_batch_size", None)
-    if isinstance(max_batch, int) and opts.max_num_batched_tokens < max_batch:
-        raise ConfigError(
-            f"{owner}.max_num_batched_tokens={opts.max_num_batched_tokens} must be >= "
-            f"max_batch_size={max_batch} (every running request decodes one token per step)"
-        )
-    return opts
-
-
-def check_bool(owner: str, name: str, value: Any) -> bool:
-    """Return ``value`` when it is a bool, else raise ConfigError naming ``owner.name``."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}.{name} is required and must be True or False, got {value!r}")
-    return value
-
-
-def check_positive_int(owner: str, name: str, value: Any) -> int:
-    """Return ``value`` when it is an int > 0, else raise ConfigError naming ``owner.name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(
-            f"{owner}.{name} is required and must be an integer > 0 (e.g. 8), got {value!r}"
-        )
-    return value
-
-
-def check_common_fields(owner: str, config: Any) -> None:
-    """Validate the :class:`~sagellm_backend.engine.base.EngineConfig` fields of a config.
-
-    ``engine_id`` non-empty; ``model_path`` a non-empty string (None only with
-    ``mock_mode``); ``mock_mode`` a bool; ``provider`` None or a backend provider;
-    ``metadata`` a dict.
-
-    Raises:
-        ConfigError: naming the field, the bad value and what is valid.
-    """
-    from sagellm_backend.engine._plugin import is_backend_provider
-
-    eid = config.engine_id
-    if not isinstance(eid, str) or not eid.strip():
-        raise ConfigError(f"{owner}.engine_id must be a non-empty string, got {eid!r}")
-    check_bool(owner, "mock_mode", config.mock_mode)
-    path = config.model_path
-    if path is None and not config.mock_mode:
-        raise ConfigError(
-            f"{owner}.model_path is required: a Hugging Face model directory or hub id "
-            "('org/name'); got None"
-        )
-    if path is not None and (not isinstance(path, str) or not path.strip()):
-        raise ConfigError(
-            f"{owner}.model_path must be a model directory or hub id string, got {path!r}"
-        )
-    if config.provider is not None and not is_backend_provider(config.provider):
-        raise ConfigError(
-            f"{owner}.provider must be None or a backend provider, "
-            f"got {type(config.provider).__name__}"
-        )
-    if not isinstance(config.metadata, dict):
-        raise ConfigError(f"{owner}.metadata must be a dict, got {config.metadata!r}")
 
 
 def _provider_dtypes(provider: Any) -> list[str] | None:
@@ -287,159 +101,6 @@ def _provider_dtypes(provider: Any) -> list[str] | None:
     if not dtypes:
         return None
     return [str(getattr(d, "value", d)) for d in dtypes]
-
-
-def hf_unavailable_reason() -> str | None:
-    """Why the HF engines cannot run here (missing packages, with the fix), or None."""
-    import importlib.util
-
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"{' and '.join(missing)} not installed: pip install 'isagellm-backend[hf]'"
-    return None
-
-
-class MockModeServing:
-    """The ``mock_mode`` choice of an HF engine face: a mock-model serving set (no torch).
-
-    The engine keeps its own validation, limits (``max_new_tokens`` caps ``max_tokens``,
-    ``max_input_tokens``) and life cycle; only the runner (the
-    :class:`~sagellm_backend.engine.runners.mock.MockRunner`), tokenizer and KV geometry
-    are the mock's. It runs on the config's provider, or a fresh MockBackendProvider; its
-    component_trace ends with ``"mock"``.
-    """
-
-    def __init__(self, config: EngineConfig, engine_name: str, from_core: bool) -> None:
-        from sagellm_backend.engine._plugin import core_component_trace
-        from sagellm_backend.engine.mock.tokenizer import MockTokenizer
-
-        self.trace = [*core_component_trace(engine_name, from_core), "mock"]
-        self.tokenizer = MockTokenizer()
-        self.max_batch_size = config.max_batch_size
-        self.max_new_tokens: int | None = getattr(config, "max_new_tokens", None)
-
-    def build(self, provider: Any, options: EngineOptions) -> tuple[Any, Serving]:
-        """(provider, serving set); a MockBackendProvider when ``provider`` is None."""
-        from sagellm_backend.engine.mock.engine import DEFAULT_MOCK_CONTEXT, make_mock_serving
-
-        if provider is None:
-            from sagellm_backend.providers.mock import MockBackendProvider
-
-            provider = MockBackendProvider()
-        context = options.max_model_len or DEFAULT_MOCK_CONTEXT
-        return make_mock_serving(
-            provider,
-            tokenizer=self.tokenizer,
-            runner_options={},
-            enable_prefix_caching=options.enable_prefix_caching,
-            max_batch_size=self.max_batch_size,
-            limits=RequestLimits(
-                vocab_size=self.tokenizer.vocab_size,
-                max_context=context,
-                max_input_tokens=options.max_input_tokens,
-                max_new_tokens=self.max_new_tokens,
-            ),
-        )
-
-
-def make_mock_engine(config: EngineConfig, engine_name: str, from_core: bool) -> MockModeServing:
-    """The one place ``mock_mode`` is looked at: what an HF face serves with in mock mode."""
-    return MockModeServing(config, engine_name, from_core)
-
-
-_FaceConfigT = TypeVar("_FaceConfigT", bound=EngineConfig)
-
-
-def with_provider(config: _FaceConfigT, backend: Any) -> _FaceConfigT:
-    """``config`` itself, or (``backend`` given) a copy on that provider, validated again.
-
-    Raises:
-        ConfigError: ``backend`` is not a backend provider.
-    """
-    if backend is None:
-        return config
-    config = copy.copy(config)
-    config.provider = backend
-    config.__post_init__()  # type: ignore[attr-defined]  # the face configs validate there
-    return config
-
-
-def face_config_fields(
-    settings: PluginEngineSettings,
-    config_cls: type[EngineConfig],
-    label: str,
-    *,
-    default_device: str,
-    defaults: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Map normalised factory settings to keyword arguments of a face config.
-
-    ``settings.extra`` may hold any field of ``config_cls`` but the ones mapped from the
-    sagellm-core names (``engine_id``, ``model_path``, ``device``, ``max_batch_size``) and
-    overrides ``defaults``; ``max_output_tokens`` becomes ``max_new_tokens`` (an extra
-    ``max_new_tokens`` that is not None must agree); a setting that is None is left to the
-    config's default. ``device`` falls back to ``default_device``.
-
-    Raises:
-        ConfigError: an unknown extra key (naming ``label``) or disagreeing token limits.
-    """
-    from sagellm_backend.engine._plugin import reject_unknown_keys
-
-    allowed = {f.name for f in dataclasses.fields(config_cls)}
-    allowed -= {"engine_id", "model_path", "device", "max_batch_size"}
-    reject_unknown_keys(settings, allowed, f"{label} engine")
-    fields: dict[str, Any] = {**(defaults or {}), **settings.extra}
-    fields.pop("provider", None)
-    fields["engine_id"] = settings.engine_id
-    fields["model_path"] = settings.model_path
-    fields["device"] = settings.device or default_device
-    fields["provider"] = settings.provider
-    if settings.max_batch_size is not None:
-        fields["max_batch_size"] = settings.max_batch_size
-    if settings.max_output_tokens is not None:
-        given = settings.extra.get("max_new_tokens")
-        if given is not None and given != settings.max_output_tokens:
-            raise ConfigError(
-                f"{label} engine config: max_output_tokens={settings.max_output_tokens} and "
-                f"max_new_tokens={given} disagree; give one"
-            )
-        fields["max_new_tokens"] = settings.max_output_tokens
-    if settings.max_input_tokens is not None:
-        fields["max_input_tokens"] = settings.max_input_tokens
-    return fields
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How an engine face loads its model (mapped from its config).
-
-    Attributes:
-        model_path: model directory or hub id.
-        device: torch device string the model and KV live on.
-        dtype: ``float16`` / ``bfloat16`` / ``float32`` / ``auto``.
-        device_map: None, an accelerate strategy, a device string or a dict.
-        load_in_8bit / load_in_4bit: bitsandbytes quantisation.
-        trust_remote_code: allow checkpoint code.
-        low_cpu_mem_usage: transformers 4.x loading option.
-        max_new_tokens: cap on tokens per request.
-        max_batch_size: most requests per step.
-        bnb_4bit_quant_type / bnb_4bit_compute_dtype / bnb_4bit_use_double_quant: 4-bit
-            options (see :func:`~sagellm_backend.engine.hf.loader.load_model_and_tokenizer`).
-    """
-
-    model_path: str
-    device: str
-    dtype: str
-    device_map: str | dict[str, Any] | None
-    load_in_8bit: bool
-    load_in_4bit: bool
-    trust_remote_code: bool
-    low_cpu_mem_usage: bool
-    max_new_tokens: int
-    max_batch_size: int
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_compute_dtype: str | None = None
-    bnb_4bit_use_double_quant: bool = True
 
 
 def build_runner(
@@ -507,19 +168,13 @@ def _hf_tokenize(tokenizer: Any) -> Any:
     return tokenize
 
 
-def _release_kv(provider: Any, kv: Any) -> None:
-    release = getattr(provider, "release_kv_manager", None)
-    if callable(release):
-        release(kv)
-
-
 def _release_serving(provider: Any, kv: Any, tp: Any) -> None:
     """Stop the tensor-parallel workers (if any), then give the KV pool back."""
     try:
         if tp is not None:
             tp.shutdown()
     finally:
-        _release_kv(provider, kv)
+        release_to(provider, kv)
 
 
 def _weak_thread_init(engine: HFEngineCore) -> Any:
@@ -559,6 +214,8 @@ class HFEngineCore(ScheduledEngine):
     kv_visible_after_stop = True
     #: Appended to the wrong-provider error of :meth:`_check_provider`.
     PROVIDER_HINT: ClassVar[str] = ""
+    #: Config fields :meth:`get_info` reports as they are (set by each face).
+    INFO_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -696,18 +353,7 @@ class HFEngineCore(ScheduledEngine):
         from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
 
         return load_model_and_tokenizer(
-            load.model_path,
-            device=load.device,
-            dtype=load.dtype,
-            device_map=load.device_map,
-            load_in_8bit=load.load_in_8bit,
-            load_in_4bit=load.load_in_4bit,
-            trust_remote_code=load.trust_remote_code,
-            low_cpu_mem_usage=load.low_cpu_mem_usage,
-            bnb_4bit_quant_type=load.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=load.bnb_4bit_compute_dtype,
-            bnb_4bit_use_double_quant=load.bnb_4bit_use_double_quant,
-            device_dtypes=_provider_dtypes(provider),
+            load.model_path, **load.loader_kwargs(), device_dtypes=_provider_dtypes(provider)
         )
 
     def _build_hf_serving(self) -> Serving:
@@ -773,7 +419,7 @@ class HFEngineCore(ScheduledEngine):
         except BaseException:
             if tp is not None:
                 tp.shutdown()
-            _release_kv(provider, kv)
+            release_to(provider, kv)
             raise
         self._vocab_size = runner.vocab_size
         self._runner_name = runner.name
@@ -810,7 +456,10 @@ class HFEngineCore(ScheduledEngine):
 
     # ------------------------------------------------------------------ info
     def get_info(self) -> dict[str, Any]:
-        """Engine description plus model, runner, scheduler and KV figures."""
+        """Engine description plus model, runner, scheduler and KV figures.
+
+        Ends with the face's :attr:`INFO_FIELDS` (config values, e.g. ``max_new_tokens``).
+        """
         info = super().get_info()
         info.update(
             mock_mode=self._mock is not None,
@@ -829,4 +478,5 @@ class HFEngineCore(ScheduledEngine):
             info["weight_memory_bytes"] = weights.total_bytes
             info["weight_memory"] = dataclasses.asdict(weights)
             info["quantization"] = weights.quantization
+        info.update({name: getattr(self.config, name) for name in self.INFO_FIELDS})
         return info
