@@ -131,6 +131,8 @@ class CPUEngine(HFEngineCore):
     """
 
     ENGINE_NAME = "CPUEngine"
+    BACKEND_TYPE = "cpu"
+    PRIORITY = 50  # above mock, below CUDA
     INFO_FIELDS = ("torch_dtype", "load_in_8bit", "load_in_4bit", "max_new_tokens", "num_threads")
 
     def __init__(self, config: CPUEngineConfig | EngineConfig, *, from_core: bool = False) -> None:
@@ -156,26 +158,6 @@ class CPUEngine(HFEngineCore):
             )
         super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
         self._cpu_config = config
-
-    @classmethod
-    def backend_type(cls) -> str:
-        """Kind served: ``"cpu"``."""
-        return "cpu"
-
-    @classmethod
-    def is_available(cls) -> bool:
-        """Whether torch and transformers are installed (imports neither)."""
-        return face.hf_unavailable_reason() is None
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """Why the engine cannot run here, or None."""
-        return face.hf_unavailable_reason()
-
-    @classmethod
-    def priority(cls) -> int:
-        """Auto-selection priority: above mock, below CUDA."""
-        return 50
 
     def _make_provider(self) -> Any:
         from sagellm_backend.providers.cpu import CPUBackendProvider

@@ -179,6 +179,8 @@ class HFCudaEngine(HFEngineCore):
     """
 
     ENGINE_NAME = "HFCudaEngine"
+    BACKEND_TYPE = "cuda"
+    PRIORITY = 100  # the highest built-in engine
     PROVIDER_HINT = "; use mock_mode=True for a simulation"
     INFO_FIELDS = ("dtype", "device_map", "load_in_8bit", "load_in_4bit", "max_new_tokens")
 
@@ -211,16 +213,6 @@ class HFCudaEngine(HFEngineCore):
         self._cuda_config = config
 
     @classmethod
-    def backend_type(cls) -> str:
-        """Kind served: ``"cuda"``."""
-        return "cuda"
-
-    @classmethod
-    def is_available(cls) -> bool:
-        """Whether torch, transformers and a CUDA device are there."""
-        return cls.unavailable_reason() is None
-
-    @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why the engine cannot run here (missing packages or no CUDA device), or None."""
         reason = face.hf_unavailable_reason()
@@ -229,11 +221,6 @@ class HFCudaEngine(HFEngineCore):
         from sagellm_backend.providers.cuda import unavailable_reason
 
         return unavailable_reason()
-
-    @classmethod
-    def priority(cls) -> int:
-        """Auto-selection priority: the highest built-in engine."""
-        return 100
 
     def _make_provider(self) -> Any:
         from sagellm_backend.providers.cuda import create_cuda_backend

@@ -42,26 +42,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sagellm_backend.engine._streaming import RequestLimits
 from sagellm_backend.engine.base import EngineConfig
-from sagellm_backend.engine.hf.face import (
-    HFFaceFields,
-    LoadSettings,
-    MockModeServing,
-    check_bool,
-    check_common_fields,
-    check_positive_int,
-    face_config_fields,
-    hf_unavailable_reason,
-    make_mock_engine,
-    with_provider,
-)
+from sagellm_backend.engine.hf.face import HFFaceFields as HFFaceFields
+from sagellm_backend.engine.hf.face import LoadSettings as LoadSettings
+from sagellm_backend.engine.hf.face import MockModeServing as MockModeServing
+from sagellm_backend.engine.hf.face import check_bool as check_bool
+from sagellm_backend.engine.hf.face import check_common_fields as check_common_fields
+from sagellm_backend.engine.hf.face import check_positive_int as check_positive_int
+from sagellm_backend.engine.hf.face import face_config_fields as face_config_fields
+from sagellm_backend.engine.hf.face import hf_unavailable_reason as hf_unavailable_reason
+from sagellm_backend.engine.hf.face import make_mock_engine as make_mock_engine
+from sagellm_backend.engine.hf.face import with_provider as with_provider
 from sagellm_backend.engine.mock.serving import release_to
-from sagellm_backend.engine.options import (
-    ENGINE_OPTION_DEFAULTS,
-    RUNNER_CHOICES,
-    EngineOptionFields,
-    EngineOptions,
-    resolve_engine_options,
-)
+from sagellm_backend.engine.options import ENGINE_OPTION_DEFAULTS as ENGINE_OPTION_DEFAULTS
+from sagellm_backend.engine.options import RUNNER_CHOICES as RUNNER_CHOICES
+from sagellm_backend.engine.options import EngineOptionFields as EngineOptionFields
+from sagellm_backend.engine.options import EngineOptions as EngineOptions
+from sagellm_backend.engine.options import resolve_engine_options as resolve_engine_options
 from sagellm_backend.engine.sched.engine import Detokenizer, ScheduledEngine, Serving
 from sagellm_backend.engine.sched.scheduler import Scheduler
 from sagellm_backend.errors import ConfigError
@@ -70,27 +66,9 @@ if TYPE_CHECKING:
     from sagellm_backend.engine.runners.base import ModelRunner
     from sagellm_backend.kv.manager import KVCacheManager
 
-# The names below ENGINE_OPTION_DEFAULTS .. with_provider moved to engine.options and
-# engine.hf.face; they are re-exported here (their published home in this package).
-__all__ = [
-    "ENGINE_OPTION_DEFAULTS",
-    "RUNNER_CHOICES",
-    "EngineOptionFields",
-    "EngineOptions",
-    "HFEngineCore",
-    "HFFaceFields",
-    "LoadSettings",
-    "MockModeServing",
-    "build_runner",
-    "check_bool",
-    "check_common_fields",
-    "check_positive_int",
-    "face_config_fields",
-    "hf_unavailable_reason",
-    "make_mock_engine",
-    "resolve_engine_options",
-    "with_provider",
-]
+# The names imported "as" themselves from engine.hf.face and engine.options were defined
+# here before; they are re-exported.
+__all__ = ["HFEngineCore", "build_runner"]
 
 _log = logging.getLogger(__name__)
 
@@ -198,8 +176,9 @@ def _inference_mode() -> Any:
 class HFEngineCore(ScheduledEngine):
     """Continuous-batching engine over a Hugging Face causal LM (see module docstring).
 
-    Subclasses set :attr:`ENGINE_NAME` and implement :meth:`backend_type`,
-    :meth:`_make_provider` and (optionally) :meth:`_thread_init`.
+    Subclasses set :attr:`ENGINE_NAME`, :attr:`BACKEND_TYPE`, :attr:`PRIORITY` and
+    :attr:`INFO_FIELDS`, implement :meth:`_make_provider` and (optionally)
+    :meth:`_thread_init`, and may extend :meth:`unavailable_reason`.
 
     Args:
         config: the face's config (already validated by it).
@@ -211,6 +190,10 @@ class HFEngineCore(ScheduledEngine):
     """
 
     ENGINE_NAME: ClassVar[str] = "HFEngineCore"
+    #: What :meth:`backend_type` returns (the kind a face serves, e.g. ``"cpu"``).
+    BACKEND_TYPE: ClassVar[str] = ""
+    #: What :meth:`priority` returns (auto-selection: higher wins among available engines).
+    PRIORITY: ClassVar[int] = 0
     kv_visible_after_stop = True
     #: Appended to the wrong-provider error of :meth:`_check_provider`.
     PROVIDER_HINT: ClassVar[str] = ""
@@ -247,6 +230,33 @@ class HFEngineCore(ScheduledEngine):
         self._quantization: str | None = None
         self._tp: Any = None  # distributed.TensorParallelGroup when tensor_parallel_size > 1
         self.load_in_thread = mock_engine is None
+
+    # ------------------------------------------------------------------ kind, availability
+    @classmethod
+    def backend_type(cls) -> str:
+        """The kind this face serves: :attr:`BACKEND_TYPE`."""
+        return cls.BACKEND_TYPE
+
+    @classmethod
+    def priority(cls) -> int:
+        """Auto-selection priority: :attr:`PRIORITY`."""
+        return cls.PRIORITY
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether the engine can run here: :meth:`unavailable_reason` is None.
+
+        Imports neither torch nor transformers.
+        """
+        return cls.unavailable_reason() is None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why the engine cannot run here (missing packages, with the fix), or None.
+
+        Faces that need more (a device) extend it.
+        """
+        return hf_unavailable_reason()
 
     # ------------------------------------------------------------------ face hooks
     def _make_provider(self) -> Any:

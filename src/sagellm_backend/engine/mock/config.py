@@ -114,63 +114,59 @@ _CHECKS: tuple[tuple[str, _Check] | None, ...] = (
 class MockEngineConfig(EngineConfig):
     """Configuration of :class:`MockEngine` (0.1.1.2 constructor kept, options added).
 
-    Positional/0.1.1.2 arguments: ``engine_id``, ``simulate_latency_ms`` (per output token
-    after the first), ``simulate_ttft_ms`` (prefill step), ``simulate_failure_rate``
-    (probability a request fails), ``vocabulary_size``; ``**kwargs`` take the
-    :class:`~sagellm_backend.engine.base.EngineConfig` fields (model_path, device,
-    max_batch_size, mock_mode, provider, metadata).
-
-    Keyword options:
-        jitter_ms: uniform random extra time ``[0, jitter_ms]`` per step.
-        seed: seed of the jitter/fault random generator.
-        default_max_tokens: used for a request whose ``max_tokens`` is None.
-        max_input_tokens / max_output_tokens: limits; a request beyond them gets an
-            INVALID_ARGUMENT error result.
-        eos_probability: chance that a generated token is EOS (0 = never; deterministic per
-            prompt and position).
-        kv_spec: KV geometry (default: 4 layers x 2 kv heads x 64 head dim, fp16, page 16).
-        kv_memory_bytes / kv_num_pages: KV pool size (default 2048 pages).
-        enable_prefix_caching: reuse cached full blocks of a repeated prompt prefix.
-        fail_at_start: ``start()`` raises BackendNotAvailableError.
-        slow_step_every / slow_step_ms: every N-th step takes ``slow_step_ms`` longer.
-        strict_model: a request whose ``model`` differs from ``model_path`` is rejected.
-        component_trace: override of the Metrics.component_trace this engine reports.
-        max_model_len: context length of the simulated model (default 32768): a prompt as
-            long is rejected and ``max_tokens`` is capped to what is left, as the HF engines
-            do.
-
-    ``default_max_tokens`` applies to a request whose ``max_tokens`` is None only when it is
-    given explicitly; otherwise such a request is rejected, as the HF engines reject it.
-
     The constructor is 0.1.1.2's ``(engine_id, simulate_latency_ms=10.0,
     simulate_ttft_ms=50.0, simulate_failure_rate=0.0, vocabulary_size=32000, **kwargs)``;
-    ``kwargs`` take the keyword options above and the EngineConfig fields, with the
-    defaults declared below (one declaration per field).
+    ``kwargs`` take the keyword options declared below (each documented at its field, with
+    its default) and the :class:`~sagellm_backend.engine.base.EngineConfig` fields
+    (model_path, device, max_batch_size, mock_mode -- default True here --, provider,
+    metadata).
 
     Raises:
         ConfigError: an unknown keyword (the message lists the valid ones) or an invalid
             value (naming ``MockEngineConfig.<field>``, the value and what is valid).
     """
 
+    #: Simulated time per output token after the first (ms).
     simulate_latency_ms: float = 10.0
+    #: Simulated time of a prefill step (ms).
     simulate_ttft_ms: float = 50.0
+    #: Probability that a request fails (injected fault).
     simulate_failure_rate: float = 0.0
+    #: Vocabulary of the mock tokenizer (at least ``MockTokenizer.MIN_VOCAB_SIZE``).
     vocabulary_size: int = 32000
+    #: Uniform random extra time ``[0, jitter_ms]`` per step.
     jitter_ms: float = 0.0
+    #: Seed of the jitter/fault random generator.
     seed: int | None = 0
+    #: Used for a request whose ``max_tokens`` is None, only when given explicitly;
+    #: otherwise such a request is rejected, as the HF engines reject it.
     default_max_tokens: int = 128
+    #: Prompt limit; a longer request gets an INVALID_ARGUMENT error result.
     max_input_tokens: int | None = None
+    #: Output limit; a request asking more gets an INVALID_ARGUMENT error result.
     max_output_tokens: int | None = None
+    #: Chance that a generated token is EOS (0 = never; deterministic per prompt, position).
     eos_probability: float = 0.0
+    #: KV geometry (default: 4 layers x 2 kv heads x 64 head dim, fp16, page 16).
     kv_spec: KVSpec | None = None
+    #: KV pool size in bytes (give this or ``kv_num_pages``; default 2048 pages).
     kv_memory_bytes: int | None = None
+    #: KV pool size in pages.
     kv_num_pages: int | None = None
+    #: Reuse cached full blocks of a repeated prompt prefix.
     enable_prefix_caching: bool = True
+    #: ``start()`` raises BackendNotAvailableError (injected fault).
     fail_at_start: bool = False
+    #: Every N-th step takes ``slow_step_ms`` longer (0 = never).
     slow_step_every: int = 0
+    #: Extra time of a slow step (ms).
     slow_step_ms: float = 0.0
+    #: A request whose ``model`` differs from ``model_path`` is rejected.
     strict_model: bool = False
+    #: Override of the Metrics.component_trace this engine reports.
     component_trace: list[str] | None = None
+    #: Context length of the simulated model: a prompt as long is rejected and
+    #: ``max_tokens`` is capped to what is left, as the HF engines do.
     max_model_len: int = DEFAULT_MOCK_CONTEXT
 
     def __init__(
