@@ -31,7 +31,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm_backend._validate import check_int, check_text
+from sagellm_backend._validate import check_bool, check_int, check_text
 from sagellm_backend.errors import ConfigError
 
 __all__ = [
@@ -63,6 +63,10 @@ _KNOWN_KEYS = frozenset(
 )
 _INT_FIELDS = ("max_batch_size", "max_input_tokens", "max_output_tokens")
 _STR_FIELDS = ("engine_id", "kind", "model", "model_path", "device")
+
+
+def _field(name: str) -> str:
+    return f"engine config '{name}'"
 
 
 @dataclass(frozen=True)
@@ -177,10 +181,7 @@ def _config_to_dict(
         return {}, False
     if isinstance(config, Mapping):
         data = dict(config)
-        from_core = data.pop("from_core", False)
-        if not isinstance(from_core, bool):
-            raise ConfigError(f"engine config 'from_core' must be a bool, got {from_core!r}")
-        return data, from_core
+        return data, check_bool(_field("from_core"), data.pop("from_core", False))
     if isinstance(config, (str | bytes | int | float | list | tuple | set, type)):
         raise ConfigError(
             "engine config must be an object carrying the fields as attributes (a dataclass, "
@@ -207,10 +208,6 @@ def missing_fields_error(owner: str, missing: Collection[str], example: str) -> 
     """
     names = ", ".join(sorted(missing))
     return ConfigError(f"{owner} config is missing required field(s): {names}; e.g. {example}")
-
-
-def _field(name: str) -> str:
-    return f"engine config '{name}'"
 
 
 def _generate_engine_id(kind: str | None, model: str | None) -> str:
