@@ -73,8 +73,8 @@ class CPUEngineConfig(HFFaceFields):
         kv_cache_memory_bytes, block_size, enable_prefix_caching, max_num_batched_tokens,
             max_model_len, max_input_tokens, runner, fuse_projections, prepack_weights,
             decode_workspace_bytes: see
-            :class:`~sagellm_backend.engine.hf.core.EngineOptions` (keyword-only, from
-            :class:`~sagellm_backend.engine.hf.core.EngineOptionFields`); each may also be
+            :class:`~sagellm_backend.engine.options.EngineOptions` (keyword-only, from
+            :class:`~sagellm_backend.engine.options.EngineOptionFields`); each may also be
             given as a ``metadata`` key of the same name.
 
     Raises:

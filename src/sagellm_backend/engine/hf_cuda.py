@@ -85,7 +85,7 @@ class HFCudaEngineConfig(HFFaceFields):
     rejected at ``start()``, before anything is loaded.
 
     Optional tuning, keyword-only (see
-    :class:`~sagellm_backend.engine.hf.core.EngineOptions`; each may also be a ``metadata``
+    :class:`~sagellm_backend.engine.options.EngineOptions`; each may also be a ``metadata``
     key): ``kv_cache_memory_bytes``, ``block_size``,
     ``enable_prefix_caching``, ``max_num_batched_tokens``, ``max_model_len``,
     ``max_input_tokens``, ``runner``, ``fuse_projections``, ``prepack_weights``,
