@@ -10,5 +10,8 @@ Modules (import them directly; this package imports nothing heavy):
 * :mod:`.detok` -- incremental detokenisation for streaming;
 * :mod:`.core` -- :class:`~.core.HFEngineCore`, the engine both faces extend: the shared
   scheduler and driver (:mod:`sagellm_backend.engine.sched`) over a runner from
-  :func:`~.core.build_runner`.
+  :func:`~.core.build_runner`;
+* :mod:`.face` -- what the faces share besides the core: their extra config fields, field
+  checks, :class:`~.face.LoadSettings`, the ``mock_mode`` serving set;
+* :mod:`.distributed` -- tensor-parallel ranks.
 """

@@ -87,8 +87,8 @@ def _flag(name: str, value: Any) -> bool:
     return check_bool(_field(name), value, valid="a bool (True/False)")
 
 
-#: (field, check) in validation order; ``None`` marks where the flags are checked.
-_CHECKS: tuple[tuple[str, _Check] | None, ...] = (
+#: (field, check) in validation order, before the flags are checked ...
+_CHECKS: tuple[tuple[str, _Check], ...] = (
     ("simulate_latency_ms", _number(0.0)),
     ("simulate_ttft_ms", _number(0.0)),
     ("simulate_failure_rate", _number(0.0, 1.0)),
@@ -103,7 +103,9 @@ _CHECKS: tuple[tuple[str, _Check] | None, ...] = (
     ("kv_spec", _kv_spec),
     ("kv_memory_bytes", _int(1, optional=True)),
     ("kv_num_pages", _int(1, optional=True)),
-    None,
+)
+#: ... and after them.
+_LATE_CHECKS: tuple[tuple[str, _Check], ...] = (
     ("slow_step_every", _int(0)),
     ("slow_step_ms", _number(0.0)),
     ("component_trace", _trace),
@@ -199,17 +201,15 @@ class MockEngineConfig(EngineConfig):
         #: whether default_max_tokens was given (it then applies to max_tokens=None)
         self.default_max_tokens_given = "default_max_tokens" in options
         values = {**_OPTION_DEFAULTS, **options}
-        for step in _CHECKS:
-            if step is not None:
-                setattr(self, step[0], step[1](step[0], values[step[0]]))
-                continue
-            if self.kv_memory_bytes is not None and self.kv_num_pages is not None:
-                raise ConfigError(
-                    "MockEngineConfig: give kv_memory_bytes or kv_num_pages, not both "
-                    f"(got {self.kv_memory_bytes!r} and {self.kv_num_pages!r})"
-                )
-            for name in _FLAGS:  # every bool field, the base ones included
-                setattr(self, name, _flag(name, values.get(name, getattr(self, name))))
+        self._set_checked(_CHECKS, values)
+        if self.kv_memory_bytes is not None and self.kv_num_pages is not None:
+            raise ConfigError(
+                "MockEngineConfig: give kv_memory_bytes or kv_num_pages, not both "
+                f"(got {self.kv_memory_bytes!r} and {self.kv_num_pages!r})"
+            )
+        for name in _FLAGS:  # every bool field, the base ones included
+            setattr(self, name, _flag(name, values.get(name, getattr(self, name))))
+        self._set_checked(_LATE_CHECKS, values)
         if self.provider is not None:
             from sagellm_backend.engine._plugin import is_backend_provider
 
@@ -218,6 +218,11 @@ class MockEngineConfig(EngineConfig):
                     "MockEngineConfig.provider must be a backend provider, "
                     f"got {type(self.provider).__name__}"
                 )
+
+    def _set_checked(self, checks: tuple[tuple[str, _Check], ...], values: dict[str, Any]) -> None:
+        """Set each field of ``checks`` to its checked (normalised) value from ``values``."""
+        for name, check in checks:
+            setattr(self, name, check(name, values[name]))
 
     def _check_base_fields(self) -> None:
         """Check the :class:`EngineConfig` fields (the flags are checked with the others)."""

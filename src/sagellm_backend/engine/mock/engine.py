@@ -73,7 +73,6 @@ __all__ = [
     "release_to",
 ]
 
-_CONFIG_FIELDS = OPTION_FIELDS
 #: Config fields :meth:`MockEngine.get_info` reports as they are.
 _INFO_FIELDS = (
     "simulate_latency_ms",
@@ -188,7 +187,7 @@ class MockEngine(ScheduledEngine):
 #: :func:`create_mock_engine` from a dict/sagellm-core config. sagellm-core 0.1.x's
 #: EngineConfig forbids extra fields, so this is how its CI sets e.g. zero latency.
 ENV_MOCK_OPTIONS = "SAGELLM_MOCK_ENGINE_OPTIONS"
-_ENV_ALLOWED = frozenset(_CONFIG_FIELDS) - {"kv_spec", "component_trace"}
+_ENV_ALLOWED = frozenset(OPTION_FIELDS) - {"kv_spec", "component_trace"}
 
 
 def _env_options() -> dict[str, Any]:
@@ -209,7 +208,7 @@ def _env_options() -> dict[str, Any]:
     return data
 
 
-_MAPPED_EXTRA = set(_CONFIG_FIELDS) | {"mock_mode", "metadata", "engine_id"}
+_MAPPED_EXTRA = set(OPTION_FIELDS) | {"mock_mode", "metadata", "engine_id"}
 
 
 def create_mock_engine(
@@ -261,7 +260,7 @@ def create_mock_engine(
             f"{sorted(_MAPPED_EXTRA | {'kind', 'model', 'model_path', 'device', 'max_batch_size'})}"
         )
     options = _env_options()
-    options.update({k: v for k, v in settings.extra.items() if k in _CONFIG_FIELDS})
+    options.update({k: v for k, v in settings.extra.items() if k in OPTION_FIELDS})
     if settings.max_input_tokens is not None:
         options["max_input_tokens"] = settings.max_input_tokens
     if settings.max_output_tokens is not None:
