@@ -144,12 +144,18 @@ async def test_queueing_shows_up_in_ttft(engine_factory: Any) -> None:
     assert eng.get_info()["steps"] == 3
 
 
-async def test_requests_are_batched_up_to_max_batch_size(engine_factory: Any) -> None:
-    eng = await engine_factory(max_batch_size=8)
+@pytest.mark.parametrize(("latency_ms", "steps_per_wave"), [(0.5, 5), (0.0, 2)])
+async def test_requests_are_batched_up_to_max_batch_size(
+    engine_factory: Any, latency_ms: float, steps_per_wave: int
+) -> None:
+    eng = await engine_factory(max_batch_size=8, simulate_latency_ms=latency_ms)
     resps = await asyncio.gather(*(eng.execute(make_request(f"p{i}", 5)) for i in range(16)))
-    assert all(r.finish_reason == "length" for r in resps)
-    # 16 requests of 5 tokens with 8 per step: 2 waves of 5 steps.
-    assert eng.get_info()["steps"] == 10
+    assert all(r.finish_reason == "length" and len(r.output_tokens) == 5 for r in resps)
+    # 16 requests of 5 tokens with 8 per step: 2 waves. With simulated time a wave is 5
+    # steps (one per token); at zero simulated time the runner decodes in bursts, so a wave
+    # is the prefill step (first token) plus one burst of the other 4 tokens.
+    assert eng.get_info()["steps"] == 2 * steps_per_wave
+    assert eng.get_info()["kv"]["num_seqs"] == 0
 
 
 # ---------------------------------------------------------------------------- KV

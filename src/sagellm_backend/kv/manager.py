@@ -315,19 +315,50 @@ class KVCacheManager:
                         f"KV cache exhausted: sequence {seq_id!r} needs {need} more pages to "
                         f"grow to {total} tokens; {pool._num_free} free of {pool.num_pages}"
                     )
-                if pool.alloc_guard is not None:
-                    pool.alloc_guard(need)
-                evict_count, evict_ms = pool.evict_count, pool.evict_ms
-                new_pages = pool._allocate_unguarded(need)
-                seq.pages.extend(new_pages)
-                page_refs = self._page_refs
-                for p in new_pages:
-                    page_refs[p] = 1
-                seq.evict_count += pool.evict_count - evict_count
-                seq.evict_ms += pool.evict_ms - evict_ms
+                self._take_pages(seq, need)
             # the new tokens land in the (never shared) partial last page or in new pages
             seq.tokens.extend(token_ids)
             self._used_tokens += k
+
+    def reserve(self, seq_id: str, num_tokens: int) -> None:
+        """Hold pages for ``num_tokens`` tokens of ``seq_id`` before the tokens exist.
+
+        For multi-step decoding: the pages of a burst's positions are taken before the
+        runner writes them, and the tokens follow with :meth:`append` (which then allocates
+        nothing). Reserved pages count as used, are freed by :meth:`free`, and never hold a
+        cached block until :meth:`mark_computed` covers them. Does nothing when the sequence
+        already holds enough pages.
+
+        Raises:
+            InvalidKVBlockError: unknown ``seq_id``.
+            KVCacheExhaustedError: not enough pages; the sequence is unchanged.
+        """
+        pool = self.pool
+        with pool.lock:
+            seq = self._get(seq_id)
+            need = -(-num_tokens // self._block_size) - len(seq.pages)
+            if need <= 0:
+                return
+            if need > pool._num_free:
+                raise KVCacheExhaustedError(
+                    f"KV cache exhausted: sequence {seq_id!r} needs {need} more pages to "
+                    f"reserve {num_tokens} tokens; {pool._num_free} free of {pool.num_pages}"
+                )
+            self._take_pages(seq, need)
+
+    def _take_pages(self, seq: _Seq, need: int) -> None:
+        """Give ``seq`` ``need`` new pages (lock held, room checked)."""
+        pool = self.pool
+        if pool.alloc_guard is not None:
+            pool.alloc_guard(need)
+        evict_count, evict_ms = pool.evict_count, pool.evict_ms
+        new_pages = pool._allocate_unguarded(need)
+        seq.pages.extend(new_pages)
+        page_refs = self._page_refs
+        for p in new_pages:
+            page_refs[p] = 1
+        seq.evict_count += pool.evict_count - evict_count
+        seq.evict_ms += pool.evict_ms - evict_ms
 
     def can_append(self, seq_id: str, num_new_tokens: int) -> bool:
         """Whether ``seq_id`` can grow by ``num_new_tokens`` tokens now."""

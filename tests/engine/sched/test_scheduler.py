@@ -254,6 +254,7 @@ def test_sparse_sampler_honours_seed_temperature_top_k_top_p() -> None:
         max_size=12,
     ),
     cancel_at=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 11)), max_size=4),
+    decode_steps=st.sampled_from([1, 3, 8]),
 )
 def test_property_no_leak_each_finishes_once_order_kept(
     num_pages: int,
@@ -263,6 +264,7 @@ def test_property_no_leak_each_finishes_once_order_kept(
     caching: bool,
     reqs: list[tuple[int, int, int]],
     cancel_at: list[tuple[int, int]],
+    decode_steps: int,
 ) -> None:
     sched = make(
         num_pages,
@@ -270,6 +272,7 @@ def test_property_no_leak_each_finishes_once_order_kept(
         max_batch_size=batch,
         max_num_batched_tokens=batch + budget_extra,
         reserve_output=reserve,
+        decode_steps=decode_steps,
     )
     runner = FakeRunner()
     seqs = []
@@ -298,7 +301,18 @@ def test_property_no_leak_each_finishes_once_order_kept(
             continue
         logits = runner.execute(plan.chunks)
         logits.top1[:] = [next_token(s) for s in plan.sample_seqs]
-        finished.extend(sched.update(plan, sampler.sample(logits, plan.sample_seqs), 0.0, 0.0))
+        tokens = sampler.sample(logits, plan.sample_seqs)
+        for row, c in enumerate(c for c in plan.chunks if c.need_logits):
+            if c.num_steps > 1:  # a burst: the tokens single steps would give
+                assert len(c.block_table) * BLOCK >= c.start + c.num_steps
+                s = plan.sample_seqs[row]
+                ctx = SchedSeq("tmp", list(s.prompt_ids), 1, output_ids=list(s.output_ids))
+                burst: list[int] = []
+                for _ in range(c.num_steps):
+                    burst.append(next_token(ctx))
+                    ctx.output_ids.append(burst[-1])
+                tokens[row] = burst  # type: ignore[call-overload]
+        finished.extend(sched.update(plan, tokens, 0.0, 0.0))
         sched.kv.pool.check_invariants()
     else:
         raise AssertionError("never idle")
@@ -315,3 +329,84 @@ def test_property_no_leak_each_finishes_once_order_kept(
     order = [int(x[1:]) for x in admitted]
     if not caching:
         assert order == sorted(order)
+
+
+class BurstRunner(FakeRunner):
+    """A runner that decodes ``num_steps`` tokens per chunk (tokens from a context function)."""
+
+    max_decode_steps = 8
+
+    def __init__(self, eos_at: int | None = None) -> None:
+        super().__init__()
+        self.eos_at = eos_at  # the token at this output index is EOS
+
+    def tokens_after(self, ctx: list[int], n_out: int, k: int) -> list[int]:
+        out: list[int] = []
+        for j in range(k):
+            tok = EOS if self.eos_at == n_out + j else (sum(ctx) + 1) % (VOCAB - 1) + 1
+            out.append(tok)
+            ctx = [*ctx, tok]
+        return out
+
+
+def run_bursts(sched: Scheduler, runner: BurstRunner) -> list[SchedSeq]:
+    finished: list[SchedSeq] = []
+    for _ in range(10_000):
+        plan, failed = sched.schedule()
+        finished.extend(failed)
+        if plan is None:
+            if not sched.has_work:
+                return finished
+            continue
+        runner.execute(plan.chunks)
+        tokens: list[int | list[int] | BaseException] = []
+        for c, s in zip(plan.chunks, plan.seqs, strict=True):
+            if not c.need_logits:
+                continue
+            ctx = s.token_slice(0, c.start + len(c.token_ids))
+            k = c.num_steps
+            burst = runner.tokens_after(ctx, len(s.output_ids), k)
+            tokens.append(burst if k > 1 else burst[0])
+        finished.extend(sched.update(plan, tokens, 0.0, 0.0))
+        sched.kv.pool.check_invariants()
+    raise AssertionError("scheduler did not become idle")
+
+
+def test_decode_bursts_give_the_tokens_of_single_steps_and_stay_in_their_pages() -> None:
+    single, bursty = make(64), make(64, decode_steps=8)
+    a = [seq(i, 3 + i, 5 + 3 * i) for i in range(4)]
+    b = [seq(i, 3 + i, 5 + 3 * i) for i in range(4)]
+    for s in a:
+        single.add(s)
+    for s in b:
+        bursty.add(s)
+    run_bursts(single, BurstRunner())
+    runner = BurstRunner()
+    run_bursts(bursty, runner)
+    assert [s.output_ids for s in a] == [s.output_ids for s in b]
+    assert all(s.finish_reason == "length" and len(s.output_ids) == s.max_tokens for s in b)
+    bursts = [c.num_steps for step in runner.steps for c in step if c.num_steps > 1]
+    assert bursts and max(bursts) <= 8  # bursts happened, at most decode_steps long
+    # every burst stayed inside the pages its sequence held (FakeRunner checks the table
+    # covers start + len(token_ids); a burst writes num_steps positions)
+    for step in runner.steps:
+        for c in step:
+            assert len(c.block_table) * BLOCK >= c.start + c.num_steps
+    assert len(bursty.kv) == 0 and bursty.kv.pool.num_used == 0
+    assert bursty.steps < single.steps
+
+
+def test_a_burst_is_cut_at_eos_and_sampled_sequences_never_burst() -> None:
+    sched = make(64, decode_steps=8)
+    s = seq(0, 3, 20)
+    t = seq(1, 3, 6, sampling=SamplingParams(temperature=0.7, seed=1))
+    u = seq(2, 3, 6, stop_strings=("zz",))
+    for x in (s, t, u):
+        sched.add(x)
+    runner = BurstRunner(eos_at=5)
+    # sampled rows get the sampler's choice: feed single tokens for them
+    run_bursts(sched, runner)
+    assert s.finish_reason == "stop" and len(s.output_ids) == 6 and s.output_ids[-1] == EOS
+    for c in (c for step in runner.steps for c in step if c.seq_id in ("s1", "s2")):
+        assert c.num_steps == 1
+    assert len(sched.kv) == 0 and sched.kv.pool.num_used == 0

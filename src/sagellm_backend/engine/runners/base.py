@@ -32,6 +32,11 @@ class SeqChunk:
         block_table: the sequence's pages, covering at least ``start + len(token_ids)``
             tokens (paged runners only).
         need_logits: return logits for the last token of this chunk.
+        num_steps: decode steps to run on this chunk (``1`` unless the runner declares
+            ``max_decode_steps > 1``, see :class:`ModelRunner`). With ``k > 1`` the chunk is a
+            one-token decode chunk of a greedy sequence and the runner returns, in its row,
+            the ``k`` tokens it generated one after the other (each fed back as the next
+            input, positions ``start .. start + k - 1`` written), instead of logits.
     """
 
     seq_id: str
@@ -39,6 +44,7 @@ class SeqChunk:
     start: int
     block_table: list[int]
     need_logits: bool
+    num_steps: int = 1
 
 
 class ModelRunner(Protocol):
@@ -49,6 +55,10 @@ class ModelRunner(Protocol):
         uses_paged_kv: K/V live in the provider's paged pool (prefix pages are reusable).
         device: the device logits come back on (a ``torch.device`` for torch runners).
         vocab_size: width of a logits row.
+        max_decode_steps: (optional, default 1) most decode steps the runner can run on one
+            chunk in one call (multi-step decoding, see :attr:`SeqChunk.num_steps`). A runner
+            declares more than 1 only when bursts change nothing a consumer can observe
+            except the grouping of tokens into steps (the mock at zero simulated latency).
     """
 
     name: str

@@ -19,6 +19,14 @@ the runner's ``random.Random(seed)``, so the same arrivals repeat exactly) and i
 logits row is an error; with ``eos_probability`` a row is EOS with that chance
 (deterministic per context).
 
+Multi-step decoding: with no simulated time at all (``latency_ms``, ``ttft_ms``,
+``jitter_ms`` and slow steps all zero) a step has no duration a consumer could observe, so
+the runner declares :attr:`MockRunner.max_decode_steps` = :data:`BURST_STEPS` and runs a
+chunk's ``num_steps`` decode steps in one call: each token is the top token of the context
+so far, fed back as the next input -- exactly the tokens single steps give (EOS draws
+included), returned as one list in the chunk's row. With any simulated time it declares 1,
+so every token keeps its own step and its own timestamp.
+
 Invariants: per-sequence state is one integer (the context hash), rebuilt from position 0
 whenever a chunk starts there; :meth:`release` forgets it.
 """
@@ -33,7 +41,7 @@ from sagellm_backend.engine.runners.base import SeqChunk
 from sagellm_backend.engine.sched.sampler import SparseLogits
 from sagellm_backend.errors import BackendNotAvailableError
 
-__all__ = ["InjectedFailureError", "MockRunner"]
+__all__ = ["BURST_STEPS", "InjectedFailureError", "MockRunner"]
 
 _MASK53 = (1 << 53) - 1
 
@@ -45,6 +53,10 @@ class InjectedFailureError(BackendNotAvailableError):
 
 
 _NUM_CANDIDATES = 8
+
+#: Most decode steps of one chunk in one call at zero simulated time (the scheduler also
+#: ends a burst at the sequence's last page).
+BURST_STEPS = 64
 
 
 class MockRunner:
@@ -94,6 +106,10 @@ class MockRunner:
         self._doomed: set[str] = set()
         self._n_words = tokenizer.num_output_words
         self._word0 = MockTokenizer.WORD_OFFSET
+        timed = latency_ms > 0 or ttft_ms > 0 or jitter_ms > 0
+        timed = timed or bool(slow_step_every and slow_step_ms > 0)
+        #: decode steps one chunk may run per call (see the module docstring)
+        self.max_decode_steps = 1 if timed else BURST_STEPS
 
     def execute(self, chunks: Sequence[SeqChunk]) -> SparseLogits:
         """Advance each chunk's context hash; one logits row per chunk that asks."""
@@ -117,6 +133,19 @@ class MockRunner:
                 if h is not None and c.start and len(toks) == 1:
                     decode = True
                     h = state[sid] = hash((h, toks[0]))
+                    k = c.num_steps
+                    if k > 1:  # a burst: feed each top token back
+                        t = word0 + h % n_words
+                        burst = [t]
+                        add = burst.append
+                        for _ in range(k - 1):
+                            h = hash((h, t))
+                            t = word0 + h % n_words
+                            add(t)
+                        state[sid] = h
+                        hashes.append(h)
+                        top.append(burst)  # type: ignore[arg-type]
+                        continue
                 else:
                     prefill = True
                     h = fold(sid, c, h)
@@ -132,6 +161,10 @@ class MockRunner:
                 decode = True
                 h = hash((h, toks[0]))
                 state[sid] = h
+                if c.num_steps > 1:
+                    h = self._burst(sid, h, c.num_steps, top)
+                    hashes.append(h)
+                    continue
                 if not c.need_logits:
                     continue
             else:
@@ -146,10 +179,7 @@ class MockRunner:
                     f"injected failure (simulate_failure_rate={self.failure_rate})"
                 )
             hashes.append(h)
-            if eos_p > 0 and (hash((h, 1)) & _MASK53) * (1.0 / (1 << 53)) < eos_p:
-                top.append(MockTokenizer.EOS_ID)
-            else:
-                top.append(word0 + h % n_words)
+            top.append(self._top(h))
         ms = (self.ttft_ms if prefill else 0.0) + (self.latency_ms if decode else 0.0)
         if self.jitter_ms > 0:
             ms += self.rng.uniform(0.0, self.jitter_ms)
@@ -169,6 +199,25 @@ class MockRunner:
             return ids, [-0.5 * k for k in range(len(ids))]
 
         return SparseLogits(top, expand, errors)
+
+    def _top(self, h: int) -> int:
+        """The most likely token after the context with hash ``h`` (EOS draws included)."""
+        eos_p = self.eos_probability
+        if eos_p > 0 and (hash((h, 1)) & _MASK53) * (1.0 / (1 << 53)) < eos_p:
+            return MockTokenizer.EOS_ID
+        return self._word0 + h % self._n_words
+
+    def _burst(self, sid: str, h: int, k: int, top: list[int]) -> int:
+        """Run ``k`` decode steps from hash ``h``; append the token list as one row."""
+        t = self._top(h)
+        burst = [t]
+        for _ in range(k - 1):
+            h = hash((h, t))
+            t = self._top(h)
+            burst.append(t)
+        self._state[sid] = h
+        top.append(burst)  # type: ignore[arg-type]
+        return h
 
     def _fold(self, sid: str, c: SeqChunk, h: int | None) -> int:
         """The context hash after a prompt (or recompute) chunk; draws the fault at start."""

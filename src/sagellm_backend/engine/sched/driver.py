@@ -150,7 +150,11 @@ class Driver:
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # the runner's capabilities, wired into the scheduler here (the only place that
+        # holds both): its per-sequence state is dropped when pages are freed, and a runner
+        # that can run several decode steps per call gets bursts
         scheduler.on_release = runner.release
+        scheduler.decode_steps = max(1, int(getattr(runner, "max_decode_steps", 1)))
 
     # ------------------------------------------------------------------ control
     @property

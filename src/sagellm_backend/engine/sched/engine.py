@@ -471,6 +471,7 @@ class ScheduledEngine(BaseEngine):
             prep.ignore_eos,
             prep.stop_token_ids,
             prep.stop_strings,
+            per_token=streaming,
         )
         handle = Handle(seq, streaming=streaming)
         seq.user = handle

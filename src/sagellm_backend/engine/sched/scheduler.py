@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,6 +80,8 @@ class SchedSeq:
         stop_strings: texts that end the sequence with ``"stop"`` once the output contains
             one (needs the scheduler's ``decode``).
         timeline: instants of the request (scheduled, token and completed times set here).
+        per_token: its consumer follows every step (a stream): one token per step, never
+            a multi-step burst.
     """
 
     seq_id: str
@@ -91,6 +93,7 @@ class SchedSeq:
     stop_strings: tuple[str, ...] = ()
     timeline: RequestTimeline = field(default_factory=RequestTimeline)
     user: Any = None
+    per_token: bool = False
     output_ids: list[int] = field(default_factory=list)
     limit: int = 0
     chunk: SeqChunk | None = None
@@ -109,6 +112,7 @@ class SchedSeq:
     generator: Any = None
     stops: frozenset[int] = frozenset()
     prompt_len: int = 0
+    burst: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -187,6 +191,11 @@ class Scheduler:
         decode: token ids -> text, for stop strings.
         on_release: called with a sequence's id whenever its pages are freed (finish,
             abort, preemption): the runner forgets its per-sequence state there.
+        decode_steps: most decode steps one chunk may run in one step (multi-step decoding,
+            for runners whose ``max_decode_steps`` is above 1). Only greedy sequences without
+            stop strings that are not streamed (``per_token``) get more than one; the pages
+            of a burst's positions are reserved before it runs (``KVCacheManager.reserve``),
+            or, when the pool cannot hold them, the burst ends at the sequence's last page.
     """
 
     def __init__(
@@ -202,6 +211,7 @@ class Scheduler:
         keep_eos: bool = True,
         decode: Callable[[list[int]], str] | None = None,
         on_release: Callable[[str], None] | None = None,
+        decode_steps: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -220,6 +230,9 @@ class Scheduler:
         self.keep_eos = keep_eos
         self.decode = decode
         self.on_release = on_release
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = decode_steps
         self.block_size: int = kv.spec.block_size
         self._caching = bool(kv.enable_prefix_caching)
         self._prefix_dedup = self._caching and paged
@@ -268,6 +281,10 @@ class Scheduler:
         # one set lookup per token decides whether the slow stop checks run
         seq.stops = (
             seq.stop_token_ids if seq.ignore_eos else self.eos_token_ids | seq.stop_token_ids
+        )
+        params = seq.sampling
+        seq.burst = (
+            params.greedy and not params.penalized and not seq.stop_strings and not seq.per_token
         )
         self.waiting.append(seq)
 
@@ -389,6 +406,7 @@ class Scheduler:
         prefilling: list[SchedSeq] = []
         add_chunk = chunks.append
         add_owner = owners.append
+        steps = self.decode_steps
         for seq in list(self.running):
             out = seq.output_ids
             n = seq.prompt_len + len(out)
@@ -397,6 +415,7 @@ class Scheduler:
                 continue
             if not seq.has_kv or (n > seq.kv_pages * block and not self._grow(seq, n, failed)):
                 continue
+            k = self._burst_steps(seq, n, steps) if steps > 1 and seq.burst else 1
             chunk = seq.chunk
             if chunk is None:
                 chunk = seq.chunk = SeqChunk(seq.seq_id, [out[-1]], n - 1, seq.block_table, True)
@@ -404,6 +423,7 @@ class Scheduler:
                 chunk.token_ids[0] = out[-1]
                 chunk.start = n - 1
                 chunk.block_table = seq.block_table
+            chunk.num_steps = k
             add_chunk(chunk)
             add_owner(seq)
             if seq.sampling is not GREEDY:
@@ -435,6 +455,30 @@ class Scheduler:
             budget -= end - start
             prefill = True
         return StepPlan(chunks, owners, sample, prefill, decode, special, num_decode)
+
+    def _burst_steps(self, seq: SchedSeq, n: int, steps: int) -> int:
+        """Decode steps for ``seq``'s next chunk (it holds ``n`` tokens, pages cover them).
+
+        Positions ``n-1 .. n+k-2`` get K/V in a burst of ``k``: their pages are reserved
+        now (tokens follow in :meth:`update`); when the pool cannot hold them the burst ends
+        at the last page held instead (never a preemption for a burst). The length limit
+        also ends it; EOS and stop ids are cut out of it in :meth:`update`.
+        """
+        k = min(steps, seq.limit - len(seq.output_ids))
+        block = self.block_size
+        held = seq.kv_pages * block
+        if n + k - 1 <= held:
+            return k
+        try:
+            self.kv.reserve(seq.seq_id, n + k - 1)
+        except KVCacheExhaustedError:
+            return held - n + 1
+        old = seq.kv_pages
+        seq.kv_pages = pages = self.pages_for(n + k - 1)
+        seq.block_table = self.kv.block_table(seq.seq_id)
+        if self.reserve_output and seq.final_pages > old:
+            self._reserved -= min(pages, seq.final_pages) - old
+        return k
 
     def _grow(self, seq: SchedSeq, n: int, failed: list[SchedSeq]) -> bool:
         """Hand ``seq``'s pending tokens to the KV manager so its pages cover ``n`` tokens.
@@ -476,13 +520,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ update
     def update(
-        self, plan: StepPlan, tokens: list[int | BaseException], t0: float, t1: float
+        self,
+        plan: StepPlan,
+        tokens: Sequence[int | list[int] | BaseException],
+        t0: float,
+        t1: float,
     ) -> list[SchedSeq]:
         """Record a computed step and its sampled tokens; return the sequences it finished.
 
         Args:
             plan: the plan :meth:`schedule` returned (computed by the runner).
-            tokens: one token, or the row's sampling exception, per ``plan.sample_seqs``.
+            tokens: one token, or the row's sampling exception, per ``plan.sample_seqs``; for
+                a decode chunk with ``num_steps > 1`` the list of tokens of its burst.
             t0: when the step started (monotonic seconds).
             t1: when its tokens were ready.
         """
@@ -499,16 +548,21 @@ class Scheduler:
         # Decode chunks (the bulk of the work): one token each, row i belongs to chunk i.
         for i in range(nd):
             seq = seqs[i]
-            end = chunks[i].start + 1
+            tok = tokens[i]
             tl = seq.timeline
             tl.decode_ms += dt_ms
+            if isinstance(tok, list):  # a multi-step burst (its own bookkeeping)
+                n_new, n_done = self._take_burst(seq, chunks[i].start, tok, t1, done)
+                generated += n_new
+                computed += n_done - 1
+                continue
+            end = chunks[i].start + 1
             if caching and not end % block:
                 if seq.kv_tokens < end:
                     kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
                     seq.kv_tokens = end
                 kv.mark_computed(seq.seq_id, end)
             seq.num_computed = end
-            tok = tokens[i]
             if tok.__class__ is int and tok not in seq.stops:
                 out = seq.output_ids
                 out.append(tok)
@@ -548,10 +602,45 @@ class Scheduler:
                 continue
             tok = tokens[row]
             row += 1
+            assert not isinstance(tok, list), "a prompt chunk yields one token"
             generated += self._take(seq, tok, t1, done)
         self.tokens_computed += computed
         self.tokens_generated += generated
         return done
+
+    def _take_burst(
+        self, seq: SchedSeq, start: int, toks: list[int], t1: float, done: list[SchedSeq]
+    ) -> tuple[int, int]:
+        """Record a decode burst of ``len(toks)`` steps from position ``start``.
+
+        The tokens are kept up to the first EOS / stop token, which is handled as a single
+        step would handle it (the sequence then ends; the K/V the runner computed past it
+        belong to tokens nobody keeps and are not counted). Returns (tokens generated,
+        positions computed).
+        """
+        k = len(toks)
+        cut = k
+        stops = seq.stops
+        if stops and not stops.isdisjoint(toks):
+            cut = next(j for j, t in enumerate(toks) if t in stops)
+        out = seq.output_ids
+        if cut:
+            out.extend(toks if cut == k else toks[:cut])
+            seq.timeline.token_times.extend([t1] * cut)
+        end = start + (cut + 1 if cut < k else k)
+        seq.num_computed = end
+        if cut < k:
+            return cut + self._take(seq, toks[cut], t1, done), end - start
+        if len(out) >= seq.limit:
+            self.running.remove(seq)
+            self._finish(seq, "length", None, t=t1)
+            done.append(seq)
+        elif self._caching and end // self.block_size > start // self.block_size:
+            if seq.kv_tokens < end:
+                self.kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
+                seq.kv_tokens = end
+            self.kv.mark_computed(seq.seq_id, end)
+        return cut, end - start
 
     def _take(
         self, seq: SchedSeq, tok: int | BaseException, t1: float, done: list[SchedSeq]
