@@ -20,7 +20,13 @@ The :mod:`~sagellm_backend.engine.sched.driver` runs that loop; this module deci
    prefix on a paged runner; split so that a step computes at most
    ``max_num_batched_tokens`` tokens). A growing sequence that finds the pool full preempts
    the most recently admitted one (its pages are freed, its full blocks stay cached, and it
-   is re-queued first to be recomputed from its prompt and outputs).
+   is re-queued first to be recomputed from its prompt and outputs). With a runner that
+   decodes several steps per call, a greedy, non-streamed sequence's decode chunk asks for a
+   burst (``num_steps``; see ``decode_steps``).
+
+The records (:class:`SchedSeq`, :class:`StepPlan`, :class:`SchedulerStats`) live in
+:mod:`~sagellm_backend.engine.sched.seq`; :meth:`Scheduler.update` and the finishing code in
+:mod:`~sagellm_backend.engine.sched._record`.
 
 :meth:`Scheduler.update` records computed tokens (full blocks become reusable through
 ``mark_computed``), appends the sampled tokens and ends sequences on EOS (unless
@@ -43,139 +49,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from sagellm_protocol import Error, ErrorCode
 
-from sagellm_backend.engine.metrics import RequestTimeline
 from sagellm_backend.engine.runners.base import SeqChunk
-from sagellm_backend.engine.sched.sampler import GREEDY, SamplingParams
-from sagellm_backend.errors import KVCacheExhaustedError, to_protocol_error
-from sagellm_backend.kv.stats import KVRequestStats
+from sagellm_backend.engine.sched._record import StepRecorder
+from sagellm_backend.engine.sched.sampler import GREEDY
+from sagellm_backend.engine.sched.seq import FinishReason, SchedSeq, SchedulerStats, StepPlan
+from sagellm_backend.errors import KVCacheExhaustedError
 
 if TYPE_CHECKING:
     from sagellm_backend.kv.manager import KVCacheManager
 
 __all__ = ["FinishReason", "SchedSeq", "Scheduler", "SchedulerStats", "StepPlan"]
 
-FinishReason = Literal["stop", "length", "error"]
 
-
-@dataclass(eq=False, slots=True)
-class SchedSeq:
-    """One request inside the scheduler.
-
-    The engine fills the first block of fields; the rest belongs to the scheduler (and, for
-    ``generator``, to the sampler). ``user`` is free for the driver (the consumer's handle).
-
-    Attributes:
-        seq_id: unique id (also the KV manager's sequence id).
-        prompt_ids: prompt tokens (non-empty).
-        max_tokens: tokens to produce at most (``>= 1``).
-        sampling: sampling parameters.
-        ignore_eos: keep generating after EOS.
-        stop_token_ids: tokens that end the sequence with ``"stop"`` (even with ignore_eos).
-        stop_strings: texts that end the sequence with ``"stop"`` once the output contains
-            one (needs the scheduler's ``decode``).
-        timeline: instants of the request (scheduled, token and completed times set here).
-        per_token: its consumer follows every step (a stream): one token per step, never
-            a multi-step burst.
-    """
-
-    seq_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams = GREEDY
-    ignore_eos: bool = False
-    stop_token_ids: frozenset[int] = frozenset()
-    stop_strings: tuple[str, ...] = ()
-    timeline: RequestTimeline = field(default_factory=RequestTimeline)
-    user: Any = None
-    per_token: bool = False
-    output_ids: list[int] = field(default_factory=list)
-    limit: int = 0
-    chunk: SeqChunk | None = None
-    num_computed: int = 0
-    kv_tokens: int = 0
-    kv_pages: int = 0
-    final_pages: int = 0
-    block_table: list[int] = field(default_factory=list)
-    has_kv: bool = False
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    error: Error | None = None
-    kv_stats: KVRequestStats | None = None
-    cancelled: bool = False
-    preemptions: int = 0
-    generator: Any = None
-    stops: frozenset[int] = frozenset()
-    prompt_len: int = 0
-    burst: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        """Prompt plus produced tokens."""
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """Tokens ``start..end-1`` of prompt + output."""
-        p = len(self.prompt_ids)
-        if end <= p:
-            return self.prompt_ids[start:end]
-        if start >= p:
-            return self.output_ids[start - p : end - p]
-        return self.prompt_ids[start:] + self.output_ids[: end - p]
-
-    @property
-    def in_prefill(self) -> bool:
-        """The prompt (or the recomputed prefix after preemption) is not fully computed."""
-        return not self.output_ids or self.num_computed < self.num_tokens - 1
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """What one step computes.
-
-    Attributes:
-        chunks: one chunk per scheduled sequence.
-        seqs: the owner of each chunk.
-        sample_seqs: owners of the chunks with ``need_logits`` (the logits rows), in order.
-        prefill: some chunk computes prompt tokens.
-        decode: some chunk decodes one generated token.
-        special: rows (indices into ``sample_seqs``) whose sampling is not plain greedy.
-        num_decode: the first ``num_decode`` chunks are decode chunks (one token each, all
-            with ``need_logits``; chunk ``i`` owns logits row ``i``).
-    """
-
-    chunks: list[SeqChunk]
-    seqs: list[SchedSeq]
-    sample_seqs: list[SchedSeq]
-    prefill: bool
-    decode: bool
-    special: list[int]
-    num_decode: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerStats:
-    """Counters of a scheduler (a snapshot)."""
-
-    steps: int
-    waiting: int
-    running: int
-    preemptions: int
-    finished: int
-    completed: int
-    failed: int
-    cancelled: int
-    failed_steps: int
-    tokens_computed: int
-    tokens_generated: int
-
-
-class Scheduler:
+class Scheduler(StepRecorder):
     """Continuous batching over a KV manager (see the module docstring).
 
     Args:
@@ -519,230 +410,3 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # ------------------------------------------------------------------ update
-    def update(
-        self,
-        plan: StepPlan,
-        tokens: Sequence[int | list[int] | BaseException],
-        t0: float,
-        t1: float,
-    ) -> list[SchedSeq]:
-        """Record a computed step and its sampled tokens; return the sequences it finished.
-
-        Args:
-            plan: the plan :meth:`schedule` returned (computed by the runner).
-            tokens: one token, or the row's sampling exception, per ``plan.sample_seqs``; for
-                a decode chunk with ``num_steps > 1`` the list of tokens of its burst.
-            t0: when the step started (monotonic seconds).
-            t1: when its tokens were ready.
-        """
-        self.steps += 1
-        dt_ms = (t1 - t0) * 1000.0
-        caching = self._caching
-        block = self.block_size
-        kv = self.kv
-        computed = generated = 0
-        done: list[SchedSeq] = []
-        chunks = plan.chunks
-        seqs = plan.seqs
-        nd = plan.num_decode
-        # Decode chunks (the bulk of the work): one token each, row i belongs to chunk i.
-        for i in range(nd):
-            seq = seqs[i]
-            tok = tokens[i]
-            tl = seq.timeline
-            tl.decode_ms += dt_ms
-            if isinstance(tok, list):  # a multi-step burst (its own bookkeeping)
-                n_new, n_done = self._take_burst(seq, chunks[i].start, tok, t1, done)
-                generated += n_new
-                computed += n_done - 1
-                continue
-            end = chunks[i].start + 1
-            if caching and not end % block:
-                if seq.kv_tokens < end:
-                    kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
-                    seq.kv_tokens = end
-                kv.mark_computed(seq.seq_id, end)
-            seq.num_computed = end
-            if tok.__class__ is int and tok not in seq.stops:
-                out = seq.output_ids
-                out.append(tok)
-                tl.token_times.append(t1)
-                generated += 1
-                if len(out) >= seq.limit:
-                    reason: FinishReason = "length"
-                elif seq.stop_strings and self._stop_string_hit(seq):
-                    reason = "stop"
-                else:
-                    continue
-                self.running.remove(seq)
-                self._finish(seq, reason, None, t=t1)
-                done.append(seq)
-                continue
-            generated += self._take(seq, tok, t1, done)
-        computed += nd
-        row = nd
-        for j in range(nd, len(chunks)):
-            chunk = chunks[j]
-            seq = seqs[j]
-            k = len(chunk.token_ids)
-            computed += k
-            end = chunk.start + k
-            tl = seq.timeline
-            if k > 1 or not seq.output_ids:
-                tl.prefill_ms += dt_ms
-            else:
-                tl.decode_ms += dt_ms
-            if caching and end // block > seq.num_computed // block:
-                if seq.kv_tokens < end:
-                    kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
-                    seq.kv_tokens = end
-                kv.mark_computed(seq.seq_id, end)
-            seq.num_computed = end
-            if not chunk.need_logits:
-                continue
-            tok = tokens[row]
-            row += 1
-            assert not isinstance(tok, list), "a prompt chunk yields one token"
-            generated += self._take(seq, tok, t1, done)
-        self.tokens_computed += computed
-        self.tokens_generated += generated
-        return done
-
-    def _take_burst(
-        self, seq: SchedSeq, start: int, toks: list[int], t1: float, done: list[SchedSeq]
-    ) -> tuple[int, int]:
-        """Record a decode burst of ``len(toks)`` steps from position ``start``.
-
-        The tokens are kept up to the first EOS / stop token, which is handled as a single
-        step would handle it (the sequence then ends; the K/V the runner computed past it
-        belong to tokens nobody keeps and are not counted). Returns (tokens generated,
-        positions computed).
-        """
-        k = len(toks)
-        cut = k
-        stops = seq.stops
-        if stops and not stops.isdisjoint(toks):
-            cut = next(j for j, t in enumerate(toks) if t in stops)
-        out = seq.output_ids
-        if cut:
-            out.extend(toks if cut == k else toks[:cut])
-            seq.timeline.token_times.extend([t1] * cut)
-        end = start + (cut + 1 if cut < k else k)
-        seq.num_computed = end
-        if cut < k:
-            return cut + self._take(seq, toks[cut], t1, done), end - start
-        if len(out) >= seq.limit:
-            self.running.remove(seq)
-            self._finish(seq, "length", None, t=t1)
-            done.append(seq)
-        elif self._caching and end // self.block_size > start // self.block_size:
-            if seq.kv_tokens < end:
-                self.kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, end))
-                seq.kv_tokens = end
-            self.kv.mark_computed(seq.seq_id, end)
-        return cut, end - start
-
-    def _take(
-        self, seq: SchedSeq, tok: int | BaseException, t1: float, done: list[SchedSeq]
-    ) -> int:
-        """Append a sampled token (or fail on a row error); return the tokens generated."""
-        if not isinstance(tok, int):
-            self.running.remove(seq)
-            self._finish(seq, "error", to_protocol_error(tok))
-            done.append(seq)
-            return 0
-        eos = self.eos_token_ids
-        out = seq.output_ids
-        reason: FinishReason | None = None
-        generated = 0
-        if (tok in eos and not seq.ignore_eos) or tok in seq.stop_token_ids:
-            reason = "stop"
-            if self.keep_eos or tok not in eos:
-                out.append(tok)
-                seq.timeline.token_times.append(t1)
-                generated = 1
-        else:
-            out.append(tok)
-            seq.timeline.token_times.append(t1)
-            generated = 1
-            if len(out) >= seq.limit:
-                reason = "length"
-            elif seq.stop_strings and self._stop_string_hit(seq):
-                reason = "stop"
-        if reason is not None:
-            self.running.remove(seq)
-            self._finish(seq, reason, None, t=t1)
-            done.append(seq)
-        return generated
-
-    def _stop_string_hit(self, seq: SchedSeq) -> bool:
-        """Whether ``seq``'s output text contains one of its stop strings."""
-        if self.decode is None:
-            return False
-        text = self.decode(seq.output_ids)
-        return any(x in text for x in seq.stop_strings)
-
-    # ------------------------------------------------------------------ release
-    def _release(self, seq: SchedSeq, *, discard: bool) -> KVRequestStats | None:
-        """Free ``seq``'s pages and reservation (idempotent); return its KV stats."""
-        if not seq.has_kv:
-            return None
-        seq.has_kv = False
-        if self.reserve_output and seq.final_pages > seq.kv_pages:
-            self._reserved -= seq.final_pages - seq.kv_pages
-        seq.kv_pages = 0
-        seq.block_table = []
-        try:
-            stats = self.kv.free(seq.seq_id, discard=discard)
-        finally:
-            seq.kv_tokens = 0
-            if self.on_release is not None:
-                self.on_release(seq.seq_id)
-        return stats
-
-    def _finish(
-        self,
-        seq: SchedSeq,
-        reason: FinishReason,
-        error: Error | None,
-        *,
-        discard: bool = False,
-        t: float | None = None,
-    ) -> None:
-        if seq.finished:
-            return
-        if seq.has_kv and reason != "error":
-            # the KV manager learns the tokens whose K/V were written (all but the last)
-            held = seq.num_tokens - 1
-            if seq.kv_tokens < held:
-                self.kv.append(seq.seq_id, seq.token_slice(seq.kv_tokens, held))
-                seq.kv_tokens = held
-            if self._caching:
-                self.kv.mark_computed(seq.seq_id, min(seq.num_computed, held))
-        seq.kv_stats = self._release(seq, discard=discard)
-        seq.finished = True
-        seq.finish_reason = reason
-        seq.error = error
-        seq.timeline.mark_completed(t)
-        if reason != "error":
-            self.completed += 1
-        elif seq.cancelled:
-            self.cancelled += 1
-        else:
-            self.failed += 1
-
-    def stats(self) -> SchedulerStats:
-        """Counters (a snapshot; read without locking)."""
-        return SchedulerStats(
-            steps=self.steps,
-            waiting=len(self.waiting),
-            running=len(self.running),
-            preemptions=self.preemptions,
-            finished=self.completed + self.failed + self.cancelled,
-            completed=self.completed,
-            failed=self.failed,
-            cancelled=self.cancelled,
-            failed_steps=self.failed_steps,
-            tokens_computed=self.tokens_computed,
-            tokens_generated=self.tokens_generated,
-        )
