@@ -123,16 +123,30 @@ def error_response(
     request: Any, error: Error, metrics: Metrics, *, output_text: str = "", output_tokens: Any = ()
 ) -> Response:
     """Build a terminal Response with ``finish_reason="error"``."""
-    rid, tid = request_ids(request)
     return Response(
-        request_id=rid,
-        trace_id=tid,
-        output_text=output_text,
-        output_tokens=list(output_tokens),
-        finish_reason="error",
-        metrics=metrics,
-        error=error,
+        **_terminal_fields(request, output_text, list(output_tokens), "error", metrics, error)
     )
+
+
+def _terminal_fields(
+    request: Any,
+    output_text: str,
+    output_tokens: list[int],
+    finish_reason: FinishReason,
+    metrics: Metrics,
+    error: Error | None,
+) -> dict[str, Any]:
+    """The fields a Response and a stream's end event share."""
+    rid, tid = request_ids(request)
+    return {
+        "request_id": rid,
+        "trace_id": tid,
+        "output_text": output_text,
+        "output_tokens": output_tokens,
+        "finish_reason": finish_reason,
+        "metrics": metrics,
+        "error": error,
+    }
 
 
 def start_event(request: Any, engine_id: str, prompt_tokens: int | None) -> StreamEventStart:
@@ -162,17 +176,8 @@ def end_event(
     error: Error | None = None,
 ) -> StreamEventEnd:
     """Build the stream's end event."""
-    rid, tid = request_ids(request)
-    return StreamEventEnd(
-        request_id=rid,
-        trace_id=tid,
-        engine_id=engine_id,
-        output_text=output_text,
-        output_tokens=output_tokens,
-        finish_reason=finish_reason,
-        metrics=metrics,
-        error=error,
-    )
+    fields = _terminal_fields(request, output_text, output_tokens, finish_reason, metrics, error)
+    return StreamEventEnd(engine_id=engine_id, **fields)
 
 
 def internal_error(message: str, code: ErrorCode = ErrorCode.UNAVAILABLE) -> Error:

@@ -40,14 +40,17 @@ class StepRecorder:
     waiting: Sequence[SchedSeq]
     _caching: bool
     _reserved: int
-    steps: int
-    preemptions: int
-    completed: int
-    failed: int
-    cancelled: int
-    failed_steps: int
-    tokens_computed: int
-    tokens_generated: int
+
+    def _reset_counters(self) -> None:
+        """Zero the counters :meth:`stats` reports (the constructor calls it)."""
+        self.steps = 0
+        self.preemptions = 0
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.failed_steps = 0
+        self.tokens_computed = 0
+        self.tokens_generated = 0
 
     def update(
         self,

@@ -130,14 +130,7 @@ class Scheduler(StepRecorder):
         self.waiting: collections.deque[SchedSeq] = collections.deque()
         self.running: list[SchedSeq] = []
         self._reserved = 0
-        self.steps = 0
-        self.preemptions = 0
-        self.completed = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.failed_steps = 0
-        self.tokens_computed = 0
-        self.tokens_generated = 0
+        self._reset_counters()
 
     # ------------------------------------------------------------------ queue
     @property
