@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 from sagellm_backend._lazy import resolve_lazy
+from sagellm_backend._registry_plugins import add_note_once
 from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.engine._plugin import is_backend_provider, normalize_engine_config
 from sagellm_backend.engine.base import BaseEngine, EngineConfig
@@ -58,7 +59,6 @@ from sagellm_backend.errors import (
     PluginConflictError,
     PluginLoadError,
 )
-from sagellm_backend.registry import add_note_once
 
 __all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", "EngineFactoryFn"]
 
