@@ -20,10 +20,10 @@ from typing import Any
 
 from sagellm_backend.errors import PluginConflictError, PluginLoadError
 
-__all__ = ["PluginRecord", "PluginSource", "discover"]
+__all__ = ["PluginRecord", "PluginSource", "discover", "normalize_dist"]
 
 
-def _normalize_dist(name: str) -> str:
+def normalize_dist(name: str) -> str:
     """PEP 503 normalisation, so ``isagellm_backend`` and ``isagellm-backend`` compare equal."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -174,5 +174,5 @@ def discover(
 
 def _same_distribution(a: PluginSource, b: PluginSource) -> bool:
     if a.dist_name is not None and b.dist_name is not None:
-        return _normalize_dist(a.dist_name) == _normalize_dist(b.dist_name)
+        return normalize_dist(a.dist_name) == normalize_dist(b.dist_name)
     return a.dist_name is None and b.dist_name is None and a.value == b.value
