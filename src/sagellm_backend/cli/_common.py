@@ -38,6 +38,7 @@ __all__ = [
     "one_request_engine",
     "quiet_transformers",
     "request_error_text",
+    "request_exit_status",
     "resolve_engine_kind",
     "resolve_model",
 ]
@@ -406,6 +407,18 @@ def one_request_engine(
 def request_error_text(error: Any) -> str:
     """``"CODE: message"`` of a failed request's protocol error (``"unknown error"`` if None)."""
     return f"{error.code}: {error.message}" if error is not None else "unknown error"
+
+
+def request_exit_status(command: str, response: Any, err: TextIO) -> int:
+    """Exit status of a one-request command: 1 (the error named on ``err``) if it failed.
+
+    ``response`` is the protocol Response or end event of the request.
+    """
+    if response.finish_reason == "error":
+        what = request_error_text(response.error)
+        err.write(f"sagellm-backend {command}: error: the request failed: {what}\n")
+        return 1
+    return 0
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -32,7 +32,7 @@ from sagellm_backend.cli._common import (
     engine_description,
     guarded,
     one_request_engine,
-    request_error_text,
+    request_exit_status,
     resolve_engine_kind,
     resolve_model,
 )
@@ -128,11 +128,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     out.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(end.metrics), indent=2))
     out.write("\n")
     out.flush()
-    if end.finish_reason == "error":
-        what = request_error_text(end.error)
-        err.write(f"sagellm-backend demo: error: the request failed: {what}\n")
-        return 1
-    return 0
+    return request_exit_status("demo", end, err)
 
 
 def _model_note(label: str, kind: str) -> str:

@@ -28,7 +28,7 @@ from sagellm_backend.cli._common import (
     engine_description,
     guarded,
     one_request_engine,
-    request_error_text,
+    request_exit_status,
     resolve_engine_kind,
     resolve_model,
 )
@@ -106,11 +106,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if args.metrics:
         err.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(result.metrics)) + "\n")
-    if result.finish_reason == "error":
-        what = request_error_text(result.error)
-        err.write(f"sagellm-backend generate: error: the request failed: {what}\n")
-        return 1
-    return 0
+    return request_exit_status("generate", result, err)
 
 
 async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:
