@@ -47,12 +47,13 @@ __all__ = [
 
 #: dtype names the engines accept; ``"auto"`` keeps the checkpoint's own dtype.
 VALID_DTYPES = ("float16", "bfloat16", "float32", "auto")
+#: Other spellings of :data:`VALID_DTYPES` names.
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
 #: device_map strings accelerate understands besides a single device.
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 HF_INSTALL = "pip install 'isagellm-backend[hf]'"
 _COMMON_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt", "falcon")
-DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
 #: Seconds the hub connection probe waits before a hub id is looked up in the cache only.
 HUB_PROBE_TIMEOUT_S = 3.0
 OFFLINE_HINT = (
