@@ -244,7 +244,15 @@ def test_device_torch_cannot_use(models: Path) -> None:
 
 
 def test_no_direct_cuda_calls_in_engine_helpers() -> None:
-    for rel in ("engine/hf/loader.py", "engine/hf/detok.py", "testing/tiny_models.py"):
+    for rel in (
+        "engine/hf/loader.py",
+        "engine/hf/_load_checks.py",
+        "engine/hf/_quant.py",
+        "engine/hf/detok.py",
+        "testing/tiny_models.py",
+        "testing/_tiny_build.py",
+        "testing/_tiny_tokenizer.py",
+    ):
         assert "torch.cuda" not in (SRC / rel).read_text(), rel
 
 

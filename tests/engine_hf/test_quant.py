@@ -23,7 +23,7 @@ import torch
 
 from sagellm_backend.capability import DType
 from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig, create_cpu_engine
-from sagellm_backend.engine.hf import loader
+from sagellm_backend.engine.hf import _quant, loader
 from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, weight_memory
 from sagellm_backend.errors import ConfigError, DependencyMissingError
 
@@ -290,7 +290,7 @@ def test_quantization_the_device_cannot_run(
     with pytest.raises(ConfigError, match=r"load_in_8bit cannot run on device 'meta'"):
         load_model_and_tokenizer(tiny_llama, device="meta", load_in_8bit=True)
     # A bitsandbytes whose native library is not a CUDA one cannot quantise on a GPU.
-    monkeypatch.setattr(loader, "_bnb_native_backend", lambda: "CPU")
+    monkeypatch.setattr(_quant, "_bnb_native_backend", lambda: "CPU")
     with pytest.raises(ConfigError, match=r"device 'cuda:0'.*loaded its CPU library"):
         load_model_and_tokenizer(tiny_llama, device="cuda:0", load_in_4bit=True)
     assert not no_load

@@ -5,7 +5,7 @@
   (:func:`resolve_model`; the built-in offline models are accepted by name);
   :func:`engine_settings` gathers the engine options into :class:`EngineSettings`, which
   :func:`create_engine` turns into an engine; :func:`make_request` builds a protocol
-  Request;
+  Request (:func:`one_request_engine`: both, for the one-request commands);
 * :func:`guarded`, the wrapper every ``run`` goes through: a :class:`UsageError` becomes
   the subcommand's usage message and exit status 2, any other exception one line on stderr
   and exit status 1 (the traceback only with ``--log-level DEBUG``), Ctrl-C exit 130.
@@ -35,8 +35,10 @@ __all__ = [
     "engine_settings",
     "guarded",
     "make_request",
+    "one_request_engine",
     "quiet_transformers",
     "request_error_text",
+    "request_exit_status",
     "resolve_engine_kind",
     "resolve_model",
 ]
@@ -226,23 +228,26 @@ def create_engine(settings: EngineSettings) -> Any:
         ConfigError: an invalid setting (the engine config's own message).
     """
     s = settings
-    batched = max(2048, s.max_batch_size)
+    # The fields the cpu and cuda engine configs share.
+    hf_fields: dict[str, Any] = {
+        "engine_id": s.engine_id,
+        "model_path": s.model_path,
+        "max_batch_size": s.max_batch_size,
+        "max_new_tokens": s.max_new_tokens,
+        "trust_remote_code": s.trust_remote_code,
+        "enable_prefix_caching": s.prefix_caching,
+        "max_num_batched_tokens": max(2048, s.max_batch_size),
+    }
     if s.kind == "cpu":
         from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig
 
         assert s.model_path is not None
         engine: Any = CPUEngine(
             CPUEngineConfig(
-                engine_id=s.engine_id,
-                model_path=s.model_path,
                 device="cpu",
-                max_batch_size=s.max_batch_size,
-                max_new_tokens=s.max_new_tokens,
                 torch_dtype=s.dtype or DEFAULT_DTYPE["cpu"],
-                trust_remote_code=s.trust_remote_code,
                 num_threads=s.threads,
-                enable_prefix_caching=s.prefix_caching,
-                max_num_batched_tokens=batched,
+                **hf_fields,
             )
         )
         quiet_transformers()
@@ -253,18 +258,12 @@ def create_engine(settings: EngineSettings) -> Any:
         device = s.device or "cuda:0"
         engine = HFCudaEngine(
             HFCudaEngineConfig(
-                engine_id=s.engine_id,
-                model_path=s.model_path,
                 device=device,
-                max_batch_size=s.max_batch_size,
                 dtype=s.dtype or DEFAULT_DTYPE["cuda"],
                 device_map="cuda:0" if device == "cuda" else device,  # device_map: cuda:N
                 load_in_8bit=False,
                 load_in_4bit=False,
-                trust_remote_code=s.trust_remote_code,
-                max_new_tokens=s.max_new_tokens,
-                enable_prefix_caching=s.prefix_caching,
-                max_num_batched_tokens=batched,
+                **hf_fields,
             )
         )
         quiet_transformers()
@@ -356,9 +355,70 @@ def make_request(
     )
 
 
+def one_request_engine(
+    args: argparse.Namespace,
+    create: Callable[[EngineSettings], Any],
+    *,
+    kind: str,
+    model_path: str | None,
+    model_label: str,
+    engine_id: str,
+    request_id: str,
+    stream: bool,
+    metadata: dict[str, Any],
+) -> tuple[Any, Any]:
+    """The engine and the request of a one-request command (``generate``, ``demo``).
+
+    The engine (made by ``create``, not started) runs one request at a time with
+    ``--max-tokens`` as its output budget; the request sends ``--prompt`` with
+    ``--max-tokens``, ``--temperature``, ``--top-p`` and ``metadata``. ``create`` is the
+    command module's :func:`create_engine` (looked up there, so tests can replace it).
+
+    Returns:
+        ``(engine, request)``.
+
+    Raises:
+        UsageError: an engine option that does not apply to ``kind``.
+        ConfigError: an invalid engine setting (the engine config's own message).
+    """
+    settings = engine_settings(
+        args,
+        kind=kind,
+        model_path=model_path,
+        model_label=model_label,
+        engine_id=engine_id,
+        max_batch_size=1,
+        max_new_tokens=args.max_tokens,
+    )
+    engine = create(settings)
+    request = make_request(
+        request_id,
+        model=model_label,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        stream=stream,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        metadata=metadata,
+    )
+    return engine, request
+
+
 def request_error_text(error: Any) -> str:
     """``"CODE: message"`` of a failed request's protocol error (``"unknown error"`` if None)."""
     return f"{error.code}: {error.message}" if error is not None else "unknown error"
+
+
+def request_exit_status(command: str, response: Any, err: TextIO) -> int:
+    """Exit status of a one-request command: 1 (the error named on ``err``) if it failed.
+
+    ``response`` is the protocol Response or end event of the request.
+    """
+    if response.finish_reason == "error":
+        what = request_error_text(response.error)
+        err.write(f"sagellm-backend {command}: error: the request failed: {what}\n")
+        return 1
+    return 0
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -30,13 +30,14 @@ from typing import Any, TextIO
 from sagellm_backend.cli._common import (
     create_engine,
     engine_description,
-    engine_settings,
     guarded,
-    make_request,
-    request_error_text,
+    one_request_engine,
+    request_exit_status,
     resolve_engine_kind,
     resolve_model,
 )
+from sagellm_backend.cli._common import engine_settings as engine_settings  # was importable
+from sagellm_backend.cli._common import make_request as make_request  # was importable
 from sagellm_backend.cli._metrics import metrics_rows
 from sagellm_backend.cli._options import add_engine_arguments, add_sampling_arguments
 from sagellm_backend.cli._table import render_table, safe_text, terminal_width
@@ -110,25 +111,16 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"  path: {model_path}\n")
     out.write("\n[3/4] Engine\n")
     out.flush()
-    settings = engine_settings(
+    metadata: dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
+    engine, request = one_request_engine(
         args,
+        create_engine,
         kind=kind,
         model_path=model_path,
         model_label=label,
         engine_id=f"demo-{kind}",
-        max_batch_size=1,
-        max_new_tokens=args.max_tokens,
-    )
-    engine = create_engine(settings)
-    metadata: dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
-    request = make_request(
-        "demo-1",
-        model=label,
-        prompt=args.prompt,
-        max_tokens=args.max_tokens,
+        request_id="demo-1",
         stream=True,
-        temperature=args.temperature,
-        top_p=args.top_p,
         metadata=metadata,
     )
     end = asyncio.run(_stream(engine, request, args, out))
@@ -136,11 +128,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     out.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(end.metrics), indent=2))
     out.write("\n")
     out.flush()
-    if end.finish_reason == "error":
-        what = request_error_text(end.error)
-        err.write(f"sagellm-backend demo: error: the request failed: {what}\n")
-        return 1
-    return 0
+    return request_exit_status("demo", end, err)
 
 
 def _model_note(label: str, kind: str) -> str:

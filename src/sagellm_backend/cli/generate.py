@@ -26,13 +26,14 @@ from sagellm_backend.cli._common import (
     UsageError,
     create_engine,
     engine_description,
-    engine_settings,
     guarded,
-    make_request,
-    request_error_text,
+    one_request_engine,
+    request_exit_status,
     resolve_engine_kind,
     resolve_model,
 )
+from sagellm_backend.cli._common import engine_settings as engine_settings  # was importable
+from sagellm_backend.cli._common import make_request as make_request  # was importable
 from sagellm_backend.cli._metrics import metrics_rows
 from sagellm_backend.cli._options import add_engine_arguments, add_sampling_arguments
 from sagellm_backend.cli._table import fmt_ms, render_table
@@ -76,29 +77,20 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError("--top-p applies when sampling: give --temperature > 0 as well")
     kind, _reason = resolve_engine_kind(args.engine)
     model_path, label = resolve_model(kind, args.model, err=err)
-    settings = engine_settings(
-        args,
-        kind=kind,
-        model_path=model_path,
-        model_label=label,
-        engine_id=f"cli-generate-{kind}",
-        max_batch_size=1,
-        max_new_tokens=args.max_tokens,
-    )
-    engine = create_engine(settings)
     metadata: dict[str, Any] = {}
     if args.ignore_eos:
         metadata["ignore_eos"] = True
     if args.seed is not None:
         metadata["seed"] = args.seed
-    request = make_request(
-        "generate-1",
-        model=label,
-        prompt=args.prompt,
-        max_tokens=args.max_tokens,
+    engine, request = one_request_engine(
+        args,
+        create_engine,
+        kind=kind,
+        model_path=model_path,
+        model_label=label,
+        engine_id=f"cli-generate-{kind}",
+        request_id="generate-1",
         stream=args.stream,
-        temperature=args.temperature,
-        top_p=args.top_p,
         metadata=metadata,
     )
     result = asyncio.run(_generate(engine, request, args, out))
@@ -114,11 +106,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if args.metrics:
         err.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(result.metrics)) + "\n")
-    if result.finish_reason == "error":
-        what = request_error_text(result.error)
-        err.write(f"sagellm-backend generate: error: the request failed: {what}\n")
-        return 1
-    return 0
+    return request_exit_status("generate", result, err)
 
 
 async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:

@@ -27,6 +27,9 @@ Invariants:
       from; any other exception of a factory is wrapped in a ``PluginLoadError`` (chained).
     * All state is class-level and guarded by one lock.
 
+One kind's entry (loading, hooks, registration checks, construction) is
+:mod:`sagellm_backend.engine._factory_entry`; this module holds the registry of kinds.
+
 Example:
     >>> from sagellm_backend.engine.factory import EngineFactory
     >>> engine = EngineFactory.create("mock", {"engine_id": "m0", "simulate_ttft_ms": 0.0})
@@ -37,29 +40,39 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import importlib
 import importlib.metadata
-import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, cast
 
 from sagellm_backend._lazy import resolve_lazy
+from sagellm_backend._registry_discovery import normalize_dist
+from sagellm_backend._registry_plugins import add_note_once
 from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
-from sagellm_backend.engine._plugin import is_backend_provider, normalize_engine_config
-from sagellm_backend.engine.base import BaseEngine, EngineConfig
+from sagellm_backend.engine._factory_entry import (
+    EngineEntry,
+    EngineFactoryFn,
+    builtin_loader,
+    check_registration,
+    construct_engine,
+    entry_point_loader,
+    norm_kind,
+)
+from sagellm_backend.engine._plugin import is_backend_provider
+from sagellm_backend.engine._plugin import normalize_engine_config as normalize_engine_config
+from sagellm_backend.engine.base import BaseEngine
+from sagellm_backend.engine.base import EngineConfig as EngineConfig
+from sagellm_backend.errors import BackendError as BackendError
 from sagellm_backend.errors import (
-    BackendError,
     BackendNotAvailableError,
     ConfigError,
     PluginConflictError,
     PluginLoadError,
 )
-from sagellm_backend.registry import add_note_once
 
+# The ``X as X`` imports (BackendError, EngineConfig, normalize_engine_config) keep names
+# that were importable from this module before EngineEntry moved out importable here.
 __all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", "EngineFactoryFn"]
 
 #: 0.1.1.2 names this module also exports (resolved lazily: the mock engine module is
@@ -71,9 +84,6 @@ def __getattr__(name: str) -> Any:
     """Resolve ``MockEngine`` / ``create_mock_engine`` (0.1.1.2 exports) on first access."""
     return resolve_lazy(globals(), _LAZY_COMPAT, name)
 
-
-#: ``factory(config, provider) -> engine``: the sagellm-core plugin calling convention.
-EngineFactoryFn = Callable[[Any, Any], Any]
 
 #: 0.1.1.2 name of :data:`EngineFactoryFn`.
 AdapterFactory = EngineFactoryFn
@@ -101,131 +111,6 @@ _OWN_DISTRIBUTIONS = frozenset({"isagellm-backend"})
 _ENGINE_METHODS = ("start", "stop", "execute", "stream")
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-\s]+", "_", name.strip().lower())
-
-
-@dataclass
-class EngineEntry:
-    """One kind known to the factory.
-
-    Attributes:
-        name: the kind.
-        source: ``"builtin"``, ``"entry_point"`` or ``"registered"``.
-        engine_class: the engine class, once known (entry points may only give a factory).
-        factory: ``factory(config, provider)``, used for configs that are not an
-            :class:`EngineConfig` instance (dicts, sagellm-core configs, None).
-        loader: loads ``(engine_class, factory)`` on first use (built-ins, entry points).
-        aliases: extra names of this kind.
-        entry_point: ``module:attr`` it comes from (display).
-        package: providing distribution (display).
-        error: the load failure, when loading failed.
-        priority_override: priority given at registration (else the class's ``priority()``).
-    """
-
-    name: str
-    source: str
-    engine_class: type[BaseEngine] | None = None
-    factory: EngineFactoryFn | None = None
-    loader: Callable[[], tuple[type[BaseEngine] | None, EngineFactoryFn | None]] | None = None
-    aliases: tuple[str, ...] = ()
-    entry_point: str = ""
-    package: str = ""
-    error: BaseException | None = None
-    priority_override: int | None = None
-    _hooks: Any = field(default=None, repr=False)
-
-    def load(self) -> None:
-        """Run the loader once; a failure is kept in ``error`` and raised again each call."""
-        if self.error is not None:
-            raise self.error
-        if self.loader is None:
-            return
-        loader, self.loader = self.loader, None
-        try:
-            cls, fn = loader()
-        except (PluginLoadError, PluginConflictError) as exc:
-            self.error = exc
-            raise
-        except Exception as exc:
-            err = PluginLoadError(
-                f"engine kind {self.name!r} ({self.entry_point or self.source}) failed to load: "
-                f"{type(exc).__name__}: {exc}",
-                group="sagellm.engines",
-                name=self.name,
-            )
-            err.__cause__ = exc
-            self.error = err
-            raise err from exc
-        self.engine_class = cls or self.engine_class
-        self.factory = fn or self.factory
-
-    def hooks(self) -> Any:
-        """Object carrying is_available/priority (the class, else the factory)."""
-        return self.engine_class if self.engine_class is not None else self.factory
-
-    def status(self) -> tuple[bool, int, str]:
-        """(available, priority, reason); a hook that raises becomes an error (raised)."""
-        self.load()
-        hooks = self.hooks()
-        priority = self.priority_override
-        if priority is None:
-            hook = getattr(hooks, "priority", None)
-            value = hook() if callable(hook) else 0
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise PluginLoadError(
-                    f"engine kind {self.name!r}: priority() must return an int, got {value!r}",
-                    group="sagellm.engines",
-                    name=self.name,
-                )
-            priority = value
-        check = getattr(hooks, "is_available", None)
-        if not callable(check):
-            return True, priority, "declares no is_available() hook, so assumed available"
-        ok = check()
-        if not isinstance(ok, bool):
-            raise PluginLoadError(
-                f"engine kind {self.name!r}: is_available() must return a bool, got {ok!r}",
-                group="sagellm.engines",
-                name=self.name,
-            )
-        if ok:
-            return True, priority, "is_available() returned True"
-        why = getattr(hooks, "unavailable_reason", None)
-        return False, priority, str(why()) if callable(why) else "is_available() returned False"
-
-
-def _builtin_loader(
-    module: str, cls_name: str, fn_name: str
-) -> Callable[[], tuple[type[BaseEngine] | None, EngineFactoryFn | None]]:
-    def load() -> tuple[type[BaseEngine] | None, EngineFactoryFn | None]:
-        mod = importlib.import_module(module)
-        cls = getattr(mod, cls_name)
-        fn = getattr(mod, fn_name, None)
-        return cls, fn
-
-    return load
-
-
-def _entry_point_loader(
-    kind: str, registry: Any
-) -> Callable[[], tuple[type[BaseEngine] | None, EngineFactoryFn | None]]:
-    def load() -> tuple[type[BaseEngine] | None, EngineFactoryFn | None]:
-        obj = registry.load(kind)  # PluginLoadError / PluginConflictError, by name
-        if isinstance(obj, type) and issubclass(obj, BaseEngine):
-            return obj, None
-        if not callable(obj):
-            raise PluginLoadError(
-                f"sagellm.engines plugin {kind!r} resolves to {obj!r}, which is neither an "
-                "engine class nor a factory(config, backend)",
-                group="sagellm.engines",
-                name=kind,
-            )
-        return None, obj
-
-    return load
-
-
 class EngineFactory:
     """Class-level registry of engine kinds (see the module docstring)."""
 
@@ -250,7 +135,7 @@ class EngineFactory:
                 cls._entries[name] = EngineEntry(
                     name=name,
                     source="builtin",
-                    loader=_builtin_loader(module, cls_name, fn_name),
+                    loader=builtin_loader(module, cls_name, fn_name),
                     entry_point=f"{module}:{cls_name}",
                     package="isagellm-backend",
                 )
@@ -265,11 +150,10 @@ class EngineFactory:
             own = [
                 s
                 for s in record.sources
-                if s.dist_name is not None
-                and re.sub(r"[-_.]+", "-", s.dist_name).lower() in _OWN_DISTRIBUTIONS
+                if s.dist_name is not None and normalize_dist(s.dist_name) in _OWN_DISTRIBUTIONS
             ]
             foreign = [s for s in record.sources if s not in own]
-            target = cls._aliases.get(_norm(kind), _norm(kind))
+            target = cls._aliases.get(norm_kind(kind), norm_kind(kind))
             if own and not foreign and target in cls._entries:
                 continue  # our own entry point: the built-in (or its alias) covers it
             if target in cls._entries and cls._entries[target].source == "builtin":
@@ -284,7 +168,7 @@ class EngineFactory:
             cls._entries[kind] = EngineEntry(
                 name=kind,
                 source="entry_point",
-                loader=_entry_point_loader(kind, registry),
+                loader=entry_point_loader(kind, registry),
                 entry_point=record.value,
                 package=record.package,
             )
@@ -338,33 +222,9 @@ class EngineFactory:
             ConfigError: bad name/class, neither class nor factory, or the kind is already
                 registered to something else without ``replace=True``.
         """
-        engine = engine_cls  # 0.1.1.2 parameter name
-        if isinstance(engine, type):
-            if engine_class is not None:
-                raise ConfigError("register(EngineClass) takes no second engine class")
-            engine_class = engine
-            if not issubclass(engine_class, BaseEngine):
-                raise ConfigError(f"register needs a BaseEngine subclass, got {engine_class!r}")
-            name = engine_class.backend_type()
-        else:
-            name = engine
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"engine kind must be a non-empty string, got {name!r}")
-        if engine_class is not None and not (
-            isinstance(engine_class, type) and issubclass(engine_class, BaseEngine)
-        ):
-            raise ConfigError(
-                f"engine_class for kind {name!r} must be a BaseEngine subclass, "
-                f"got {engine_class!r}"
-            )
-        if engine_class is None and factory is None:
-            raise ConfigError(f"register({name!r}) needs an engine_class or a factory")
-        if factory is not None and not callable(factory):
-            raise ConfigError(f"factory for kind {name!r} must be callable, got {factory!r}")
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            raise ConfigError(f"priority for kind {name!r} must be an int, got {priority!r}")
-        key = _norm(name)
-        alias_keys = tuple(_norm(a) for a in aliases)
+        name, engine_class = check_registration(engine_cls, engine_class, factory, priority)
+        key = norm_kind(name)
+        alias_keys = tuple(norm_kind(a) for a in aliases)
         with cls._lock:
             cls._ensure()
             old = cls._entries.get(key)
@@ -429,9 +289,9 @@ class EngineFactory:
             if isinstance(engine, type):
                 keys = [k for k, e in cls._entries.items() if e.engine_class is engine]
                 if not keys and issubclass(engine, BaseEngine):
-                    keys = [_norm(engine.backend_type())]
+                    keys = [norm_kind(engine.backend_type())]
             else:
-                key = _norm(engine)
+                key = norm_kind(engine)
                 keys = [cls._aliases.get(key, key)]
             removed = False
             for key in keys:
@@ -451,7 +311,7 @@ class EngineFactory:
         """
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"engine kind must be a non-empty string, got {name!r}")
-        key = _norm(name)
+        key = norm_kind(name)
         with cls._lock:
             cls._ensure()
             key = cls._aliases.get(key, key)
@@ -596,9 +456,9 @@ class EngineFactory:
                 f"got {type(provider).__name__}"
             )
         kind = backend_type
-        if kind is None or _norm(kind) == "auto":
+        if kind is None or norm_kind(kind) == "auto":
             cfg_kind = cls._config_kind(config)
-            kind = cfg_kind if cfg_kind is not None and _norm(cfg_kind) != "auto" else None
+            kind = cfg_kind if cfg_kind is not None and norm_kind(cfg_kind) != "auto" else None
         key = cls.select() if kind is None else cls.resolve_kind(kind)
         entry = cls._entries[key]
         ok, _, reason, error = cls._status(entry)
@@ -631,7 +491,7 @@ class EngineFactory:
         note = f"while creating engine kind {entry.name!r} ({entry.source} {entry.entry_point}"
         note += f"{package})"
         try:
-            return cls._construct(entry, config, provider)
+            return construct_engine(entry, config, provider)
         except PluginLoadError as exc:
             if (exc.group, exc.name) != ("sagellm.engines", entry.name):  # ours name it
                 add_note_once(exc, note)
@@ -639,42 +499,3 @@ class EngineFactory:
         except Exception as exc:
             add_note_once(exc, note)
             raise
-
-    @classmethod
-    def _construct(cls, entry: EngineEntry, config: Any, provider: Any) -> Any:
-        engine_cls = entry.engine_class
-        if isinstance(config, EngineConfig) and engine_cls is not None:
-            if provider is not None:
-                config = copy.copy(config)
-                config.provider = provider
-            return engine_cls(config)
-        if entry.factory is not None:
-            try:
-                return entry.factory(config, provider)
-            except (BackendError, ValueError, TypeError, ImportError):
-                raise  # the factory's own words about the config or a missing dependency
-            except Exception as exc:
-                raise PluginLoadError(
-                    f"engine kind {entry.name!r} ({entry.entry_point}): the factory raised "
-                    f"{type(exc).__name__}: {exc}",
-                    group="sagellm.engines",
-                    name=entry.name,
-                ) from exc
-        assert engine_cls is not None
-        settings = normalize_engine_config(config, provider)
-        base_fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        extra = dict(settings.extra)
-        metadata = extra.pop("metadata", {}) or {}
-        direct = {k: extra.pop(k) for k in list(extra) if k in base_fields}
-        kwargs: dict[str, Any] = {
-            "engine_id": settings.engine_id,
-            "model_path": settings.model_path,
-            "provider": settings.provider,
-            "metadata": {**metadata, **extra},
-            **direct,
-        }
-        if settings.device is not None:
-            kwargs["device"] = settings.device
-        if settings.max_batch_size is not None:
-            kwargs["max_batch_size"] = settings.max_batch_size
-        return engine_cls(EngineConfig(**kwargs))

@@ -12,7 +12,7 @@ Example (a plugin package's ``tests/test_conformance.py``)::
 
 See :mod:`sagellm_backend.testing.conformance` for what is checked and how to tune it.
 The names resolve lazily, so importing this package does not import pytest. Under pytest
-the suite's module is registered for assertion rewriting, so a failing check shows the
+the suite's modules are registered for assertion rewriting, so a failing check shows the
 compared values.
 """
 
@@ -23,8 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_backend._lazy import resolve_lazy
 
+#: The modules of the conformance suite (the public one and the parts it combines).
+_SUITE_MODULES = (
+    "sagellm_backend.testing.conformance",
+    "sagellm_backend.testing._conformance_base",
+    "sagellm_backend.testing._conformance_device",
+    "sagellm_backend.testing._conformance_kv",
+)
+
 if "pytest" in sys.modules:  # running under pytest: detailed assertion messages
-    sys.modules["pytest"].register_assert_rewrite("sagellm_backend.testing.conformance")
+    sys.modules["pytest"].register_assert_rewrite(*_SUITE_MODULES)
 
 if TYPE_CHECKING:
     from sagellm_backend.testing.conformance import ProviderConformance, make_conformance_tests

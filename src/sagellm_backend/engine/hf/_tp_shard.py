@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sagellm_backend.engine.hf.distributed import model_geometry
+from sagellm_backend.engine.hf._tp_config import model_geometry
 
 __all__ = [
     "GPT2_PLAN",

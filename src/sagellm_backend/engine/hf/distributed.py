@@ -31,6 +31,11 @@ an UNAVAILABLE error naming the rank; later steps fail at once; ``healthy`` turn
 (the engine's ``health_check()`` reads it). ``shutdown()`` returns within about 3 s and
 leaves no worker process behind (spawned workers are terminated, then killed).
 
+Layout: configuration and launch settings are :mod:`~sagellm_backend.engine.hf._tp_config`,
+the step-plan wire format :mod:`~sagellm_backend.engine.hf._tp_wire`, the worker side
+:mod:`~sagellm_backend.engine.hf._tp_worker`, rank 0's runner
+:mod:`~sagellm_backend.engine.hf._tp_runner`; this module holds the group and re-exports.
+
 Invariants:
     * Every rank issues the same collectives in the same order: control messages only
       under :attr:`TensorParallelRunner._lock`, data all-reduces only inside a step.
@@ -42,20 +47,34 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from sagellm_backend.engine.runners.base import SeqChunk
+from sagellm_backend.engine.hf._tp_config import (
+    DISTRIBUTED_BACKENDS,
+    TPSettings,
+    check_tp_fields,
+    model_geometry,
+    resolve_backend,
+    valid_tp_sizes,
+)
+from sagellm_backend.engine.hf._tp_runner import TensorParallelRunner
+from sagellm_backend.engine.hf._tp_wire import NOOP, SHUTDOWN
+from sagellm_backend.engine.hf._tp_worker import (
+    LOCAL_RUNNERS,
+    make_provider,
+    rank_report,
+    serve,
+    set_threads,
+    spawn_workers,
+    timeout_delta,
+)
+from sagellm_backend.engine.runners.base import SeqChunk as SeqChunk  # was importable here
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError
 
 if TYPE_CHECKING:
@@ -80,425 +99,13 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Values of the ``distributed_backend`` config field.
-DISTRIBUTED_BACKENDS = ("auto", "gloo", "nccl")
-
-# Control message kinds (first element of the header).
-_STEP, _NOOP, _SHUTDOWN = 1, 2, 3
-_HEADER_LEN = 6  # kind, n_chunks, n_tokens, n_table, n_released, reset
-_CHUNK_FIELDS = 5  # seq number, start, n_tokens, n_table, need_logits
 _SHUTDOWN_WAIT_S = 2.0
-
-
-# ---------------------------------------------------------------------------- config
-def resolve_backend(backend: str, device_type: str) -> str:
-    """``"auto"`` -> ``"nccl"`` on cuda, ``"gloo"`` on cpu; others as given (validated).
-
-    Raises:
-        ConfigError: an unknown backend, or nccl for a cpu engine.
-    """
-    if backend not in DISTRIBUTED_BACKENDS:
-        raise ConfigError(
-            f"distributed_backend must be one of {DISTRIBUTED_BACKENDS}, got {backend!r}"
-        )
-    if backend == "auto":
-        return "nccl" if device_type == "cuda" else "gloo"
-    if backend == "nccl" and device_type != "cuda":
-        raise ConfigError(
-            f"distributed_backend='nccl' needs CUDA devices; a {device_type} engine uses 'gloo' "
-            "(or 'auto')"
-        )
-    return backend
-
-
-def valid_tp_sizes(geometry: dict[str, int], max_size: int | None = None) -> list[int]:
-    """Sizes that divide the heads, the kv heads and the MLP width (at most ``max_size``)."""
-    g = 0
-    for value in geometry.values():
-        g = math.gcd(g, int(value))
-    sizes = [n for n in range(1, max(g, 1) + 1) if g % n == 0] if g else [1]
-    return [n for n in sizes if max_size is None or n <= max_size]
-
-
-def _local_config(model_path: str) -> dict[str, Any] | None:
-    path = Path(model_path) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    text = data.get("text_config")
-    return text if isinstance(text, dict) else data
-
-
-def model_geometry(config: Any) -> dict[str, int]:
-    """Head and MLP counts a tensor-parallel size must divide (HF config object or dict).
-
-    Returns ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}`` (GPT-2
-    names ``n_head`` / ``n_inner`` / ``n_embd`` understood; no kv heads: the heads; no MLP
-    width: ``4 * hidden``).
-    """
-
-    def get(*names: str) -> Any:
-        for key in names:
-            val = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-            if val is not None:
-                return val
-        return None
-
-    heads = int(get("num_attention_heads", "n_head") or 0)
-    kv = int(get("num_key_value_heads") or heads)
-    hidden = int(get("hidden_size", "n_embd") or 0)
-    inter = get("intermediate_size", "n_inner")
-    return {
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "intermediate_size": int(inter) if inter else 4 * hidden,
-    }
-
-
-def _cuda_device_count() -> int:
-    """Visible CUDA devices, asked through the cuda provider module (0 without CUDA)."""
-    from sagellm_backend.providers.cuda import unavailable_reason
-
-    count = 0
-    while count < 1024 and unavailable_reason(count) is None:
-        count += 1
-    return count
-
-
-def check_tp_fields(owner: str, config: Any, device_type: str) -> None:
-    """Validate ``tensor_parallel_size`` / ``distributed_backend`` / ``distributed_timeout_s``.
-
-    A size that does not divide the model's heads, kv heads and MLP width (read from
-    ``config.json`` when ``model_path`` is a local directory; otherwise checked at
-    ``start()``), more ranks than visible CUDA devices (spawn launch), a size that
-    disagrees with torchrun's ``WORLD_SIZE``, or quantised weights are refused.
-
-    Raises:
-        ConfigError: naming the field, the bad value and the valid values.
-    """
-    size = getattr(config, "tensor_parallel_size", 1)
-    backend = getattr(config, "distributed_backend", "auto")
-    timeout = getattr(config, "distributed_timeout_s", 60.0)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{owner}.tensor_parallel_size must be an integer >= 1, got {size!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigError(f"{owner}.distributed_timeout_s must be a number > 0, got {timeout!r}")
-    try:
-        resolve_backend(backend, device_type)
-    except ConfigError as exc:
-        raise ConfigError(f"{owner}.{exc}") from None
-    if size == 1 or getattr(config, "mock_mode", False):
-        return
-    env_world = os.environ.get("WORLD_SIZE")
-    if env_world and env_world.isdigit() and int(env_world) > 1 and int(env_world) != size:
-        raise ConfigError(
-            f"{owner}.tensor_parallel_size={size} but torchrun set WORLD_SIZE={env_world}; "
-            f"valid value here: {env_world}"
-        )
-    if getattr(config, "load_in_8bit", False) or getattr(config, "load_in_4bit", False):
-        raise ConfigError(
-            f"{owner}.tensor_parallel_size={size} cannot shard quantised (8/4-bit) weights; "
-            "valid: tensor_parallel_size=1 with quantisation, or no quantisation"
-        )
-    max_size = None
-    if device_type == "cuda" and not env_world:
-        count = _cuda_device_count()
-        device = str(getattr(config, "device", "cuda") or "cuda")
-        first = int(device.split(":")[1]) if ":" in device else 0
-        max_size = max(count - first, 0)
-        if size > max_size:
-            raise ConfigError(
-                f"{owner}.tensor_parallel_size={size} needs {size} CUDA devices from "
-                f"{device}, {max_size} are visible; valid values: "
-                f"{[n for n in range(1, max_size + 1)] or 'none (no CUDA device)'}"
-            )
-    model_path = getattr(config, "model_path", None)
-    local = _local_config(model_path) if isinstance(model_path, str) else None
-    if local is not None:
-        geo = model_geometry(local)
-        valid = valid_tp_sizes(geo, max_size)
-        if size not in valid:
-            raise ConfigError(
-                f"{owner}.tensor_parallel_size={size} does not divide the model's "
-                f"{geo['num_attention_heads']} attention heads, {geo['num_key_value_heads']} "
-                f"kv heads and MLP width {geo['intermediate_size']}; valid values: {valid}"
-            )
-
-
-@dataclass(frozen=True)
-class TPSettings:
-    """How a tensor-parallel group is launched (picklable; sent to spawned workers).
-
-    Attributes:
-        size: ranks in the group.
-        backend: ``"gloo"`` or ``"nccl"`` (resolved).
-        timeout_s: timeout of every collective and of the rendezvous.
-        device_type: ``"cpu"`` or ``"cuda"``.
-        first_device: CUDA index of rank 0 (rank ``r`` uses ``first_device + r``).
-        threads: torch intra-op threads per rank on CPU (None: cores / size).
-        torchrun: the group comes from torchrun's environment (not spawned).
-    """
-
-    size: int
-    backend: str
-    timeout_s: float
-    device_type: str
-    first_device: int = 0
-    threads: int | None = None
-    torchrun: bool = False
-
-    def device_of(self, rank: int) -> str:
-        """Torch device string of ``rank`` (its LOCAL_RANK under torchrun)."""
-        if self.device_type != "cuda":
-            return "cpu"
-        if self.torchrun:
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        return f"cuda:{self.first_device + rank}"
-
-    def cpu_threads(self) -> int:
-        """Threads each rank's torch uses on CPU."""
-        if self.threads is not None:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) // self.size)
 
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-# ---------------------------------------------------------------------------- plan wire format
-def _encode(
-    chunks: Sequence[SeqChunk], seq_num: Callable[[str], int], released: list[int], reset: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    meta: list[int] = []
-    tokens: list[int] = []
-    tables: list[int] = []
-    for c in chunks:
-        meta += [
-            seq_num(c.seq_id),
-            c.start,
-            len(c.token_ids),
-            len(c.block_table),
-            int(c.need_logits),
-        ]
-        tokens += c.token_ids
-        tables += c.block_table
-    header = torch.tensor(
-        [_STEP, len(chunks), len(tokens), len(tables), len(released), int(reset)], dtype=torch.long
-    )
-    payload = torch.tensor(meta + tokens + tables + released, dtype=torch.long)
-    return header, payload
-
-
-def _decode(header: list[int], payload: torch.Tensor) -> tuple[list[SeqChunk], list[int]]:
-    _, n, n_tok, n_tab, n_rel, _ = header
-    values: list[int] = payload.tolist()
-    meta = values[: n * _CHUNK_FIELDS]
-    tokens = values[n * _CHUNK_FIELDS : n * _CHUNK_FIELDS + n_tok]
-    tables = values[n * _CHUNK_FIELDS + n_tok : n * _CHUNK_FIELDS + n_tok + n_tab]
-    released = values[len(values) - n_rel :] if n_rel else []
-    chunks: list[SeqChunk] = []
-    ti = bi = 0
-    for i in range(n):
-        seq, start, nt, nb, _need = meta[i * _CHUNK_FIELDS : (i + 1) * _CHUNK_FIELDS]
-        # Workers never sample: no logits needed (skips the LM head).
-        chunks.append(SeqChunk(str(seq), tokens[ti : ti + nt], start, tables[bi : bi + nb], False))
-        ti += nt
-        bi += nb
-    return chunks, released
-
-
-# ---------------------------------------------------------------------------- local runners
-def _selected_runner(model: Any, kv: KVCacheManager, init: dict[str, Any]) -> ModelRunner:
-    """The runner ``select_runner`` builds, forced to the kind rank 0 got.
-
-    Every rank thus runs the same runner class as rank 0 (the engine core builds rank 0's
-    through :func:`~sagellm_backend.engine.runners.select.select_runner` too).
-    """
-    from sagellm_backend.engine.runners.select import select_runner
-
-    return select_runner(
-        model,
-        kv.storage,
-        block_size=init["block_size"],
-        max_context=init["max_context"],
-        runner="paged" if init["runner"] == "paged" else "hf",
-        max_batch_size=init["max_batch_size"],
-        prepack_weights=init["prepack_weights"],
-    )
-
-
-#: Runner name (rank 0's local runner ``name``) -> how a worker builds the same runner over
-#: its shard and pool. A new local runner is one more entry here.
-LOCAL_RUNNERS: dict[str, Callable[[Any, Any, dict[str, Any]], ModelRunner]] = {
-    "paged": _selected_runner,
-    "hf-batched": _selected_runner,
-}
-
-
-# ---------------------------------------------------------------------------- worker side
-def _make_provider(settings: TPSettings, rank: int, kv_bytes: int | None) -> Any:
-    if settings.device_type == "cuda":
-        from sagellm_backend.providers.cuda import create_cuda_backend
-
-        options: dict[str, Any] = {"device": settings.device_of(rank)}
-        if kv_bytes:
-            options["kv_memory_bytes"] = kv_bytes
-        return create_cuda_backend(options)
-    from sagellm_backend.providers.cpu import CPUBackendProvider
-
-    return CPUBackendProvider(kv_memory_bytes=kv_bytes) if kv_bytes else CPUBackendProvider()
-
-
-def _rank_report(rank: int, provider: Any, kv: Any, shard: Any) -> dict[str, Any]:
-    stats = provider.memory_stats()
-    spec = kv.spec
-    return {
-        "rank": rank,
-        "pid": os.getpid(),
-        "plan": shard.plan,
-        "num_heads": shard.num_heads,
-        "num_kv_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
-        "kv_pool_bytes": int(stats.get("kv_pool_bytes", 0)),
-        "kv_page_bytes": int(spec.page_bytes),
-        "weight_bytes": shard.weight_bytes,
-    }
-
-
-def _serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
-    """Worker loop of rank ``rank`` > 0 (the group is initialised): until SHUTDOWN."""
-    import torch
-    import torch.distributed as dist
-
-    from sagellm_backend.capability import DType
-    from sagellm_backend.engine.hf._tp_shard import CommStats, shard_model, timed_all_reduce
-    from sagellm_backend.errors import KVCacheExhaustedError
-    from sagellm_backend.kv.spec import KVSpec
-
-    timeout = _timedelta(settings.timeout_s)
-    ctrl = dist.new_group(backend="gloo", timeout=timeout)
-    comm = CommStats()
-    reducing = [False]  # off while the runner is built: a runner may probe the model then
-
-    def reduce(t: torch.Tensor) -> None:
-        if reducing[0]:
-            provider.all_reduce(t, "sum")
-
-    shard = shard_model(model, rank, settings.size, timed_all_reduce(reduce, comm))
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0, group=ctrl)
-    init: dict[str, Any] = box[0]
-    spec = KVSpec.from_model_config(
-        model.config, block_size=init["block_size"], dtype=DType(init["kv_dtype"])
-    )
-    kv_provider = provider
-    try:
-        kv = provider.create_kv_manager(
-            spec, num_pages=init["num_pages"], enable_prefix_caching=False
-        )
-    except KVCacheExhaustedError:  # this provider's budget is smaller than rank 0's pool
-        kv_provider = _make_provider(settings, rank, init["num_pages"] * spec.page_bytes)
-        kv = kv_provider.create_kv_manager(
-            spec, num_pages=init["num_pages"], enable_prefix_caching=False
-        )
-    runner = LOCAL_RUNNERS[init["runner"]](model, kv, init)
-    reducing[0] = True
-    dist.gather_object(_rank_report(rank, kv_provider, kv, shard), None, dst=0, group=ctrl)
-    header = torch.empty(_HEADER_LEN, dtype=torch.long)
-    status = torch.zeros(1, dtype=torch.long)
-    with torch.inference_mode():
-        while True:
-            dist.broadcast(header, src=0, group=ctrl)
-            head = header.tolist()
-            kind = head[0]
-            if kind == _SHUTDOWN:
-                return
-            if kind == _NOOP:
-                continue
-            size = head[1] * _CHUNK_FIELDS + head[2] + head[3] + head[4]
-            payload = torch.empty(size, dtype=torch.long)
-            dist.broadcast(payload, src=0, group=ctrl)
-            chunks, released = _decode(head, payload)
-            if head[5]:
-                runner.reset()
-            for seq in released:
-                runner.release(str(seq))
-            failed = 0
-            if chunks:
-                try:
-                    runner.execute(chunks)
-                except Exception:  # rank 0 learns it from the status all-reduce
-                    _log.exception("tensor-parallel rank %d: step failed", rank)
-                    failed = 1
-            status.fill_(failed)
-            dist.all_reduce(status, op=dist.ReduceOp.MAX, group=ctrl)
-
-
-def _timedelta(seconds: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
-
-
-def _spawned_worker(
-    rank: int,
-    settings: TPSettings,
-    load: LoadSettings,
-    init_method: str,
-    kv_bytes: int | None,
-    conn: Any,
-) -> None:
-    """Entry point of a spawned rank: load, rendezvous, serve, exit."""
-    import torch
-
-    if settings.device_type == "cpu":
-        torch.set_num_threads(settings.cpu_threads())
-    provider = None
-    try:
-        from transformers.utils import logging as hf_logging
-
-        from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-
-        # No progress bars here: tqdm's lock is a named semaphore, and rank 0 shows them.
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        provider = _make_provider(settings, rank, kv_bytes)
-        model, _ = load_model_and_tokenizer(
-            load.model_path,
-            device=load.device,
-            dtype=load.dtype,
-            device_map=None,
-            load_in_8bit=False,
-            load_in_4bit=False,
-            trust_remote_code=load.trust_remote_code,
-            low_cpu_mem_usage=load.low_cpu_mem_usage,
-        )
-    except BaseException as exc:  # report, then exit: rank 0 names the cause
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
-    conn.send(("loaded", os.getpid()))
-    conn.close()
-    provider.init_distributed(
-        rank=rank, world_size=settings.size, init_method=init_method, timeout_s=settings.timeout_s
-    )
-    try:
-        _serve(model, provider, settings, rank)
-    finally:
-        with contextlib.suppress(Exception):
-            provider.shutdown_distributed()
-    # Skip the interpreter teardown (about a second of freeing the model and torch state):
-    # nothing of this process outlives it, and stop() waits for it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # ---------------------------------------------------------------------------- rank 0 side
@@ -528,22 +135,9 @@ class TensorParallelGroup:
         provider: Any,
         device_type: str,
     ) -> None:
-        size = int(getattr(config, "tensor_parallel_size", 1))
-        env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        torchrun = env_world > 1
-        first = 0
+        self.settings = TPSettings.from_config(config, device_type)
+        torchrun = self.settings.torchrun
         device = str(getattr(config, "device", "cpu") or "cpu")
-        if device_type == "cuda" and ":" in device:
-            first = int(device.split(":")[1])
-        self.settings = TPSettings(
-            size=size,
-            backend=resolve_backend(getattr(config, "distributed_backend", "auto"), device_type),
-            timeout_s=float(getattr(config, "distributed_timeout_s", 60.0)),
-            device_type=device_type,
-            first_device=first,
-            threads=getattr(config, "num_threads", None),
-            torchrun=torchrun,
-        )
         self.rank = int(os.environ.get("RANK", "0")) if torchrun else 0
         if torchrun and self.rank == 0 and device_type == "cuda":
             want = self.settings.device_of(0)
@@ -630,40 +224,22 @@ class TensorParallelGroup:
         self._closing = False
         if self.settings.torchrun:
             if self.settings.device_type == "cpu":
-                _set_threads(self.settings.cpu_threads())
+                set_threads(self.settings.cpu_threads())
             elif self.rank > 0:  # this rank's own GPU (cuda:LOCAL_RANK) for NCCL and its KV
-                self.provider = _make_provider(self.settings, self.rank, self._kv_bytes)
+                self.provider = make_provider(self.settings, self.rank, self._kv_bytes)
             self.provider.init_distributed(timeout_s=self.settings.timeout_s)
             return
-        import torch.multiprocessing as mp
-
         if self.settings.device_type == "cpu":
-            _set_threads(self.settings.cpu_threads())
-        ctx = mp.get_context("spawn")
+            set_threads(self.settings.cpu_threads())
         self._init_method = f"tcp://127.0.0.1:{_free_port()}"
         kv_bytes = None
         if self._init is not None:  # relaunch: the pool size is known
             kv_bytes = int(self._init["num_pages"] * self._init["page_bytes"])
-        for rank in range(1, self.settings.size):
-            parent, child = ctx.Pipe(duplex=False)
-            load = replace(self.load, device=self.settings.device_of(rank))
-            proc = ctx.Process(
-                target=_spawned_worker,
-                args=(
-                    rank,
-                    self.settings,
-                    load,
-                    self._init_method,
-                    kv_bytes or self._kv_bytes,
-                    child,
-                ),
-                name=f"sagellm-tp-rank{rank}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self._procs.append(proc)
-            self._conns.append(parent)
+        for proc, conn in spawn_workers(
+            self.settings, self.load, self._init_method, kv_bytes or self._kv_bytes
+        ):
+            self._procs.append(proc)  # at once: shutdown() stops every started worker
+            self._conns.append(conn)
 
     def shard(self, model: Any) -> Any:
         """Keep this rank's share of ``model``; under torchrun ranks > 0 serve here, then exit.
@@ -676,7 +252,7 @@ class TensorParallelGroup:
 
         if self.settings.torchrun and self.rank > 0:
             try:
-                _serve(model, self.provider, self.settings, self.rank)
+                serve(model, self.provider, self.settings, self.rank)
             finally:
                 with contextlib.suppress(Exception):
                     self.provider.shutdown_distributed()
@@ -768,10 +344,10 @@ class TensorParallelGroup:
                 init_method=self._init_method,
                 timeout_s=self.settings.timeout_s,
             )
-        self.ctrl = dist.new_group(backend="gloo", timeout=_timedelta(self.settings.timeout_s))
+        self.ctrl = dist.new_group(backend="gloo", timeout=timeout_delta(self.settings.timeout_s))
         dist.broadcast_object_list([self._init], src=0, group=self.ctrl)
         reports: list[Any] = [None] * self.settings.size
-        mine = _rank_report(0, self.provider, kv, self.shard_info)
+        mine = rank_report(0, self.provider, kv, self.shard_info)
         dist.gather_object(mine, reports, dst=0, group=self.ctrl)
         self.ranks = [r for r in reports if isinstance(r, dict)]
         self._reducing = True
@@ -843,7 +419,7 @@ class TensorParallelGroup:
                 continue
             if time.monotonic() - runner.last_message < interval:
                 continue
-            runner.send_control(_NOOP, blocking=False)
+            runner.send_control(NOOP, blocking=False)
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -852,7 +428,7 @@ class TensorParallelGroup:
         runner = self._runner
         sent = False
         if runner is not None and self._running and self._broken is None:
-            sent = runner.send_control(_SHUTDOWN, blocking=False, wait_s=0.5)
+            sent = runner.send_control(SHUTDOWN, blocking=False, wait_s=0.5)
         self._stop_event.set()
         for t in self._threads:  # the monitor must not reap a worker while we do
             t.join(0.6)
@@ -919,162 +495,3 @@ class TensorParallelGroup:
             "ranks": list(self.ranks),
             "stats": runner.stats() if runner is not None else {},
         }
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
-class TensorParallelRunner:
-    """Rank 0's runner: broadcast the step plan, run the local shard, return its logits.
-
-    Implements :class:`~sagellm_backend.engine.runners.base.ModelRunner` over any local
-    runner in :data:`LOCAL_RUNNERS` (its ``name``, ``uses_paged_kv``, ``device`` and
-    ``vocab_size`` are passed through).
-
-    Raises (from :meth:`execute`):
-        BackendNotAvailableError: the group is broken (a rank died, hung or failed a step).
-    """
-
-    def __init__(self, local: ModelRunner, group: TensorParallelGroup) -> None:
-        self.local = local
-        self.group = group
-        self.name = local.name
-        self.uses_paged_kv = local.uses_paged_kv
-        self.device = local.device
-        self.vocab_size = local.vocab_size
-        self.max_context = getattr(local, "max_context", 0)
-        self._lock = threading.Lock()
-        self._seq_nums: dict[str, int] = {}
-        self._next = 1
-        self._released: list[int] = []
-        self._reset = False
-        self.last_message = time.monotonic()
-        self.steps = 0
-        self.step_s = 0.0
-        self.plan_s = 0.0
-
-    # ------------------------------------------------------------------ helpers
-    def acquire(self, timeout: float) -> bool:
-        """Take the step lock (used by shutdown)."""
-        return self._lock.acquire(timeout=timeout)
-
-    def release_lock(self) -> None:
-        """Give the step lock back."""
-        self._lock.release()
-
-    def _seq_num(self, seq_id: str) -> int:
-        num = self._seq_nums.get(seq_id)
-        if num is None:
-            num = self._next
-            self._next += 1
-            self._seq_nums[seq_id] = num
-        return num
-
-    def _fail(self, exc: BaseException | None) -> BackendNotAvailableError:
-        self.group.mark_broken(self.group.describe_failure(exc))
-        return BackendNotAvailableError(str(self.group.broken))
-
-    def send_control(self, kind: int, *, blocking: bool, wait_s: float = 0.0) -> bool:
-        """Broadcast a NOOP / SHUTDOWN message if the step lock is free (False if not sent)."""
-        import torch
-        import torch.distributed as dist
-
-        if not self._lock.acquire(timeout=wait_s if not blocking else -1):
-            return False
-        try:
-            ctrl = self.group.ctrl
-            if ctrl is None or self.group.broken is not None:
-                return False
-            header = torch.zeros(_HEADER_LEN, dtype=torch.long)
-            header[0] = kind
-            try:
-                dist.broadcast(header, src=0, group=ctrl)
-            except Exception as exc:
-                self._fail(exc)
-                return False
-            self.last_message = time.monotonic()
-            return True
-        finally:
-            self._lock.release()
-
-    # ------------------------------------------------------------------ ModelRunner
-    def execute(self, chunks: Sequence[SeqChunk]) -> Any:
-        """Run one step on every rank; return rank 0's logits (see ModelRunner)."""
-        import torch
-        import torch.distributed as dist
-
-        with self._lock:
-            if self.group.broken is not None:
-                raise BackendNotAvailableError(self.group.broken)
-            ctrl = self.group.ctrl
-            t0 = time.perf_counter()
-            released, self._released = self._released, []
-            reset, self._reset = self._reset, False
-            header, payload = _encode(chunks, self._seq_num, released, reset)
-            try:
-                dist.broadcast(header, src=0, group=ctrl)
-                dist.broadcast(payload, src=0, group=ctrl)
-            except Exception as exc:
-                raise self._fail(exc) from exc
-            t1 = time.perf_counter()
-            error: BaseException | None = None
-            logits = None
-            try:
-                logits = self.local.execute(chunks)
-            except Exception as exc:
-                if self.group.broken is not None:
-                    raise BackendNotAvailableError(self.group.broken) from exc
-                error = exc
-            t2 = time.perf_counter()
-            status = torch.tensor([1 if error is not None else 0], dtype=torch.long)
-            try:
-                dist.all_reduce(status, op=dist.ReduceOp.MAX, group=ctrl)
-            except Exception as exc:
-                raise self._fail(exc) from exc
-            t3 = time.perf_counter()
-            self.last_message = time.monotonic()
-            self.steps += 1
-            self.step_s += t3 - t0
-            self.plan_s += (t1 - t0) + (t3 - t2)
-            if error is not None:
-                raise error
-            if int(status.item()):
-                raise self._fail(RuntimeError("a worker rank failed the step (see its log)"))
-            return logits
-
-    def release(self, seq_id: str) -> None:
-        """Forget a sequence here and (with the next message) on every rank."""
-        self.local.release(seq_id)
-        num = self._seq_nums.pop(seq_id, None)
-        if num is not None:
-            self._released.append(num)
-
-    def reset(self) -> None:
-        """Forget every sequence here and (with the next message) on every rank."""
-        self.local.reset()
-        self._seq_nums.clear()
-        self._released.clear()
-        self._reset = True
-
-    def stats(self) -> dict[str, Any]:
-        """Steps, step time, and the time spent in communication on rank 0."""
-        comm = self.group.comm
-        ar_s = comm.seconds if comm is not None else 0.0
-        return {
-            "steps": self.steps,
-            "step_s": self.step_s,
-            "plan_s": self.plan_s,
-            "all_reduce_s": ar_s,
-            "all_reduce_calls": comm.calls if comm is not None else 0,
-            "all_reduce_bytes": comm.bytes if comm is not None else 0,
-            "comm_share": (self.plan_s + ar_s) / self.step_s if self.step_s > 0 else 0.0,
-        }
-
-    def reset_stats(self) -> None:
-        """Zero the step and communication counters."""
-        self.steps, self.step_s, self.plan_s = 0, 0.0, 0.0
-        if self.group.comm is not None:
-            self.group.comm.reset()

@@ -39,24 +39,52 @@ falls back to eos), and ``model.generation_config.pad_token_id`` agrees with it.
 
 Device handling stays a device *string*: no CUDA API is called here (device probing is the
 providers' job).  Heavy imports happen inside the function.
+
+The checks made before loading (dtype, device, path and hub, model type) live in
+:mod:`~sagellm_backend.engine.hf._load_checks`, bitsandbytes quantisation and
+:func:`weight_memory` in :mod:`~sagellm_backend.engine.hf._quant`; this module loads, and
+re-exports their public names.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
-import itertools
-import json
 import logging
-import os
-import socket
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from sagellm_backend.engine.hf._load_checks import (
+    DEVICE_MAP_STRATEGIES,
+    HF_INSTALL,
+    OFFLINE_HINT,
+    VALID_DTYPES,
+    check_causal_lm,
+    check_device_dtypes,
+    dtype_name,
+    hub_offline,
+    hub_unreachable,
+    import_transformers,
+    missing_local,
+    only_local,
+    read_model_type,
+    resolve_torch_dtype,
+    supported_model_types,
+    validate_device,
+    validate_device_map,
+)
+from sagellm_backend.engine.hf._load_checks import HUB_PROBE_TIMEOUT_S as HUB_PROBE_TIMEOUT_S
+from sagellm_backend.engine.hf._quant import (
+    BNB_4BIT_QUANT_TYPES,
+    BNB_MIN_CPU_VERSION,
+    WeightMemory,
+    bnb_4bit_fields,
+    check_bnb_options,
+    quantization_config,
+    quantization_name,
+    weight_memory,
+)
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError, DependencyMissingError
 
 __all__ = [
@@ -75,481 +103,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: dtype names the engines accept; ``"auto"`` keeps the checkpoint's own dtype.
-VALID_DTYPES = ("float16", "bfloat16", "float32", "auto")
-#: device_map strings accelerate understands besides a single device.
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-_HF_INSTALL = "pip install 'isagellm-backend[hf]'"
-_QUANT_INSTALL = "pip install 'isagellm-backend[quant]'"
-_COMMON_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt", "falcon")
-_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
-#: 4-bit quantisation formats bitsandbytes offers (``bnb_4bit_quant_type``).
-BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
-#: Oldest bitsandbytes that runs 8-bit and 4-bit layers on x86-64 CPUs.
-BNB_MIN_CPU_VERSION = (0, 48)
-#: Device types bitsandbytes quantised layers run on (cuda: a build with its CUDA library).
-_BNB_DEVICE_TYPES = ("cpu", "cuda")
-#: Seconds the hub connection probe waits before a hub id is looked up in the cache only.
-HUB_PROBE_TIMEOUT_S = 3.0
-_OFFLINE_HINT = (
-    "to work offline, set HF_HUB_OFFLINE=1 and pass a local model directory (or a hub id "
-    "already in the local hub cache)"
-)
-
-
-def _import_transformers() -> Any:
-    try:
-        import torch  # noqa: F401  (transformers needs it; report it by name)
-        import transformers
-    except ImportError as exc:
-        raise DependencyMissingError(
-            f"the HF engines need torch and transformers ({exc}); install them with: {_HF_INSTALL}"
-        ) from exc
-    return transformers
-
-
-def resolve_torch_dtype(dtype: str) -> Any:
-    """Map a dtype name to a ``torch.dtype`` (``"auto"`` stays the string ``"auto"``).
-
-    Accepts the names in :data:`VALID_DTYPES` and the aliases fp16/half/bf16/fp32.
-
-    Raises:
-        ConfigError: unknown name.
-    """
-    if not isinstance(dtype, str):
-        raise ConfigError(f"dtype must be a string, one of {VALID_DTYPES}; got {dtype!r}")
-    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
-    if name not in VALID_DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; valid values: {VALID_DTYPES}")
-    if name == "auto":
-        return "auto"
-    import torch
-
-    return getattr(torch, name)
-
-
-def supported_model_types() -> list[str]:
-    """The ``model_type`` values transformers maps to a causal-LM class, sorted."""
-    _import_transformers()
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
-def _only_local(model_path: str) -> bool:
-    """Whether ``model_path`` can only name a local directory (never a hub id ``org/name``)."""
-    if model_path.startswith(("/", ".", "~")) or os.path.isabs(model_path):
-        return True
-    if model_path.replace(os.sep, "/").count("/") > 1:
-        return True
-    try:
-        hub_utils = importlib.import_module("huggingface_hub.utils")
-        hub_utils.validate_repo_id(model_path)
-    except Exception:
-        return True
-    return False
-
-
-def _missing_local(model_path: str) -> str:
-    """Where ``model_path`` was looked for locally, for error messages."""
-    resolved = Path(model_path).expanduser().absolute()
-    return (
-        f"no local directory {str(resolved)!r} (relative paths are resolved against the "
-        f"working directory {os.getcwd()!r})"
-    )
-
-
-def _hub_offline() -> bool:
-    try:
-        constants = importlib.import_module("huggingface_hub.constants")
-    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
-        return True
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def _hub_unreachable() -> str | None:
-    """Why the hub endpoint cannot be reached (a short TCP probe), or None when it can.
-
-    Behind a proxy (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` set) a direct
-    connection says nothing, so no probe is made (None).
-    """
-    proxies = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-    if any(os.environ.get(v) or os.environ.get(v.lower()) for v in proxies):
-        return None
-    constants = importlib.import_module("huggingface_hub.constants")
-    endpoint = str(getattr(constants, "ENDPOINT", "https://huggingface.co"))
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return f"cannot connect to the Hugging Face hub {endpoint} ({exc})"
-
-
-def _validate_device(device: str) -> None:
-    if not isinstance(device, str) or not device:
-        raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0'; got {device!r}")
-    import torch
-
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(
-            f"device {device!r} is not a valid torch device string (e.g. 'cpu', 'cuda', "
-            f"'cuda:1'): {exc}"
-        ) from exc
-
-
-def _validate_device_map(device_map: str | dict[str, Any] | None) -> None:
-    if device_map is None or isinstance(device_map, dict):
-        return
-    if not isinstance(device_map, str):
-        raise ConfigError(
-            f"device_map must be None, a dict of module -> device, one of "
-            f"{DEVICE_MAP_STRATEGIES} or a device string; got {device_map!r}"
-        )
-    if device_map in DEVICE_MAP_STRATEGIES:
-        return
-    try:
-        _validate_device(device_map)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"device_map {device_map!r} is neither one of {DEVICE_MAP_STRATEGIES} nor a "
-            "device string such as 'cuda:0'"
-        ) from exc
-
-
-def _read_model_type(config_file: Path) -> str:
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read model config {str(config_file)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"model config {str(config_file)!r} is not a JSON object")
-    return str(data.get("model_type", ""))
-
-
-def _check_causal_lm(config: Any, model_path: str, trust_remote_code: bool) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = getattr(config, "model_type", "")
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return
-    auto_map = getattr(config, "auto_map", None) or {}
-    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
-        return  # remote code provides its own causal-LM class
-    hint = (
-        " (its auto_map names AutoModelForCausalLM: pass trust_remote_code=True)"
-        if "AutoModelForCausalLM" in auto_map
-        else ""
-    )
-    common = [t for t in _COMMON_TYPES if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-    raise ConfigError(
-        f"model {model_path!r} has model_type {model_type!r}, which has no causal-LM class"
-        f"{hint}; the HF engines run decoder (causal LM) models such as "
-        f"{', '.join(common)} ({len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} model types in all: "
-        "see supported_model_types())"
-    )
-
-
-def quantization_name(
-    load_in_8bit: bool, load_in_4bit: bool, bnb_4bit_quant_type: str = "nf4"
-) -> str:
-    """The quantisation a load uses: ``"none"``, ``"bnb-int8"``, ``"bnb-nf4"`` or ``"bnb-fp4"``."""
-    if load_in_8bit:
-        return "bnb-int8"
-    if load_in_4bit:
-        return f"bnb-{bnb_4bit_quant_type}"
-    return "none"
-
-
-_BNB_4BIT_FIELDS = ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
-
-
-def bnb_4bit_fields(config: Any) -> dict[str, Any]:
-    """The three 4-bit options of an engine config, as keyword arguments.
-
-    For :func:`check_bnb_options` and :class:`~sagellm_backend.engine.hf.core.LoadSettings`;
-    ``config`` has the attributes ``bnb_4bit_quant_type``, ``bnb_4bit_compute_dtype`` and
-    ``bnb_4bit_use_double_quant`` (the values are passed unchecked).
-    """
-    return {name: getattr(config, name) for name in _BNB_4BIT_FIELDS}
-
-
-def check_bnb_options(
-    owner: str,
-    *,
-    load_in_8bit: Any,
-    load_in_4bit: Any,
-    bnb_4bit_quant_type: Any = "nf4",
-    bnb_4bit_compute_dtype: Any = None,
-    bnb_4bit_use_double_quant: Any = True,
-) -> None:
-    """Validate the quantisation fields of an engine config (no import, nothing loaded).
-
-    ``load_in_8bit`` / ``load_in_4bit`` are bools, at most one True;
-    ``bnb_4bit_quant_type`` is one of :data:`BNB_4BIT_QUANT_TYPES`;
-    ``bnb_4bit_compute_dtype`` is None or a dtype name other than ``"auto"``;
-    ``bnb_4bit_use_double_quant`` is a bool.  The three 4-bit options may differ from their
-    defaults (``"nf4"``, None, True) only with ``load_in_4bit=True``.
-
-    Raises:
-        ConfigError: naming ``owner.field``, the bad value and the valid ones.
-    """
-    for name, value in (
-        ("load_in_8bit", load_in_8bit),
-        ("load_in_4bit", load_in_4bit),
-        ("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant),
-    ):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{owner}.{name} must be True or False, got {value!r}")
-    if load_in_8bit and load_in_4bit:
-        raise ConfigError(
-            f"{owner}.load_in_8bit and load_in_4bit are mutually exclusive; set at most one to True"
-        )
-    if bnb_4bit_quant_type not in BNB_4BIT_QUANT_TYPES:
-        raise ConfigError(
-            f"{owner}.bnb_4bit_quant_type must be one of {BNB_4BIT_QUANT_TYPES}, got "
-            f"{bnb_4bit_quant_type!r}"
-        )
-    compute_names = tuple(d for d in VALID_DTYPES if d != "auto")
-    if bnb_4bit_compute_dtype is not None:
-        given = bnb_4bit_compute_dtype
-        compute = _DTYPE_ALIASES.get(given.lower(), given.lower()) if isinstance(given, str) else ""
-        if compute not in compute_names:
-            raise ConfigError(
-                f"{owner}.bnb_4bit_compute_dtype must be None (the model dtype) or one of "
-                f"{compute_names}, got {bnb_4bit_compute_dtype!r}"
-            )
-    if not load_in_4bit:
-        changed = [
-            f"{n}={v!r}"
-            for n, v, default in (
-                ("bnb_4bit_quant_type", bnb_4bit_quant_type, "nf4"),
-                ("bnb_4bit_compute_dtype", bnb_4bit_compute_dtype, None),
-                ("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant, True),
-            )
-            if v != default
-        ]
-        if changed:
-            raise ConfigError(
-                f"{owner}.{', '.join(changed)} only apply to 4-bit loading; set "
-                "load_in_4bit=True or leave them at their defaults"
-            )
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(itertools.takewhile(str.isdigit, piece))
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def _bnb_version() -> str | None:
-    """The installed bitsandbytes version (None when it is not installed); no import."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return None
-    try:
-        return importlib.metadata.version("bitsandbytes")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
-        return "0"
-
-
-def _bnb_native_backend() -> str:
-    """The native library bitsandbytes loaded: ``"CPU"``, ``"CUDA"``, ``"ROCm"``, ``"XPU"``."""
-    cext = importlib.import_module("bitsandbytes.cextension")
-    return str(getattr(cext, "BNB_BACKEND", "CPU"))
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_device_dtypes(
-    device: str, device_dtypes: Collection[str] | None, wanted: dict[str, Any]
-) -> None:
-    """Raise ConfigError when a requested dtype has no arithmetic on the device."""
-    if device_dtypes is None:
-        return
-    have = {_DTYPE_ALIASES.get(str(d).lower(), str(d).lower()) for d in device_dtypes}
-    for what, dtype in wanted.items():
-        if dtype == "auto" or dtype is None:
-            continue
-        name = _dtype_name(dtype)
-        if name not in have:
-            valid = sorted(have & set(VALID_DTYPES))
-            raise ConfigError(
-                f"{what}={name!r} is requested but device {device!r} has no {name} arithmetic "
-                f"(its provider reports {valid}); choose one of {valid}"
-            )
-
-
-def _quantization_config(
-    transformers: Any,
-    *,
-    device: str,
-    load_in_8bit: bool,
-    bnb_4bit_quant_type: str,
-    compute_dtype: Any,
-    bnb_4bit_use_double_quant: bool,
-) -> Any:
-    """Check that bitsandbytes can quantise on ``device`` and build its config (no weights)."""
-    bits = "load_in_8bit" if load_in_8bit else "load_in_4bit"
-    version = _bnb_version()
-    if version is None:
-        raise DependencyMissingError(
-            f"{bits} needs bitsandbytes, which is not installed; install it with: {_QUANT_INSTALL}"
-        )
-    device_type = device.split(":", 1)[0]
-    if device_type not in _BNB_DEVICE_TYPES:
-        raise ConfigError(
-            f"{bits} cannot run on device {device!r}: bitsandbytes quantised layers run on "
-            f"{_BNB_DEVICE_TYPES} here; load without quantisation on {device!r}"
-        )
-    if device_type == "cpu" and _version_tuple(version) < BNB_MIN_CPU_VERSION:
-        need = ".".join(str(v) for v in BNB_MIN_CPU_VERSION)
-        raise DependencyMissingError(
-            f"{bits} on the CPU needs bitsandbytes >= {need} (installed: {version}); upgrade "
-            f"with: pip install -U 'bitsandbytes>={need}'"
-        )
-    if device_type == "cuda":
-        backend = _bnb_native_backend()
-        if backend not in ("CUDA", "ROCm"):
-            raise ConfigError(
-                f"{bits} cannot run on device {device!r}: the installed bitsandbytes "
-                f"{version} loaded its {backend} library, not a CUDA one (install a "
-                f"bitsandbytes build for this GPU: {_QUANT_INSTALL})"
-            )
-    _quiet_int8_cast_warning()
-    if load_in_8bit:
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_type=bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
-    )
-
-
-class _DropInt8CastWarning(logging.Filter):
-    """Drop bitsandbytes' per-matmul "inputs will be cast ... to float16" warning.
-
-    LLM.int8 always multiplies in float16; bitsandbytes logs that on every call for other
-    activation dtypes.  The loader says it once instead (see :func:`_quantization_config`).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
-_INT8_FILTER = _DropInt8CastWarning()
-
-
-def _quiet_int8_cast_warning() -> None:
-    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if _INT8_FILTER not in bnb_logger.filters:
-        bnb_logger.addFilter(_INT8_FILTER)
-
-
-@dataclass(frozen=True)
-class WeightMemory:
-    """Bytes of weights a loaded model holds (each storage counted once).
-
-    Attributes:
-        total_bytes: every parameter and buffer, plus bitsandbytes' quantisation state
-            (8-bit row scales, 4-bit block scales and codebooks) that lives outside them.
-        linear_bytes: the part held by linear layers (``nn.Linear``, GPT-2's ``Conv1D``
-            and the bitsandbytes layers: weight, bias and quantisation state).
-        quantized_bytes: the part held by bitsandbytes layers.
-        quantized_layers: how many bitsandbytes layers the model has.
-        quantization: ``"none"``, ``"bnb-int8"``, ``"bnb-nf4"`` or ``"bnb-fp4"``.
-    """
-
-    total_bytes: int
-    linear_bytes: int
-    quantized_bytes: int
-    quantized_layers: int
-    quantization: str
-
-
-def _quant_state_tensors(module: Any) -> list[Any]:
-    """Tensors of a bitsandbytes layer's quantisation state that are not params/buffers."""
-    import torch
-
-    found: list[Any] = []
-    weight = getattr(module, "weight", None)
-    state = getattr(module, "state", None)
-    for holder in (weight, state):
-        scb = getattr(holder, "SCB", None)
-        if isinstance(scb, torch.Tensor):
-            found.append(scb)
-    qs = getattr(weight, "quant_state", None)
-    while qs is not None:
-        for name in ("absmax", "code", "offset"):
-            t = getattr(qs, name, None)
-            if isinstance(t, torch.Tensor):
-                found.append(t)
-        qs = getattr(qs, "state2", None)
-    return found
-
-
-def _is_bnb_layer(module: Any) -> bool:
-    return type(module).__module__.startswith("bitsandbytes.")
-
-
-def weight_memory(model: Any, quantization: str = "none") -> WeightMemory:
-    """Measure the weight memory ``model`` holds (see :class:`WeightMemory`).
-
-    Storages shared by several tensors (tied embeddings, fused projections whose
-    parameters are views of one tensor) are counted once, at their full size.
-    """
-    import torch
-
-    seen: set[tuple[str, int]] = set()
-
-    def size(t: Any) -> int:
-        storage = t.untyped_storage()
-        key = (str(t.device), storage.data_ptr())
-        if key in seen or t.device.type == "meta":
-            return 0
-        seen.add(key)
-        return int(storage.nbytes())
-
-    linear_types: tuple[Any, ...] = (torch.nn.Linear,)
-    pytorch_utils = importlib.import_module("transformers.pytorch_utils")
-    conv1d = getattr(pytorch_utils, "Conv1D", None)
-    if isinstance(conv1d, type):
-        linear_types = (*linear_types, conv1d)
-    linear = quantized = layers = 0
-    module: Any
-    for module in model.modules():
-        if not isinstance(module, linear_types):
-            continue
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        held = 0
-        if _is_bnb_layer(module):
-            layers += 1
-            tensors += _quant_state_tensors(module)
-        for t in tensors:
-            held += size(t)
-        linear += held
-        if _is_bnb_layer(module):
-            quantized += held
-    rest = sum(size(t) for t in (*model.parameters(), *model.buffers()))
-    return WeightMemory(
-        total_bytes=linear + rest,
-        linear_bytes=linear,
-        quantized_bytes=quantized,
-        quantized_layers=layers,
-        quantization=quantization,
-    )
 
 
 def _transformers_major(transformers: Any) -> int:
@@ -680,10 +233,10 @@ def load_model_and_tokenizer(
         bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
         bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
     )
-    transformers = _import_transformers()
+    transformers = import_transformers()
     torch_dtype = resolve_torch_dtype(dtype)
-    _validate_device(device)
-    _validate_device_map(device_map)
+    validate_device(device)
+    validate_device_map(device_map)
     quantized = load_in_8bit or load_in_4bit
     compute_dtype: Any = None
     if load_in_4bit:
@@ -695,12 +248,12 @@ def load_model_and_tokenizer(
             compute_dtype = torch_dtype
         else:
             compute_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    _check_device_dtypes(
+    check_device_dtypes(
         device, device_dtypes, {"dtype": torch_dtype, "bnb_4bit_compute_dtype": compute_dtype}
     )
     quant_config = None
     if quantized:
-        quant_config = _quantization_config(
+        quant_config = quantization_config(
             transformers,
             device=device,
             load_in_8bit=load_in_8bit,
@@ -723,18 +276,18 @@ def load_model_and_tokenizer(
                 "model directory"
             )
         source = str(local)
-        model_type = _read_model_type(local / "config.json")
+        model_type = read_model_type(local / "config.json")
         where = ""
-    elif _only_local(model_path):
+    elif only_local(model_path):
         raise ConfigError(
-            f"model_path {model_path!r} does not exist: {_missing_local(model_path)}; it is "
+            f"model_path {model_path!r} does not exist: {missing_local(model_path)}; it is "
             "not a Hugging Face hub id ('org/name') either. Pass an existing model directory"
         )
     else:
         source, model_type = model_path, ""
-        where = f"{_missing_local(model_path)}, and the hub "
-        if not _hub_offline():
-            unreachable = _hub_unreachable()
+        where = f"{missing_local(model_path)}, and the hub "
+        if not hub_offline():
+            unreachable = hub_unreachable()
             if unreachable is not None:
                 hub["local_files_only"] = True  # the cache only: no half-minute of retries
                 where += f"is unreachable ({unreachable}; only the local hub cache was tried) "
@@ -759,10 +312,10 @@ def load_model_and_tokenizer(
                 ) from exc
         if where:
             raise ConfigError(
-                f"cannot load model {model_path!r}: {where}answered: {exc} ({_OFFLINE_HINT})"
+                f"cannot load model {model_path!r}: {where}answered: {exc} ({OFFLINE_HINT})"
             ) from exc
         raise ConfigError(f"cannot load the config of model {model_path!r}: {exc}") from exc
-    _check_causal_lm(config, model_path, trust_remote_code)
+    check_causal_lm(config, model_path, trust_remote_code)
     _warn_context_length(config, model_path)
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **hub}
@@ -779,7 +332,7 @@ def load_model_and_tokenizer(
         if importlib.util.find_spec("accelerate") is None:
             raise DependencyMissingError(
                 f"device_map={device_map!r} needs accelerate, which is not installed; "
-                f"install it with: {_HF_INSTALL}"
+                f"install it with: {HF_INSTALL}"
             )
         kwargs["device_map"] = device_map
 
@@ -833,7 +386,7 @@ def load_model_and_tokenizer(
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
     quantization = quantization_name(load_in_8bit, load_in_4bit, bnb_4bit_quant_type)
-    if load_in_8bit and _dtype_name(torch_dtype) != "float16":
+    if load_in_8bit and dtype_name(torch_dtype) != "float16":
         logger.info(
             "%s: the int8 layers multiply in float16 (bitsandbytes casts %s activations)",
             model_path,
