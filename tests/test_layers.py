@@ -5,7 +5,7 @@ Floors, lowest first (a module may import its own floor and the floors below):
 0. ``errors``, ``capability``, ``base``, ``_validate``, ``_lazy``, ``_version``: shared types;
 1. ``kv``, ``kernels``: KV-cache management and the kernel registry;
 2. ``providers``: backend providers (they own KV managers and kernels);
-3. ``registry``: plugin discovery over providers and engines;
+3. ``registry`` (and its ``_registry_*`` parts): plugin discovery over providers and engines;
 4. ``engine``: engines, scheduler, runners (imports providers through the registry);
 5. ``cli``, ``testing``: tools and test kits on top of everything.
 
@@ -33,6 +33,8 @@ FLOORS = {
     "kernels": 1,
     "providers": 2,
     "registry": 3,
+    "_registry_discovery": 3,
+    "_registry_plugins": 3,
     "engine": 4,
     "cli": 5,
     "testing": 5,
