@@ -472,6 +472,28 @@ def guarded(
     return run
 
 
+def register_guarded(
+    name: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    body: Callable[[argparse.Namespace, TextIO, TextIO], int],
+    *,
+    help: str,
+    description: str,
+) -> None:
+    """Register subcommand ``name`` whose run is :func:`guarded` ``body``."""
+    from sagellm_backend.cli.command import Command, register_command
+
+    register_command(
+        Command(
+            name=name,
+            help=help,
+            add_arguments=add_arguments,
+            run=guarded(name, body),
+            description=description,
+        )
+    )
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
     import os

@@ -30,8 +30,8 @@ from typing import Any, TextIO
 from sagellm_backend.cli._common import (
     create_engine,
     engine_description,
-    guarded,
     one_request_engine,
+    register_guarded,
     request_exit_status,
     resolve_engine_kind,
     resolve_model,
@@ -41,7 +41,6 @@ from sagellm_backend.cli._common import make_request as make_request  # was impo
 from sagellm_backend.cli._metrics import metrics_rows
 from sagellm_backend.cli._options import add_engine_arguments, add_sampling_arguments
 from sagellm_backend.cli._table import render_table, safe_text, terminal_width
-from sagellm_backend.cli.command import Command, register_command
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PROMPT", "add_arguments", "run"]
 
@@ -181,17 +180,15 @@ async def _stream(engine: Any, request: Any, args: argparse.Namespace, out: Text
         await engine.stop()
 
 
-register_command(
-    Command(
-        name="demo",
-        help="show the backends, pick one, stream a generation and its metrics (offline)",
-        add_arguments=add_arguments,
-        run=guarded("demo", run),
-        description=(
-            "The one-command tour: list the installed backends and the auto-selected one "
-            "(with the reason), load the offline tiny model (or --model), stream a generation "
-            "token by token through the engine, and print the request's metrics. Works with "
-            "no network."
-        ),
-    )
+register_guarded(
+    "demo",
+    add_arguments,
+    run,
+    help="show the backends, pick one, stream a generation and its metrics (offline)",
+    description=(
+        "The one-command tour: list the installed backends and the auto-selected one "
+        "(with the reason), load the offline tiny model (or --model), stream a generation "
+        "token by token through the engine, and print the request's metrics. Works with "
+        "no network."
+    ),
 )

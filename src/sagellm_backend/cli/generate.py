@@ -26,8 +26,8 @@ from sagellm_backend.cli._common import (
     UsageError,
     create_engine,
     engine_description,
-    guarded,
     one_request_engine,
+    register_guarded,
     request_exit_status,
     resolve_engine_kind,
     resolve_model,
@@ -37,7 +37,6 @@ from sagellm_backend.cli._common import make_request as make_request  # was impo
 from sagellm_backend.cli._metrics import metrics_rows
 from sagellm_backend.cli._options import add_engine_arguments, add_sampling_arguments
 from sagellm_backend.cli._table import fmt_ms, render_table
-from sagellm_backend.cli.command import Command, register_command
 
 __all__ = ["add_arguments", "run"]
 
@@ -147,17 +146,15 @@ async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: Te
         await engine.stop()
 
 
-register_command(
-    Command(
-        name="generate",
-        help="run one request through an engine (text, streamed text or protocol JSON)",
-        add_arguments=add_arguments,
-        run=guarded("generate", run),
-        description=(
-            "Run one request through the cpu, cuda or mock engine and print the generated "
-            "text (--stream: as it is produced) or the protocol Response as JSON (--json). "
-            "Exit status 1 when the engine cannot start or the request fails, 2 for bad "
-            "arguments."
-        ),
-    )
+register_guarded(
+    "generate",
+    add_arguments,
+    run,
+    help="run one request through an engine (text, streamed text or protocol JSON)",
+    description=(
+        "Run one request through the cpu, cuda or mock engine and print the generated "
+        "text (--stream: as it is produced) or the protocol Response as JSON (--json). "
+        "Exit status 1 when the engine cannot start or the request fails, 2 for bad "
+        "arguments."
+    ),
 )

@@ -55,7 +55,7 @@ from sagellm_backend.cli._common import (
     create_engine,
     engine_description,
     engine_settings,
-    guarded,
+    register_guarded,
     resolve_engine_kind,
     resolve_model,
 )
@@ -72,7 +72,6 @@ from sagellm_backend.cli.bench.workload import (
     build_workload,
     read_prompts_file,
 )
-from sagellm_backend.cli.command import Command, register_command
 
 __all__ = [
     "BASELINE_CHOICES",
@@ -408,18 +407,16 @@ async def _bench(
     }
 
 
-register_command(
-    Command(
-        name="bench",
-        help="load-test an engine: throughput, latency percentiles, KV, contract verdicts",
-        add_arguments=add_arguments,
-        run=guarded("bench", run),
-        description=(
-            "Send --requests requests at --concurrency to the engine and report throughput, "
-            "TTFT/TBT/TPOT/ITL percentiles, memory, KV and prefix-cache figures and the error "
-            "rate; --baseline hf measures plain transformers generate on the same requests in "
-            "the same run; the sageLLM Year-1/Year-2 contract is checked; --json FILE writes "
-            "everything for CI."
-        ),
-    )
+register_guarded(
+    "bench",
+    add_arguments,
+    run,
+    help="load-test an engine: throughput, latency percentiles, KV, contract verdicts",
+    description=(
+        "Send --requests requests at --concurrency to the engine and report throughput, "
+        "TTFT/TBT/TPOT/ITL percentiles, memory, KV and prefix-cache figures and the error "
+        "rate; --baseline hf measures plain transformers generate on the same requests in "
+        "the same run; the sageLLM Year-1/Year-2 contract is checked; --json FILE writes "
+        "everything for CI."
+    ),
 )
