@@ -31,14 +31,12 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sagellm_protocol import Request, Response
 
 from sagellm_backend.engine._streaming import (
-    RequestLimits,
     delta_event,
     end_event,
     error_response,
@@ -49,6 +47,7 @@ from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
 from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
 from sagellm_backend.engine.sched.driver import Driver, Handle, stopped_error
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
+from sagellm_backend.engine.sched.serving import Detokenizer, Serving, undo_serving
 from sagellm_backend.errors import (
     BackendNotAvailableError,
     ConfigError,
@@ -66,57 +65,6 @@ _PEAK_TTL_S = 0.02
 
 # Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
 _validate_response = Response.__pydantic_validator__.validate_python
-
-
-class Detokenizer:
-    """Incremental text of a token stream: ``add(ids) -> text``, ``flush() -> tail``."""
-
-    def add(self, ids: list[int]) -> str:  # pragma: no cover - interface
-        """Text of ``ids`` that is final now."""
-        raise NotImplementedError
-
-    def flush(self) -> str:  # pragma: no cover - interface
-        """Text held back so far."""
-        raise NotImplementedError
-
-
-@dataclass
-class Serving:
-    """What a started engine serves with (built by ``_build_serving``).
-
-    Attributes:
-        scheduler: the scheduler (its ``kv`` is the engine's KV manager).
-        runner: the model runner.
-        limits: what requests may ask for.
-        tokenize: prompt text -> token ids.
-        new_detok: a fresh incremental detokenizer per request.
-        release: gives everything taken from the provider back (the KV manager); called
-            once, from the driver's thread when it ends, or on an undone start.
-        threaded: run steps in a worker thread (torch runners).
-        thread_init: called first in the worker thread.
-        thread_context: context manager factory around the worker loop.
-        interrupt: ends a step that is blocked outside the engine (e.g. a collective on a
-            hung tensor-parallel rank); called by ``stop()`` when the driver did not join in
-            time, so that ``stop()`` still returns promptly. None: nothing to interrupt.
-    """
-
-    scheduler: Scheduler
-    runner: Any
-    limits: RequestLimits
-    tokenize: Callable[[str], list[int]]
-    new_detok: Callable[[], Detokenizer]
-    release: Callable[[], None]
-    threaded: bool
-    thread_init: Callable[[], None] | None = None
-    thread_context: Callable[[], Any] | None = None
-    interrupt: Callable[[], None] | None = None
-
-
-def _undo(serving: Serving) -> None:
-    try:
-        serving.release()
-    except Exception:
-        _log.exception("releasing an undone start failed")
 
 
 def _engine_lost(driver: Driver, name: str) -> None:
@@ -220,7 +168,7 @@ class ScheduledEngine(BaseEngine):
             try:
                 serving = await self._build()
                 if self._stop_requested:
-                    _undo(serving)
+                    undo_serving(serving)
                     raise BackendNotAvailableError(
                         f"{type(self).__name__} {self.engine_id!r}: stop() was called during "
                         "start(); the engine is stopped"
@@ -252,7 +200,7 @@ class ScheduledEngine(BaseEngine):
 
             def undo_when_done(fut: asyncio.Future[Serving]) -> None:
                 if not fut.cancelled() and fut.exception() is None:
-                    _undo(fut.result())
+                    undo_serving(fut.result())
 
             build.add_done_callback(undo_when_done)
             raise
