@@ -103,6 +103,7 @@ class TorchProviderBase(TorchCollectives):
         self._storage_factory = storage_factory
         self._id = self._options.provider_id or f"{self.kind}-{uuid.uuid4().hex[:12]}"
         self._dtypes: list[DType] = list(layer.supported_dtypes())
+        self._dtype_set: frozenset[DType] = frozenset(self._dtypes)
         self._kernels = KernelRegistry()
         if self._torch is not None:  # kernels are registered only where they can run
             from sagellm_backend.kernels.torch_kernels import register_builtin_kernels
@@ -415,12 +416,15 @@ class TorchProviderBase(TorchCollectives):
             UnsupportedDTypeError: ``dtype`` is not supported here (names the supported ones).
             KVCacheExhaustedError: not enough free pages (the pool is unchanged).
         """
-        checked = self.check_dtype(dtype)
-        return self._kv_core().alloc(num_tokens, checked)
+        if type(dtype) is not DType or dtype not in self._dtype_set:
+            dtype = self.check_dtype(dtype)  # raises with this provider's message
+        kv = self._kv
+        return (kv if kv is not None else self._kv_core()).alloc(num_tokens, dtype)
 
     def kv_block_free(self, block: KVBlock) -> None:
         """Release ``block`` (InvalidKVBlockError on double free or a foreign block)."""
-        self._kv_core().free(block)
+        kv = self._kv
+        (kv if kv is not None else self._kv_core()).free(block)
 
     def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
         """Copy ``src``'s K/V into ``dst`` (same dtype, ``dst`` large enough; any devices)."""
