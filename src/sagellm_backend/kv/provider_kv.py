@@ -79,7 +79,16 @@ class ProviderKV(ProviderKVManagers):
         aliases: alternative spellings of device names; ``"x"`` already means ``"x:0"``
             when ``"x:0"`` is one of the devices.
         alloc_guard: ``guard(n_pages)`` run before every allocation in every pool (fault
-            injection); it may raise, leaving everything unchanged.
+            injection); it may raise, leaving everything unchanged. It is also the initial
+            :attr:`block_guard`.
+
+    Attributes:
+        block_guard: the guard of the ``kv_block_alloc`` pools (settable; None: none). It
+            runs with the provider lock held, after :attr:`block_pages_handed_out` already
+            counts the request (taken back if it raises).
+        block_pages_handed_out: pages handed out by :meth:`alloc` and :meth:`migrate` so
+            far (cumulative; written under the provider lock, so a reader from another
+            thread sees a value no older than the last completed allocation).
     """
 
     def __init__(
@@ -111,6 +120,8 @@ class ProviderKV(ProviderKVManagers):
         self._supported = frozenset(self.supported_dtypes)
         self._factory = storage_factory
         self._alloc_guard = alloc_guard
+        self.block_guard: Callable[[int], None] | None = alloc_guard
+        self.block_pages_handed_out = 0
         self._aliases = {k.strip().lower(): v for k, v in (aliases or {}).items()}
         self._lock = threading.Lock()
         self._devices: dict[str, _DeviceKV] = {
@@ -258,21 +269,28 @@ class ProviderKV(ProviderKVManagers):
         if pool is None:
             pool = self._block_pool(dev)[0]
         n = 1 if num_tokens <= per_page else (num_tokens + per_page - 1) // per_page
-        nbytes = n * pool.page_bytes
+        page_bytes = pool.page_bytes
+        free_pages = pool._num_free  # num_free without the property call (hot path)
+        nbytes = n * page_bytes
         charge = 0
         if dev.accounting:  # preallocated storage was charged in full when it was made
-            charge = dev.manager_bytes + pool.used_bytes + nbytes
+            charge = dev.manager_bytes + (pool._n - free_pages) * page_bytes + nbytes
             if charge > dev.budget:
                 free = dev.budget - charge + nbytes
                 raise KVCacheExhaustedError(
                     f"KV memory exhausted on {dev.device}: {num_tokens} {dtype.value} tokens "
                     f"need {nbytes} bytes ({n} pages); {free} of {dev.budget} bytes free"
                 )
-        if n > pool.num_free:
+        if n > free_pages:
             raise pool._exhausted(n)
-        guard = self._alloc_guard
+        self.block_pages_handed_out += n
+        guard = self.block_guard
         if guard is not None:
-            guard(n)
+            try:
+                guard(n)
+            except BaseException:
+                self.block_pages_handed_out -= n
+                raise
         handle = self._next_handle
         self._next_handle = handle + 1
         b = _BlockBuilder()  # becomes an ordinary KVBlock below (see _BlockBuilder)

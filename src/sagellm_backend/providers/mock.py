@@ -231,7 +231,7 @@ class MockBackendProvider:
         )
         self._kernel_faults: dict[str, KernelFault] = _kernel_faults(failing_kernels)
         self._fail_kv_after = fail_kv_after_pages
-        self.kv_pages_handed_out = 0
+        self._manager_pages = 0  # pages handed out by managers' pools (under self._lock)
 
         self._kernels = KernelRegistry()
         for kind in dict.fromkeys(kinds):
@@ -252,6 +252,7 @@ class MockBackendProvider:
             aliases=aliases,
             alloc_guard=self._kv_guard,
         )
+        self._arm_block_guard()
 
     # ------------------------------------------------------------------ capability
     def capability(self) -> CapabilityDescriptor:
@@ -341,21 +342,43 @@ class MockBackendProvider:
         return _gather(tensor, self.world_size)
 
     # ------------------------------------------------------------------ KV cache
+    @property
+    def kv_pages_handed_out(self) -> int:
+        """KV pages handed out since construction: block API and managers together."""
+        return self._manager_pages + self.kv.block_pages_handed_out
+
+    def _arm_block_guard(self) -> None:
+        # Lock held or construction. Without a fault the block API needs no guard: its
+        # pages are counted by ProviderKV (block_pages_handed_out) under the provider lock.
+        self.kv.block_guard = None if self._fail_kv_after is None else self._kv_block_guard
+
+    def _kv_fault(self, limit: int, handed_out: int, n: int) -> KVCacheExhaustedError:
+        return KVCacheExhaustedError(
+            f"KV cache exhausted (injected fault: fail_kv_after_pages={limit}, "
+            f"{handed_out} pages handed out, {n} more requested)"
+        )
+
     def _kv_guard(self, n: int) -> None:
-        limit = self._fail_kv_after
-        if limit is None:
-            lock = self._lock
-            lock.acquire()  # explicit acquire/release: cheaper than `with` on CPython 3.11
-            self.kv_pages_handed_out += n
+        """Guard of the managers' pools: count ``n`` pages, or raise past the fault limit."""
+        lock = self._lock
+        lock.acquire()  # explicit acquire/release: cheaper than `with` on CPython 3.11
+        try:
+            limit = self._fail_kv_after
+            if limit is not None:
+                handed_out = self.kv_pages_handed_out
+                if handed_out + n > limit:
+                    raise self._kv_fault(limit, handed_out, n)
+            self._manager_pages += n
+        finally:
             lock.release()
-            return
+
+    def _kv_block_guard(self, n: int) -> None:
+        """Guard of the block API while a fault limit is set (``n`` is already counted)."""
         with self._lock:
-            if self.kv_pages_handed_out + n > limit:
-                raise KVCacheExhaustedError(
-                    f"KV cache exhausted (injected fault: fail_kv_after_pages={limit}, "
-                    f"{self.kv_pages_handed_out} pages handed out, {n} more requested)"
-                )
-            self.kv_pages_handed_out += n
+            limit = self._fail_kv_after
+            handed_out = self.kv_pages_handed_out - n
+            if limit is not None and handed_out + n > limit:
+                raise self._kv_fault(limit, handed_out, n)
 
     def kv_block_alloc(self, num_tokens: int, dtype: DType) -> KVBlock:
         """Reserve pages for ``num_tokens`` tokens of ``dtype`` on the mock device.
@@ -515,6 +538,7 @@ class MockBackendProvider:
         _positive_int("fail_after_pages", fail_after_pages, allow_none=True)
         with self._lock:
             self._fail_kv_after = fail_after_pages
+            self._arm_block_guard()
 
     def clear_faults(self) -> None:
         """Remove every injected kernel/KV fault and latency."""
@@ -524,6 +548,7 @@ class MockBackendProvider:
             self._default_kernel_latency_s = 0.0
             self._collective_latency_s = 0.0
             self._fail_kv_after = None
+            self._arm_block_guard()
 
     # ------------------------------------------------------------------ misc
     def info(self) -> dict[str, Any]:
