@@ -11,7 +11,7 @@ import pytest
 
 from sagellm_backend.base import KVBlock
 from sagellm_backend.capability import DType
-from sagellm_backend.errors import InvalidKVBlockError
+from sagellm_backend.errors import InvalidKVBlockError, KVCacheExhaustedError
 from sagellm_backend.kv.spec import KVSpec
 from sagellm_backend.providers.mock import MockBackendProvider
 
@@ -82,3 +82,50 @@ def test_alloc_free_from_threads_keeps_the_pool_consistent() -> None:
     assert pool is not None
     pool.check_invariants()
     assert pool.num_free == pool.num_pages
+
+
+def test_kv_fault_limit_is_exact_across_block_api_and_managers_from_threads() -> None:
+    # The block API is counted by ProviderKV and the managers by the mock's guard; with a
+    # fault limit set, the two together must never hand out more than the limit.
+    limit = 300
+    p = MockBackendProvider(kv_spec=SPEC, fail_kv_after_pages=limit)
+    manager = p.create_kv_manager(num_pages=512)
+    handed_after_manager = p.kv_pages_handed_out
+    assert handed_after_manager == 0  # creating a manager hands out no pages
+    got: list[int] = [0, 0]
+    lock = threading.Lock()
+
+    def blocks() -> None:
+        while True:
+            try:
+                p.kv_block_alloc(16, DType.FP16)  # one page, kept
+            except KVCacheExhaustedError:
+                return
+            with lock:
+                got[0] += 1
+
+    def sequences(tag: int) -> None:
+        i = 0
+        while True:
+            try:
+                manager.allocate(
+                    f"s{tag}-{i}", list(range(tag * 10_000 + i * 16, tag * 10_000 + i * 16 + 16))
+                )
+            except KVCacheExhaustedError:
+                return
+            with lock:
+                got[1] += 1
+            i += 1
+
+    threads = [threading.Thread(target=blocks) for _ in range(2)]
+    threads += [threading.Thread(target=sequences, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] + got[1] == limit
+    assert p.kv_pages_handed_out == limit
+    assert p.kv.block_pages_handed_out == got[0]
+    p.set_kv_fault(None)
+    p.kv_block_alloc(16, DType.FP16)  # the limit is gone
+    assert p.kv_pages_handed_out == limit + 1
