@@ -145,11 +145,6 @@ class PoolCore:
             self._free((p,), validate=False)
             return
         ref[p] = 0
-        self._link_head(p)
-        self._num_free += 1
-
-    def _link_head(self, p: int) -> None:
-        """Put page ``p`` (not in the queue) at the head of the free queue (lock held)."""
         nxt = self._next
         head = self._head
         b = nxt[head]
@@ -157,6 +152,7 @@ class PoolCore:
         self._prev[p] = head
         nxt[p] = b
         self._prev[b] = p
+        self._num_free += 1
 
     def _validate_decref(self, pages: Sequence[int]) -> None:
         n = self._n
@@ -264,7 +260,11 @@ class PoolCore:
         if self._ref[page] == 0:  # keep "uncached before cached" in the free queue
             self._num_cached_free -= 1
             self._unlink(page)
-            self._link_head(page)
+            b = self._next[self._head]
+            self._next[self._head] = page
+            self._prev[page] = self._head
+            self._next[page] = b
+            self._prev[b] = page
         return True
 
     def _evict_all(self) -> int:
