@@ -56,7 +56,6 @@ from sagellm_backend.errors import (
     BackendNotAvailableError,
     CapabilityNotSupportedError,
     ConfigError,
-    KVCacheExhaustedError,
 )
 from sagellm_backend.kernels.registry import KernelRegistry
 from sagellm_backend.kv.provider_kv import ProviderKV
@@ -76,6 +75,7 @@ from sagellm_backend.providers._mock_config import (
     _non_negative,
     _positive_int,
 )
+from sagellm_backend.providers._mock_faults import MockFaults
 from sagellm_backend.providers._mock_kernels import _BUILTIN_KERNELS, _gather, _reduce_in_place
 from sagellm_backend.providers._mock_streams import MockEvent, MockStream
 
@@ -94,7 +94,7 @@ MIB = 1 << 20
 COLLECTIVE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min", "product")
 
 
-class MockBackendProvider(ProviderKVMethods):
+class MockBackendProvider(MockFaults, ProviderKVMethods):
     """Mock :class:`~sagellm_backend.base.BackendProvider` with real accounting (see module).
 
     The first five parameters are the 0.1.1.x constructor; the rest are keyword-only.
@@ -342,45 +342,6 @@ class MockBackendProvider(ProviderKVMethods):
         self._begin_collective("all_gather")
         return _gather(tensor, self.world_size)
 
-    # ------------------------------------------------------------------ KV cache
-    @property
-    def kv_pages_handed_out(self) -> int:
-        """KV pages handed out since construction: block API and managers together."""
-        return self._manager_pages + self.kv.block_pages_handed_out
-
-    def _arm_block_guard(self) -> None:
-        # Lock held or construction. Without a fault the block API needs no guard: its
-        # pages are counted by ProviderKV (block_pages_handed_out) under the provider lock.
-        self.kv.block_guard = None if self._fail_kv_after is None else self._kv_block_guard
-
-    def _kv_fault(self, limit: int, handed_out: int, n: int) -> KVCacheExhaustedError:
-        return KVCacheExhaustedError(
-            f"KV cache exhausted (injected fault: fail_kv_after_pages={limit}, "
-            f"{handed_out} pages handed out, {n} more requested)"
-        )
-
-    def _kv_guard(self, n: int) -> None:
-        """Guard of the managers' pools: count ``n`` pages, or raise past the fault limit."""
-        lock = self._lock
-        lock.acquire()  # explicit acquire/release: cheaper than `with` on CPython 3.11
-        try:
-            limit = self._fail_kv_after
-            if limit is not None:
-                handed_out = self.kv_pages_handed_out
-                if handed_out + n > limit:
-                    raise self._kv_fault(limit, handed_out, n)
-            self._manager_pages += n
-        finally:
-            lock.release()
-
-    def _kv_block_guard(self, n: int) -> None:
-        """Guard of the block API while a fault limit is set (``n`` is already counted)."""
-        with self._lock:
-            limit = self._fail_kv_after
-            handed_out = self.kv_pages_handed_out - n
-            if limit is not None and handed_out + n > limit:
-                raise self._kv_fault(limit, handed_out, n)
-
     # ------------------------------------------------------------------ memory
     def memory_stats(self) -> dict[str, int]:
         """Memory figures (keys in the module docstring); real accounting, not constants."""
@@ -463,36 +424,6 @@ class MockBackendProvider(ProviderKVMethods):
         if not fault_set and not delay:
             return impl
         return _faulty_kernel(name, impl, fault_set, self._kernel_faults.get(name), delay)
-
-    # ------------------------------------------------------------------ fault injection
-    def inject_kernel_failure(
-        self, name: str, error: BaseException | type[BaseException] | None = None
-    ) -> None:
-        """Make calls of kernel ``name`` (fetched after this) raise ``error``.
-
-        ``error`` defaults to :class:`InjectedFaultError`.
-        """
-        self._kernel_faults[name] = error
-
-    def set_kv_fault(self, fail_after_pages: int | None) -> None:
-        """Fail KV allocations beyond ``fail_after_pages`` pages handed out in total.
-
-        The count runs from construction (``kv_pages_handed_out``); None turns it off.
-        """
-        _positive_int("fail_after_pages", fail_after_pages, allow_none=True)
-        with self._lock:
-            self._fail_kv_after = fail_after_pages
-            self._arm_block_guard()
-
-    def clear_faults(self) -> None:
-        """Remove every injected kernel/KV fault and latency."""
-        with self._lock:
-            self._kernel_faults.clear()
-            self._kernel_latency_s.clear()
-            self._default_kernel_latency_s = 0.0
-            self._collective_latency_s = 0.0
-            self._fail_kv_after = None
-            self._arm_block_guard()
 
     # ------------------------------------------------------------------ misc
     def info(self) -> dict[str, Any]:
