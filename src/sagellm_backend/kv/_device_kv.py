@@ -1,15 +1,14 @@
 """Per-device KV state of :class:`~sagellm_backend.kv.provider_kv.ProviderKV` and block helpers.
 
-Internal: ``_DeviceKV`` is one device's budget, block pool and managers; ``_new_block``
-builds a :class:`~sagellm_backend.base.KVBlock` without the frozen dataclass's overhead.
+Internal: ``_DeviceKV`` is one device's budget, block pool and managers;
+``_BlockBuilder`` builds :class:`~sagellm_backend.base.KVBlock` objects cheaply;
+``_check_num_tokens`` raises the errors of a bad ``num_tokens``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sagellm_backend.base import KVBlock
 from sagellm_backend.capability import DType
 from sagellm_backend.kv.block_pool import BlockPool
 from sagellm_backend.kv.manager import KVCacheManager
@@ -18,13 +17,19 @@ from sagellm_backend.kv.storage import KVStorage
 
 @dataclass
 class _DeviceKV:
-    """KV state of one device (internal)."""
+    """KV state of one device (internal).
+
+    Invariants: ``pool`` and ``storage`` are both None (block pool not made yet) or both
+    set; ``accounting`` is ``not storage.preallocated`` once they are set (pages in use are
+    charged to ``budget``; preallocated storage is charged in full).
+    """
 
     device: str
     budget: int
     pool_bytes: int | None
     pool: BlockPool | None = None
     storage: KVStorage | None = None
+    accounting: bool = False
     managers: list[KVCacheManager] = field(default_factory=list)
     manager_bytes: int = 0
     peak: int = 0
@@ -43,42 +48,26 @@ class _DeviceKV:
         return out
 
 
-def _make_block_fast() -> Callable[..., KVBlock]:
-    """A KVBlock constructor that skips the frozen dataclass's per-field ``__setattr__``.
+class _BlockBuilder:
+    """Mutable twin of the frozen :class:`KVBlock`, for building one without ``__init__``.
 
-    The result is an ordinary, equal and hashable :class:`KVBlock` (``__dict__`` filled
-    directly, which is what the frozen ``__init__`` does field by field). Falls back to the
-    regular constructor if KVBlock ever stops having a ``__dict__``.
+    Usage: ``b = _BlockBuilder()``, set the seven KVBlock fields as attributes, then
+    ``b.__class__ = KVBlock``. The result is an ordinary KVBlock (equal to, and hashing
+    like, ``KVBlock(...)`` with the same fields; CPython materialises its ``__dict__`` on
+    the class change), built in about half the time of the frozen ``__init__`` with its
+    per-field ``object.__setattr__``. Both classes are plain heap types with ``__dict__``
+    and ``__weakref__``, which is what makes ``__class__`` assignment between them legal;
+    ``tests/kv/test_provider_kv_blocks.py`` checks the result.
     """
-    if "__slots__" in vars(KVBlock) or not hasattr(KVBlock, "__dataclass_fields__"):
-        return KVBlock  # pragma: no cover - depends on base.KVBlock's definition
-    new = object.__new__
 
-    def make(
-        handle: int,
-        num_tokens: int,
-        dtype: DType,
-        device: str,
-        pages: tuple[int, ...],
-        owner: str,
-        num_bytes: int,
-    ) -> KVBlock:
-        block = new(KVBlock)
-        block.__dict__.update(
-            handle=handle,
-            num_tokens=num_tokens,
-            dtype=dtype,
-            device=device,
-            pages=pages,
-            owner=owner,
-            num_bytes=num_bytes,
-        )
-        return block
-
-    return make
-
-
-_new_block = _make_block_fast()
+    # annotations only (no class attributes): instances keep an empty, plain layout
+    handle: int
+    num_tokens: int
+    dtype: DType
+    device: str
+    pages: tuple[int, ...]
+    owner: str
+    num_bytes: int
 
 
 def _check_num_tokens(num_tokens: object) -> int:

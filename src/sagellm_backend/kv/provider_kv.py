@@ -26,8 +26,10 @@ carries ``owner`` (the provider id) and a handle that is never reused; a handle 
 counter that is no longer live is dead, so double free and use after free are detected
 without remembering freed handles.
 
-Thread safety: one lock guards the provider's tables; pool operations nest inside it
-(lock order: provider, then pool; managers only take their pool's lock).
+Thread safety: one lock guards the provider's tables and its block pools: a block pool is
+only ever used under the provider lock, which therefore calls the pool's lock-held
+internals without taking the pool's own lock. Managers' pools take their own locks (lock
+order: provider, then pool).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from sagellm_backend.base import KVBlock
 from sagellm_backend.capability import DType, parse_dtype
@@ -47,7 +49,7 @@ from sagellm_backend.errors import (
     UnsupportedDeviceError,
     UnsupportedDTypeError,
 )
-from sagellm_backend.kv._device_kv import _check_num_tokens, _DeviceKV, _new_block
+from sagellm_backend.kv._device_kv import _BlockBuilder, _check_num_tokens, _DeviceKV
 from sagellm_backend.kv._provider_managers import ProviderKVManagers
 from sagellm_backend.kv.block_pool import BlockPool
 from sagellm_backend.kv.manager import KVCacheManager
@@ -77,7 +79,16 @@ class ProviderKV(ProviderKVManagers):
         aliases: alternative spellings of device names; ``"x"`` already means ``"x:0"``
             when ``"x:0"`` is one of the devices.
         alloc_guard: ``guard(n_pages)`` run before every allocation in every pool (fault
-            injection); it may raise, leaving everything unchanged.
+            injection); it may raise, leaving everything unchanged. It is also the initial
+            :attr:`block_guard`.
+
+    Attributes:
+        block_guard: the guard of the ``kv_block_alloc`` pools (settable; None: none). It
+            runs with the provider lock held, after :attr:`block_pages_handed_out` already
+            counts the request (taken back if it raises).
+        block_pages_handed_out: pages handed out by :meth:`alloc` and :meth:`migrate` so
+            far (cumulative; written under the provider lock, so a reader from another
+            thread sees a value no older than the last completed allocation).
     """
 
     def __init__(
@@ -109,6 +120,8 @@ class ProviderKV(ProviderKVManagers):
         self._supported = frozenset(self.supported_dtypes)
         self._factory = storage_factory
         self._alloc_guard = alloc_guard
+        self.block_guard: Callable[[int], None] | None = alloc_guard
+        self.block_pages_handed_out = 0
         self._aliases = {k.strip().lower(): v for k, v in (aliases or {}).items()}
         self._lock = threading.Lock()
         self._devices: dict[str, _DeviceKV] = {
@@ -217,6 +230,7 @@ class ProviderKV(ProviderKVManagers):
         # the capacity check), which keeps the pool on its one-page fast path.
         pool = BlockPool(num_pages, page_bytes=page, enable_caching=False)
         dev.pool, dev.storage = pool, storage
+        dev.accounting = not storage.preallocated
         dev.peak = max(dev.peak, dev.charge())
         return pool, storage
 
@@ -241,27 +255,55 @@ class ProviderKV(ProviderKVManagers):
             )
         return live
 
-    def _alloc_locked(self, num_tokens: int, dtype: DType, dev: _DeviceKV) -> KVBlock:
-        pool, storage = self._block_pool(dev)
-        n = -(-num_tokens // self.tokens_per_page(dtype))
-        nbytes = n * pool.page_bytes
-        if not storage.preallocated:
-            charge = dev.charge()
-            if charge + nbytes > dev.budget:
+    def _alloc_locked(
+        self, num_tokens: int, dtype: DType, per_page: int, dev: _DeviceKV
+    ) -> KVBlock:
+        """Allocate a block on ``dev`` (lock held; ``num_tokens``/``dtype`` checked).
+
+        ``per_page`` is ``tokens_per_page(dtype)``. Checks, in this order: the budget (an
+        accounting pool's pages in use are charged), then free pages; then the guard runs.
+        Any failure leaves everything unchanged. The device's block pool is only ever used
+        under the provider lock, so its lock-held internals are called without its lock.
+        """
+        pool = dev.pool
+        if pool is None:
+            pool = self._block_pool(dev)[0]
+        n = 1 if num_tokens <= per_page else (num_tokens + per_page - 1) // per_page
+        page_bytes = pool.page_bytes
+        free_pages = pool._num_free  # num_free without the property call (hot path)
+        nbytes = n * page_bytes
+        charge = 0
+        if dev.accounting:  # preallocated storage was charged in full when it was made
+            charge = dev.manager_bytes + (pool._n - free_pages) * page_bytes + nbytes
+            if charge > dev.budget:
+                free = dev.budget - charge + nbytes
                 raise KVCacheExhaustedError(
                     f"KV memory exhausted on {dev.device}: {num_tokens} {dtype.value} tokens "
-                    f"need {nbytes} bytes ({n} pages); {dev.budget - charge} of "
-                    f"{dev.budget} bytes free"
+                    f"need {nbytes} bytes ({n} pages); {free} of {dev.budget} bytes free"
                 )
-        guard = self._alloc_guard
-        if guard is not None and n <= pool.num_free:  # pool.allocate raises otherwise
-            guard(n)
-        pages = pool.allocate(n)
+        if n > free_pages:
+            raise pool._exhausted(n)
+        self.block_pages_handed_out += n
+        guard = self.block_guard
+        if guard is not None:
+            try:
+                guard(n)
+            except BaseException:
+                self.block_pages_handed_out -= n
+                raise
         handle = self._next_handle
         self._next_handle = handle + 1
-        block = KVBlock(handle, num_tokens, dtype, dev.device, tuple(pages), self.owner, nbytes)
+        b = _BlockBuilder()  # becomes an ordinary KVBlock below (see _BlockBuilder)
+        b.handle = handle
+        b.num_tokens = num_tokens
+        b.dtype = dtype
+        b.device = dev.device
+        b.pages = (pool._take_one(),) if n == 1 else tuple(pool._allocate_unguarded(n))
+        b.owner = self.owner
+        b.num_bytes = nbytes
+        b.__class__ = KVBlock  # type: ignore[assignment]
+        block = cast(KVBlock, b)
         self._live[handle] = block
-        charge = dev.charge()
         if charge > dev.peak:
             dev.peak = charge
         return block
@@ -270,9 +312,10 @@ class ProviderKV(ProviderKVManagers):
     def alloc(self, num_tokens: int, dtype: DType | str, *, device: str | None = None) -> KVBlock:
         """Reserve pages for ``num_tokens`` tokens of ``dtype`` (default: own device).
 
-        The common case (a supported dtype seen before, the own device, a block pool that
-        exists) takes one lock and no other validation pass; see :meth:`_alloc_locked` for
-        the general path, which it matches exactly.
+        Arguments are checked in this order: ``num_tokens``, ``dtype``, ``device``. A dtype
+        seen before is looked up in a cache keyed by the caller's spelling (only supported
+        dtypes are entered), so the common case validates each argument once and takes one
+        lock.
 
         Raises:
             ValueError: ``num_tokens <= 0`` (TypeError if not an int).
@@ -290,45 +333,19 @@ class ProviderKV(ProviderKVManagers):
             d = self.check_dtype(dtype)
             entry = (d, self.tokens_per_page(d))
             self._dtype_cache[dtype] = entry
-        d, per_page = entry
+        dev = self._own if device is None else self._device_kv(device)
         lock = self._lock
-        lock.acquire()
+        lock.acquire()  # explicit acquire/release: cheaper than `with` on CPython 3.11
         try:
-            dev = self._own if device is None else self._device_kv(device)
-            pool = dev.pool
-            storage = dev.storage
-            if pool is None or storage is None:
-                return self._alloc_locked(num_tokens, d, dev)
-            n = (num_tokens + per_page - 1) // per_page
-            page_bytes = pool.page_bytes
-            nbytes = n * page_bytes
-            free_pages = pool.num_free
-            accounting = not storage.preallocated
-            # preallocated storage was charged in full when it was made; accounting storage
-            # is charged per page in use
-            charge = (
-                dev.manager_bytes + (pool.num_pages - free_pages) * page_bytes + nbytes
-                if accounting
-                else 0
-            )
-            if n > free_pages or charge > dev.budget:
-                return self._alloc_locked(num_tokens, d, dev)  # raises, naming why
-            guard = self._alloc_guard
-            if guard is not None:
-                guard(n)
-            pages = pool.allocate(n)
-            handle = self._next_handle
-            self._next_handle = handle + 1
-            block = _new_block(handle, num_tokens, d, dev.device, tuple(pages), self.owner, nbytes)
-            self._live[handle] = block
-            if accounting and charge > dev.peak:
-                dev.peak = charge
-            return block
+            return self._alloc_locked(num_tokens, entry[0], entry[1], dev)
         finally:
             lock.release()
 
     def free(self, block: KVBlock) -> None:
         """Release ``block`` (exactly once).
+
+        The block handed out by :meth:`alloc` is recognised by identity; anything else is
+        validated in full (:meth:`_validate`) before anything changes.
 
         Raises:
             InvalidKVBlockError: double free, use after free, or a foreign block; nothing
@@ -340,11 +357,13 @@ class ProviderKV(ProviderKVManagers):
             live = self._live.get(block.handle) if type(block) is KVBlock else None
             if live is None or live is not block:  # not the object handed out: validate
                 live = self._validate(block)
-            dev = self._own if live.device == self.device else self._devices[live.device]
-            pool = dev.pool
+            pool = self._devices[live.device].pool
             assert pool is not None
             pages = live.pages
-            pool.free([pages[0]] if len(pages) == 1 else pages)
+            if len(pages) == 1:
+                pool._release_one(pages[0])
+            else:
+                pool._free(pages, validate=False)  # distinct pages this block owns
             del self._live[live.handle]
         finally:
             lock.release()
@@ -407,17 +426,19 @@ class ProviderKV(ProviderKVManagers):
                 return src
             src_dev = self._devices[src.device]
             dst_dev = self._devices[target]
-            new = self._alloc_locked(src.num_tokens, src.dtype, dst_dev)
+            new = self._alloc_locked(
+                src.num_tokens, src.dtype, self.tokens_per_page(src.dtype), dst_dev
+            )
             assert src_dev.storage is not None and dst_dev.storage is not None
             assert src_dev.pool is not None and dst_dev.pool is not None
             try:
                 data = src_dev.storage.read_pages(list(src.pages))
                 dst_dev.storage.write_pages(list(new.pages), data)
             except BaseException:
-                dst_dev.pool.free(new.pages)
+                dst_dev.pool._free(new.pages, validate=False)
                 del self._live[new.handle]
                 raise
-            src_dev.pool.free(src.pages)
+            src_dev.pool._free(src.pages, validate=False)
             del self._live[src.handle]
             return new
 

@@ -33,6 +33,7 @@ from sagellm_backend.errors import (
     UnsupportedDTypeError,
 )
 from sagellm_backend.kernels.registry import KernelRegistry
+from sagellm_backend.providers._kv_methods import ProviderKVMethods
 from sagellm_backend.providers._torch_collectives import COLLECTIVE_OPS, TorchCollectives
 from sagellm_backend.providers._torch_device import (
     TORCH_INSTALL_HINT,
@@ -46,10 +47,8 @@ from sagellm_backend.providers._torch_options import TorchProviderOptions, parse
 if TYPE_CHECKING:
     import torch
 
-    from sagellm_backend.base import Event, KVBlock, Stream
-    from sagellm_backend.kv.manager import KVCacheManager
+    from sagellm_backend.base import Event, Stream
     from sagellm_backend.kv.provider_kv import ProviderKV
-    from sagellm_backend.kv.spec import KVSpec
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -66,7 +65,7 @@ __all__ = [
 _MIB = 1 << 20
 
 
-class TorchProviderBase(TorchCollectives):
+class TorchProviderBase(ProviderKVMethods, TorchCollectives):
     """A :class:`~sagellm_backend.base.BackendProvider` on torch over a :class:`DeviceLayer`.
 
     Invariants:
@@ -103,6 +102,7 @@ class TorchProviderBase(TorchCollectives):
         self._storage_factory = storage_factory
         self._id = self._options.provider_id or f"{self.kind}-{uuid.uuid4().hex[:12]}"
         self._dtypes: list[DType] = list(layer.supported_dtypes())
+        self._dtype_set: frozenset[DType] | None = frozenset(self._dtypes)
         self._kernels = KernelRegistry()
         if self._torch is not None:  # kernels are registered only where they can run
             from sagellm_backend.kernels.torch_kernels import register_builtin_kernels
@@ -402,80 +402,3 @@ class TorchProviderBase(TorchCollectives):
         except ImportError:  # pragma: no cover - psutil ships with the torch extra
             host_free = device_budget
         return min(device_budget, host_free // 4)
-
-    @property
-    def kv(self) -> ProviderKV:
-        """The KV core (created on first access): pools, blocks, managers, figures."""
-        return self._kv_core()
-
-    def kv_block_alloc(self, num_tokens: int, dtype: DType) -> KVBlock:
-        """Reserve real KV pages for ``num_tokens`` tokens of ``dtype`` on this device.
-
-        Raises:
-            UnsupportedDTypeError: ``dtype`` is not supported here (names the supported ones).
-            KVCacheExhaustedError: not enough free pages (the pool is unchanged).
-        """
-        checked = self.check_dtype(dtype)
-        return self._kv_core().alloc(num_tokens, checked)
-
-    def kv_block_free(self, block: KVBlock) -> None:
-        """Release ``block`` (InvalidKVBlockError on double free or a foreign block)."""
-        self._kv_core().free(block)
-
-    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
-        """Copy ``src``'s K/V into ``dst`` (same dtype, ``dst`` large enough; any devices)."""
-        self._kv_core().copy(src, dst)
-
-    def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
-        """Move ``block``'s bytes to ``target_device`` and release the source block.
-
-        Targets: this device and its offload devices (cuda: ``"cpu"``).
-
-        Raises:
-            UnsupportedDeviceError: another target (the message lists the valid ones).
-        """
-        return self._kv_core().migrate(block, target_device)
-
-    def get_kv_tensor(self, block: KVBlock) -> list[Any]:
-        """Writable zero-copy views of ``block``'s pages, in token order.
-
-        Each view is ``[num_layers, 2, tokens_per_page(dtype), kv_heads, head_dim]`` in the
-        block's dtype, on the block's device (index 0 of dim 1 is K, 1 is V).
-        """
-        return self._kv_core().tensor(block)
-
-    def create_kv_manager(
-        self,
-        spec: KVSpec | None = None,
-        *,
-        memory_bytes: int | None = None,
-        num_pages: int | None = None,
-        enable_prefix_caching: bool = True,
-    ) -> KVCacheManager:
-        """A :class:`~sagellm_backend.kv.manager.KVCacheManager` over real tensors here.
-
-        Its pool holds ``num_pages`` pages, or as many as fit in ``memory_bytes``, or what is
-        left of the KV budget; it is charged to the budget until
-        :meth:`release_kv_manager`. ``manager.storage.layer_kv(layer)`` gives the flat-slot
-        K/V caches that the ``paged_attention`` kernel reads.
-
-        ``spec`` None means the provider's KV spec (``kv_spec`` option).
-
-        Raises:
-            ConfigError: (a ValueError) an invalid argument, naming the valid values.
-            UnsupportedDTypeError: ``spec.dtype`` is not supported here.
-            KVCacheExhaustedError: the budget cannot hold the pool.
-        """
-        return self._kv_core().create_manager(
-            spec,
-            memory_bytes=memory_bytes,
-            num_pages=num_pages,
-            enable_prefix_caching=enable_prefix_caching,
-        )
-
-    def release_kv_manager(self, manager: KVCacheManager) -> None:
-        """Return a manager's pool to the KV budget (it must hold no sequences).
-
-        A second release of the same manager is a no-op.
-        """
-        self._kv_core().release_manager(manager)

@@ -49,20 +49,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sagellm_backend.base import Event as Event  # 0.1.1.2 export
-from sagellm_backend.base import KVBlock
+from sagellm_backend.base import KVBlock as KVBlock  # 0.1.1.2 export
 from sagellm_backend.base import Stream as Stream  # 0.1.1.2 export
 from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind
 from sagellm_backend.errors import (
     BackendNotAvailableError,
     CapabilityNotSupportedError,
     ConfigError,
-    KVCacheExhaustedError,
 )
 from sagellm_backend.kernels.registry import KernelRegistry
-from sagellm_backend.kv.manager import KVCacheManager
 from sagellm_backend.kv.provider_kv import ProviderKV
 from sagellm_backend.kv.spec import DEFAULT_KV_SPEC, KVSpec
-from sagellm_backend.kv.storage import AccountingStorage, PageRef
+from sagellm_backend.kv.storage import AccountingStorage
+from sagellm_backend.providers._kv_methods import ProviderKVMethods
 from sagellm_backend.providers._mock_config import (
     InjectedFaultError,
     KernelFault,
@@ -76,6 +75,7 @@ from sagellm_backend.providers._mock_config import (
     _non_negative,
     _positive_int,
 )
+from sagellm_backend.providers._mock_faults import MockFaults
 from sagellm_backend.providers._mock_kernels import _BUILTIN_KERNELS, _gather, _reduce_in_place
 from sagellm_backend.providers._mock_streams import MockEvent, MockStream
 
@@ -94,7 +94,7 @@ MIB = 1 << 20
 COLLECTIVE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min", "product")
 
 
-class MockBackendProvider:
+class MockBackendProvider(MockFaults, ProviderKVMethods):
     """Mock :class:`~sagellm_backend.base.BackendProvider` with real accounting (see module).
 
     The first five parameters are the 0.1.1.x constructor; the rest are keyword-only.
@@ -231,7 +231,7 @@ class MockBackendProvider:
         )
         self._kernel_faults: dict[str, KernelFault] = _kernel_faults(failing_kernels)
         self._fail_kv_after = fail_kv_after_pages
-        self.kv_pages_handed_out = 0
+        self._manager_pages = 0  # pages handed out by managers' pools (under self._lock)
 
         self._kernels = KernelRegistry()
         for kind in dict.fromkeys(kinds):
@@ -241,7 +241,8 @@ class MockBackendProvider:
         aliases: dict[str, str] = {}
         if ":" in device:
             aliases[device.split(":", 1)[0]] = device
-        self.kv = ProviderKV(
+        self._dtype_set = None  # ProviderKV checks num_tokens, then dtype
+        self._kv: ProviderKV | None = ProviderKV(
             owner=self.provider_id,
             device=device,
             supported_dtypes=self._dtypes,
@@ -252,6 +253,7 @@ class MockBackendProvider:
             aliases=aliases,
             alloc_guard=self._kv_guard,
         )
+        self._arm_block_guard()
 
     # ------------------------------------------------------------------ capability
     def capability(self) -> CapabilityDescriptor:
@@ -340,80 +342,6 @@ class MockBackendProvider:
         self._begin_collective("all_gather")
         return _gather(tensor, self.world_size)
 
-    # ------------------------------------------------------------------ KV cache
-    def _kv_guard(self, n: int) -> None:
-        limit = self._fail_kv_after
-        if limit is None:
-            lock = self._lock
-            lock.acquire()  # explicit acquire/release: cheaper than `with` on CPython 3.11
-            self.kv_pages_handed_out += n
-            lock.release()
-            return
-        with self._lock:
-            if self.kv_pages_handed_out + n > limit:
-                raise KVCacheExhaustedError(
-                    f"KV cache exhausted (injected fault: fail_kv_after_pages={limit}, "
-                    f"{self.kv_pages_handed_out} pages handed out, {n} more requested)"
-                )
-            self.kv_pages_handed_out += n
-
-    def kv_block_alloc(self, num_tokens: int, dtype: DType) -> KVBlock:
-        """Reserve pages for ``num_tokens`` tokens of ``dtype`` on the mock device.
-
-        Raises:
-            ValueError: ``num_tokens <= 0``.
-            UnsupportedDTypeError: ``dtype`` not supported (names the supported ones).
-            KVCacheExhaustedError: beyond ``max_memory_mb`` (or an injected fault); nothing
-                changes.
-        """
-        return self.kv.alloc(num_tokens, dtype)
-
-    def kv_block_free(self, block: KVBlock) -> None:
-        """Release ``block`` (InvalidKVBlockError on double free or a foreign block)."""
-        self.kv.free(block)
-
-    def kv_block_copy(self, src: KVBlock, dst: KVBlock) -> None:
-        """Copy ``src`` into ``dst`` (content tags move; same dtype; ``dst`` large enough)."""
-        self.kv.copy(src, dst)
-
-    def kv_block_migrate(self, block: KVBlock, target_device: str) -> KVBlock:
-        """Move ``block`` to ``target_device`` (the offload pool or back); source released.
-
-        Raises:
-            UnsupportedDeviceError: the target is not this device or the offload device.
-        """
-        return self.kv.migrate(block, target_device)
-
-    def get_kv_tensor(self, block: KVBlock) -> list[PageRef]:
-        """One :class:`~sagellm_backend.kv.storage.PageRef` per page of ``block`` (no tensors)."""
-        return self.kv.tensor(block)
-
-    def create_kv_manager(
-        self,
-        spec: KVSpec | None = None,
-        *,
-        memory_bytes: int | None = None,
-        num_pages: int | None = None,
-        enable_prefix_caching: bool = True,
-    ) -> KVCacheManager:
-        """A :class:`KVCacheManager` whose pool is charged to ``max_memory_mb``.
-
-        ``spec`` defaults to the provider's KV spec; size defaults to the rest of the budget.
-        """
-        return self.kv.create_manager(
-            spec,
-            memory_bytes=memory_bytes,
-            num_pages=num_pages,
-            enable_prefix_caching=enable_prefix_caching,
-        )
-
-    def release_kv_manager(self, manager: KVCacheManager) -> None:
-        """Give a manager's pool back to the budget (it must hold no sequences).
-
-        A second release of the same manager is a no-op.
-        """
-        self.kv.release_manager(manager)
-
     # ------------------------------------------------------------------ memory
     def memory_stats(self) -> dict[str, int]:
         """Memory figures (keys in the module docstring); real accounting, not constants."""
@@ -496,34 +424,6 @@ class MockBackendProvider:
         if not fault_set and not delay:
             return impl
         return _faulty_kernel(name, impl, fault_set, self._kernel_faults.get(name), delay)
-
-    # ------------------------------------------------------------------ fault injection
-    def inject_kernel_failure(
-        self, name: str, error: BaseException | type[BaseException] | None = None
-    ) -> None:
-        """Make calls of kernel ``name`` (fetched after this) raise ``error``.
-
-        ``error`` defaults to :class:`InjectedFaultError`.
-        """
-        self._kernel_faults[name] = error
-
-    def set_kv_fault(self, fail_after_pages: int | None) -> None:
-        """Fail KV allocations beyond ``fail_after_pages`` pages handed out in total.
-
-        The count runs from construction (``kv_pages_handed_out``); None turns it off.
-        """
-        _positive_int("fail_after_pages", fail_after_pages, allow_none=True)
-        with self._lock:
-            self._fail_kv_after = fail_after_pages
-
-    def clear_faults(self) -> None:
-        """Remove every injected kernel/KV fault and latency."""
-        with self._lock:
-            self._kernel_faults.clear()
-            self._kernel_latency_s.clear()
-            self._default_kernel_latency_s = 0.0
-            self._collective_latency_s = 0.0
-            self._fail_kv_after = None
 
     # ------------------------------------------------------------------ misc
     def info(self) -> dict[str, Any]:
