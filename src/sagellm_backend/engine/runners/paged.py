@@ -54,10 +54,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
+from sagellm_backend.engine.runners._paged_decode import (
+    DECODE_CACHE_BYTES,
+    DecodeCache,
+    DecodePlan,
+)
 from sagellm_backend.engine.runners.base import SeqChunk
 
 __all__ = [
     "ATTN_NAME",
+    "DECODE_CACHE_BYTES",
     "DECODE_SPLIT_SAVING",
     "PACK_MIN_ROWS",
     "PACK_ROWS",
@@ -416,8 +422,9 @@ class _DecodeGroup:
 
     row: int
     count: int
-    pages: torch.Tensor  # [count * nb] page ids, row-major (short tables padded)
-    length: int  # nb * block_size: the gathered context width
+    # [count * nb] page ids, row-major (short tables padded); None: read the decode cache
+    pages: torch.Tensor | None
+    length: int  # the attended context width (nb * block_size when gathered)
     q_pos: torch.Tensor  # [count, 1] decode positions
     ctx: torch.Tensor  # [count, 1] context lengths (start + 1)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -432,6 +439,8 @@ class _Step:
     slots: torch.Tensor  # [num_real]
     prefills: list[_Prefill]
     decode: list[_DecodeGroup]
+    cache_plan: DecodePlan | None = None  # decode rows served by the runner's decode cache
+    decode_row: int = 0  # packed row of the first decode token
 
 
 def split_decode(pages: Sequence[int], min_saving: float = DECODE_SPLIT_SAVING) -> list[int]:
@@ -506,6 +515,7 @@ class PagedRunner:
         block_size: int,
         max_context: int,
         prepack_weights: bool = False,
+        decode_cache_bytes: int = DECODE_CACHE_BYTES,
     ) -> None:
         self.name = "paged"
         self.model = model
@@ -537,6 +547,15 @@ class PagedRunner:
             self._v.append(v_cache)
         self._num_slots = int(self._k[0].shape[0])
         self._zeroed_pages = 0
+        self._gather_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dcache = DecodeCache(
+            [(f.num_kv_heads, f.head_dim) for _, f in self.features],
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            max_context=self.max_context,
+            budget_bytes=max(0, int(decode_cache_bytes)),
+        )
         #: See :data:`DECODE_SPLIT_SAVING` (1.0 or more: decode is always one group).
         self.decode_split_saving = DECODE_SPLIT_SAVING
         params = inspect.signature(model.forward).parameters
@@ -594,10 +613,10 @@ class PagedRunner:
         self._validate(chunks)
         prefill = [c for c in chunks if len(c.token_ids) > 1 or c.start == 0]
         # Decode rows sorted by length, so that groups of similar length are row ranges.
-        decode = sorted(
-            (c for c in chunks if not (len(c.token_ids) > 1 or c.start == 0)),
-            key=lambda c: c.start,
+        decode = self._dcache.order(
+            [c for c in chunks if not (len(c.token_ids) > 1 or c.start == 0)]
         )
+        plan = self._dcache.plan(decode) if decode and self._dcache.budget_bytes else None
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -629,19 +648,24 @@ class PagedRunner:
             if g0 == g1:
                 continue
             nb = counts[g1 - 1]
-            pages: list[int] = []
-            for c in decode[g0:g1]:
-                bt = c.block_table[:nb]
-                pages.extend(bt)
-                pages.extend([bt[0]] * (nb - len(bt)))  # padding: a valid page, masked out
+            page_ids: torch.Tensor | None = None
+            length = decode[g1 - 1].start + 1  # the group's longest context
+            if plan is None:
+                pages: list[int] = []
+                for c in decode[g0:g1]:
+                    bt = c.block_table[:nb]
+                    pages.extend(bt)
+                    pages.extend([bt[0]] * (nb - len(bt)))  # padding: a valid page, masked
+                page_ids = torch.tensor(pages, dtype=torch.long, device=dev)
+                length = nb * bs
             q_pos = torch.tensor([c.start for c in decode[g0:g1]], dtype=torch.long, device=dev)
             q_pos = q_pos.view(-1, 1)
             groups.append(
                 _DecodeGroup(
                     row=dec_row + g0,
                     count=g1 - g0,
-                    pages=torch.tensor(pages, dtype=torch.long, device=dev),
-                    length=nb * bs,
+                    pages=page_ids,
+                    length=length,
                     q_pos=q_pos,
                     ctx=q_pos + 1,
                 )
@@ -656,6 +680,8 @@ class PagedRunner:
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefills,
             decode=groups,
+            cache_plan=plan,
+            decode_row=dec_row,
         )
         wanted = [last_row[id(c)] for c in chunks if c.need_logits]
         return (
@@ -679,6 +705,8 @@ class PagedRunner:
                 out = self.model(input_ids=ids, position_ids=positions, **kwargs)
         finally:
             _local.step = None
+        if step.cache_plan is not None:
+            self._dcache.commit(step.cache_plan)  # only now: every layer applied the plan
         logits: torch.Tensor = out.logits[0]
         if not self._logits_to_keep:
             logits = logits.index_select(0, rows)
@@ -747,10 +775,26 @@ class PagedRunner:
         num_pages = self._num_slots // self.block_size
         k_pages = k_cache.view(num_pages, self.block_size, h_kv, d)
         v_pages = v_cache.view(num_pages, self.block_size, h_kv, d)
+        plan = step.cache_plan
+        cached: torch.Tensor | None = None
+        if plan is not None:
+            r0 = step.decode_row
+            cached = self._dcache.apply(
+                li, plan, k_cache, v_cache, k[r0 : r0 + plan.rows], v[r0 : r0 + plan.rows]
+            )
         for grp in step.decode:
             b, length = grp.count, grp.length
-            keys = k_pages.index_select(0, grp.pages).view(b, length, h_kv, d).transpose(1, 2)
-            values = v_pages.index_select(0, grp.pages).view(b, length, h_kv, d).transpose(1, 2)
+            if cached is not None:
+                g0 = grp.row - step.decode_row
+                keys = cached[0, g0 : g0 + b, :, :length]
+                values = cached[1, g0 : g0 + b, :, :length]
+            else:
+                assert grp.pages is not None
+                buf_k, buf_v = self._gather_buffers(int(grp.pages.numel()), k_pages)
+                torch.index_select(k_pages, 0, grp.pages, out=buf_k)
+                torch.index_select(v_pages, 0, grp.pages, out=buf_v)
+                keys = buf_k.view(b, length, h_kv, d).transpose(1, 2)
+                values = buf_v.view(b, length, h_kv, d).transpose(1, 2)
             mask = grp.masks.get(window)
             if mask is None:
                 mask = _window_mask(
@@ -777,12 +821,31 @@ class PagedRunner:
         assert out is not None
         return out.unsqueeze(0)
 
+    def _gather_buffers(
+        self, num_pages: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``[num_pages, block_size, kv_heads, head_dim]`` views of reused buffers.
+
+        Decode attention gathers each group's pages into these instead of fresh tensors: a
+        multi-megabyte allocation per layer and step is returned to the OS and faulted in
+        again every time, which costs more than the copy. The buffers grow to the largest
+        group seen; their contents are only valid until the next gather (one group of one
+        layer at a time).
+        """
+        bufs = self._gather_bufs
+        if bufs is None or bufs[0].shape[0] < num_pages or bufs[0].dtype != like.dtype:
+            shape = (num_pages, *like.shape[1:])
+            bufs = (like.new_empty(shape), like.new_empty(shape))
+            self._gather_bufs = bufs
+        return bufs[0][:num_pages], bufs[1][:num_pages]
+
     def release(self, seq_id: str) -> None:
-        """No per-sequence state: K/V live in the pool."""
-        del seq_id
+        """Drop ``seq_id``'s decode-cache row (its K/V in the pool are the scheduler's)."""
+        self._dcache.release(seq_id)
 
     def reset(self) -> None:
-        """No per-sequence state: K/V live in the pool."""
+        """Empty the decode cache (K/V live in the pool)."""
+        self._dcache.clear()
 
 
 def prepare_model(model: Any) -> list[tuple[Any, LayerFeatures]]:
