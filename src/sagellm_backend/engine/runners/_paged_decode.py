@@ -139,9 +139,10 @@ class DecodeCache:
         """
         if rows <= self._num_rows and length <= self._length:
             return True
-        if self._bytes(max(rows, self._num_rows), length) > self.budget_bytes:
+        rows, length = max(rows, self._num_rows), max(length, self._length)  # never shrink
+        if self._bytes(rows, length) > self.budget_bytes:
             return False
-        new_rows = max(rows, self._num_rows)
+        new_rows = rows
         grown = -(-max(length, self._length + self._length // 2) // _LENGTH_STEP) * _LENGTH_STEP
         new_len = max(length, min(grown, self._max_context))
         if self._bytes(new_rows, new_len) > self.budget_bytes:

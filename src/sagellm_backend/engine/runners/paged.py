@@ -159,7 +159,9 @@ class PagedRunner:
             :data:`PACK_ROWS`-row steps (see the module docstring; a second copy of those
             weights' memory). Ignored where unsupported.
         decode_cache_bytes: byte budget of the decode cache (a second copy of the decoding
-            sequences' K/V, see the module docstring); 0 gathers pages every step.
+            sequences' K/V, see the module docstring); 0 gathers pages every step. None:
+            :data:`DECODE_CACHE_BYTES` on CPU, 0 elsewhere (an accelerator gathers from
+            fast memory, and its memory is budgeted by the provider).
 
     Raises:
         ValueError: the model cannot run on this runner (the message names the feature) or
@@ -176,7 +178,7 @@ class PagedRunner:
         block_size: int,
         max_context: int,
         prepack_weights: bool = False,
-        decode_cache_bytes: int = DECODE_CACHE_BYTES,
+        decode_cache_bytes: int | None = None,
     ) -> None:
         self.name = "paged"
         self.model = model
@@ -209,6 +211,8 @@ class PagedRunner:
         self._num_slots = int(self._k[0].shape[0])
         self._zeroed_pages = 0
         self._gather_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if decode_cache_bytes is None:
+            decode_cache_bytes = DECODE_CACHE_BYTES if self.device.type == "cpu" else 0
         self._dcache = DecodeCache(
             [(f.num_kv_heads, f.head_dim) for _, f in self.features],
             dtype=self.dtype,
