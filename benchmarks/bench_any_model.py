@@ -26,6 +26,14 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
 
+Threads: the baselines run torch in the main thread, the engine in its worker thread, so
+two OpenMP teams exist once the engine has run. Measured on the 2-CPU reference machine
+(libgomp): a 16-row decode step of ``bench-gpt2`` took ~15% longer in a second thread than
+in the main thread (28.5 vs 32.8 ms), and small ops (``tanh``, ``layer_norm``) 2-4x longer,
+as with ``OMP_WAIT_POLICY=PASSIVE`` -- consistent with libgomp no longer spin-waiting
+between parallel regions when it manages more threads than there are CPUs. A runner
+benchmarked alone in the main thread therefore looks faster than it is inside the engine.
+
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
       [--gather-decode] [--json FILE]
