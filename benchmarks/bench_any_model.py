@@ -18,14 +18,25 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
 4. for ``bench-llama`` only: the engine with the hand-written runner (*engine, llama*);
 5. with ``--one-decode-group``: the engine with the generic runner's decode attention as one
    padded group (``decode_split_saving = 1.0``, the behaviour before decode rows were grouped
-   by length) (*engine_1group*).
+   by length) (*engine_1group*);
+6. with ``--gather-decode``: the engine with the generic runner's decode cache off (every
+   decode step gathers each sequence's pages in every layer, the behaviour before the decode
+   cache) (*engine_gather*).
 
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
 
+Threads: the baselines run torch in the main thread, the engine in its worker thread, so
+two OpenMP teams exist once the engine has run. Measured on the 2-CPU reference machine
+(libgomp): a 16-row decode step of ``bench-gpt2`` took ~15% longer in a second thread than
+in the main thread (28.5 vs 32.8 ms), and small ops (``tanh``, ``layer_norm``) 2-4x longer,
+as with ``OMP_WAIT_POLICY=PASSIVE`` -- consistent with libgomp no longer spin-waiting
+between parallel regions when it manages more threads than there are CPUs. A runner
+benchmarked alone in the main thread therefore looks faster than it is inside the engine.
+
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
-      [--json FILE]
+      [--gather-decode] [--json FILE]
 """
 
 from __future__ import annotations
@@ -123,6 +134,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants.append(("engine_llama", True))
     if args.one_decode_group:
         variants.append(("engine_1group", False))
+    if args.gather_decode:
+        variants.append(("engine_gather", False))
     try:
         for key, handwritten in variants:
             _use_handwritten(handwritten)
@@ -134,6 +147,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if not hasattr(runner, "decode_split_saving"):
                     raise SystemExit("--one-decode-group: the engine's runner has no decode groups")
                 runner.decode_split_saving = 1.0  # type: ignore[union-attr]
+            if key == "engine_gather":
+                cache = getattr(getattr(eng, "_runner", None), "_dcache", None)
+                if cache is None:
+                    raise SystemExit("--gather-decode: the engine's runner has no decode cache")
+                cache.budget_bytes = 0
             loop.run_until_complete(eng.execute(make_request(0, wl.ids[0], 2, "warm")))
             engines[key] = eng
             print(f"  {key}: runner {eng.runner_name}", flush=True)
@@ -224,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "--one-decode-group",
         action="store_true",
         help="also run the engine with decode attention as one padded group",
+    )
+    ap.add_argument(
+        "--gather-decode",
+        action="store_true",
+        help="also run the engine with the decode cache off (pages gathered every step)",
     )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)

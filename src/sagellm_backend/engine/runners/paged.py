@@ -16,10 +16,19 @@ is switched to it (``model.set_attn_implementation``). For each layer it
   packed rows).
 
 Decode tokens are packed after the prompt chunks, ordered by position, and attended in
-batched groups (one gather of the pages and one SDPA call per group and layer, shorter
-block tables padded with a masked page); :func:`split_decode` cuts them into several
-groups only where that saves at least :data:`DECODE_SPLIT_SAVING` of the gathered pages
-(one long sequence among short ones), since every extra group costs a call per layer.
+batched groups (one SDPA call per group and layer); :func:`split_decode` cuts them into
+several groups only where that saves at least :data:`DECODE_SPLIT_SAVING` of the attended
+(padded) context (one long sequence among short ones), since every extra group costs a
+call per layer. The groups read the runner's decode cache
+(:class:`~sagellm_backend.engine.runners._paged_decode.DecodeCache`): every decoding
+sequence's K/V kept dense from step to step, so a step appends one position per sequence
+instead of gathering every page again in every layer. A step whose rows would not fit the
+cache's byte budget (``decode_cache_bytes``; 0 turns the cache off) gathers its groups'
+pages into reused buffers instead (shorter block tables padded with a masked page).
+
+Module layout: the attention hook and model probe live in ``_paged_hook``, the kernels
+(prepacking, dense attention, :func:`split_decode`) in ``_paged_ops``, the decode cache in
+``_paged_decode``; their public names are importable from here as before.
 
 Model attention features arrive as keyword arguments (``scaling``, ``sliding_window``,
 ``softcap``, ``s_aux`` sinks) and are honoured per layer; a layer with an attention
@@ -46,7 +55,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,10 +62,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
+from sagellm_backend.engine.runners._paged_decode import (
+    DECODE_CACHE_BYTES,
+    DecodeCache,
+    DecodePlan,
+)
+from sagellm_backend.engine.runners._paged_hook import (
+    ATTN_NAME,
+    LayerFeatures,  # noqa: F401 - re-exported (it was defined here)
+    _kwarg_features,
+    _local,
+    _model_device,
+    paged_attention,
+    prepare_model,
+    register_paged_attention,
+)
+from sagellm_backend.engine.runners._paged_ops import (
+    DECODE_SPLIT_SAVING,
+    PACK_MIN_ROWS,
+    PACK_ROWS,
+    _attend,
+    _manual_attention,
+    _prepack_linears,
+    _window_mask,
+    dense_attention,
+    mkl_prepack_available,
+    split_decode,
+)
 from sagellm_backend.engine.runners.base import SeqChunk
 
 __all__ = [
     "ATTN_NAME",
+    "DECODE_CACHE_BYTES",
     "DECODE_SPLIT_SAVING",
     "PACK_MIN_ROWS",
     "PACK_ROWS",
@@ -67,335 +103,6 @@ __all__ = [
     "register_paged_attention",
     "split_decode",
 ]
-
-#: The name :func:`paged_attention` is registered under in ``transformers.AttentionInterface``.
-ATTN_NAME = "sagellm_paged"
-
-# Keyword arguments transformers' attention modules pass that need no handling here.
-_IGNORED_KWARGS = frozenset(
-    {
-        "dropout",
-        "position_ids",
-        "use_cache",
-        "cache_position",
-        "output_attentions",
-        "past_key_values",
-        "past_key_value",
-        "layer_head_mask",
-        "head_mask",
-        "is_causal",
-        "attention_mask",
-        "return_dict",
-        "output_hidden_states",
-        "token_type_ids",
-    }
-)
-# Keyword arguments honoured by the paged attention.
-_HONOURED_KWARGS = frozenset({"scaling", "sliding_window", "softcap", "s_aux"})
-
-_local = threading.local()
-
-#: Rows of the static step shape the prepacked weights are made for.
-PACK_ROWS = 16
-#: Steps with fewer real tokens than this run unpadded (a 1-row GEMV beats a 16-row GEMM).
-PACK_MIN_ROWS = 4
-#: Decode rows are split into groups of similar length when that saves at least this share
-#: of the gathered (padded) pages; each group is one batched attention call per layer.
-DECODE_SPLIT_SAVING = 0.5
-
-
-def mkl_prepack_available() -> bool:
-    """Whether this torch can prepack fp32 linear weights with MKL (x86 CPU builds)."""
-    ops = getattr(torch.ops, "mkl", None)
-    mkl_on: Callable[[], bool] = torch.backends.mkl.is_available
-    return (
-        bool(mkl_on())
-        and ops is not None
-        and hasattr(ops, "_mkl_reorder_linear_weight")
-        and hasattr(ops, "_mkl_linear")
-    )
-
-
-def _prepack_linears(model: Any) -> int:
-    """Give plain fp32 CPU ``nn.Linear``/``Conv1D`` modules a prepacked fast path.
-
-    The module's ``forward`` (an instance attribute, so the class is untouched) runs
-    ``_mkl_linear`` on the packed copy for ``[1, PACK_ROWS, in]`` inputs and the original
-    computation otherwise. Returns how many modules have the fast path, counting those an
-    earlier runner on the same model gave it (so a restarted engine pads steps the same way,
-    which tensor-parallel ranks rely on: every rank must see the same step shapes).
-    """
-    count = 0
-    for module in model.modules():
-        kind = type(module).__name__
-        own_forward = module.__dict__.get("forward")
-        if getattr(own_forward, "sagellm_prepacked", False):
-            count += 1  # prepacked by an earlier runner on this model (engine restart)
-            continue
-        if getattr(module, "_hf_hook", None) is not None or own_forward is not None:
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            continue
-        if type(module) is torch.nn.Linear:
-            origin = weight
-        elif kind == "Conv1D" and type(module).__module__.startswith("transformers."):
-            origin = weight.t()  # Conv1D keeps [in, out]
-        else:
-            continue
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(origin.detach().contiguous(), PACK_ROWS)
-        module.forward = _packed_forward(module.forward, packed, origin, module.bias)
-        count += 1
-    return count
-
-
-def _packed_forward(
-    plain: Callable[[torch.Tensor], torch.Tensor],
-    packed: torch.Tensor,
-    origin: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == PACK_ROWS:
-            flat = x[0].contiguous()
-            out: torch.Tensor = torch.ops.mkl._mkl_linear(flat, packed, origin, bias, PACK_ROWS)
-            return out.unsqueeze(0)
-        return plain(x)
-
-    forward.sagellm_prepacked = True  # type: ignore[attr-defined]
-    return forward
-
-
-@dataclass(slots=True)
-class LayerFeatures:
-    """What one attention layer passed during the probe forward.
-
-    Attributes:
-        num_heads: query heads.
-        num_kv_heads: key/value heads.
-        head_dim: width of q, k and v heads.
-        scaling: softmax scale (None: ``head_dim ** -0.5``).
-        sliding_window: the window, or None.
-        softcap: attention logit soft-capping, or None.
-        has_sinks: the layer passes attention sinks (``s_aux``).
-    """
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scaling: float | None
-    sliding_window: int | None
-    softcap: float | None
-    has_sinks: bool
-
-
-# ---------------------------------------------------------------------------- reference
-def _apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    if softcap is None:
-        return scores
-    return torch.tanh(scores / softcap) * softcap
-
-
-def _manual_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-) -> torch.Tensor:
-    """Eager attention: ``q [B, H, n, D]``, ``k``/``v [B, Hkv, L, D]``, additive ``mask``.
-
-    Soft-capping is applied to the scaled logits before the mask; sinks (one logit per
-    head) join the softmax as an extra column that is then dropped.
-    """
-    h, h_kv = q.shape[1], k.shape[1]
-    if h != h_kv:
-        k = k.repeat_interleave(h // h_kv, dim=1)
-        v = v.repeat_interleave(h // h_kv, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = _apply_softcap(scores, softcap)
-    if mask is not None:
-        scores = scores + mask
-    if sinks is not None:
-        col = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        scores = torch.cat([scores, col], dim=-1)
-        scores = scores - scores.amax(dim=-1, keepdim=True)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)[..., :-1]
-    else:
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    *,
-    causal: bool = False,
-) -> torch.Tensor:
-    """Attention ``[B, H, n, D]``; SDPA unless soft-capping or sinks need the eager path.
-
-    ``causal`` (only with ``mask=None``) means plain causal attention over equal q/k lengths.
-    """
-    if softcap is None and sinks is None:
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal and mask is None,
-            scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-    if causal and mask is None:
-        n, length = q.shape[2], k.shape[2]
-        hidden = torch.ones(n, length, dtype=torch.bool, device=q.device).triu(length - n + 1)
-        mask = torch.zeros(n, length, dtype=q.dtype, device=q.device).masked_fill(
-            hidden, float("-inf")
-        )
-    return _manual_attention(q, k, v, mask, scale, softcap, sinks)
-
-
-def dense_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    start: int = 0,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reference causal attention of one sequence.
-
-    ``q [H, n, D]`` holds positions ``start..start+n-1``; ``k``/``v [Hkv, start+n, D]``
-    positions ``0..start+n-1``.
-    A key at position ``j`` is visible to the query at ``i`` when ``j <= i`` and, with a
-    window ``w``, ``i - j < w`` (transformers' convention). Returns ``[H, n, D]``.
-    """
-    n, length = q.shape[1], k.shape[1]
-    mask = _window_mask(
-        torch.arange(start, start + n, device=q.device).view(-1, 1),
-        torch.arange(length, device=q.device).view(1, -1),
-        torch.tensor([start + n], device=q.device).view(1, 1),
-        sliding_window,
-        q.dtype,
-    )
-    return _attend(q[None], k[None], v[None], mask, scale, softcap, sinks)[0]
-
-
-def _window_mask(
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    ctx_len: torch.Tensor,
-    window: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive mask: key hidden when after the query, past the context, or out of window."""
-    hidden = (k_pos > q_pos) | (k_pos >= ctx_len)
-    if window is not None:
-        hidden = hidden | (q_pos - k_pos >= window)
-    mask = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
-    return mask.masked_fill_(hidden, float("-inf"))
-
-
-# ---------------------------------------------------------------------------- the hook
-def _kwarg_features(kwargs: dict[str, Any]) -> tuple[int | None, float | None, Any]:
-    window = kwargs.get("sliding_window")
-    softcap = kwargs.get("softcap")
-    sinks = kwargs.get("s_aux")
-    return (
-        int(window) if window is not None else None,
-        float(softcap) if softcap is not None else None,
-        sinks,
-    )
-
-
-def paged_attention(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The attention function registered as :data:`ATTN_NAME` (transformers' signature).
-
-    ``query [1, H, T, D]``, ``key``/``value [1, Hkv, T, D]``; returns ``[1, T, H, D]``.
-    Inside :meth:`PagedRunner.execute` it reads and writes the paged pool; elsewhere it is
-    dense attention with ``attention_mask`` (and records the layer's features when a probe
-    is running).
-    """
-    del dropout  # inference only
-    step: _Step | None = getattr(_local, "step", None)
-    if step is not None:
-        out = step.runner._layer_attention(step, module, query, key, value, scaling, kwargs)
-        return out, None
-    probe: list[tuple[Any, LayerFeatures, list[str]]] | None = getattr(_local, "probe", None)
-    window, softcap, sinks = _kwarg_features(kwargs)
-    if probe is not None:
-        unknown = [
-            k
-            for k, v in kwargs.items()
-            if k not in _IGNORED_KWARGS and k not in _HONOURED_KWARGS and v is not None
-        ]
-        feats = LayerFeatures(
-            num_heads=int(query.shape[1]),
-            num_kv_heads=int(key.shape[1]),
-            head_dim=int(query.shape[-1]),
-            scaling=None if scaling is None else float(scaling),
-            sliding_window=window,
-            softcap=softcap,
-            has_sinks=sinks is not None,
-        )
-        if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
-            unknown.append(f"value/key head_dim {value.shape[-1]} != query {query.shape[-1]}")
-        if getattr(module, "is_causal", True) is False:
-            unknown.append("non-causal attention (is_causal=False)")
-        probe.append((module, feats, unknown))
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    n, length = query.shape[2], key.shape[2]
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[..., :length]
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, float("-inf")
-            )
-    elif window is not None or 1 < n < length:
-        # Queries are the last n positions (a cache may hold earlier keys).
-        mask = _window_mask(
-            torch.arange(length - n, length, device=query.device).view(-1, 1),
-            torch.arange(length, device=query.device).view(1, -1),
-            torch.tensor([[length]], device=query.device),
-            window,
-            query.dtype,
-        )
-    causal = mask is None and n == length and n > 1
-    out = _attend(query, key, value, mask, scale, softcap, sinks, causal=causal)
-    return out.transpose(1, 2).contiguous(), None
-
-
-_REGISTER_LOCK = threading.Lock()
-
-
-def register_paged_attention() -> None:
-    """Register :func:`paged_attention` as :data:`ATTN_NAME` (idempotent)."""
-    from transformers import AttentionInterface
-
-    with _REGISTER_LOCK:
-        AttentionInterface.register(ATTN_NAME, paged_attention)
 
 
 # ---------------------------------------------------------------------------- step metadata
@@ -416,8 +123,9 @@ class _DecodeGroup:
 
     row: int
     count: int
-    pages: torch.Tensor  # [count * nb] page ids, row-major (short tables padded)
-    length: int  # nb * block_size: the gathered context width
+    # [count * nb] page ids, row-major (short tables padded); None: read the decode cache
+    pages: torch.Tensor | None
+    length: int  # the attended context width (nb * block_size when gathered)
     q_pos: torch.Tensor  # [count, 1] decode positions
     ctx: torch.Tensor  # [count, 1] context lengths (start + 1)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -432,51 +140,11 @@ class _Step:
     slots: torch.Tensor  # [num_real]
     prefills: list[_Prefill]
     decode: list[_DecodeGroup]
-
-
-def split_decode(pages: Sequence[int], min_saving: float = DECODE_SPLIT_SAVING) -> list[int]:
-    """Where to cut decode rows sorted by page count, to gather fewer padded pages.
-
-    ``pages`` is the page count of each decode row in ascending order. Returns the start
-    index of every group after the first (empty: one group). A cut is taken only where it
-    saves at least ``min_saving`` of the pages one group would gather, and each group is
-    split again by the same rule.
-    """
-    n = len(pages)
-    if n < 2:
-        return []
-    whole = n * pages[-1]
-    best, cut = whole, 0
-    for i in range(1, n):
-        cost = i * pages[i - 1] + (n - i) * pages[-1]
-        if cost < best:
-            best, cut = cost, i
-    if cut == 0 or whole - best < min_saving * whole:
-        return []
-    left = split_decode(pages[:cut], min_saving)
-    right = split_decode(pages[cut:], min_saving)
-    return [*left, cut, *(cut + r for r in right)]
+    cache_plan: DecodePlan | None = None  # decode rows served by the runner's decode cache
+    decode_row: int = 0  # packed row of the first decode token
 
 
 # ---------------------------------------------------------------------------- the runner
-def _probe_features(model: Any, device: torch.device) -> list[tuple[Any, LayerFeatures, list[str]]]:
-    """Run a 2-token forward with the hook in probe mode; return what each layer passed."""
-    records: list[tuple[Any, LayerFeatures, list[str]]] = []
-    _local.probe = records
-    try:
-        with torch.inference_mode():
-            ids = torch.tensor([[1, 2]], dtype=torch.long, device=device)
-            pos = torch.arange(2, device=device).view(1, 2)
-            model(input_ids=ids, position_ids=pos, use_cache=False)
-    finally:
-        _local.probe = None
-    return records
-
-
-def _model_device(model: Any) -> torch.device:
-    return torch.device(model.get_input_embeddings().weight.device)
-
-
 class PagedRunner:
     """Any attention-backend-capable transformers decoder over the paged KV pool.
 
@@ -490,6 +158,10 @@ class PagedRunner:
         prepack_weights: on CPU with fp32 weights and MKL, prepack plain linear weights for
             :data:`PACK_ROWS`-row steps (see the module docstring; a second copy of those
             weights' memory). Ignored where unsupported.
+        decode_cache_bytes: byte budget of the decode cache (a second copy of the decoding
+            sequences' K/V, see the module docstring); 0 gathers pages every step. None:
+            :data:`DECODE_CACHE_BYTES` on CPU, 0 elsewhere (an accelerator gathers from
+            fast memory, and its memory is budgeted by the provider).
 
     Raises:
         ValueError: the model cannot run on this runner (the message names the feature) or
@@ -506,6 +178,7 @@ class PagedRunner:
         block_size: int,
         max_context: int,
         prepack_weights: bool = False,
+        decode_cache_bytes: int | None = None,
     ) -> None:
         self.name = "paged"
         self.model = model
@@ -537,6 +210,17 @@ class PagedRunner:
             self._v.append(v_cache)
         self._num_slots = int(self._k[0].shape[0])
         self._zeroed_pages = 0
+        self._gather_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if decode_cache_bytes is None:
+            decode_cache_bytes = DECODE_CACHE_BYTES if self.device.type == "cpu" else 0
+        self._dcache = DecodeCache(
+            [(f.num_kv_heads, f.head_dim) for _, f in self.features],
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            max_context=self.max_context,
+            budget_bytes=max(0, int(decode_cache_bytes)),
+        )
         #: See :data:`DECODE_SPLIT_SAVING` (1.0 or more: decode is always one group).
         self.decode_split_saving = DECODE_SPLIT_SAVING
         params = inspect.signature(model.forward).parameters
@@ -594,10 +278,10 @@ class PagedRunner:
         self._validate(chunks)
         prefill = [c for c in chunks if len(c.token_ids) > 1 or c.start == 0]
         # Decode rows sorted by length, so that groups of similar length are row ranges.
-        decode = sorted(
-            (c for c in chunks if not (len(c.token_ids) > 1 or c.start == 0)),
-            key=lambda c: c.start,
+        decode = self._dcache.order(
+            [c for c in chunks if not (len(c.token_ids) > 1 or c.start == 0)]
         )
+        plan = self._dcache.plan(decode) if decode and self._dcache.budget_bytes else None
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -629,19 +313,24 @@ class PagedRunner:
             if g0 == g1:
                 continue
             nb = counts[g1 - 1]
-            pages: list[int] = []
-            for c in decode[g0:g1]:
-                bt = c.block_table[:nb]
-                pages.extend(bt)
-                pages.extend([bt[0]] * (nb - len(bt)))  # padding: a valid page, masked out
+            page_ids: torch.Tensor | None = None
+            length = decode[g1 - 1].start + 1  # the group's longest context
+            if plan is None:
+                pages: list[int] = []
+                for c in decode[g0:g1]:
+                    bt = c.block_table[:nb]
+                    pages.extend(bt)
+                    pages.extend([bt[0]] * (nb - len(bt)))  # padding: a valid page, masked
+                page_ids = torch.tensor(pages, dtype=torch.long, device=dev)
+                length = nb * bs
             q_pos = torch.tensor([c.start for c in decode[g0:g1]], dtype=torch.long, device=dev)
             q_pos = q_pos.view(-1, 1)
             groups.append(
                 _DecodeGroup(
                     row=dec_row + g0,
                     count=g1 - g0,
-                    pages=torch.tensor(pages, dtype=torch.long, device=dev),
-                    length=nb * bs,
+                    pages=page_ids,
+                    length=length,
                     q_pos=q_pos,
                     ctx=q_pos + 1,
                 )
@@ -656,6 +345,8 @@ class PagedRunner:
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
             prefills=prefills,
             decode=groups,
+            cache_plan=plan,
+            decode_row=dec_row,
         )
         wanted = [last_row[id(c)] for c in chunks if c.need_logits]
         return (
@@ -679,6 +370,8 @@ class PagedRunner:
                 out = self.model(input_ids=ids, position_ids=positions, **kwargs)
         finally:
             _local.step = None
+        if step.cache_plan is not None:
+            self._dcache.commit(step.cache_plan)  # only now: every layer applied the plan
         logits: torch.Tensor = out.logits[0]
         if not self._logits_to_keep:
             logits = logits.index_select(0, rows)
@@ -747,10 +440,26 @@ class PagedRunner:
         num_pages = self._num_slots // self.block_size
         k_pages = k_cache.view(num_pages, self.block_size, h_kv, d)
         v_pages = v_cache.view(num_pages, self.block_size, h_kv, d)
+        plan = step.cache_plan
+        cached: torch.Tensor | None = None
+        if plan is not None:
+            r0 = step.decode_row
+            cached = self._dcache.apply(
+                li, plan, k_cache, v_cache, k[r0 : r0 + plan.rows], v[r0 : r0 + plan.rows]
+            )
         for grp in step.decode:
             b, length = grp.count, grp.length
-            keys = k_pages.index_select(0, grp.pages).view(b, length, h_kv, d).transpose(1, 2)
-            values = v_pages.index_select(0, grp.pages).view(b, length, h_kv, d).transpose(1, 2)
+            if cached is not None:
+                g0 = grp.row - step.decode_row
+                keys = cached[0, g0 : g0 + b, :, :length]
+                values = cached[1, g0 : g0 + b, :, :length]
+            else:
+                assert grp.pages is not None
+                buf_k, buf_v = self._gather_buffers(int(grp.pages.numel()), k_pages)
+                torch.index_select(k_pages, 0, grp.pages, out=buf_k)
+                torch.index_select(v_pages, 0, grp.pages, out=buf_v)
+                keys = buf_k.view(b, length, h_kv, d).transpose(1, 2)
+                values = buf_v.view(b, length, h_kv, d).transpose(1, 2)
             mask = grp.masks.get(window)
             if mask is None:
                 mask = _window_mask(
@@ -777,55 +486,28 @@ class PagedRunner:
         assert out is not None
         return out.unsqueeze(0)
 
+    def _gather_buffers(
+        self, num_pages: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``[num_pages, block_size, kv_heads, head_dim]`` views of reused buffers.
+
+        Decode attention gathers each group's pages into these instead of fresh tensors: a
+        multi-megabyte allocation per layer and step is returned to the OS and faulted in
+        again every time, which costs more than the copy. The buffers grow to the largest
+        group seen; their contents are only valid until the next gather (one group of one
+        layer at a time).
+        """
+        bufs = self._gather_bufs
+        if bufs is None or bufs[0].shape[0] < num_pages or bufs[0].dtype != like.dtype:
+            shape = (num_pages, *like.shape[1:])
+            bufs = (like.new_empty(shape), like.new_empty(shape))
+            self._gather_bufs = bufs
+        return bufs[0][:num_pages], bufs[1][:num_pages]
+
     def release(self, seq_id: str) -> None:
-        """No per-sequence state: K/V live in the pool."""
-        del seq_id
+        """Drop ``seq_id``'s decode-cache row (its K/V in the pool are the scheduler's)."""
+        self._dcache.release(seq_id)
 
     def reset(self) -> None:
-        """No per-sequence state: K/V live in the pool."""
-
-
-def prepare_model(model: Any) -> list[tuple[Any, LayerFeatures]]:
-    """Switch ``model`` to :data:`ATTN_NAME` and probe its attention layers.
-
-    Returns ``(module, features)`` per attention layer in call order (= layer order).
-
-    Raises:
-        ValueError: the model does not support attention backends, never calls the hook,
-            calls a layer twice, or a layer passes a feature the paged attention cannot
-            honour (named in the message).
-    """
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(model).__name__} does not declare attention-backend support "
-            "(_supports_attention_backend)"
-        )
-    register_paged_attention()
-    previous = getattr(model.config, "_attn_implementation", None)
-    model.set_attn_implementation(ATTN_NAME)
-    try:
-        records = _probe_features(model, _model_device(model))
-        if not records:
-            raise ValueError(
-                f"{type(model).__name__} never calls the registered attention function"
-            )
-        seen: set[int] = set()
-        for module, feats, unsupported in records:
-            if id(module) in seen:
-                raise ValueError(f"attention module {type(module).__name__} ran twice per step")
-            seen.add(id(module))
-            if unsupported:
-                raise ValueError(
-                    f"{type(module).__name__} passes attention features the paged runner "
-                    f"does not support: {', '.join(unsupported)}"
-                )
-            if feats.num_heads % feats.num_kv_heads:
-                raise ValueError(
-                    f"{feats.num_heads} query heads are not a multiple of "
-                    f"{feats.num_kv_heads} KV heads"
-                )
-    except Exception:
-        if previous is not None:
-            model.set_attn_implementation(previous)
-        raise
-    return [(m, f) for m, f, _ in records]
+        """Empty the decode cache (K/V live in the pool)."""
+        self._dcache.clear()
