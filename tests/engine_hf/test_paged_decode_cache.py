@@ -20,6 +20,8 @@ import torch
 from sagellm_backend.engine.runners import paged as P  # noqa: N812 - short module alias
 from sagellm_backend.engine.runners.base import SeqChunk
 
+from .conftest import make_request, run
+
 pytestmark = pytest.mark.hf
 
 BS = 4
@@ -133,3 +135,27 @@ def test_decode_cache_over_budget_gathers_pages_and_frees_the_cache() -> None:
     assert runners[0]._dcache.layers == [] and runners[0]._dcache._rows == []
     _step(runners, seqs[:2])  # two rows of 6 fit again
     assert len(runners[0]._dcache._rows) == 2
+
+
+def test_decode_workspace_bytes_sets_the_decode_cache_budget(
+    tiny_llama: str, engine_factory: Any
+) -> None:
+    """The engine option reaches the runner: default -> device default, 0 -> off, N -> N."""
+    from sagellm_backend.engine.runners.paged import DECODE_CACHE_BYTES
+
+    budgets = {}
+    tokens = {}
+    for value in (None, 0, 3 << 20):
+        extra = {} if value is None else {"decode_workspace_bytes": value}
+        engine = engine_factory(tiny_llama, **extra)
+
+        async def cycle(engine: Any = engine) -> tuple[int, list[int]]:
+            await engine.start()
+            budget = engine._runner._dcache.budget_bytes
+            out = await engine.execute(make_request("the budget of the decode cache", 6))
+            await engine.stop()
+            return budget, list(out.output_tokens)
+
+        budgets[value], tokens[value] = run(cycle())
+    assert budgets == {None: DECODE_CACHE_BYTES, 0: 0, 3 << 20: 3 << 20}
+    assert tokens[None] == tokens[0] == tokens[3 << 20]  # the cache never changes tokens

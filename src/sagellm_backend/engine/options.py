@@ -31,6 +31,7 @@ __all__ = [
     "RUNNER_CHOICES",
     "EngineOptionFields",
     "EngineOptions",
+    "decode_cache_budget",
     "resolve_engine_options",
 ]
 
@@ -62,7 +63,10 @@ class EngineOptions:
             MKL-prepacked copy of the plain linear weights for steps of 4..16 tokens, which
             run padded to 16 rows (paged runner; a second copy of the linear weights'
             memory, so turn it off for models that barely fit in RAM).
-        decode_workspace_bytes: accepted and validated, no effect (as ``fuse_projections``).
+        decode_workspace_bytes: byte budget of the paged runner's decode cache (a dense
+            copy of the decoding sequences' K/V kept between steps, on top of the KV pool;
+            0 turns it off). At the default the runner's device default applies: this
+            budget on CPU, off on accelerators (which gather pages from fast memory).
     """
 
     kv_cache_memory_bytes: int | None = None
@@ -92,6 +96,12 @@ class EngineOptionFields(EngineOptions, EngineConfig):
     :class:`EngineConfig` fields first. The values are validated by
     :func:`resolve_engine_options`.
     """
+
+
+def decode_cache_budget(options: EngineOptions) -> int | None:
+    """The decode-cache budget to pass to the runner (None: its device default)."""
+    value = options.decode_workspace_bytes
+    return None if value == ENGINE_OPTION_DEFAULTS["decode_workspace_bytes"] else value
 
 
 def _check_option(owner: str, name: str, value: Any) -> Any:

@@ -57,6 +57,7 @@ from sagellm_backend.engine.options import ENGINE_OPTION_DEFAULTS as ENGINE_OPTI
 from sagellm_backend.engine.options import RUNNER_CHOICES as RUNNER_CHOICES
 from sagellm_backend.engine.options import EngineOptionFields as EngineOptionFields
 from sagellm_backend.engine.options import EngineOptions as EngineOptions
+from sagellm_backend.engine.options import decode_cache_budget
 from sagellm_backend.engine.options import resolve_engine_options as resolve_engine_options
 from sagellm_backend.engine.sched.engine import Detokenizer, ScheduledEngine, Serving
 from sagellm_backend.engine.sched.scheduler import Scheduler
@@ -109,6 +110,7 @@ def build_runner(
         runner=options.runner,
         max_batch_size=max_batch_size,
         prepack_weights=options.prepack_weights,
+        decode_cache_bytes=decode_cache_budget(options),
     )
     return runner
 

@@ -135,6 +135,7 @@ def select_runner(
     runner: str = "auto",
     max_batch_size: int = 64,
     prepack_weights: bool = False,
+    decode_cache_bytes: int | None = None,
 ) -> ModelRunner:
     """Build the runner :func:`describe_runner` names for ``model``.
 
@@ -147,6 +148,8 @@ def select_runner(
         runner: ``"auto"``, ``"paged"`` or ``"hf"`` (see :func:`describe_runner`).
         max_batch_size: most sequences one step runs (sizes the fallback's batches).
         prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 MKL fast path).
+        decode_cache_bytes: the paged runner's decode-cache budget (None: its device
+            default).
 
     Raises:
         ConfigError: ``runner="paged"`` and the model cannot be served by it, or the KV
@@ -175,6 +178,7 @@ def select_runner(
                 block_size=block_size,
                 max_context=max_context,
                 prepack_weights=prepack_weights,
+                decode_cache_bytes=decode_cache_bytes,
             )
         except ValueError as exc:
             if runner == "paged":
