@@ -57,8 +57,9 @@ class EngineOptions:
         runner: ``"auto"`` (paged where the model supports custom attention functions, else
             the batched fallback), ``"paged"`` (error if the model is not supported) or
             ``"hf"`` (always the fallback).
-        fuse_projections: accepted and validated, no effect (it tuned the hand-written
-            Llama runner, removed since: the generic paged runner was as fast).
+        fuse_projections: in Llama-family models (llama, mistral, qwen2, qwen3) the paged
+            runner computes q/k/v and gate/up as one GEMM each over views of one fused
+            weight (no extra weight memory).
         prepack_weights: on CPU with fp32 weights (MKL builds of torch), keep an
             MKL-prepacked copy of the plain linear weights for steps of 4..16 tokens, which
             run padded to 16 rows (paged runner; a second copy of the linear weights'

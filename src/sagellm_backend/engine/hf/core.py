@@ -111,6 +111,7 @@ def build_runner(
         max_batch_size=max_batch_size,
         prepack_weights=options.prepack_weights,
         decode_cache_bytes=decode_cache_budget(options),
+        fuse_projections=options.fuse_projections,
     )
     return runner
 

@@ -67,6 +67,7 @@ from sagellm_backend.engine.runners._paged_decode import (
     DecodeCache,
     DecodePlan,
 )
+from sagellm_backend.engine.runners._paged_fuse import fuse_projections as fuse
 from sagellm_backend.engine.runners._paged_hook import (
     ATTN_NAME,
     LayerFeatures,  # noqa: F401 - re-exported (it was defined here)
@@ -162,6 +163,8 @@ class PagedRunner:
             sequences' K/V, see the module docstring); 0 gathers pages every step. None:
             :data:`DECODE_CACHE_BYTES` on CPU, 0 elsewhere (an accelerator gathers from
             fast memory, and its memory is budgeted by the provider).
+        fuse_projections: compute sibling projections (q/k/v, gate/up) of Llama-family
+            models as one GEMM each (see :mod:`._paged_fuse`; no extra weight memory).
 
     Raises:
         ValueError: the model cannot run on this runner (the message names the feature) or
@@ -179,6 +182,7 @@ class PagedRunner:
         max_context: int,
         prepack_weights: bool = False,
         decode_cache_bytes: int | None = None,
+        fuse_projections: bool = False,
     ) -> None:
         self.name = "paged"
         self.model = model
@@ -225,13 +229,15 @@ class PagedRunner:
         self.decode_split_saving = DECODE_SPLIT_SAVING
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
-        self.prepacked = (
+        can_pack = (
             prepack_weights
             and self.device.type == "cpu"
             and self.dtype == torch.float32
             and mkl_prepack_available()
-            and _prepack_linears(model) > 0
         )
+        #: sibling projection groups computed as one GEMM (0: none fused)
+        self.fused_groups = fuse(model, prepack=can_pack)[0] if fuse_projections else 0
+        self.prepacked = can_pack and _prepack_linears(model) > 0
 
     # ------------------------------------------------------------------ metadata
     def _validate(self, chunks: Sequence[SeqChunk]) -> None:

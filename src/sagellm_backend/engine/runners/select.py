@@ -136,6 +136,7 @@ def select_runner(
     max_batch_size: int = 64,
     prepack_weights: bool = False,
     decode_cache_bytes: int | None = None,
+    fuse_projections: bool = False,
 ) -> ModelRunner:
     """Build the runner :func:`describe_runner` names for ``model``.
 
@@ -150,6 +151,8 @@ def select_runner(
         prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 MKL fast path).
         decode_cache_bytes: the paged runner's decode-cache budget (None: its device
             default).
+        fuse_projections: the paged runner's ``fuse_projections`` (q/k/v and gate/up as
+            one GEMM each in Llama-family models).
 
     Raises:
         ConfigError: ``runner="paged"`` and the model cannot be served by it, or the KV
@@ -179,6 +182,7 @@ def select_runner(
                 max_context=max_context,
                 prepack_weights=prepack_weights,
                 decode_cache_bytes=decode_cache_bytes,
+                fuse_projections=fuse_projections,
             )
         except ValueError as exc:
             if runner == "paged":

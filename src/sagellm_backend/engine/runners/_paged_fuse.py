@@ -1,0 +1,142 @@
+"""Fused sibling projections for the paged runner (``fuse_projections``).
+
+Llama-family attention computes ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` -- three GEMMs
+over the same input -- and its MLP ``gate_proj(x)`` and ``up_proj(x)``. On the small batches
+of a decode step each GEMM is mostly fixed cost, so one GEMM over the concatenated weight is
+faster. The model's own forward is kept: each sibling module gets an instance ``forward``
+(the class is untouched) that, for the first sibling called with an input, runs the fused
+GEMM and keeps the other siblings' slices; a sibling called with that same tensor object
+takes its slice, and one called with any other input computes the fused GEMM anew. The
+siblings' ``weight``/``bias`` parameters become views into the fused tensors, so fusing
+costs no weight memory (the MKL-prepacked copy of ``prepack_weights`` is, as for every
+linear, a second copy).
+
+Only plain ``nn.Linear`` siblings with one input width, dtype and device, no accelerate hook
+and no ``forward`` of their own are fused (quantized layers keep their own forward), and
+only in the model families whose attention and MLP were checked to use the slices as views
+(:data:`FUSED_MODEL_TYPES`).
+
+Invariants: the fused output equals the separate outputs up to GEMM summation order; a
+sibling never returns a slice computed from another input tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sagellm_backend.engine.runners._paged_ops import PACK_ROWS, mkl_prepack_available
+
+__all__ = ["FUSED_MODEL_TYPES", "SIBLINGS", "fuse_projections"]
+
+#: Names of the sibling projections that read the same input, per module.
+SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+#: ``config.model_type`` values whose layers are fused.
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+class _FusedGroup:
+    """One fused GEMM shared by its sibling modules (see the module docstring)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], pack: bool
+    ) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.sizes = sizes
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS) if pack else None
+        self._input: torch.Tensor | None = None
+        self._parts: list[torch.Tensor | None] = []
+
+    def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        packed = self.packed
+        if packed is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == PACK_ROWS:
+            flat = x[0].contiguous()
+            out = torch.ops.mkl._mkl_linear(flat, packed, self.weight, self.bias, PACK_ROWS)
+            y = out.unsqueeze(0)
+        else:
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return list(y.split(self.sizes, dim=-1))
+
+    def member(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ``forward`` of sibling ``index``."""
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            parts = self._parts
+            if self._input is not x or parts[index] is None:
+                parts = self._parts = self._compute(x)
+                self._input = x
+            out = parts[index]
+            assert out is not None
+            parts[index] = None
+            if all(p is None for p in parts):  # every sibling took its slice: let go
+                self._input = None
+            return out
+
+        forward.sagellm_fused = True  # type: ignore[attr-defined]
+        forward.sagellm_prepacked = self.packed is not None  # type: ignore[attr-defined]
+        return forward
+
+
+def _fusable(mods: list[Any]) -> bool:
+    if not all(type(m) is torch.nn.Linear for m in mods):
+        return False
+    if any(m.__dict__.get("forward") is not None or getattr(m, "_hf_hook", None) for m in mods):
+        return False
+    if len({(m.in_features, m.weight.dtype, m.weight.device) for m in mods}) != 1:
+        return False
+    return len({m.bias is None for m in mods}) == 1
+
+
+def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
+    """Fuse the sibling projections of ``model`` (see the module docstring).
+
+    Args:
+        model: a loaded ``*ForCausalLM``; nothing happens unless its ``config.model_type``
+            is in :data:`FUSED_MODEL_TYPES`.
+        prepack: also keep an MKL-prepacked copy of each fused fp32 CPU weight for
+            ``[1, PACK_ROWS, in]`` inputs (as ``prepack_weights`` does for single linears).
+
+    Returns:
+        (fused groups, of which prepacked), counting groups an earlier runner on the same
+        model fused (an engine restart finds them fused already).
+    """
+    if getattr(getattr(model, "config", None), "model_type", None) not in FUSED_MODEL_TYPES:
+        return 0, 0
+    groups = packed = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            found = [getattr(parent, n, None) for n in names]
+            mods: list[Any] = [m for m in found if m is not None]
+            if len(mods) != len(names):
+                continue
+            done = [m.__dict__.get("forward") for m in mods]
+            if all(getattr(f, "sagellm_fused", False) for f in done):
+                groups += 1
+                packed += all(getattr(f, "sagellm_prepacked", False) for f in done)
+                continue
+            if not _fusable(mods):
+                continue
+            weight = torch.cat([m.weight.detach() for m in mods], 0)
+            bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+            offset = 0
+            for m in mods:  # the parameters become views of the fused tensors
+                n = m.out_features
+                m.weight.data = weight[offset : offset + n]
+                if bias is not None:
+                    m.bias.data = bias[offset : offset + n]
+                offset += n
+            pack = (
+                prepack
+                and weight.dtype == torch.float32
+                and weight.device.type == "cpu"
+                and mkl_prepack_available()
+            )
+            group = _FusedGroup(weight, bias, [m.out_features for m in mods], pack)
+            for i, m in enumerate(mods):
+                m.forward = group.member(i)
+            groups += 1
+            packed += pack
+    return groups, packed
