@@ -26,13 +26,12 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
 
-Threads: the baselines run torch in the main thread, the engine in its worker thread, so
-two OpenMP teams exist once the engine has run. Measured on the 2-CPU reference machine
-(libgomp): a 16-row decode step of ``bench-gpt2`` took ~15% longer in a second thread than
-in the main thread (28.5 vs 32.8 ms), and small ops (``tanh``, ``layer_norm``) 2-4x longer,
-as with ``OMP_WAIT_POLICY=PASSIVE`` -- consistent with libgomp no longer spin-waiting
-between parallel regions when it manages more threads than there are CPUs. A runner
-benchmarked alone in the main thread therefore looks faster than it is inside the engine.
+Threads: as in ``bench_hf_engine.py``, every torch phase runs in a thread of its own that
+ends with it and an engine runs only during its phase, so one OpenMP team is alive at a
+time. (With two alive -- e.g. baselines in the main thread, the engine in its driver
+thread -- libgomp stops spin-waiting between parallel regions: on the 2-CPU reference
+machine a 16-row decode step of ``bench-gpt2`` took ~15% longer and small ops such as
+``tanh`` and ``layer_norm`` 2-4x longer, in whichever thread ran second.)
 
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
@@ -57,14 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hf_engine import (
     PhaseResult,
     Workload,
+    alone,
     compare,
     encode,
     make_engine,
-    make_request,
     make_texts,
     run_engine_concurrent,
     run_sequential,
     run_static,
+    serving,
 )
 
 _THREADS_DEFAULT = 2
@@ -111,9 +111,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
     from sagellm_backend.testing.tiny_models import CORPUS, ensure_tiny_model
 
-    path = str(ensure_tiny_model(name))
-    model, tokenizer = load_model_and_tokenizer(
-        path, device="cpu", dtype="float32", device_map=None, trust_remote_code=False
+    path = str(alone(lambda: ensure_tiny_model(name)))
+    model, tokenizer = alone(
+        lambda: load_model_and_tokenizer(
+            path, device="cpu", dtype="float32", device_map=None, trust_remote_code=False
+        )
     )
     n_params = sum(p.numel() for p in model.parameters())
     rng = random.Random(args.seed)
@@ -136,12 +138,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants.append(("engine_1group", False))
     if args.gather_decode:
         variants.append(("engine_gather", False))
-    try:
-        for key, handwritten in variants:
-            _use_handwritten(handwritten)
-            eng = make_engine(path, args, prefix_caching=False)
-            loop.run_until_complete(eng.start())
-            _use_handwritten(False)
+
+    def configure(key: str) -> Any:
+        def apply(eng: Any) -> None:  # after each start (a restart builds a new runner)
             if key == "engine_1group":
                 runner = getattr(eng, "_runner", None)
                 if not hasattr(runner, "decode_split_saving"):
@@ -152,29 +151,48 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if cache is None:
                     raise SystemExit("--gather-decode: the engine's runner has no decode cache")
                 cache.budget_bytes = 0
-            loop.run_until_complete(eng.execute(make_request(0, wl.ids[0], 2, "warm")))
-            engines[key] = eng
-            print(f"  {key}: runner {eng.runner_name}", flush=True)
+
+        return apply
+
+    def engine_phase(key: str, handwritten: bool) -> Any:
+        _use_handwritten(handwritten)
+        try:
+            with serving(engines[key], loop, wl.ids[0], configure(key)) as eng:
+                return run_engine_concurrent(eng, wl, loop)
+        finally:
+            _use_handwritten(False)
+
+    try:
+        for key, handwritten in variants:
+            engines[key] = eng = make_engine(path, args, prefix_caching=False)
+            _use_handwritten(handwritten)
+            with serving(eng, loop, wl.ids[0], configure(key)):  # loads the model once
+                _use_handwritten(False)
+                print(f"  {key}: runner {eng.runner_name}", flush=True)
         runs: dict[str, list[PhaseResult]] = {}
         outputs: dict[str, list[list[int]]] = {}
-        with torch.inference_mode():
-            model.generate(torch.tensor([wl.ids[0]]), max_new_tokens=2, do_sample=False)
+
+        def warm_up() -> None:
+            with torch.inference_mode():
+                model.generate(torch.tensor([wl.ids[0]]), max_new_tokens=2, do_sample=False)
+
+        alone(warm_up)
         for i in range(args.repeat):
             print(f"  pass {i + 1}/{args.repeat}", flush=True)
             phases: list[tuple[str, Any]] = []
             if not args.skip_sequential:
-                phases.append(("sequential", lambda: run_sequential(model, tokenizer, wl)))
-            phases.append(("static", lambda: run_static(model, tokenizer, wl)))
-            for key, eng in engines.items():
-                phases.append((key, lambda eng=eng: run_engine_concurrent(eng, wl, loop)))
+                phases.append(
+                    ("sequential", lambda: alone(lambda: run_sequential(model, tokenizer, wl)))
+                )
+            phases.append(("static", lambda: alone(lambda: run_static(model, tokenizer, wl))))
+            for key, handwritten in variants:
+                phases.append((key, lambda k=key, h=handwritten: engine_phase(k, h)))
             for key, fn in phases:
                 cpu0 = time.process_time()
                 res, outputs[key] = fn()
                 res.extra["cpu_s"] = time.process_time() - cpu0
                 runs.setdefault(key, []).append(res)
     finally:
-        for eng in engines.values():
-            loop.run_until_complete(eng.stop())
         loop.close()
     ref_key = "sequential" if "sequential" in outputs else "static"
     checks = {

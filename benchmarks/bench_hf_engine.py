@@ -20,6 +20,14 @@ Greedy outputs of 2.-4. are compared token by token with 1.; mismatches are prin
 Results: a table of output tokens/s, ratios, TTFT p50 and peak RSS per phase; ``--json
 FILE`` writes everything.  ``--repeat N`` reports medians of N passes.
 
+Threads: every torch phase (model build and load, the baselines) runs in a thread of its
+own that ends with it (:func:`alone`), and an engine runs only during its own phases
+(:func:`serving`; a restart reuses the loaded model). A thread that ran torch on CPU keeps
+its OpenMP team until it ends, and with two teams alive libgomp stops spin-waiting between
+parallel regions: on the 2-CPU reference machine small ops then took about 2x longer, in
+whichever phase ran second. A server process has one torch thread, the engine's driver;
+every phase is measured that way.
+
 Run:  python benchmarks/bench_hf_engine.py [--quick] [--model PATH] [--repeat N] [--json F]
 """
 
@@ -36,11 +44,11 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sagellm_backend.cli.bench.loadgen import greedy_config
 
@@ -72,6 +80,46 @@ class PhaseResult:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+_T = TypeVar("_T")
+
+
+def alone(fn: Callable[[], _T]) -> _T:
+    """``fn()`` run in a thread of its own that ends with it (see "Threads" above)."""
+    box: list[tuple[bool, Any]] = []
+
+    def main() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # re-raised in the calling thread
+            box.append((False, exc))
+
+    thread = threading.Thread(target=main, name="bench-phase")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+@contextmanager
+def serving(
+    engine: Any,
+    loop: asyncio.AbstractEventLoop,
+    warm_ids: list[int],
+    configure: Callable[[Any], None] | None = None,
+) -> Iterator[Any]:
+    """``engine`` started for one phase (``configure``-d, warmed with one short request,
+    not measured), stopped after it: its driver thread lives only during the phase."""
+    loop.run_until_complete(engine.start())
+    try:
+        if configure is not None:
+            configure(engine)
+        loop.run_until_complete(engine.execute(make_request(0, warm_ids, 2, "warm")))
+        yield engine
+    finally:
+        loop.run_until_complete(engine.stop())
 
 
 class RssSampler:
@@ -431,17 +479,19 @@ def main(argv: list[str] | None = None) -> int:
     from sagellm_backend.testing.tiny_models import CORPUS, ensure_tiny_model
 
     t0 = time.perf_counter()
-    model_path = args.model or str(ensure_tiny_model("bench-llama"))
+    model_path = args.model or str(alone(lambda: ensure_tiny_model("bench-llama")))
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(
-        model_path,
-        device="cpu",
-        dtype=args.dtype,
-        device_map=None,
-        load_in_8bit=False,
-        load_in_4bit=False,
-        trust_remote_code=False,
+    model, tokenizer = alone(
+        lambda: load_model_and_tokenizer(
+            model_path,
+            device="cpu",
+            dtype=args.dtype,
+            device_map=None,
+            load_in_8bit=False,
+            load_in_4bit=False,
+            trust_remote_code=False,
+        )
     )
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
@@ -470,8 +520,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm-up: first calls pay one-off allocation and kernel selection costs.
     gen_warm = greedy_config(model, tokenizer, 2)
-    with torch.inference_mode():
-        model.generate(torch.tensor([wl.ids[0]]), generation_config=gen_warm)
+
+    def warm_up() -> None:
+        with torch.inference_mode():
+            model.generate(torch.tensor([wl.ids[0]]), generation_config=gen_warm)
+
+    alone(warm_up)
 
     engine_note = "skipped (--skip-engine)" if args.skip_engine else engine_available()
     loop = asyncio.new_event_loop()
@@ -482,10 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         engines["off"] = make_engine(model_path, args, prefix_caching=False)
         if not args.skip_prefix:
             engines["on"] = make_engine(model_path, args, prefix_caching=True)
-        for eng in engines.values():
-            loop.run_until_complete(eng.start())
-            # Warm the engine's shapes with one short request (not measured).
-            loop.run_until_complete(eng.execute(make_request(0, wl.ids[0], 2, "warm")))
+        for eng in engines.values():  # loads the model once (restarts reuse it)
+            with serving(eng, loop, wl.ids[0]):
+                pass
     else:
         print(f"\nengine section skipped: {engine_note}")
 
@@ -498,14 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(args.repeat):
             print(f"pass {i + 1}/{args.repeat} ...", flush=True)
-            res, outputs["sequential"] = run_sequential(model, tokenizer, wl)
+            res, outputs["sequential"] = alone(lambda: run_sequential(model, tokenizer, wl))
             runs.setdefault("sequential", []).append(res)
-            res, outputs["static"] = run_static(model, tokenizer, wl)
+            res, outputs["static"] = alone(lambda: run_static(model, tokenizer, wl))
             runs.setdefault("static", []).append(res)
             if "off" in engines:
-                res, outputs["engine_concurrent"] = run_engine_concurrent(engines["off"], wl, loop)
+                with serving(engines["off"], loop, wl.ids[0]) as eng:
+                    res, outputs["engine_concurrent"] = run_engine_concurrent(eng, wl, loop)
                 runs.setdefault("engine_concurrent", []).append(res)
-                res, outputs["engine_single"] = run_engine_single(engines["off"], wl, loop)
+                with serving(engines["off"], loop, wl.ids[0]) as eng:
+                    res, outputs["engine_single"] = run_engine_single(eng, wl, loop)
                 runs.setdefault("engine_single", []).append(res)
             if "on" in engines:
                 # Fresh user questions each pass (same system prompt) so earlier passes'
@@ -513,11 +568,10 @@ def main(argv: list[str] | None = None) -> int:
                 pass_rng = random.Random(args.seed * 1000 + i)
                 prompts = prefix_prompts(tokenizer, pass_rng, vocab_words, system_ids, args)
                 for tag in ("off", "on"):
-                    res = run_prefix(engines[tag], prompts, system_ids, args.new_tokens, loop, tag)
+                    with serving(engines[tag], loop, wl.ids[0]) as eng:
+                        res = run_prefix(eng, prompts, system_ids, args.new_tokens, loop, tag)
                     runs.setdefault(f"prefix_{tag}", []).append(res)
     finally:
-        for eng in engines.values():
-            loop.run_until_complete(eng.stop())
         loop.close()
 
     print()

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sagellm_protocol import Error, ErrorCode
 
@@ -38,7 +38,7 @@ from sagellm_backend.engine.metrics import now
 from sagellm_backend.engine.sched.sampler import Sampler
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler, StepPlan
 
-__all__ = ["Driver", "Handle", "stopped_error"]
+__all__ = ["Driver", "Handle", "in_own_thread", "stopped_error"]
 
 _log = logging.getLogger(__name__)
 
@@ -433,3 +433,35 @@ def _deliver(emitted: list[tuple[SchedSeq, int]], finished: list[SchedSeq]) -> N
         handle = seq.user
         if handle is not None:
             handle.finish()
+
+
+_T = TypeVar("_T")
+
+
+def in_own_thread(fn: Callable[[], _T], name: str) -> asyncio.Future[_T]:
+    """``fn()`` in a new thread; the future is settled once that thread has ended.
+
+    Not the loop's executor, whose threads live on: on CPU a thread that ran torch keeps its
+    OpenMP team until it ends, and with two teams alive libgomp stops spin-waiting between
+    parallel regions, which made the driver's small ops about 2x slower. So the model loads
+    in a thread that ends with the load, and the driver's is the one torch thread left.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        thread.join()  # it has nothing left to do but return
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def main() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn())
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    return future

@@ -45,7 +45,7 @@ from sagellm_backend.engine._streaming import (
 )
 from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
 from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
-from sagellm_backend.engine.sched.driver import Driver, Handle, stopped_error
+from sagellm_backend.engine.sched.driver import Driver, Handle, in_own_thread, stopped_error
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
 from sagellm_backend.engine.sched.serving import Detokenizer, Serving, undo_serving
 from sagellm_backend.errors import (
@@ -191,7 +191,7 @@ class ScheduledEngine(BaseEngine):
     async def _build(self) -> Serving:
         if not self.load_in_thread:
             return self._build_serving()
-        build = asyncio.ensure_future(asyncio.to_thread(self._build_serving))
+        build = in_own_thread(self._build_serving, f"sagellm-load-{self.engine_id}")
         try:
             return await asyncio.shield(build)
         except asyncio.CancelledError:
