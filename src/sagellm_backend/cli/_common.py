@@ -362,14 +362,15 @@ def one_request_engine(
     engine_id: str,
     request_id: str,
     stream: bool,
-    metadata: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """The engine and the request of a one-request command (``generate``, ``demo``).
 
     The engine (made by ``create``, not started) runs one request at a time with
     ``--max-tokens`` as its output budget; the request sends ``--prompt`` with
-    ``--max-tokens``, ``--temperature``, ``--top-p`` and ``metadata``. ``create`` is the
-    command module's :func:`create_engine` (looked up there, so tests can replace it).
+    ``--max-tokens``, ``--temperature``, ``--top-p`` and ``metadata`` followed by
+    ``"seed"`` when ``--seed`` is given. ``create`` is the command module's
+    :func:`create_engine` (looked up there, so tests can replace it).
 
     Returns:
         ``(engine, request)``.
@@ -388,6 +389,9 @@ def one_request_engine(
         max_new_tokens=args.max_tokens,
     )
     engine = create(settings)
+    metadata = dict(metadata or {})
+    if args.seed is not None:
+        metadata["seed"] = args.seed
     request = make_request(
         request_id,
         model=model_label,
