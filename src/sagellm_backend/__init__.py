@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sagellm_backend._lazy import resolve_lazy
+from sagellm_backend._lazy import lazy_table, resolve_lazy
 from sagellm_backend._version import __version__
 
 if TYPE_CHECKING:
@@ -31,32 +31,20 @@ if TYPE_CHECKING:
     from sagellm_backend.providers.mock import MockBackendProvider, create_mock_backend
     from sagellm_backend.registry import BackendRegistry, create_backend, list_backends
 
-_LAZY: dict[str, str] = {
-    "BackendProvider": "sagellm_backend.base",
-    "Event": "sagellm_backend.base",
-    "KVBlock": "sagellm_backend.base",
-    "Stream": "sagellm_backend.base",
-    "CapabilityDescriptor": "sagellm_backend.capability",
-    "DType": "sagellm_backend.capability",
-    "KernelKind": "sagellm_backend.capability",
-    "MockBackendProvider": "sagellm_backend.providers.mock",
-    "create_mock_backend": "sagellm_backend.providers.mock",
-    "CPUBackendProvider": "sagellm_backend.providers.cpu",
-    "create_cpu_backend": "sagellm_backend.providers.cpu",
-    "CudaBackendProvider": "sagellm_backend.providers.cuda",
-    "create_cuda_backend": "sagellm_backend.providers.cuda",
-    "BaseEngine": "sagellm_backend.engine.base",
-    "EngineConfig": "sagellm_backend.engine.base",
-    "EngineFactory": "sagellm_backend.engine.factory",
-    "MockEngine": "sagellm_backend.engine.mock",
-    "MockEngineConfig": "sagellm_backend.engine.mock",
-    "create_mock_engine": "sagellm_backend.engine.mock",
-    "EmbeddingEngine": "sagellm_backend.engine.embedding",
-    "EmbeddingEngineConfig": "sagellm_backend.engine.embedding",
-    "BackendRegistry": "sagellm_backend.registry",
-    "create_backend": "sagellm_backend.registry",
-    "list_backends": "sagellm_backend.registry",
-}
+_LAZY = lazy_table(
+    {
+        "sagellm_backend.base": ("BackendProvider", "Event", "KVBlock", "Stream"),
+        "sagellm_backend.capability": ("CapabilityDescriptor", "DType", "KernelKind"),
+        "sagellm_backend.providers.mock": ("MockBackendProvider", "create_mock_backend"),
+        "sagellm_backend.providers.cpu": ("CPUBackendProvider", "create_cpu_backend"),
+        "sagellm_backend.providers.cuda": ("CudaBackendProvider", "create_cuda_backend"),
+        "sagellm_backend.engine.base": ("BaseEngine", "EngineConfig"),
+        "sagellm_backend.engine.factory": ("EngineFactory",),
+        "sagellm_backend.engine.mock": ("MockEngine", "MockEngineConfig", "create_mock_engine"),
+        "sagellm_backend.engine.embedding": ("EmbeddingEngine", "EmbeddingEngineConfig"),
+        "sagellm_backend.registry": ("BackendRegistry", "create_backend", "list_backends"),
+    }
+)
 
 
 #: Submodules reachable as attributes before they are imported (they used to be imported

@@ -1,19 +1,29 @@
 """Lazy public names (PEP 562): one resolver shared by the packages that export lazily.
 
-A package keeps a table ``{public name: module that defines it}`` and a module-level
-``__getattr__`` that calls :func:`resolve_lazy`. Invariants: a name is imported on its
-first access only, then cached in the package namespace (so ``__getattr__`` is not called
-for it again); an unknown name raises the same ``AttributeError`` Python itself raises.
+A package keeps a table ``{public name: module that defines it}`` (written module by module
+with :func:`lazy_table`) and a module-level ``__getattr__`` that calls :func:`resolve_lazy`.
+Invariants: a name is imported on its first access only, then cached in the package
+namespace (so ``__getattr__`` is not called for it again); an unknown name raises the same
+``AttributeError`` Python itself raises.
 Importing this module imports only :mod:`importlib`.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
-__all__ = ["resolve_lazy"]
+__all__ = ["lazy_table", "resolve_lazy"]
+
+
+def lazy_table(modules: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """The ``{public name: module}`` table of ``{module: the names it defines}``.
+
+    The names keep the order of ``modules`` and of each module's names; a name listed under
+    two modules belongs to the later one.
+    """
+    return {name: module for module, names in modules.items() for name in names}
 
 
 def resolve_lazy(

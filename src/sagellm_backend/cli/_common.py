@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -154,6 +154,9 @@ class EngineSettings:
         prefix_caching: reuse a repeated prompt prefix's KV.
         trust_remote_code: allow checkpoint code.
         mock_ttft_ms / mock_latency_ms: the mock's simulated step durations.
+
+    The fields with a default are the engine options of the command line, under the names
+    :func:`~sagellm_backend.cli._options.add_engine_arguments` parses them to.
     """
 
     kind: str
@@ -169,6 +172,11 @@ class EngineSettings:
     trust_remote_code: bool = False
     mock_ttft_ms: float = 50.0
     mock_latency_ms: float = 10.0
+
+
+#: The :class:`EngineSettings` fields :func:`engine_settings` copies from the parsed options
+#: as they are (those with a default).
+_OPTION_FIELDS = tuple(f.name for f in fields(EngineSettings) if f.default is not MISSING)
 
 
 def engine_settings(
@@ -190,20 +198,9 @@ def engine_settings(
         raise UsageError(f"--device applies to --engine cuda only (the engine is {kind})")
     if args.device is not None and not _valid_cuda_device(args.device):
         raise UsageError(f"--device must be 'cuda' or 'cuda:N' (e.g. cuda:0), got {args.device!r}")
-    return EngineSettings(
-        kind=kind,
-        model_path=model_path,
-        model_label=model_label,
-        engine_id=engine_id,
-        max_batch_size=max_batch_size,
-        max_new_tokens=max_new_tokens,
-        dtype=args.dtype,
-        device=args.device,
-        threads=args.threads,
-        prefix_caching=args.prefix_caching,
-        trust_remote_code=args.trust_remote_code,
-        mock_ttft_ms=args.mock_ttft_ms,
-        mock_latency_ms=args.mock_latency_ms,
+    options = {name: getattr(args, name) for name in _OPTION_FIELDS}
+    return EngineSettings(  # the required fields, in their order, then the options
+        kind, model_path, model_label, engine_id, max_batch_size, max_new_tokens, **options
     )
 
 
@@ -365,14 +362,15 @@ def one_request_engine(
     engine_id: str,
     request_id: str,
     stream: bool,
-    metadata: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """The engine and the request of a one-request command (``generate``, ``demo``).
 
     The engine (made by ``create``, not started) runs one request at a time with
     ``--max-tokens`` as its output budget; the request sends ``--prompt`` with
-    ``--max-tokens``, ``--temperature``, ``--top-p`` and ``metadata``. ``create`` is the
-    command module's :func:`create_engine` (looked up there, so tests can replace it).
+    ``--max-tokens``, ``--temperature``, ``--top-p`` and ``metadata`` followed by
+    ``"seed"`` when ``--seed`` is given. ``create`` is the command module's
+    :func:`create_engine` (looked up there, so tests can replace it).
 
     Returns:
         ``(engine, request)``.
@@ -391,6 +389,9 @@ def one_request_engine(
         max_new_tokens=args.max_tokens,
     )
     engine = create(settings)
+    metadata = dict(metadata or {})
+    if args.seed is not None:
+        metadata["seed"] = args.seed
     request = make_request(
         request_id,
         model=model_label,

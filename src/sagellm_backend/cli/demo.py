@@ -110,7 +110,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"  path: {model_path}\n")
     out.write("\n[3/4] Engine\n")
     out.flush()
-    metadata: dict[str, Any] = {} if args.seed is None else {"seed": args.seed}
     engine, request = one_request_engine(
         args,
         create_engine,
@@ -120,7 +119,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         engine_id=f"demo-{kind}",
         request_id="demo-1",
         stream=True,
-        metadata=metadata,
     )
     end = asyncio.run(_stream(engine, request, args, out))
     out.write("\nMetrics of this request (protocol Metrics, every field)\n")

@@ -76,11 +76,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError("--top-p applies when sampling: give --temperature > 0 as well")
     kind, _reason = resolve_engine_kind(args.engine)
     model_path, label = resolve_model(kind, args.model, err=err)
-    metadata: dict[str, Any] = {}
-    if args.ignore_eos:
-        metadata["ignore_eos"] = True
-    if args.seed is not None:
-        metadata["seed"] = args.seed
+    metadata: dict[str, Any] = {"ignore_eos": True} if args.ignore_eos else {}
     engine, request = one_request_engine(
         args,
         create_engine,

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagellm_backend._lazy import resolve_lazy
+from sagellm_backend._lazy import lazy_table, resolve_lazy
 from sagellm_backend.engine.base import BaseEngine, EngineConfig
 
-_LAZY: dict[str, str] = {
-    "EngineFactory": "sagellm_backend.engine.factory",
-    "MockEngine": "sagellm_backend.engine.mock",
-    "MockEngineConfig": "sagellm_backend.engine.mock",
-    "create_mock_engine": "sagellm_backend.engine.mock",
-    "HFCudaEngine": "sagellm_backend.engine.hf_cuda",
-    "HFCudaEngineConfig": "sagellm_backend.engine.hf_cuda",
-    "create_cuda_engine": "sagellm_backend.engine.hf_cuda",
-    "CPUEngine": "sagellm_backend.engine.cpu",
-    "CPUEngineConfig": "sagellm_backend.engine.cpu",
-    "create_cpu_engine": "sagellm_backend.engine.cpu",
-    "EmbeddingEngine": "sagellm_backend.engine.embedding",
-    "EmbeddingEngineConfig": "sagellm_backend.engine.embedding",
-}
+_LAZY = lazy_table(
+    {
+        "sagellm_backend.engine.factory": ("EngineFactory",),
+        "sagellm_backend.engine.mock": ("MockEngine", "MockEngineConfig", "create_mock_engine"),
+        "sagellm_backend.engine.hf_cuda": (
+            "HFCudaEngine",
+            "HFCudaEngineConfig",
+            "create_cuda_engine",
+        ),
+        "sagellm_backend.engine.cpu": ("CPUEngine", "CPUEngineConfig", "create_cpu_engine"),
+        "sagellm_backend.engine.embedding": ("EmbeddingEngine", "EmbeddingEngineConfig"),
+    }
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -15,11 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sagellm_backend.capability import DType, dtype_bits, parse_dtype
 
 __all__ = ["DEFAULT_KV_SPEC", "KVSpec"]
+
+
+def model_config_field(config: Any, *names: str) -> Any:
+    """The first of ``names`` that ``config`` sets to a value other than None, else None.
+
+    ``config`` is a Hugging Face model config: a mapping (read by key, e.g. a parsed
+    ``config.json``) or any object (read by attribute; a missing one counts as None).
+    """
+    for name in names:
+        value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -139,13 +153,7 @@ class KVSpec:
         if callable(getter):
             cfg = getter()
 
-        def field(*names: str) -> Any:
-            for name in names:
-                value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
-                if value is not None:
-                    return value
-            return None
-
+        field = partial(model_config_field, cfg)
         layers = field("num_hidden_layers", "n_layer", "num_layers")
         heads = field("num_attention_heads", "n_head")
         kv_heads = field("num_key_value_heads", "n_kv_heads", "multi_query_group_num")

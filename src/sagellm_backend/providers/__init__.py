@@ -8,21 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sagellm_backend._lazy import resolve_lazy
+from sagellm_backend._lazy import lazy_table, resolve_lazy
 
 if TYPE_CHECKING:
     from sagellm_backend.providers.cpu import CPUBackendProvider, create_cpu_backend
     from sagellm_backend.providers.cuda import CudaBackendProvider, create_cuda_backend
     from sagellm_backend.providers.mock import MockBackendProvider, create_mock_backend
 
-_LAZY: dict[str, str] = {
-    "CPUBackendProvider": "sagellm_backend.providers.cpu",
-    "CudaBackendProvider": "sagellm_backend.providers.cuda",
-    "MockBackendProvider": "sagellm_backend.providers.mock",
-    "create_cpu_backend": "sagellm_backend.providers.cpu",
-    "create_cuda_backend": "sagellm_backend.providers.cuda",
-    "create_mock_backend": "sagellm_backend.providers.mock",
-}
+_LAZY = lazy_table(
+    {
+        "sagellm_backend.providers.cpu": ("CPUBackendProvider", "create_cpu_backend"),
+        "sagellm_backend.providers.cuda": ("CudaBackendProvider", "create_cuda_backend"),
+        "sagellm_backend.providers.mock": ("MockBackendProvider", "create_mock_backend"),
+    }
+)
 
 
 def __getattr__(name: str) -> Any:

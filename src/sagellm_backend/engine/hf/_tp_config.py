@@ -12,10 +12,12 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sagellm_backend.errors import ConfigError
+from sagellm_backend.kv.spec import model_config_field
 
 __all__ = [
     "DISTRIBUTED_BACKENDS",
@@ -78,14 +80,7 @@ def model_geometry(config: Any) -> dict[str, int]:
     names ``n_head`` / ``n_inner`` / ``n_embd`` understood; no kv heads: the heads; no MLP
     width: ``4 * hidden``).
     """
-
-    def get(*names: str) -> Any:
-        for key in names:
-            val = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-            if val is not None:
-                return val
-        return None
-
+    get = partial(model_config_field, config)
     heads = int(get("num_attention_heads", "n_head") or 0)
     kv = int(get("num_key_value_heads") or heads)
     hidden = int(get("hidden_size", "n_embd") or 0)

@@ -106,38 +106,6 @@ def _apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return torch.tanh(scores / softcap) * softcap
 
 
-def _manual_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-) -> torch.Tensor:
-    """Eager attention: ``q [B, H, n, D]``, ``k``/``v [B, Hkv, L, D]``, additive ``mask``.
-
-    Soft-capping is applied to the scaled logits before the mask; sinks (one logit per
-    head) join the softmax as an extra column that is then dropped.
-    """
-    h, h_kv = q.shape[1], k.shape[1]
-    if h != h_kv:
-        k = k.repeat_interleave(h // h_kv, dim=1)
-        v = v.repeat_interleave(h // h_kv, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = _apply_softcap(scores, softcap)
-    if mask is not None:
-        scores = scores + mask
-    if sinks is not None:
-        col = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        scores = torch.cat([scores, col], dim=-1)
-        scores = scores - scores.amax(dim=-1, keepdim=True)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)[..., :-1]
-    else:
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
 def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -151,7 +119,10 @@ def _attend(
 ) -> torch.Tensor:
     """Attention ``[B, H, n, D]``; SDPA unless soft-capping or sinks need the eager path.
 
-    ``causal`` (only with ``mask=None``) means plain causal attention over equal q/k lengths.
+    ``q [B, H, n, D]``, ``k``/``v [B, Hkv, L, D]``, additive ``mask``; ``causal`` (only
+    with ``mask=None``) means plain causal attention over equal q/k lengths. On the eager
+    path soft-capping is applied to the scaled logits before the mask; sinks (one logit per
+    head) join the softmax as an extra column that is then dropped.
     """
     if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(
@@ -169,7 +140,22 @@ def _attend(
         mask = torch.zeros(n, length, dtype=q.dtype, device=q.device).masked_fill(
             hidden, float("-inf")
         )
-    return _manual_attention(q, k, v, mask, scale, softcap, sinks)
+    h, h_kv = q.shape[1], k.shape[1]
+    if h != h_kv:
+        k = k.repeat_interleave(h // h_kv, dim=1)
+        v = v.repeat_interleave(h // h_kv, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = _apply_softcap(scores, softcap)
+    if mask is not None:
+        scores = scores + mask
+    if sinks is not None:
+        col = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, col], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)[..., :-1]
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 def dense_attention(

@@ -83,7 +83,6 @@ from sagellm_backend.engine.runners._paged_ops import (
     PACK_MIN_ROWS,
     PACK_ROWS,
     _attend,
-    _manual_attention,
     _prepack_linears,
     _window_mask,
     dense_attention,
@@ -483,9 +482,9 @@ class PagedRunner:
                     qd.reshape(b, h_kv, h // h_kv, d), keys, values, attn_mask=mask, scale=scale
                 ).reshape(b, h, d)
             else:
-                res = _manual_attention(
-                    qd.unsqueeze(2), keys, values, mask, scale, softcap, sinks
-                ).view(b, h, d)
+                # soft-capping or sinks: _attend takes its eager path
+                res = _attend(qd.unsqueeze(2), keys, values, mask, scale, softcap, sinks)
+                res = res.view(b, h, d)
             if out is None:
                 return res.unsqueeze(0)
             out[grp.row : grp.row + b] = res
