@@ -6,9 +6,8 @@
   :func:`engine_settings` gathers the engine options into :class:`EngineSettings`, which
   :func:`create_engine` turns into an engine; :func:`make_request` builds a protocol
   Request (:func:`one_request_engine`: both, for the one-request commands);
-* :func:`guarded`, the wrapper every ``run`` goes through: a :class:`UsageError` becomes
-  the subcommand's usage message and exit status 2, any other exception one line on stderr
-  and exit status 1 (the traceback only with ``--log-level DEBUG``), Ctrl-C exit 130.
+* :func:`guarded` and :class:`UsageError`, re-exported from :mod:`._guard` (how a command
+  fails).
 
 Invariant: importing this module imports neither torch nor transformers; the engine
 modules are imported inside :func:`create_engine`.
@@ -18,11 +17,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
+
+from sagellm_backend.cli._guard import (
+    UsageError,
+    describe_exception,
+    guarded,
+    register_guarded,
+)
 
 __all__ = [
     "BUILTIN_KINDS",
@@ -37,6 +42,7 @@ __all__ = [
     "make_request",
     "one_request_engine",
     "quiet_transformers",
+    "register_guarded",
     "request_error_text",
     "request_exit_status",
     "resolve_engine_kind",
@@ -49,10 +55,6 @@ _log = logging.getLogger("sagellm_backend.cli")
 BUILTIN_KINDS = ("cpu", "cuda", "mock")
 #: ``--dtype`` when not given, per engine kind.
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "auto"}
-
-
-class UsageError(Exception):
-    """A bad combination of arguments: reported with the usage line, exit status 2."""
 
 
 def resolve_engine_kind(requested: str) -> tuple[str, str]:
@@ -420,91 +422,3 @@ def request_exit_status(command: str, response: Any, err: TextIO) -> int:
         err.write(f"sagellm-backend {command}: error: the request failed: {what}\n")
         return 1
     return 0
-
-
-def describe_exception(exc: BaseException) -> str:
-    """``Type: message`` on one line (newlines folded), then its PEP 678 notes if any.
-
-    Notes say where an error passed through unwrapped came from (e.g. ``while creating
-    backend 'x' from entry point ...``); they follow as ``(note; note)``.
-    """
-    message = " ".join(str(exc).split())
-    name = type(exc).__name__
-    text = f"{name}: {message}" if message else name
-    notes = [" ".join(str(n).split()) for n in getattr(exc, "__notes__", None) or ()]
-    notes = [n for n in notes if n]
-    return f"{text} ({'; '.join(notes)})" if notes else text
-
-
-def guarded(
-    name: str, fn: Callable[[argparse.Namespace, TextIO, TextIO], int]
-) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command body ``fn(args, out, err)`` into a :class:`~sagellm_backend.cli.Command` run.
-
-    The body writes results to ``out`` (stdout) and diagnostics to ``err`` (stderr), both
-    looked up when the command runs. A :class:`UsageError` exits with status 2 and the
-    subcommand's usage line (``SystemExit`` from argparse); any other exception prints
-    ``sagellm-backend NAME: error: Type: message`` on one line and returns 1 (with the
-    traceback in the log at DEBUG); KeyboardInterrupt returns 130; a closed stdout pipe
-    (``| head``) returns 141 silently.
-    """
-
-    def run(args: argparse.Namespace) -> int:
-        out, err = sys.stdout, sys.stderr
-        try:
-            return fn(args, out, err)
-        except UsageError as exc:
-            parser: argparse.ArgumentParser | None = getattr(args, "_command_parser", None)
-            if parser is not None:
-                parser.error(str(exc))  # raises SystemExit(2)
-            err.write(f"sagellm-backend {name}: error: {exc}\n")
-            return 2
-        except KeyboardInterrupt:
-            err.write(f"\nsagellm-backend {name}: interrupted\n")
-            return 130
-        except BrokenPipeError:  # the reader went away (``| head``): stop quietly
-            _silence_stdout()
-            return 141
-        except Exception as exc:
-            _log.debug("sagellm-backend %s failed", name, exc_info=True)
-            err.write(f"sagellm-backend {name}: error: {describe_exception(exc)}\n")
-            return 1
-
-    return run
-
-
-def register_guarded(
-    name: str,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    body: Callable[[argparse.Namespace, TextIO, TextIO], int],
-    *,
-    help: str,
-    description: str,
-) -> None:
-    """Register subcommand ``name`` whose run is :func:`guarded` ``body``."""
-    from sagellm_backend.cli.command import Command, register_command
-
-    register_command(
-        Command(
-            name=name,
-            help=help,
-            add_arguments=add_arguments,
-            run=guarded(name, body),
-            description=description,
-        )
-    )
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    import os
-
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)

@@ -31,13 +31,24 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from sagellm_backend.engine.runners.base import SeqChunk
 
-__all__ = ["DECODE_CACHE_BYTES", "DecodeCache", "DecodePlan"]
+if TYPE_CHECKING:
+    from sagellm_backend.engine.runners.paged import PagedRunner
+
+__all__ = [
+    "DECODE_CACHE_BYTES",
+    "DecodeCache",
+    "DecodeGroup",
+    "DecodePlan",
+    "Prefill",
+    "Step",
+]
 
 #: Default byte budget of the decode cache (all layers, K and V).
 DECODE_CACHE_BYTES = 512 << 20
@@ -250,3 +261,42 @@ class DecodeCache:
         buf[0, plan.row_index, :, plan.pos] = k_new
         buf[1, plan.row_index, :, plan.pos] = v_new
         return buf
+
+
+# ---------------------------------------------------------------------------- step metadata
+@dataclass(slots=True)
+class Prefill:
+    """A prompt chunk (``n > 1`` or ``start == 0``) inside the packed row."""
+
+    row: int
+    length: int
+    start: int
+    ctx_slots: torch.Tensor | None  # slots of positions 0..start+length-1 (start > 0)
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """Decode tokens of sequences of similar length: consecutive rows of the packed step."""
+
+    row: int
+    count: int
+    # [count * nb] page ids, row-major (short tables padded); None: read the decode cache
+    pages: torch.Tensor | None
+    length: int  # the attended context width (nb * block_size when gathered)
+    q_pos: torch.Tensor  # [count, 1] decode positions
+    ctx: torch.Tensor  # [count, 1] context lengths (start + 1)
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Step:
+    """Metadata of one step, shared by every layer."""
+
+    runner: PagedRunner
+    num_real: int  # real tokens: the first rows (the rest pad the step to PACK_ROWS)
+    slots: torch.Tensor  # [num_real]
+    prefills: list[Prefill]
+    decode: list[DecodeGroup]
+    cache_plan: DecodePlan | None = None  # decode rows served by the runner's decode cache
+    decode_row: int = 0  # packed row of the first decode token

@@ -56,7 +56,6 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,7 +64,9 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from sagellm_backend.engine.runners._paged_decode import (
     DECODE_CACHE_BYTES,
     DecodeCache,
-    DecodePlan,
+    DecodeGroup,
+    Prefill,
+    Step,
 )
 from sagellm_backend.engine.runners._paged_fuse import fuse_projections as fuse
 from sagellm_backend.engine.runners._paged_hook import (
@@ -103,45 +104,6 @@ __all__ = [
     "register_paged_attention",
     "split_decode",
 ]
-
-
-# ---------------------------------------------------------------------------- step metadata
-@dataclass(slots=True)
-class _Prefill:
-    """A prompt chunk (``n > 1`` or ``start == 0``) inside the packed row."""
-
-    row: int
-    length: int
-    start: int
-    ctx_slots: torch.Tensor | None  # slots of positions 0..start+length-1 (start > 0)
-    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _DecodeGroup:
-    """Decode tokens of sequences of similar length: consecutive rows of the packed step."""
-
-    row: int
-    count: int
-    # [count * nb] page ids, row-major (short tables padded); None: read the decode cache
-    pages: torch.Tensor | None
-    length: int  # the attended context width (nb * block_size when gathered)
-    q_pos: torch.Tensor  # [count, 1] decode positions
-    ctx: torch.Tensor  # [count, 1] context lengths (start + 1)
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Step:
-    """Metadata of one step, shared by every layer."""
-
-    runner: PagedRunner
-    num_real: int  # real tokens: the first rows (the rest pad the step to PACK_ROWS)
-    slots: torch.Tensor  # [num_real]
-    prefills: list[_Prefill]
-    decode: list[_DecodeGroup]
-    cache_plan: DecodePlan | None = None  # decode rows served by the runner's decode cache
-    decode_row: int = 0  # packed row of the first decode token
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -271,11 +233,11 @@ class PagedRunner:
 
     def _prepare(
         self, chunks: Sequence[SeqChunk]
-    ) -> tuple[_Step, torch.Tensor, torch.Tensor, list[int]]:
+    ) -> tuple[Step, torch.Tensor, torch.Tensor, list[int]]:
         """Pack ``chunks`` into one row: prompt chunks in the given order, then decode tokens.
 
         Decode rows are ordered by ascending position (not by their order in ``chunks``) and
-        cut into :class:`_DecodeGroup` row ranges by :func:`split_decode`. Returns the step
+        cut into :class:`DecodeGroup` row ranges by :func:`split_decode`. Returns the step
         metadata, ``input_ids`` and ``position_ids`` (``[1, T]``) and, for every chunk that
         wants logits, in ``chunks`` order, the row of its last token.
         """
@@ -291,7 +253,7 @@ class PagedRunner:
         positions: list[int] = []
         slots: list[int] = []
         last_row: dict[int, int] = {}
-        prefills: list[_Prefill] = []
+        prefills: list[Prefill] = []
         for c in (*prefill, *decode):
             row = len(ids)
             n = len(c.token_ids)
@@ -309,9 +271,9 @@ class PagedRunner:
                         dtype=torch.long,
                         device=dev,
                     )
-                prefills.append(_Prefill(row, n, c.start, ctx))
+                prefills.append(Prefill(row, n, c.start, ctx))
         dec_row = sum(len(c.token_ids) for c in prefill)
-        groups: list[_DecodeGroup] = []
+        groups: list[DecodeGroup] = []
         counts = [c.start // bs + 1 for c in decode]
         bounds = [0, *split_decode(counts, self.decode_split_saving), len(decode)]
         for g0, g1 in itertools.pairwise(bounds):
@@ -331,7 +293,7 @@ class PagedRunner:
             q_pos = torch.tensor([c.start for c in decode[g0:g1]], dtype=torch.long, device=dev)
             q_pos = q_pos.view(-1, 1)
             groups.append(
-                _DecodeGroup(
+                DecodeGroup(
                     row=dec_row + g0,
                     count=g1 - g0,
                     pages=page_ids,
@@ -344,7 +306,7 @@ class PagedRunner:
         if self.prepacked and PACK_MIN_ROWS <= num_real < PACK_ROWS:
             ids.extend([0] * (PACK_ROWS - num_real))  # static shape for the packed GEMMs
             positions.extend([0] * (PACK_ROWS - num_real))
-        step = _Step(
+        step = Step(
             runner=self,
             num_real=num_real,
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -384,7 +346,7 @@ class PagedRunner:
 
     def _layer_attention(
         self,
-        step: _Step,
+        step: Step,
         module: Any,
         query: torch.Tensor,
         key: torch.Tensor,
