@@ -15,6 +15,9 @@ order of position, on rows ``0..b-1``: a row already holding the sequence's posi
 slots. Every layer applies the plan (:meth:`DecodeCache.apply`) before attending over rows
 ``0..b-1``.
 
+The step metadata every layer shares (:class:`Step` with its :class:`Prefill` chunks and
+:class:`DecodeGroup` row ranges) is defined here too.
+
 Invariants:
     * The cache is a copy: the pool always holds every position too. A row is trusted only
       while its metadata says which sequence it holds, how many positions, and on which
