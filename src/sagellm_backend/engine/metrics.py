@@ -19,6 +19,7 @@ Definitions (all durations in milliseconds):
 from __future__ import annotations
 
 import itertools
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class RequestTimeline:
 
 
 _NO_KV = KVRequestStats()
+_sub = operator.sub
+_mul = operator.mul
 # Metrics' own pydantic-core validator (the one ``Metrics(**kw)`` runs), called directly.
 _validate_metrics = Metrics.__pydantic_validator__.validate_python
 
@@ -106,6 +109,26 @@ class ErrorRateCounter:
         """Failed / finished so far (0.0 before any request finished)."""
         with self._lock:
             return self.failed / self.finished if self.finished else 0.0
+
+
+def _gaps_ms(times: list[float]) -> list[float]:
+    """``[(b - a) * 1000.0 for a, b in pairwise(times)]`` (``len(times) >= 2``), computed in C.
+
+    Tokens of a multi-step burst share one instant, so a common timeline is a first token
+    followed by equal ones: then every gap after the first is exactly ``0.0`` (``x - x`` of
+    a finite number) and the list is built without a subtraction per token. Otherwise the
+    gaps are mapped pairwise; either way each value equals the comprehension's.
+    """
+    last = times[-1]
+    # finite and nonzero: then equal values differ by exactly +0.0 (no signed zeros)
+    if last and last - last == 0.0:
+        same = times.count(last)
+        n = len(times)
+        if same == n or (same == n - 1 and times[0] != last):
+            gaps = [0.0] * (n - 1)
+            gaps[0] = (times[1] - times[0]) * 1000.0
+            return gaps
+    return list(map(_mul, map(_sub, times[1:], times[:-1]), itertools.repeat(1000.0)))
 
 
 def build_metrics(
@@ -135,7 +158,7 @@ def build_metrics(
         first = times[0]
         ttft = (first - queued) * 1000.0
         if n > 1:
-            itl = [(b - a) * 1000.0 for a, b in itertools.pairwise(times)]
+            itl = _gaps_ms(times)
             tbt = sum(itl) / len(itl)
             tpot = (completed - first) * 1000.0 / (n - 1)
             if min(itl) < 0.0:

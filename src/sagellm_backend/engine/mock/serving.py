@@ -13,6 +13,7 @@ the serving set's ``release``; nothing here imports torch.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.engine._streaming import RequestLimits
@@ -39,19 +40,27 @@ DEFAULT_KV_NUM_PAGES = 2048
 
 
 class _MockDetok(Detokenizer):
-    """Incremental text of mock tokens (every generated token is a whole word)."""
+    """Incremental text of mock tokens (every generated token is a whole word).
 
-    __slots__ = ("_decode", "_end", "_piece")
+    Word ids are looked up all at once in the tokenizer's id -> word map (one C-level
+    ``itemgetter`` pass, which also checks that every id is a word id); any other id (a
+    byte or special token) falls back to the tokenizer's full ``decode``. Both give
+    ``tokenizer.decode(ids)``.
+    """
+
+    __slots__ = ("_decode", "_words")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        # indexed by token id; ids below WORD_OFFSET never reach it (checked in add)
-        self._piece = tokenizer._text_by_id.__getitem__
-        self._end = tokenizer.word_end
+        self._words = tokenizer._word_text
 
     def add(self, ids: list[int]) -> str:
-        if ids and min(ids) >= MockTokenizer.WORD_OFFSET and max(ids) < self._end:  # words only
-            return "".join(map(self._piece, ids))
+        if ids:
+            try:
+                # one id gives its string, several a tuple: "".join of either is the text
+                return "".join(itemgetter(*ids)(self._words))
+            except KeyError:  # not all words (bytes, special ids): the general decode
+                pass
         return self._decode(ids)
 
     def flush(self) -> str:
