@@ -42,6 +42,9 @@ DEFAULT_KV_NUM_PAGES = 2048
 class _MockDetok(Detokenizer):
     """Incremental text of mock tokens (every generated token is a whole word).
 
+    Stateless (every token is a whole word, nothing is held back), so one instance serves
+    every request of an engine.
+
     Word ids are looked up all at once in the tokenizer's id -> word map (one C-level
     ``itemgetter`` pass, which also checks that every id is a word id); any other id (a
     byte or special token) falls back to the tokenizer's full ``decode``. Both give
@@ -161,12 +164,13 @@ def make_mock_serving(
     except BaseException:
         release_to(provider, kv)
         raise
+    detok = _MockDetok(tokenizer)
     return provider, Serving(
         scheduler=scheduler,
         runner=runner,
         limits=limits,
         tokenize=tokenizer.encode,
-        new_detok=lambda: _MockDetok(tokenizer),
+        new_detok=lambda: detok,
         release=lambda: release_to(provider, kv),
         threaded=False,
     )
