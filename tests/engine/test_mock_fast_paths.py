@@ -10,13 +10,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sagellm_backend.engine.metrics import RequestTimeline, _gaps_ms, build_metrics
+from sagellm_backend.engine.metrics import RequestTimeline, _itl_ms, build_metrics
 from sagellm_backend.engine.mock import MockTokenizer
 from sagellm_backend.engine.mock.serving import _MockDetok
 
 
 def _reference_gaps(times: list[float]) -> list[float]:
     return [(b - a) * 1000.0 for a, b in itertools.pairwise(times)]
+
+
+def _reference_itl(times: list[float]) -> tuple[list[float], float]:
+    """build_metrics' definition of the ITL list and its mean (tbt)."""
+    gaps = _reference_gaps(times)
+    mean = sum(gaps) / len(gaps)
+    if min(gaps) < 0.0:
+        gaps = [g if g > 0.0 else 0.0 for g in gaps]
+    return gaps, mean
 
 
 def _same_floats(a: list[float], b: list[float]) -> bool:
@@ -41,26 +50,38 @@ _EDGE_TIMES = [
     [float("nan"), float("nan"), float("nan")],
     [1, 1, 1],
     [1, 2.0, 2],
+    [2.0, 1.0],
+    [5.0, 4.0, 4.0, 4.0],
+    [5.0, float("nan"), float("nan")],
+    [float("nan"), 4.0, 4.0],
+    [-0.0, 1.0, 1.0],
+    [0.0, 1.0, 1.0],
 ]
 
 
+def _check_itl(times: list[float]) -> None:
+    gaps, mean = _itl_ms(times)
+    ref_gaps, ref_mean = _reference_itl(times)
+    assert _same_floats(gaps, ref_gaps)
+    assert _same_floats([mean], [ref_mean])
+    assert all(type(g) is float for g in gaps) and type(mean) is float
+
+
 @pytest.mark.parametrize("times", _EDGE_TIMES)
-def test_itl_gaps_equal_the_pairwise_definition(times: list[float]) -> None:
-    assert _same_floats(_gaps_ms(times), _reference_gaps(times))
+def test_itl_equals_the_definition(times: list[float]) -> None:
+    _check_itl(times)
 
 
 @given(
     st.lists(
-        st.sampled_from([0.0, -0.0, 1.0, 1.25, 2.5, 1e300, -1e300, 3, float("nan")]),
+        st.sampled_from([0.0, -0.0, 1.0, 1.25, 2.5, 1e300, -1e300, 3, float("nan"), float("inf")]),
         min_size=2,
         max_size=8,
     )
 )
-@settings(max_examples=300, deadline=None)
-def test_itl_gaps_equal_the_pairwise_definition_for_any_times(times: list[float]) -> None:
-    gaps = _gaps_ms(times)
-    assert _same_floats(gaps, _reference_gaps(times))
-    assert all(type(g) is float for g in gaps)
+@settings(max_examples=500, deadline=None)
+def test_itl_equals_the_definition_for_any_times(times: list[float]) -> None:
+    _check_itl(times)
 
 
 def test_burst_timeline_metrics() -> None:
