@@ -12,7 +12,6 @@ idempotent), and a finished one holds no KV pages (:meth:`_release` runs in ``_f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from typing import TYPE_CHECKING
 
 from sagellm_protocol import Error
@@ -160,7 +159,7 @@ class StepRecorder:
         out = seq.output_ids
         if cut:
             out.extend(toks if cut == k else toks[:cut])
-            seq.timeline.token_times.extend(repeat(t1, cut))
+            seq.timeline.token_times.extend([t1] * cut)
         end = start + (cut + 1 if cut < k else k)
         seq.num_computed = end
         if cut < k:
