@@ -45,25 +45,24 @@ class _MockDetok(Detokenizer):
     Stateless (every token is a whole word, nothing is held back), so one instance serves
     every request of an engine.
 
-    Word ids are looked up all at once in the tokenizer's id -> word map (one C-level
-    ``itemgetter`` pass, which also checks that every id is a word id); any other id (a
-    byte or special token) falls back to the tokenizer's full ``decode``. Both give
+    When every id is a word id, their texts are gathered from the tokenizer's id -> text
+    table in one C-level ``itemgetter`` pass; any other id (a byte or special token, or
+    one outside the vocabulary) goes to the tokenizer's full ``decode``. Both give
     ``tokenizer.decode(ids)``.
     """
 
-    __slots__ = ("_decode", "_words")
+    __slots__ = ("_decode", "_end", "_text")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        self._words = tokenizer._word_text
+        # indexed by token id; ids below WORD_OFFSET never reach it (checked in add)
+        self._text = tokenizer._text_by_id
+        self._end = tokenizer.word_end
 
     def add(self, ids: list[int]) -> str:
-        if ids:
-            try:
-                # one id gives its string, several a tuple: "".join of either is the text
-                return "".join(itemgetter(*ids)(self._words))
-            except KeyError:  # not all words (bytes, special ids): the general decode
-                pass
+        if ids and min(ids) >= MockTokenizer.WORD_OFFSET and max(ids) < self._end:  # words only
+            # one id gives its string, several a tuple: "".join of either is the text
+            return "".join(itemgetter(*ids)(self._text))
         return self._decode(ids)
 
     def flush(self) -> str:

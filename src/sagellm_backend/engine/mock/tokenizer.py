@@ -29,14 +29,14 @@ _WORDS_PER_FORM = 26 + 26**2 + 26**3  # words of 1-3 lowercase letters
 
 
 @functools.lru_cache(maxsize=8)
-def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int], dict[int, str]]:
-    """Word pieces by index, their ids and the reverse map (shared per size; read-only)."""
+def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]:
+    """Word pieces by index, their ids and the text by id (shared per size; read-only)."""
     pieces = tuple(
         (" " + _letters(i) if i < _WORDS_PER_FORM else _letters(i - _WORDS_PER_FORM))
         for i in range(num_words)
     )
     offset = MockTokenizer.WORD_OFFSET
-    return pieces, {p: offset + i for i, p in enumerate(pieces)}, dict(enumerate(pieces, offset))
+    return pieces, {p: offset + i for i, p in enumerate(pieces)}, ("",) * offset + pieces
 
 
 # A piece is a word (" ?[a-z]{1,3}", looked up) or a maximal run of characters that cannot
@@ -75,7 +75,8 @@ class MockTokenizer:
             )
         self.vocab_size = vocab_size
         num_words = min(vocab_size - self.WORD_OFFSET, 2 * _WORDS_PER_FORM)
-        self._pieces, self._piece_to_id, self._word_text = _word_table(num_words)
+        #: token id -> text for every id below ``word_end`` ("" for special and byte ids)
+        self._pieces, self._piece_to_id, self._text_by_id = _word_table(num_words)
         self.word_end = self.WORD_OFFSET + len(self._pieces)
         #: first chunk of a text -> its ids; later chunk (without its leading space) -> ids
         self._chunk_cache: dict[str, tuple[int, ...]] = {}
