@@ -336,14 +336,16 @@ def prepare_request(
                 f"request.metadata['stop'] must be a list of non-empty strings, got {stops!r}"
             )
         given = metadata.get("prompt_token_ids")
-    else:
-        sampling = _sampling(request, metadata)
+    else:  # no metadata: no seed, top_k or penalty; greedy unless there is a temperature
+        sampling = _sampling(request, metadata) if request.temperature else GREEDY
     if given is not None:
         ids = _int_list("prompt_token_ids", given)
     else:
+        prompt = request.prompt
         try:
-            request.prompt.encode("utf-8")
-            ids = tokenize(request.prompt)
+            if not prompt.isascii():  # ASCII always encodes
+                prompt.encode("utf-8")
+            ids = tokenize(prompt)
         except Exception as exc:  # e.g. a lone surrogate: not encodable as UTF-8
             raise ConfigError(
                 f"request.prompt cannot be tokenized ({type(exc).__name__}: {exc}); give "

@@ -19,6 +19,7 @@ Definitions (all durations in milliseconds):
 from __future__ import annotations
 
 import itertools
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class RequestTimeline:
 
 
 _NO_KV = KVRequestStats()
+_sub = operator.sub
+_mul = operator.mul
 # Metrics' own pydantic-core validator (the one ``Metrics(**kw)`` runs), called directly.
 _validate_metrics = Metrics.__pydantic_validator__.validate_python
 
@@ -106,6 +109,36 @@ class ErrorRateCounter:
         """Failed / finished so far (0.0 before any request finished)."""
         with self._lock:
             return self.failed / self.finished if self.finished else 0.0
+
+
+def _itl_ms(times: list[float]) -> tuple[list[float], float]:
+    """ITL gaps (ms) and their mean, exactly as :func:`build_metrics` defines them.
+
+    For ``len(times) >= 2`` this returns what ``gaps = [(b - a) * 1000.0 for a, b in
+    pairwise(times)]``, ``mean = sum(gaps) / len(gaps)`` and then, when ``min(gaps) < 0``,
+    ``gaps = [g if g > 0.0 else 0.0 for g in gaps]`` give, bit for bit.
+
+    Tokens of a multi-step burst share one instant, so a common timeline is a first token
+    followed by equal ones: then every gap after the first is exactly ``+0.0`` (``x - x``
+    of a finite number), ``sum`` gives ``0.0 + gaps[0]`` and only ``gaps[0]`` can be
+    negative, so nothing is computed per token. Otherwise the gaps are mapped pairwise in C.
+    """
+    n = len(times)
+    last = times[-1]
+    # finite and nonzero: then equal values differ by exactly +0.0 (no signed zeros)
+    if last and last - last == 0.0:
+        same = times.count(last)
+        if same == n or (same == n - 1 and times[0] != last):
+            first = (times[1] - times[0]) * 1000.0
+            gaps = [0.0] * (n - 1)
+            if not first < 0.0:  # a negative first gap is clamped to the 0.0 already there
+                gaps[0] = first
+            return gaps, (0.0 + first) / (n - 1)
+    gaps = list(map(_mul, map(_sub, times[1:], times[:-1]), itertools.repeat(1000.0)))
+    mean = sum(gaps) / len(gaps)
+    if min(gaps) < 0.0:
+        gaps = [g if g > 0.0 else 0.0 for g in gaps]
+    return gaps, mean
 
 
 def build_metrics(
@@ -135,11 +168,8 @@ def build_metrics(
         first = times[0]
         ttft = (first - queued) * 1000.0
         if n > 1:
-            itl = [(b - a) * 1000.0 for a, b in itertools.pairwise(times)]
-            tbt = sum(itl) / len(itl)
+            itl, tbt = _itl_ms(times)
             tpot = (completed - first) * 1000.0 / (n - 1)
-            if min(itl) < 0.0:
-                itl = [x if x > 0.0 else 0.0 for x in itl]
         executed = first
     else:
         ttft = 0.0

@@ -13,6 +13,7 @@ the serving set's ``release``; nothing here imports torch.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.engine._streaming import RequestLimits
@@ -39,19 +40,29 @@ DEFAULT_KV_NUM_PAGES = 2048
 
 
 class _MockDetok(Detokenizer):
-    """Incremental text of mock tokens (every generated token is a whole word)."""
+    """Incremental text of mock tokens (every generated token is a whole word).
 
-    __slots__ = ("_decode", "_end", "_piece")
+    Stateless (every token is a whole word, nothing is held back), so one instance serves
+    every request of an engine.
+
+    When every id is a word id, their texts are gathered from the tokenizer's id -> text
+    table in one C-level ``itemgetter`` pass; any other id (a byte or special token, or
+    one outside the vocabulary) goes to the tokenizer's full ``decode``. Both give
+    ``tokenizer.decode(ids)``.
+    """
+
+    __slots__ = ("_decode", "_end", "_text")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
         # indexed by token id; ids below WORD_OFFSET never reach it (checked in add)
-        self._piece = tokenizer._text_by_id.__getitem__
+        self._text = tokenizer._text_by_id
         self._end = tokenizer.word_end
 
     def add(self, ids: list[int]) -> str:
         if ids and min(ids) >= MockTokenizer.WORD_OFFSET and max(ids) < self._end:  # words only
-            return "".join(map(self._piece, ids))
+            # one id gives its string, several a tuple: "".join of either is the text
+            return "".join(itemgetter(*ids)(self._text))
         return self._decode(ids)
 
     def flush(self) -> str:
@@ -152,12 +163,13 @@ def make_mock_serving(
     except BaseException:
         release_to(provider, kv)
         raise
+    detok = _MockDetok(tokenizer)
     return provider, Serving(
         scheduler=scheduler,
         runner=runner,
         limits=limits,
         tokenize=tokenizer.encode,
-        new_detok=lambda: _MockDetok(tokenizer),
+        new_detok=lambda: detok,
         release=lambda: release_to(provider, kv),
         threaded=False,
     )

@@ -29,14 +29,14 @@ _WORDS_PER_FORM = 26 + 26**2 + 26**3  # words of 1-3 lowercase letters
 
 
 @functools.lru_cache(maxsize=8)
-def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int]]:
-    """Word pieces by index and their ids (shared by tokenizers of one size; read-only)."""
+def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]:
+    """Word pieces by index, their ids and the text by id (shared per size; read-only)."""
     pieces = tuple(
         (" " + _letters(i) if i < _WORDS_PER_FORM else _letters(i - _WORDS_PER_FORM))
         for i in range(num_words)
     )
     offset = MockTokenizer.WORD_OFFSET
-    return pieces, {p: offset + i for i, p in enumerate(pieces)}
+    return pieces, {p: offset + i for i, p in enumerate(pieces)}, ("",) * offset + pieces
 
 
 # A piece is a word (" ?[a-z]{1,3}", looked up) or a maximal run of characters that cannot
@@ -75,11 +75,12 @@ class MockTokenizer:
             )
         self.vocab_size = vocab_size
         num_words = min(vocab_size - self.WORD_OFFSET, 2 * _WORDS_PER_FORM)
-        self._pieces, self._piece_to_id = _word_table(num_words)
         #: token id -> text for every id below ``word_end`` ("" for special and byte ids)
-        self._text_by_id: list[str] = [""] * self.WORD_OFFSET + list(self._pieces)
+        self._pieces, self._piece_to_id, self._text_by_id = _word_table(num_words)
         self.word_end = self.WORD_OFFSET + len(self._pieces)
+        #: first chunk of a text -> its ids; later chunk (without its leading space) -> ids
         self._chunk_cache: dict[str, tuple[int, ...]] = {}
+        self._spaced_cache: dict[str, tuple[int, ...]] = {}
         #: number of spaced-word ids, from which output tokens are drawn
         self.num_output_words = min(num_words, _WORDS_PER_FORM)
 
@@ -88,23 +89,30 @@ class MockTokenizer:
 
         A piece never spans a space other than its first character, so the text is split
         before every space and each chunk is tokenized on its own (and memoised, as word
-        caches in real tokenizers do); the result equals tokenizing the whole text.
+        caches in real tokenizers do); the result equals tokenizing the whole text. The
+        chunks after the first are memoised by their text without the leading space (no
+        string is built for a cached chunk).
         """
-        ids: list[int] = []
-        cache = self._chunk_cache
-        first = True
-        for part in text.split(" "):
-            chunk = part if first else " " + part
-            first = False
-            if not chunk:
-                continue
-            cached = cache.get(chunk)
-            if cached is None:
-                cached = self._encode_chunk(chunk)
-                if len(cache) >= _CHUNK_CACHE_SIZE:
-                    cache.clear()
-                cache[chunk] = cached
-            ids.extend(cached)
+        parts = text.split(" ")
+        head = parts[0]
+        if head:
+            first = self._chunk_cache.get(head)
+            ids = list(self._memo(self._chunk_cache, head, "") if first is None else first)
+        else:
+            ids = []
+        cache = self._spaced_cache
+        get = cache.get
+        for i in range(1, len(parts)):
+            cached = get(parts[i])
+            ids += self._memo(cache, parts[i], " ") if cached is None else cached
+        return ids
+
+    def _memo(self, cache: dict[str, tuple[int, ...]], part: str, prefix: str) -> tuple[int, ...]:
+        """Tokenize ``prefix + part`` and remember it in ``cache`` under ``part``."""
+        ids = self._encode_chunk(prefix + part)
+        if len(cache) >= _CHUNK_CACHE_SIZE:
+            cache.clear()
+        cache[part] = ids
         return ids
 
     def _encode_chunk(self, text: str) -> tuple[int, ...]:

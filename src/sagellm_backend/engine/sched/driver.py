@@ -93,11 +93,18 @@ class Handle:
 
     async def wait_finished(self) -> None:
         """Until :meth:`finish`."""
-        if self.finished:
-            return
-        if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
-        await self._future
+        if not self.finished:
+            await self.finished_future()
+
+    def finished_future(self) -> asyncio.Future[None]:
+        """The future :meth:`finish` resolves (created on first use, on the running loop).
+
+        Awaiting it directly is :meth:`wait_finished` without a coroutine of its own.
+        """
+        fut = self._future
+        if fut is None:
+            fut = self._future = asyncio.get_running_loop().create_future()
+        return fut
 
     async def wait_progress(self) -> None:
         """Until new tokens or the finish (streaming handles only)."""
@@ -140,7 +147,9 @@ class Driver:
         self.on_exit = on_exit
         self._thread_init = thread_init
         self._thread_context = thread_context
-        self._lock = threading.Condition()
+        # the condition's own lock, taken directly where nobody is notified (cheaper)
+        self._mutex = threading.RLock()
+        self._lock = threading.Condition(self._mutex)
         self._inbox: list[SchedSeq] = []
         self._streams_seen = False  # set once (under the lock) by the first streaming submit
         self._cancels: list[SchedSeq] = []
@@ -184,13 +193,14 @@ class Driver:
         Raises:
             RuntimeError: the loop has stopped.
         """
-        with self._lock:
+        with self._mutex:
             if self._stop or not self.is_alive:
                 raise RuntimeError(f"{self.name} is not serving (its step loop has ended)")
             self._inbox.append(seq)
             if not self._streams_seen and _streaming(seq):
                 self._streams_seen = True
-            self._lock.notify()
+            if self.threaded:  # only the worker thread ever waits on the condition
+                self._lock.notify()
         if self._wakeup is not None:
             self._wakeup.set()
 

@@ -301,7 +301,7 @@ class ScheduledEngine(BaseEngine):
             return early
         try:
             if not handle.finished:
-                await handle.wait_finished()
+                await handle.finished_future()
         except asyncio.CancelledError:
             self._cancel(handle)
             raise

@@ -159,16 +159,21 @@ class Scheduler(StepRecorder):
 
     def add(self, seq: SchedSeq) -> None:
         """Queue a sequence (arrival order)."""
-        seq.final_pages = self.pages_for(len(seq.prompt_ids) + seq.max_tokens - 1)
-        seq.limit = min(seq.max_tokens, self.max_context - len(seq.prompt_ids))
-        seq.prompt_len = len(seq.prompt_ids)
+        n = seq.prompt_len = len(seq.prompt_ids)
+        max_tokens = seq.max_tokens
+        seq.final_pages = -(-(n + max_tokens - 1) // self.block_size)  # pages_for, inlined
+        seq.limit = min(max_tokens, self.max_context - n)
         # one set lookup per token decides whether the slow stop checks run
-        seq.stops = (
-            seq.stop_token_ids if seq.ignore_eos else self.eos_token_ids | seq.stop_token_ids
-        )
+        stop_ids = seq.stop_token_ids
+        if seq.ignore_eos:
+            seq.stops = stop_ids
+        else:
+            seq.stops = self.eos_token_ids | stop_ids if stop_ids else self.eos_token_ids
         params = seq.sampling
         seq.burst = (
-            params.greedy and not params.penalized and not seq.stop_strings and not seq.per_token
+            (params is GREEDY or (params.greedy and not params.penalized))
+            and not seq.stop_strings
+            and not seq.per_token
         )
         self.waiting.append(seq)
 
@@ -227,9 +232,10 @@ class Scheduler(StepRecorder):
                 if key is not None and key in pending_keys:
                     deferred.append(waiting.popleft())  # reuse that prompt's pages later
                     continue
-            n = seq.num_tokens
+            n = seq.prompt_len + len(seq.output_ids)
+            pages = -(-n // block)  # pages_for(n), inlined
             if self.reserve_output and not kv.can_allocate(
-                (max(seq.final_pages, self.pages_for(n)) + self._reserved) * block
+                (max(seq.final_pages, pages) + self._reserved) * block
             ):
                 if running:
                     break
@@ -260,7 +266,7 @@ class Scheduler(StepRecorder):
             waiting.popleft()
             seq.has_kv = True
             seq.kv_tokens = n
-            seq.kv_pages = pages = self.pages_for(n)
+            seq.kv_pages = pages
             seq.block_table = kv.block_table(seq.seq_id)
             if self.reserve_output and seq.final_pages > pages:
                 self._reserved += seq.final_pages - pages
@@ -358,7 +364,7 @@ class Scheduler(StepRecorder):
         except KVCacheExhaustedError:
             return held - n + 1
         old = seq.kv_pages
-        seq.kv_pages = pages = self.pages_for(n + k - 1)
+        seq.kv_pages = pages = -(-(n + k - 1) // block)  # pages_for, inlined
         seq.block_table = self.kv.block_table(seq.seq_id)
         if self.reserve_output and seq.final_pages > old:
             self._reserved -= min(pages, seq.final_pages) - old

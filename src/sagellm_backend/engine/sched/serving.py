@@ -42,7 +42,8 @@ class Serving:
         runner: the model runner.
         limits: what requests may ask for.
         tokenize: prompt text -> token ids.
-        new_detok: a fresh incremental detokenizer per request.
+        new_detok: an incremental detokenizer for one request (a fresh one, unless it is
+            stateless and may be shared).
         release: gives everything taken from the provider back (the KV manager); called
             once, from the driver's thread when it ends, or on an undone start.
         threaded: run steps in a worker thread (torch runners).
