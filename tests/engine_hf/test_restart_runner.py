@@ -16,7 +16,7 @@ from .conftest import make_request, run
 def test_restart_keeps_the_prepacked_fast_path_and_the_tokens(
     tiny_llama: str, engine_factory: Any
 ) -> None:
-    from sagellm_backend.engine.runners.paged import mkl_prepack_available
+    from sagellm_backend.engine.runners.paged import prepack_available
 
     engine = engine_factory(tiny_llama, prepack_weights=True)
 
@@ -29,5 +29,5 @@ def test_restart_keeps_the_prepacked_fast_path_and_the_tokens(
 
     first = run(cycle())
     second = run(cycle())
-    assert first[0] == mkl_prepack_available()
+    assert first[0] == prepack_available()
     assert second == first

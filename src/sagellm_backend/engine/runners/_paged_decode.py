@@ -297,8 +297,7 @@ class Step:
     """Metadata of one step, shared by every layer."""
 
     runner: PagedRunner
-    num_real: int  # real tokens: the first rows (the rest pad the step to PACK_ROWS)
-    slots: torch.Tensor  # [num_real]
+    slots: torch.Tensor  # [T]: the pool slot of every packed token
     prefills: list[Prefill]
     decode: list[DecodeGroup]
     cache_plan: DecodePlan | None = None  # decode rows served by the runner's decode cache

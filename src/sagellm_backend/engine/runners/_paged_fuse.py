@@ -8,7 +8,7 @@ faster. The model's own forward is kept: each sibling module gets an instance ``
 GEMM and keeps the other siblings' slices; a sibling called with that same tensor object
 takes its slice, and one called with any other input computes the fused GEMM anew. The
 siblings' ``weight``/``bias`` parameters become views into the fused tensors, so fusing
-costs no weight memory (the MKL-prepacked copy of ``prepack_weights`` is, as for every
+costs no weight memory (the oneDNN-prepacked copy of ``prepack_weights`` is, as for every
 linear, a second copy).
 
 Only plain ``nn.Linear`` siblings with one input width, dtype and device, no accelerate hook
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sagellm_backend.engine.runners._paged_ops import PACK_ROWS, mkl_prepack_available
+from sagellm_backend.engine.runners._paged_ops import pack_weight, packed_linear, prepack_available
 
 __all__ = ["FUSED_MODEL_TYPES", "SIBLINGS", "fuse_projections"]
 
@@ -46,19 +46,17 @@ class _FusedGroup:
         self.weight = weight
         self.bias = bias
         self.sizes = sizes
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS) if pack else None
+        self.packed = pack_weight(weight) if pack else None
         self._input: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         packed = self.packed
-        if packed is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == PACK_ROWS:
-            flat = x[0].contiguous()
-            out = torch.ops.mkl._mkl_linear(flat, packed, self.weight, self.bias, PACK_ROWS)
-            y = out.unsqueeze(0)
+        if packed is not None:
+            y = packed_linear(x, packed, self.bias)
         else:
             y = torch.nn.functional.linear(x, self.weight, self.bias)
-        return list(y.split(self.sizes, dim=-1))
+        return list(torch.split(y, self.sizes, dim=-1))
 
     def member(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """The ``forward`` of sibling ``index``."""
@@ -96,8 +94,8 @@ def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
     Args:
         model: a loaded ``*ForCausalLM``; nothing happens unless its ``config.model_type``
             is in :data:`FUSED_MODEL_TYPES`.
-        prepack: also keep an MKL-prepacked copy of each fused fp32 CPU weight for
-            ``[1, PACK_ROWS, in]`` inputs (as ``prepack_weights`` does for single linears).
+        prepack: also keep a oneDNN-prepacked copy of each fused fp32 CPU weight (as
+            ``prepack_weights`` does for single linears, see :mod:`._paged_ops`).
 
     Returns:
         (fused groups, of which prepacked), counting groups an earlier runner on the same
@@ -132,7 +130,7 @@ def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
                 prepack
                 and weight.dtype == torch.float32
                 and weight.device.type == "cpu"
-                and mkl_prepack_available()
+                and prepack_available()
             )
             group = _FusedGroup(weight, bias, [m.out_features for m in mods], pack)
             for i, m in enumerate(mods):

@@ -148,7 +148,7 @@ def select_runner(
         max_context: longest sequence served.
         runner: ``"auto"``, ``"paged"`` or ``"hf"`` (see :func:`describe_runner`).
         max_batch_size: most sequences one step runs (sizes the fallback's batches).
-        prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 MKL fast path).
+        prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 oneDNN fast path).
         decode_cache_bytes: the paged runner's decode-cache budget (None: its device
             default).
         fuse_projections: the paged runner's ``fuse_projections`` (q/k/v and gate/up as
