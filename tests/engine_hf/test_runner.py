@@ -21,6 +21,7 @@ from sagellm_backend.engine.hf.runner import model_context_length
 from sagellm_backend.engine.runners.base import SeqChunk
 from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner as HFCacheRunner
 from sagellm_backend.engine.runners.paged import PagedRunner as PagedDecoderRunner
+from sagellm_backend.engine.runners.paged import prepack_available
 from sagellm_backend.engine.runners.select import describe_runner
 
 from .conftest import Reference
@@ -151,11 +152,17 @@ def test_paged_runner_rejects_bad_inputs(tiny_llama: str) -> None:
         PagedDecoderRunner(model, lambda i: (bad, bad), block_size=BS, max_context=64)
 
 
-def test_fallback_runner_matches_generate_for_gpt2(tiny_gpt2: str, gpt2_ref: Reference) -> None:
+@pytest.mark.parametrize("prepack", [False, True])
+def test_fallback_runner_matches_generate_for_gpt2(
+    tiny_gpt2: str, gpt2_ref: Reference, prepack: bool
+) -> None:
     model = Reference(tiny_gpt2).model
     assert describe_runner(model)[0] == "paged"  # GPT-2 is paged now; fallback on demand
     assert model_context_length(model.config) == 1024
-    runner = HFCacheRunner(model, max_context=1024)
+    if prepack:
+        model = copy.deepcopy(model)  # prepacking gives the modules their own forward
+    runner = HFCacheRunner(model, max_context=1024, prepack_weights=prepack)
+    assert runner.prepacked == (prepack and prepack_available())
     prompts = _prompts(model.config.vocab_size, 3, seed=3)
     outs: list[list[int]] = [[] for _ in prompts]
     with torch.inference_mode():

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sagellm_backend.engine.runners._paged_ops import pack_weight, packed_linear, prepack_available
+from sagellm_backend.engine.runners._prepack import can_prepack, pack_weight, packed_linear
 
 __all__ = ["FUSED_MODEL_TYPES", "SIBLINGS", "fuse_projections"]
 
@@ -126,12 +126,7 @@ def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
                 if bias is not None:
                     m.bias.data = bias[offset : offset + n]
                 offset += n
-            pack = (
-                prepack
-                and weight.dtype == torch.float32
-                and weight.device.type == "cpu"
-                and prepack_available()
-            )
+            pack = can_prepack(prepack, weight.device, weight.dtype)
             group = _FusedGroup(weight, bias, [m.out_features for m in mods], pack)
             for i, m in enumerate(mods):
                 m.forward = group.member(i)

@@ -1,117 +1,28 @@
 """Kernels and helpers of the generic paged runner (see :mod:`.paged`).
 
-* oneDNN prepacking of plain fp32 linear weights (:func:`pack_weight`,
-  :func:`packed_linear`);
 * dense attention with the models' features (sliding window, soft-capping, sinks): the
   reference used outside a step and by the runner's prompt chunks;
 * :func:`split_decode`, which cuts the decode rows of a step into groups of similar length.
 
-Why oneDNN: ``F.linear`` on CPU calls MKL's ``sgemm``, which re-reads (and on AMD CPUs runs
-without its AVX-512 kernels) the whole weight in a layout made for large batches. oneDNN
-picks its kernel by the CPU's instruction set and, with the weight reordered once into its
-blocked layout, a decode-sized GEMM (1-64 rows) ran 2-2.7x faster than ``F.linear`` on the
-2-CPU reference machine (AMD EPYC, AVX-512) and a prompt-sized one (512-2,000 rows) about
-13% faster. The results equal ``F.linear``'s up to summation order.
-
-Invariants: no module state; every function is pure apart from :func:`_prepack_linears`,
-which gives modules an instance ``forward`` (marked ``sagellm_prepacked``).
+Invariants: no module state; every function is pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
 __all__ = [
     "DECODE_SPLIT_SAVING",
-    "PACK_ROWS",
     "dense_attention",
-    "pack_weight",
-    "packed_linear",
-    "prepack_available",
     "split_decode",
 ]
 
-#: Rows the packed weight layout is tuned for (a typical decode batch); any row count runs.
-PACK_ROWS = 16
 #: Decode rows are split into groups of similar length when that saves at least this share
 #: of the gathered (padded) pages; each group is one batched attention call per layer.
 DECODE_SPLIT_SAVING = 0.5
-
-
-def prepack_available() -> bool:
-    """Whether this torch can prepack fp32 linear weights with oneDNN (x86/Arm CPU builds)."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    onednn_on: Callable[[], bool] = torch.backends.mkldnn.is_available
-    return (
-        bool(onednn_on())
-        and ops is not None
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    )
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The oneDNN blocked copy of an fp32 CPU ``[out, in]`` weight, for :func:`packed_linear`."""
-    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(
-        weight.detach().contiguous(), PACK_ROWS
-    )
-    return packed
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on the :func:`pack_weight` copy; any leading shape."""
-    flat = x.reshape(-1, x.shape[-1])
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _prepack_linears(model: Any) -> int:
-    """Give plain fp32 CPU ``nn.Linear``/``Conv1D`` modules a prepacked forward.
-
-    The module's ``forward`` (an instance attribute, so the class is untouched) runs
-    :func:`packed_linear` on the packed copy for every input. Returns how many modules have
-    the packed forward, counting those an earlier runner on the same model gave it (an
-    engine restart reuses the loaded model).
-    """
-    count = 0
-    for module in model.modules():
-        kind = type(module).__name__
-        own_forward = module.__dict__.get("forward")
-        if getattr(own_forward, "sagellm_prepacked", False):
-            count += 1  # prepacked by an earlier runner on this model (engine restart)
-            continue
-        if getattr(module, "_hf_hook", None) is not None or own_forward is not None:
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            continue
-        if type(module) is torch.nn.Linear:
-            origin = weight
-        elif kind == "Conv1D" and type(module).__module__.startswith("transformers."):
-            origin = weight.t()  # Conv1D keeps [in, out]
-        else:
-            continue
-        module.forward = _packed_forward(pack_weight(origin), module.bias)
-        count += 1
-    return count
-
-
-def _packed_forward(
-    packed: torch.Tensor, bias: torch.Tensor | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, packed, bias)
-
-    forward.sagellm_prepacked = True  # type: ignore[attr-defined]
-    return forward
 
 
 # ---------------------------------------------------------------------------- reference

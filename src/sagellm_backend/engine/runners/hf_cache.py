@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners.base import SeqChunk
 
 __all__ = ["HFBatchedRunner"]
@@ -72,6 +73,9 @@ class HFBatchedRunner:
         max_batch_size: most sequences one forward holds (larger steps are split).
         pad_token_id: token id put in padding positions (its values never reach a real
             token).
+        prepack_weights: on CPU with fp32 weights, give plain linear layers a
+            oneDNN-prepacked copy of their weights (see :mod:`._prepack`; a second copy of
+            those weights' memory). Ignored where unsupported.
 
     Raises:
         ValueError: on bad arguments.
@@ -86,6 +90,7 @@ class HFBatchedRunner:
         max_context: int,
         max_batch_size: int = 64,
         pad_token_id: int = 0,
+        prepack_weights: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -102,6 +107,11 @@ class HFBatchedRunner:
         self._positions = "position_ids" in params
         self._keep = "logits_to_keep" in params
         self._seqs: dict[str, _SeqKV] = {}
+        dtype: torch.dtype = emb.weight.dtype
+        #: linear layers run on oneDNN-prepacked weights
+        self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
+            prepack_linears(model) > 0
+        )
 
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:

@@ -80,11 +80,14 @@ from sagellm_backend.engine.runners._paged_hook import (
 from sagellm_backend.engine.runners._paged_ops import (
     DECODE_SPLIT_SAVING,
     _attend,
-    _prepack_linears,
     _window_mask,
     dense_attention,
-    prepack_available,
     split_decode,
+)
+from sagellm_backend.engine.runners._prepack import (
+    can_prepack,
+    prepack_available,
+    prepack_linears,
 )
 from sagellm_backend.engine.runners.base import SeqChunk
 
@@ -95,6 +98,7 @@ __all__ = [
     "PagedRunner",
     "dense_attention",
     "paged_attention",
+    "prepack_available",
     "register_paged_attention",
     "split_decode",
 ]
@@ -184,15 +188,10 @@ class PagedRunner:
         self.decode_split_saving = DECODE_SPLIT_SAVING
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
-        can_pack = (
-            prepack_weights
-            and self.device.type == "cpu"
-            and self.dtype == torch.float32
-            and prepack_available()
-        )
+        can_pack = can_prepack(prepack_weights, self.device, self.dtype)
         #: sibling projection groups computed as one GEMM (0: none fused)
         self.fused_groups = fuse(model, prepack=can_pack)[0] if fuse_projections else 0
-        self.prepacked = can_pack and _prepack_linears(model) > 0
+        self.prepacked = can_pack and prepack_linears(model) > 0
 
     # ------------------------------------------------------------------ metadata
     def _validate(self, chunks: Sequence[SeqChunk]) -> None:

@@ -148,7 +148,7 @@ def select_runner(
         max_context: longest sequence served.
         runner: ``"auto"``, ``"paged"`` or ``"hf"`` (see :func:`describe_runner`).
         max_batch_size: most sequences one step runs (sizes the fallback's batches).
-        prepack_weights: the paged runner's ``prepack_weights`` (CPU fp32 oneDNN fast path).
+        prepack_weights: the runners' ``prepack_weights`` (CPU fp32 oneDNN fast path).
         decode_cache_bytes: the paged runner's decode-cache budget (None: its device
             default).
         fuse_projections: the paged runner's ``fuse_projections`` (q/k/v and gate/up as
@@ -191,4 +191,9 @@ def select_runner(
     from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner
 
     _log.info("using the batched HF-cache runner: %s", reason)
-    return HFBatchedRunner(model, max_context=max_context, max_batch_size=max_batch_size)
+    return HFBatchedRunner(
+        model,
+        max_context=max_context,
+        max_batch_size=max_batch_size,
+        prepack_weights=prepack_weights,
+    )
