@@ -62,9 +62,10 @@ class EngineOptions:
             weight (no extra weight memory).
         prepack_weights: on CPU with fp32 weights (oneDNN builds of torch), keep a
             oneDNN-prepacked copy of the plain linear weights that the paged runner's
-            GEMMs use (2-2.7x faster decode GEMMs on the reference machine; a second copy
-            of the linear weights' memory, so turn it off for models that barely fit in
-            RAM).
+            GEMMs use for steps of up to 64 rows (2-2.7x faster decode GEMMs on the
+            reference machine; a second copy of the linear weights' memory, so turn it off
+            for models that barely fit in RAM, plus ~8 MB of oneDNN kernels per distinct
+            linear shape, built at load).
         decode_workspace_bytes: byte budget of the paged runner's decode cache (a dense
             copy of the decoding sequences' K/V kept between steps, on top of the KV pool;
             0 turns it off). At the default the runner's device default applies: this

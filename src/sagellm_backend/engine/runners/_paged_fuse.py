@@ -46,14 +46,14 @@ class _FusedGroup:
         self.weight = weight
         self.bias = bias
         self.sizes = sizes
-        self.packed = pack_weight(weight) if pack else None
+        self.packed = pack_weight(weight, bias) if pack else None
         self._input: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         packed = self.packed
         if packed is not None:
-            y = packed_linear(x, packed, self.bias)
+            y = packed_linear(x, packed, self.weight, self.bias)
         else:
             y = torch.nn.functional.linear(x, self.weight, self.bias)
         return list(torch.split(y, self.sizes, dim=-1))
