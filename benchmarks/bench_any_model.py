@@ -4,10 +4,9 @@ Workload (issue 15): 16 concurrent requests, seeded prompts of 16-200 tokens, ex
 new tokens each (greedy, eos ignored), torch with 2 threads, on random models of about the
 ``bench-llama`` size built offline by
 :func:`sagellm_backend.testing.tiny_models.ensure_tiny_model`: ``bench-gpt2`` and
-``bench-phi3`` (served by the generic paged runner), and ``bench-llama``, where the generic
-runner was compared with the hand-written Llama runner (``PagedDecoderRunner``) while that
-existed (it was removed after this comparison found it no faster; the comparison runs
-again on a checkout that still has it).
+``bench-phi3`` and ``bench-llama``, all served by the generic paged runner (a hand-written
+Llama runner was compared with it here until it was removed: in the same run it was no
+faster, 0.96x wall, 0.98x CPU time).
 
 Per model, in the same process and the same pass (phases interleaved pass by pass, each
 ratio taken inside one pass, medians over ``--repeat`` passes):
@@ -15,11 +14,10 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
 1. ``model.generate`` one request at a time (*sequential*);
 2. ``model.generate`` on a left-padded static batch of all requests (*static*);
 3. the engine (``CPUEngine``) with every request submitted at once (*engine*);
-4. for ``bench-llama`` only: the engine with the hand-written runner (*engine, llama*);
-5. with ``--one-decode-group``: the engine with the generic runner's decode attention as one
+4. with ``--one-decode-group``: the engine with the generic runner's decode attention as one
    padded group (``decode_split_saving = 1.0``, the behaviour before decode rows were grouped
    by length) (*engine_1group*);
-6. with ``--gather-decode``: the engine with the generic runner's decode cache off (every
+5. with ``--gather-decode``: the engine with the generic runner's decode cache off (every
    decode step gathers each sequence's pages in every layer, the behaviour before the decode
    cache) (*engine_gather*).
 
@@ -70,41 +68,6 @@ from bench_hf_engine import (
 _THREADS_DEFAULT = 2
 
 
-def _handwritten_available() -> bool:
-    """Whether this checkout still has the hand-written Llama runner (removed since)."""
-    try:
-        from sagellm_backend.engine.hf import runner as hf_runner
-        from sagellm_backend.engine.runners.paged import PagedRunner
-    except ImportError:
-        return False
-    cls = getattr(hf_runner, "PagedDecoderRunner", None)
-    return cls is not None and not issubclass(cls, PagedRunner)
-
-
-def _use_handwritten(enabled: bool) -> Any:
-    """Make engines started from now on use the hand-written Llama runner (or undo it)."""
-    from sagellm_backend.engine.runners import select
-
-    original = getattr(select, "_bench_original", select.select_runner)
-    select._bench_original = original  # type: ignore[attr-defined]
-    if not enabled:
-        select.select_runner = original  # type: ignore[assignment]
-        return None
-    from sagellm_backend.engine.hf.runner import PagedDecoderRunner
-
-    def handwritten(model: Any, kv_storage: Any, **kw: Any) -> Any:
-        return PagedDecoderRunner(
-            model,
-            kv_storage.layer_kv,
-            block_size=kw["block_size"],
-            max_context=kw["max_context"],
-            decode_workspace_rows=kw.get("max_batch_size", 16),
-        )
-
-    select.select_runner = handwritten  # type: ignore[assignment]
-    return None
-
-
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -131,13 +94,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     loop = asyncio.new_event_loop()
     engines: dict[str, Any] = {}
-    variants = [("engine", False)]
-    if name == "bench-llama" and _handwritten_available():
-        variants.append(("engine_llama", True))
+    variants = ["engine"]
     if args.one_decode_group:
-        variants.append(("engine_1group", False))
+        variants.append("engine_1group")
     if args.gather_decode:
-        variants.append(("engine_gather", False))
+        variants.append("engine_gather")
 
     def configure(key: str) -> Any:
         def apply(eng: Any) -> None:  # after each start (a restart builds a new runner)
@@ -154,20 +115,14 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         return apply
 
-    def engine_phase(key: str, handwritten: bool) -> Any:
-        _use_handwritten(handwritten)
-        try:
-            with serving(engines[key], loop, wl.ids[0], configure(key)) as eng:
-                return run_engine_concurrent(eng, wl, loop)
-        finally:
-            _use_handwritten(False)
+    def engine_phase(key: str) -> Any:
+        with serving(engines[key], loop, wl.ids[0], configure(key)) as eng:
+            return run_engine_concurrent(eng, wl, loop)
 
     try:
-        for key, handwritten in variants:
+        for key in variants:
             engines[key] = eng = make_engine(path, args, prefix_caching=False)
-            _use_handwritten(handwritten)
             with serving(eng, loop, wl.ids[0], configure(key)):  # loads the model once
-                _use_handwritten(False)
                 print(f"  {key}: runner {eng.runner_name}", flush=True)
         runs: dict[str, list[PhaseResult]] = {}
         outputs: dict[str, list[list[int]]] = {}
@@ -185,8 +140,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     ("sequential", lambda: alone(lambda: run_sequential(model, tokenizer, wl)))
                 )
             phases.append(("static", lambda: alone(lambda: run_static(model, tokenizer, wl))))
-            for key, handwritten in variants:
-                phases.append((key, lambda k=key, h=handwritten: engine_phase(k, h)))
+            for key in variants:
+                phases.append((key, lambda k=key: engine_phase(k)))
             for key, fn in phases:
                 cpu0 = time.process_time()
                 res, outputs[key] = fn()
@@ -238,11 +193,6 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             f"  {key:<16} {tps:>8.1f} {fmt(vs_static):>9} {fmt(vs_seq):>7} {tpc:>9.1f} "
             f"{fmt(vs_static_cpu):>15}"
         )
-    if "engine_llama" in runs:
-        r = ratio("engine_llama", "engine")
-        rc = ratio("engine_llama", "engine", cpu=True)
-        table["handwritten_vs_generic"] = {"wall": r, "cpu": rc}
-        print(f"  hand-written Llama runner vs generic paged runner: {fmt(r)} (cpu {fmt(rc)})")
     return {"model": name, "params": n_params, "phases": table, "identical": checks}
 
 
