@@ -83,3 +83,57 @@ def test_pack_weight_builds_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> 
     pack_weight(torch.randn(12, 6))  # same shape, another layer: nothing to build
     pack_weight(torch.randn(12, 6), torch.zeros(12))  # with a bias: its own primitives
     assert calls == list(PACKED_ROW_BUCKETS) * 2
+
+
+def _check_follows(module: Any, plain: Any, x: Any) -> None:
+    """``module`` (prepacked) computes what ``plain`` (a twin without packing) computes."""
+    torch.testing.assert_close(module(x), plain(x))
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [3, 100])  # the packed path, and F.linear above 64 rows
+def test_packed_forward_follows_weight_changes(rows: int) -> None:
+    """load_state_dict, in-place updates, replaced storage and casts are all seen."""
+    gen = torch.Generator().manual_seed(1)
+    module = torch.nn.Linear(24, 40)
+    plain = torch.nn.Linear(24, 40)
+    plain.load_state_dict(module.state_dict())
+    assert _prepack.prepack_linears(torch.nn.Sequential(module)) == 1
+    x = torch.randn(rows, 24, generator=gen)
+    _check_follows(module, plain, x)
+    new_state = {k: torch.randn(v.shape, generator=gen) for k, v in module.state_dict().items()}
+    module.load_state_dict(new_state)  # copy_ in place
+    plain.load_state_dict(new_state)
+    _check_follows(module, plain, x)
+    with torch.no_grad():  # an in-place update (e.g. an RL weight sync)
+        module.weight.mul_(0.5)
+        plain.weight.mul_(0.5)
+    _check_follows(module, plain, x)
+    replaced = torch.randn(40, 24, generator=gen)
+    module.weight.data = replaced.clone()  # new storage
+    plain.weight.data = replaced.clone()
+    _check_follows(module, plain, x)
+    module.to(torch.bfloat16)  # no longer fp32: the class's own forward runs
+    plain.to(torch.bfloat16)
+    _check_follows(module, plain, x.to(torch.bfloat16))
+
+
+@needs_onednn
+def test_fused_packed_group_follows_in_place_weight_changes(tiny_llama: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sagellm_backend.engine.runners._paged_fuse import fuse_projections
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    assert fuse_projections(model, prepack=True)[1] > 0
+    ids = torch.tensor([[5, 9, 2, 7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+        gen = torch.Generator().manual_seed(2)
+        state = {
+            k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in reference.state_dict().items()
+        }
+        model.load_state_dict(state)  # the siblings' weights are views of the fused weight
+        reference.load_state_dict(state)
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)

@@ -9,7 +9,8 @@ GEMM and keeps the other siblings' slices; a sibling called with that same tenso
 takes its slice, and one called with any other input computes the fused GEMM anew. The
 siblings' ``weight``/``bias`` parameters become views into the fused tensors, so fusing
 costs no weight memory (the oneDNN-prepacked copy of ``prepack_weights`` is, as for every
-linear, a second copy).
+linear, a second copy). Weights changed after fusing (``load_state_dict``, in-place updates,
+replaced ``.data``, casts) are fused again before the next GEMM.
 
 Only plain ``nn.Linear`` siblings with one input width, dtype and device, no accelerate hook
 and no ``forward`` of their own are fused (quantized layers keep their own forward), and
@@ -22,12 +23,13 @@ sibling never returns a slice computed from another input tensor.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from sagellm_backend.engine.runners._prepack import can_prepack, pack_weight, packed_linear
+from sagellm_backend.engine.runners._prepack import PackedCopy, can_prepack, packed_linear
 
 __all__ = ["FUSED_MODEL_TYPES", "SIBLINGS", "fuse_projections"]
 
@@ -38,22 +40,57 @@ FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 class _FusedGroup:
-    """One fused GEMM shared by its sibling modules (see the module docstring)."""
+    """One fused GEMM shared by its sibling modules (see the module docstring).
 
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], pack: bool
-    ) -> None:
-        self.weight = weight
-        self.bias = bias
-        self.sizes = sizes
-        self.packed = pack_weight(weight, bias) if pack else None
+    The siblings' weights (and biases) are views of :attr:`weight` (:attr:`bias`). Before
+    each GEMM the group checks the siblings' parameters (version counters and storage): after
+    a change -- ``load_state_dict``, an in-place update, replaced ``.data``, a cast -- it fuses
+    them again from what they hold now, and prepacks again (fp32 on CPU only).
+    """
+
+    def __init__(self, mods: list[Any], pack: bool) -> None:
+        self._mods = [weakref.ref(m) for m in mods]  # the modules hold this group
+        self._want_pack = pack
+        self.sizes = [int(m.out_features) for m in mods]
+        self.weight = torch.empty(0)
+        self.bias: torch.Tensor | None = None
+        self.packed: PackedCopy | None = None
+        self._stamp: tuple[int, ...] = ()
         self._input: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
+        self._fuse(mods)
+
+    @staticmethod
+    def _stamp_of(mods: list[Any]) -> tuple[int, ...]:
+        params = [m.weight for m in mods] + [m.bias for m in mods if m.bias is not None]
+        return (*(p._version for p in params), *(p.data_ptr() for p in params))
+
+    def _fuse(self, mods: list[Any]) -> None:
+        """Concatenate the siblings' weights (biases); make the parameters views of them."""
+        with torch.no_grad():
+            weight = torch.cat([m.weight.detach() for m in mods], 0)
+            has_bias = mods[0].bias is not None
+            bias = torch.cat([m.bias.detach() for m in mods]) if has_bias else None
+        offset = 0
+        for m, n in zip(mods, self.sizes, strict=True):  # the parameters become views
+            m.weight.data = weight[offset : offset + n]
+            if bias is not None:
+                m.bias.data = bias[offset : offset + n]
+            offset += n
+        self.weight, self.bias = weight, bias
+        pack = can_prepack(self._want_pack, weight.device, weight.dtype)
+        self.packed = PackedCopy() if pack else None
+        if self.packed is not None:
+            self.packed.get(weight, bias)  # pack now, not at the first step
+        self._stamp = self._stamp_of(mods)
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        mods = [r() for r in self._mods]
+        if self._stamp_of(mods) != self._stamp:
+            self._fuse(mods)  # the weights changed since they were fused
         packed = self.packed
         if packed is not None:
-            y = packed_linear(x, packed, self.weight, self.bias)
+            y = packed_linear(x, packed.get(self.weight, self.bias), self.weight, self.bias)
         else:
             y = torch.nn.functional.linear(x, self.weight, self.bias)
         return list(torch.split(y, self.sizes, dim=-1))
@@ -117,17 +154,8 @@ def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
                 continue
             if not _fusable(mods):
                 continue
-            weight = torch.cat([m.weight.detach() for m in mods], 0)
-            bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
-            offset = 0
-            for m in mods:  # the parameters become views of the fused tensors
-                n = m.out_features
-                m.weight.data = weight[offset : offset + n]
-                if bias is not None:
-                    m.bias.data = bias[offset : offset + n]
-                offset += n
-            pack = can_prepack(prepack, weight.device, weight.dtype)
-            group = _FusedGroup(weight, bias, [m.out_features for m in mods], pack)
+            group = _FusedGroup(mods, prepack)
+            pack = group.packed is not None
             for i, m in enumerate(mods):
                 m.forward = group.member(i)
             groups += 1

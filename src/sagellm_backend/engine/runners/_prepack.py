@@ -15,7 +15,8 @@ on the plain weight. Without this, a server's memory grew by hundreds of MB as i
 step sizes (the HF soak: +55% RSS over 500 requests).
 
 Invariants: the packed copy is a second copy of the weight (memory), taken when the module
-is packed; a module's own parameters are untouched; at most ``len(PACKED_ROW_BUCKETS)``
+is packed and again after the weight changed (in place or replaced); a module's own
+parameters are untouched; at most ``len(PACKED_ROW_BUCKETS)``
 input shapes reach oneDNN per weight shape. :func:`prepack_linears` gives modules an
 instance ``forward`` (marked ``sagellm_prepacked``; the class is untouched) and recognises
 modules an earlier runner packed.
@@ -23,6 +24,7 @@ modules an earlier runner packed.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "PACKED_ROW_BUCKETS",
     "PACK_MAX_ROWS",
     "PACK_ROWS",
+    "PackedCopy",
     "bucket_rows",
     "can_prepack",
     "pack_weight",
@@ -129,13 +132,39 @@ def packed_linear(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class PackedCopy:
+    """The packed copy of one weight, taken again whenever the weight has changed.
+
+    A weight changed when its tensor was modified in place (``copy_``, ``load_state_dict``:
+    torch's version counter moved) or its storage was replaced (``param.data = ...``).
+    :meth:`get` costs a version and a pointer read when nothing changed.
+    """
+
+    __slots__ = ("_packed", "_stamp")
+
+    def __init__(self) -> None:
+        self._packed: torch.Tensor | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def get(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The packed copy of ``weight`` (``[out, in]``, fp32 CPU) as it is now."""
+        stamp = (weight._version, weight.data_ptr())
+        packed = self._packed
+        if packed is None or stamp != self._stamp:
+            packed = self._packed = pack_weight(weight, bias)
+            self._stamp = stamp
+        return packed
+
+
 def prepack_linears(model: Any) -> int:
     """Give plain fp32 CPU ``nn.Linear``/``Conv1D`` modules a prepacked forward.
 
     The module's ``forward`` (an instance attribute, so the class is untouched) runs
-    :func:`packed_linear` on the packed copy for every input. Returns how many modules have
-    the packed forward, counting those an earlier runner on the same model gave it (an
-    engine restart reuses the loaded model).
+    :func:`packed_linear` on the packed copy for every input; it reads the module's weight
+    and bias at each call, packs again when the weight changed (:class:`PackedCopy`), and
+    runs the class's own forward once the weight is no longer fp32 on the CPU (the model
+    was cast or moved). Returns how many modules have the packed forward, counting those an
+    earlier runner on the same model gave it (an engine restart reuses the loaded model).
     """
     count = 0
     for module in model.modules():
@@ -152,21 +181,31 @@ def prepack_linears(model: Any) -> int:
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             continue
         if type(module) is torch.nn.Linear:
-            origin = weight
+            transposed = False
         elif kind == "Conv1D" and type(module).__module__.startswith("transformers."):
-            origin = weight.t()  # Conv1D keeps [in, out]
+            transposed = True  # Conv1D keeps [in, out]
         else:
             continue
-        module.forward = _packed_forward(pack_weight(origin, module.bias), origin, module.bias)
+        module.forward = _packed_forward(module, transposed)
         count += 1
     return count
 
 
-def _packed_forward(
-    packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def _packed_forward(module: Any, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    ref = weakref.ref(module)  # the module holds this forward: no reference cycle
+    copy = PackedCopy()
+    plain = type(module).forward
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, packed, weight, bias)
+        mod = ref()
+        assert mod is not None, "a module's forward outlived it"
+        weight, bias = mod.weight, mod.bias
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            out: torch.Tensor = plain(mod, x)
+            return out
+        origin = weight.t() if transposed else weight
+        return packed_linear(x, copy.get(origin, bias), origin, bias)
 
     forward.sagellm_prepacked = True  # type: ignore[attr-defined]
+    copy.get(module.weight.t() if transposed else module.weight, module.bias)  # pack now
     return forward
