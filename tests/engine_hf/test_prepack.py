@@ -14,6 +14,7 @@ from sagellm_backend.engine.runners._prepack import (  # noqa: E402
     PACKED_ROW_BUCKETS,
     bucket_rows,
     pack_weight,
+    packable_dtypes,
     packed_linear,
     prepack_available,
 )
@@ -32,18 +33,22 @@ def test_buckets_cover_every_packed_row_count_with_little_padding() -> None:
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_linear_for_every_row_count(bias: bool) -> None:
+def test_packed_linear_equals_linear_for_every_row_count(bias: bool, dtype: str) -> None:
+    dt = getattr(torch, dtype)
+    if dt not in packable_dtypes():
+        pytest.skip(f"oneDNN has no {dtype} kernels for this CPU")
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(40, 24, generator=gen)
-    b = torch.randn(40, generator=gen) if bias else None
+    weight = torch.randn(40, 24, generator=gen).to(dt)
+    b = torch.randn(40, generator=gen).to(dt) if bias else None
     packed = pack_weight(weight, b)
     for rows in [*range(1, 20), 31, 33, 64, 65, 130]:
-        x = torch.randn(rows, 24, generator=gen)
+        x = torch.randn(rows, 24, generator=gen).to(dt)
         got = packed_linear(x, packed, weight, b)
-        assert got.shape == (rows, 40)
+        assert got.shape == (rows, 40) and got.dtype == dt
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b))
-    x3 = torch.randn(2, 5, 24, generator=gen)  # leading dims; 10 rows run padded to 16
+    x3 = torch.randn(2, 5, 24, generator=gen).to(dt)  # leading dims; 10 rows padded to 16
     got3 = packed_linear(x3, packed, weight, b)
     torch.testing.assert_close(got3, torch.nn.functional.linear(x3, weight, b))
 
@@ -113,9 +118,13 @@ def test_packed_forward_follows_weight_changes(rows: int) -> None:
     module.weight.data = replaced.clone()  # new storage
     plain.weight.data = replaced.clone()
     _check_follows(module, plain, x)
-    module.to(torch.bfloat16)  # no longer fp32: the class's own forward runs
-    plain.to(torch.bfloat16)
-    _check_follows(module, plain, x.to(torch.bfloat16))
+    module.to(torch.float64)  # not a packable dtype: the class's own forward runs
+    plain.to(torch.float64)
+    _check_follows(module, plain, x.to(torch.float64))
+    if torch.bfloat16 in packable_dtypes():  # cast to bf16: packed again, in bf16
+        module.to(torch.bfloat16)
+        plain.to(torch.bfloat16)
+        _check_follows(module, plain, x.to(torch.bfloat16))
 
 
 @needs_onednn

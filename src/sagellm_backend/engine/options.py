@@ -60,7 +60,7 @@ class EngineOptions:
         fuse_projections: in Llama-family models (llama, mistral, qwen2, qwen3) the paged
             runner computes q/k/v and gate/up as one GEMM each over views of one fused
             weight (no extra weight memory).
-        prepack_weights: on CPU with fp32 weights (oneDNN builds of torch), keep a
+        prepack_weights: on CPU with fp32 or bf16 weights (oneDNN builds of torch), keep a
             oneDNN-prepacked copy of the plain linear weights that the paged runner's
             GEMMs use for steps of up to 64 rows (2-2.7x faster decode GEMMs on the
             reference machine; a second copy of the linear weights' memory, so turn it off

@@ -45,7 +45,7 @@ class _FusedGroup:
     The siblings' weights (and biases) are views of :attr:`weight` (:attr:`bias`). Before
     each GEMM the group checks the siblings' parameters (version counters and storage): after
     a change -- ``load_state_dict``, an in-place update, replaced ``.data``, a cast -- it fuses
-    them again from what they hold now, and prepacks again (fp32 on CPU only).
+    them again from what they hold now, and prepacks again (fp32 or bf16 on CPU only).
     """
 
     def __init__(self, mods: list[Any], pack: bool) -> None:
@@ -131,7 +131,7 @@ def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
     Args:
         model: a loaded ``*ForCausalLM``; nothing happens unless its ``config.model_type``
             is in :data:`FUSED_MODEL_TYPES`.
-        prepack: also keep a oneDNN-prepacked copy of each fused fp32 CPU weight (as
+        prepack: also keep a oneDNN-prepacked copy of each fused fp32 or bf16 CPU weight (as
             ``prepack_weights`` does for single linears, see :mod:`._paged_ops`).
 
     Returns:

@@ -73,7 +73,7 @@ class HFBatchedRunner:
         max_batch_size: most sequences one forward holds (larger steps are split).
         pad_token_id: token id put in padding positions (its values never reach a real
             token).
-        prepack_weights: on CPU with fp32 weights, give plain linear layers a
+        prepack_weights: on CPU with fp32 or bf16 weights, give plain linear layers a
             oneDNN-prepacked copy of their weights (see :mod:`._prepack`; a second copy of
             those weights' memory). Ignored where unsupported.
 

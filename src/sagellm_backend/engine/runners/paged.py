@@ -35,10 +35,11 @@ Model attention features arrive as keyword arguments (``scaling``, ``sliding_win
 feature this function cannot honour is refused when the runner is built (a probe forward
 records what every layer passes), naming the feature.
 
-On CPU with fp32 weights (``prepack_weights``), every plain ``nn.Linear`` (and GPT-2's
-``Conv1D``) also gets a oneDNN-prepacked copy of its weight, which its forward uses for every
-input: decode-sized GEMMs ran 2-2.7x faster than ``F.linear`` (MKL) on the reference machine
-(see :mod:`._paged_ops`). Quantised, hooked or any other modules are left as they are.
+On CPU with fp32 (or bf16) weights (``prepack_weights``), every plain ``nn.Linear`` (and
+GPT-2's ``Conv1D``) also gets a oneDNN-prepacked copy of its weight, which its forward uses
+for steps of up to 64 rows: decode-sized GEMMs ran 2-2.7x faster than ``F.linear`` (MKL) on
+the reference machine (see :mod:`._prepack`). Quantised, hooked or any other modules are
+left as they are.
 
 Invariants:
     * The step metadata lives in a thread-local slot only while :meth:`PagedRunner.execute`
@@ -115,7 +116,7 @@ class PagedRunner:
             model's compute dtype on the model's device.
         block_size: tokens per page.
         max_context: longest sequence (positions beyond it are refused).
-        prepack_weights: on CPU with fp32 weights, give plain linear layers a
+        prepack_weights: on CPU with fp32 or bf16 weights, give plain linear layers a
             oneDNN-prepacked copy of their weights (see the module docstring; a second copy
             of those weights' memory). Ignored where unsupported.
         decode_cache_bytes: byte budget of the decode cache (a second copy of the decoding
