@@ -53,19 +53,25 @@ def test_packed_linear_equals_linear_for_every_row_count(bias: bool, dtype: str)
     torch.testing.assert_close(got3, torch.nn.functional.linear(x3, weight, b))
 
 
-@needs_onednn
-def test_only_bucket_sizes_reach_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """oneDNN caches a primitive per input shape: serving must not create new ones."""
-    seen: list[int] = []
+def _spy_onednn(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, record the row count of every input oneDNN's linear op gets."""
+    rows: list[int] = []
     real = torch.ops.mkldnn._linear_pointwise
 
     def spy(x: Any, *args: Any) -> Any:
-        seen.append(int(x.shape[0]))
+        rows.append(int(x.shape[0]))
         return real(x, *args)
 
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    return rows
+
+
+@needs_onednn
+def test_only_bucket_sizes_reach_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN caches a primitive per input shape: serving must not create new ones."""
     weight = torch.randn(16, 8)
     packed = pack_weight(weight)  # its primitives were built here, before the spy
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    seen = _spy_onednn(monkeypatch)
     for rows in range(1, 200):
         packed_linear(torch.randn(rows, 8), packed, weight, None)
     assert set(seen) == set(PACKED_ROW_BUCKETS)  # rows > PACK_MAX_ROWS went to F.linear
@@ -74,14 +80,7 @@ def test_only_bucket_sizes_reach_onednn(monkeypatch: pytest.MonkeyPatch) -> None
 
 @needs_onednn
 def test_pack_weight_builds_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = torch.ops.mkldnn._linear_pointwise
-
-    def spy(x: Any, *args: Any) -> Any:
-        calls.append(int(x.shape[0]))
-        return real(x, *args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    calls = _spy_onednn(monkeypatch)
     monkeypatch.setattr(_prepack, "_BUILT", set())
     pack_weight(torch.randn(12, 6))
     assert calls == list(PACKED_ROW_BUCKETS)
