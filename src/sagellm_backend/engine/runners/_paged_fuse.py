@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sagellm_backend.engine.runners._prepack import PackedCopy, can_prepack, packed_linear
+from sagellm_backend.engine.runners._prepack import can_prepack, pack_weight, packed_linear
 
 __all__ = ["FUSED_MODEL_TYPES", "SIBLINGS", "fuse_projections"]
 
@@ -54,7 +54,8 @@ class _FusedGroup:
         self.sizes = [int(m.out_features) for m in mods]
         self.weight = torch.empty(0)
         self.bias: torch.Tensor | None = None
-        self.packed: PackedCopy | None = None
+        #: the oneDNN copy of :attr:`weight` (None: not packed); :meth:`_fuse` renews both
+        self.packed: torch.Tensor | None = None
         self._stamp: tuple[int, ...] = ()
         self._input: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
@@ -79,9 +80,7 @@ class _FusedGroup:
             offset += n
         self.weight, self.bias = weight, bias
         pack = can_prepack(self._want_pack, weight.device, weight.dtype)
-        self.packed = PackedCopy() if pack else None
-        if self.packed is not None:
-            self.packed.get(weight, bias)  # pack now, not at the first step
+        self.packed = pack_weight(weight, bias) if pack else None
         self._stamp = self._stamp_of(mods)
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -90,7 +89,7 @@ class _FusedGroup:
             self._fuse(mods)  # the weights changed since they were fused
         packed = self.packed
         if packed is not None:
-            y = packed_linear(x, packed.get(self.weight, self.bias), self.weight, self.bias)
+            y = packed_linear(x, packed, self.weight, self.bias)
         else:
             y = torch.nn.functional.linear(x, self.weight, self.bias)
         return list(torch.split(y, self.sizes, dim=-1))
@@ -132,7 +131,7 @@ def fuse_projections(model: Any, *, prepack: bool) -> tuple[int, int]:
         model: a loaded ``*ForCausalLM``; nothing happens unless its ``config.model_type``
             is in :data:`FUSED_MODEL_TYPES`.
         prepack: also keep a oneDNN-prepacked copy of each fused fp32 or bf16 CPU weight (as
-            ``prepack_weights`` does for single linears, see :mod:`._paged_ops`).
+            ``prepack_weights`` does for single linears, see :mod:`._prepack`).
 
     Returns:
         (fused groups, of which prepacked), counting groups an earlier runner on the same

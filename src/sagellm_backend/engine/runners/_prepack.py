@@ -216,16 +216,21 @@ def _packed_forward(module: Any, transposed: bool) -> Callable[[torch.Tensor], t
     plain = type(module).forward
     dtypes = packable_dtypes()
 
+    def packed(mod: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(packed copy, ``[out, in]`` weight, bias) of ``mod`` as it is now."""
+        weight, bias = mod.weight, mod.bias
+        origin = weight.t() if transposed else weight
+        return copy.get(origin, bias), origin, bias
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         mod = ref()
         assert mod is not None, "a module's forward outlived it"
-        weight, bias = mod.weight, mod.bias
+        weight = mod.weight
         if weight.dtype not in dtypes or weight.device.type != "cpu":
             out: torch.Tensor = plain(mod, x)
             return out
-        origin = weight.t() if transposed else weight
-        return packed_linear(x, copy.get(origin, bias), origin, bias)
+        return packed_linear(x, *packed(mod))
 
     forward.sagellm_prepacked = True  # type: ignore[attr-defined]
-    copy.get(module.weight.t() if transposed else module.weight, module.bias)  # pack now
+    packed(module)  # pack now, not at the first step
     return forward
