@@ -14,9 +14,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sagellm_backend._lazy import lazy_table, resolve_lazy
+from sagellm_backend._lazy import lazy_module_hooks, lazy_table
 from sagellm_backend._version import __version__
 
 if TYPE_CHECKING:
@@ -52,13 +52,8 @@ _LAZY = lazy_table(
 _SUBMODULES = frozenset({"base", "capability", "errors", "engine", "providers", "kv", "registry"})
 
 
-def __getattr__(name: str) -> Any:
-    """Resolve the lazily imported public names (PEP 562)."""
-    return resolve_lazy(globals(), _LAZY, name, _SUBMODULES)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+# PEP 562: the public names resolve on first access; dir() lists them before that.
+__getattr__, __dir__ = lazy_module_hooks(globals(), _LAZY, _SUBMODULES)
 
 
 __all__ = [

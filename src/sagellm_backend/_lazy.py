@@ -1,7 +1,8 @@
 """Lazy public names (PEP 562): one resolver shared by the packages that export lazily.
 
 A package keeps a table ``{public name: module that defines it}`` (written module by module
-with :func:`lazy_table`) and a module-level ``__getattr__`` that calls :func:`resolve_lazy`.
+with :func:`lazy_table`) and a module-level ``__getattr__`` that calls :func:`resolve_lazy`
+(:func:`lazy_module_hooks` makes it, with the matching ``__dir__``).
 Invariants: a name is imported on its first access only, then cached in the package
 namespace (so ``__getattr__`` is not called for it again); an unknown name raises the same
 ``AttributeError`` Python itself raises.
@@ -11,10 +12,10 @@ Importing this module imports only :mod:`importlib`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
-__all__ = ["lazy_table", "resolve_lazy"]
+__all__ = ["lazy_module_hooks", "lazy_table", "resolve_lazy"]
 
 
 def lazy_table(modules: Mapping[str, Iterable[str]]) -> dict[str, str]:
@@ -56,3 +57,30 @@ def resolve_lazy(
     value = getattr(importlib.import_module(module), name)
     namespace[name] = value
     return value
+
+
+def lazy_module_hooks(
+    namespace: dict[str, Any],
+    table: Mapping[str, str],
+    submodules: Container[str] = (),
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """The module-level ``__getattr__`` and ``__dir__`` of a package exporting ``table`` lazily.
+
+    Args:
+        namespace: the package's ``globals()``.
+        table: public name -> dotted name of the module that defines it.
+        submodules: as for :func:`resolve_lazy`.
+
+    Returns:
+        ``(__getattr__, __dir__)``: ``__getattr__(name)`` is :func:`resolve_lazy` of
+        ``name``; ``__dir__()`` lists the namespace and every name of ``table``, sorted (so
+        ``dir(package)`` shows the lazy names before their first access).
+    """
+
+    def module_getattr(name: str) -> Any:
+        return resolve_lazy(namespace, table, name, submodules)
+
+    def module_dir() -> list[str]:
+        return sorted(set(namespace) | set(table))
+
+    return module_getattr, module_dir

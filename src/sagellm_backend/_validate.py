@@ -11,10 +11,15 @@ raises :class:`~sagellm_backend.errors.ConfigError` built by :func:`invalid`::
 passing ``valid``/``verb``; the logic (what counts as an int, a bool, a finite number, a
 non-empty string) lives here once.
 
+:func:`require_instance` is the one spelling of an *argument* type check (a stream given
+the wrong event class, a storage given another storage's pages): it raises ``TypeError``
+``"<what>, got <type name>"``, each caller keeping its own ``what``.
+
 Invariants:
     * A bool is never an int or a number here (``True`` is not ``1``), and only ``True`` and
       ``False`` are bools (``1``, ``"yes"`` and ``None`` are not).
-    * Every failure is a :class:`~sagellm_backend.errors.ConfigError`; nothing else is raised.
+    * Every ``check_*`` failure is a :class:`~sagellm_backend.errors.ConfigError`; nothing
+      else is raised (only :func:`require_instance` raises ``TypeError``).
     * This module imports nothing from ``engine/``, ``providers/`` or torch (any layer may use
       it).
 """
@@ -35,6 +40,7 @@ __all__ = [
     "check_text",
     "invalid",
     "is_int",
+    "require_instance",
 ]
 
 _T = TypeVar("_T")
@@ -208,3 +214,22 @@ def check_choice(
         raise invalid(field, valid if valid is not None else f"one of {choices}", value)
     chosen: _T = value
     return chosen
+
+
+def require_instance(value: object, cls: type[_T], what: str) -> _T:
+    """Return ``value`` when it is an instance of ``cls``.
+
+    Args:
+        value: the argument to check.
+        cls: the class it must be an instance of.
+        what: the start of the message, e.g. ``"a CudaStream records CudaEvents"``.
+
+    Returns:
+        ``value``, typed as ``cls``.
+
+    Raises:
+        TypeError: ``value`` is not a ``cls`` (message ``"<what>, got <type name>"``).
+    """
+    if not isinstance(value, cls):
+        raise TypeError(f"{what}, got {type(value).__name__}")
+    return value

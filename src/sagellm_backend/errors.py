@@ -9,6 +9,8 @@ that 0.1.1.2 raised in the same situation (``ValueError``, ``NotImplementedError
 
 from __future__ import annotations
 
+from typing import Any
+
 from sagellm_protocol import Error, ErrorCode
 
 __all__ = [
@@ -41,6 +43,26 @@ class BackendError(Exception):
     code: ErrorCode = ErrorCode.UNAVAILABLE
     retryable: bool = False
 
+    def __init_subclass__(
+        cls, *, code: ErrorCode | None = None, retryable: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Set a subclass's ``code`` / ``retryable`` from its class keywords, where given.
+
+        ``class ConfigError(BackendError, ValueError, code=ErrorCode.INVALID_ARGUMENT)`` is
+        the same as assigning ``code`` in the class body; an omitted keyword leaves the
+        attribute inherited (or as the body assigns it).
+
+        Args:
+            code: the subclass's protocol error code (None: unchanged).
+            retryable: whether retrying may succeed (None: unchanged).
+            **kwargs: passed on to the next ``__init_subclass__``.
+        """
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if retryable is not None:
+            cls.retryable = retryable
+
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
@@ -49,84 +71,65 @@ class BackendError(Exception):
         return Error(code=self.code, message=str(self), retryable=self.retryable)
 
 
-class ConfigError(BackendError, ValueError):
+class ConfigError(BackendError, ValueError, code=ErrorCode.INVALID_ARGUMENT):
     """A configuration value is invalid (INVALID_ARGUMENT); the message names the field."""
 
-    code = ErrorCode.INVALID_ARGUMENT
 
-
-class UnsupportedDTypeError(BackendError, ValueError):
+class UnsupportedDTypeError(BackendError, ValueError, code=ErrorCode.INVALID_ARGUMENT):
     """A dtype the provider does not advertise was requested (INVALID_ARGUMENT)."""
 
-    code = ErrorCode.INVALID_ARGUMENT
 
-
-class CapabilityNotSupportedError(BackendError, NotImplementedError):
+class CapabilityNotSupportedError(
+    BackendError, NotImplementedError, code=ErrorCode.NOT_IMPLEMENTED
+):
     """An operation the capability matrix says is unsupported was called (NOT_IMPLEMENTED)."""
 
-    code = ErrorCode.NOT_IMPLEMENTED
 
-
-class KernelNotFoundError(BackendError, KeyError):
+class KernelNotFoundError(BackendError, KeyError, code=ErrorCode.NOT_IMPLEMENTED):
     """No kernel is registered under the requested name (NOT_IMPLEMENTED)."""
 
-    code = ErrorCode.NOT_IMPLEMENTED
 
-
-class KernelAlreadyRegisteredError(BackendError, ValueError):
+class KernelAlreadyRegisteredError(BackendError, ValueError, code=ErrorCode.INVALID_ARGUMENT):
     """A kernel name is registered twice without ``replace=True`` (INVALID_ARGUMENT)."""
 
-    code = ErrorCode.INVALID_ARGUMENT
 
-
-class KVCacheExhaustedError(BackendError, MemoryError):
+class KVCacheExhaustedError(
+    BackendError, MemoryError, code=ErrorCode.RESOURCE_EXHAUSTED, retryable=True
+):
     """Not enough free KV pages even after evicting every evictable page.
 
     The pool state is unchanged when this is raised (RESOURCE_EXHAUSTED, retryable).
     """
 
-    code = ErrorCode.RESOURCE_EXHAUSTED
-    retryable = True
 
-
-class InvalidKVBlockError(BackendError, ValueError):
+class InvalidKVBlockError(BackendError, ValueError, code=ErrorCode.INVALID_ARGUMENT):
     """Double free, use after free, or a block from another provider (INVALID_ARGUMENT)."""
 
-    code = ErrorCode.INVALID_ARGUMENT
 
-
-class UnsupportedDeviceError(BackendError, ValueError):
+class UnsupportedDeviceError(BackendError, ValueError, code=ErrorCode.INVALID_ARGUMENT):
     """A device string the provider cannot use, e.g. a KV migrate target (INVALID_ARGUMENT).
 
     The message lists the valid devices.
     """
 
-    code = ErrorCode.INVALID_ARGUMENT
 
-
-class InvalidStateError(BackendError, RuntimeError):
+class InvalidStateError(BackendError, RuntimeError, code=ErrorCode.INVALID_ARGUMENT):
     """The object is not in a state that allows the call (INVALID_ARGUMENT).
 
     For example resetting a KV pool while pages are in use, or timing an event that was
     never recorded.
     """
 
-    code = ErrorCode.INVALID_ARGUMENT
 
-
-class BackendNotAvailableError(BackendError, RuntimeError):
+class BackendNotAvailableError(BackendError, RuntimeError, code=ErrorCode.UNAVAILABLE):
     """The requested backend cannot run on this machine (UNAVAILABLE)."""
 
-    code = ErrorCode.UNAVAILABLE
 
-
-class DependencyMissingError(BackendError, ImportError):
+class DependencyMissingError(BackendError, ImportError, code=ErrorCode.UNAVAILABLE):
     """An optional dependency is missing; the message holds the pip command (UNAVAILABLE)."""
 
-    code = ErrorCode.UNAVAILABLE
 
-
-class PluginLoadError(BackendError, RuntimeError):
+class PluginLoadError(BackendError, RuntimeError, code=ErrorCode.UNAVAILABLE):
     """An entry point failed to import or its factory raised (UNAVAILABLE).
 
     Attributes:
@@ -134,18 +137,14 @@ class PluginLoadError(BackendError, RuntimeError):
         name: the entry-point name (the backend or engine kind).
     """
 
-    code = ErrorCode.UNAVAILABLE
-
     def __init__(self, message: str, *, group: str = "", name: str = "") -> None:
         super().__init__(message)
         self.group = group
         self.name = name
 
 
-class PluginConflictError(BackendError, RuntimeError):
+class PluginConflictError(BackendError, RuntimeError, code=ErrorCode.UNAVAILABLE):
     """Two distributions register the same kind in one entry-point group (UNAVAILABLE)."""
-
-    code = ErrorCode.UNAVAILABLE
 
 
 def to_protocol_error(exc: BaseException) -> Error:

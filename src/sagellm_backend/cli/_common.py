@@ -6,6 +6,9 @@
   :func:`engine_settings` gathers the engine options into :class:`EngineSettings`, which
   :func:`create_engine` turns into an engine; :func:`make_request` builds a protocol
   Request (:func:`one_request_engine`: both, for the one-request commands);
+* running a request: :func:`started` (the engine started for a block, stopped after) and
+  :func:`stream_end` (a streamed request's events handed over one by one, its end event
+  returned);
 * :func:`guarded` and :class:`UsageError`, re-exported from :mod:`._guard` (how a command
   fails).
 
@@ -16,8 +19,9 @@ modules are imported inside :func:`create_engine`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,6 +32,7 @@ from sagellm_backend.cli._guard import (
     guarded,
     register_guarded,
 )
+from sagellm_backend.cli._options import DEFAULT_MOCK_LATENCY_MS, DEFAULT_MOCK_TTFT_MS
 
 __all__ = [
     "BUILTIN_KINDS",
@@ -47,6 +52,8 @@ __all__ = [
     "request_exit_status",
     "resolve_engine_kind",
     "resolve_model",
+    "started",
+    "stream_end",
 ]
 
 _log = logging.getLogger("sagellm_backend.cli")
@@ -172,8 +179,8 @@ class EngineSettings:
     threads: int | None = None
     prefix_caching: bool = True
     trust_remote_code: bool = False
-    mock_ttft_ms: float = 50.0
-    mock_latency_ms: float = 10.0
+    mock_ttft_ms: float = DEFAULT_MOCK_TTFT_MS
+    mock_latency_ms: float = DEFAULT_MOCK_LATENCY_MS
 
 
 #: The :class:`EngineSettings` fields :func:`engine_settings` copies from the parsed options
@@ -405,6 +412,51 @@ def one_request_engine(
         metadata=metadata,
     )
     return engine, request
+
+
+@contextlib.asynccontextmanager
+async def started(engine: Any) -> AsyncIterator[Any]:
+    """Start ``engine`` for the ``async with`` block; stop it when the block ends, however.
+
+    A failed ``start()`` raises out of the ``async with`` (nothing to stop then).
+
+    Args:
+        engine: the engine (not started).
+
+    Yields:
+        ``engine``, started.
+    """
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+async def stream_end(engine: Any, request: Any, on_event: Callable[[Any], None]) -> Any:
+    """Stream ``request`` through the started ``engine``; the end event.
+
+    Args:
+        engine: a started engine.
+        request: the protocol Request.
+        on_event: called with every event (start, deltas, end) as it arrives.
+
+    Returns:
+        The stream's end event.
+
+    Raises:
+        RuntimeError: the stream ended without an end event (the engine contract forbids it).
+    """
+    from sagellm_protocol import StreamEventEnd
+
+    end: Any = None
+    async for event in engine.stream(request):
+        on_event(event)
+        if isinstance(event, StreamEventEnd):
+            end = event
+    if end is None:  # pragma: no cover - the engine contract guarantees an end event
+        raise RuntimeError("the engine's stream ended without an end event")
+    return end
 
 
 def request_error_text(error: Any) -> str:

@@ -14,6 +14,8 @@ import argparse
 import math
 
 __all__ = [
+    "DEFAULT_MOCK_LATENCY_MS",
+    "DEFAULT_MOCK_TTFT_MS",
     "DTYPE_CHOICES",
     "ENGINE_CHOICES",
     "add_engine_arguments",
@@ -29,6 +31,9 @@ __all__ = [
 ENGINE_CHOICES = ("auto", "cpu", "cuda", "mock")
 #: Values of ``--dtype``.
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "auto")
+#: ``--mock-ttft-ms`` / ``--mock-latency-ms`` when not given (MockEngineConfig's defaults).
+DEFAULT_MOCK_TTFT_MS = 50.0
+DEFAULT_MOCK_LATENCY_MS = 10.0
 
 
 # ----------------------------------------------------------------------------- arg types
@@ -178,15 +183,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, model_help: str) ->
     group.add_argument(
         "--mock-ttft-ms",
         type=non_negative_float,
-        default=50.0,
+        default=DEFAULT_MOCK_TTFT_MS,
         metavar="MS",
-        help="--engine mock: simulated duration of a prefill step (default 50)",
+        help="--engine mock: simulated duration of a prefill step (default %(default)g)",
     )
     group.add_argument(
         "--mock-latency-ms",
         type=non_negative_float,
-        default=10.0,
+        default=DEFAULT_MOCK_LATENCY_MS,
         metavar="MS",
-        help="--engine mock: simulated duration of a decode step (default 10)",
+        help="--engine mock: simulated duration of a decode step (default %(default)g)",
     )
     parser.set_defaults(_command_parser=parser)

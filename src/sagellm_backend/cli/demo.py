@@ -35,6 +35,8 @@ from sagellm_backend.cli._common import (
     request_exit_status,
     resolve_engine_kind,
     resolve_model,
+    started,
+    stream_end,
 )
 from sagellm_backend.cli._common import engine_settings as engine_settings  # was importable
 from sagellm_backend.cli._common import make_request as make_request  # was importable
@@ -144,38 +146,34 @@ def _model_note(label: str, kind: str) -> str:
 
 async def _stream(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:
     """Start the engine, stream the request to ``out`` delta by delta, stop; the end event."""
-    from sagellm_protocol import StreamEventDelta, StreamEventEnd, StreamEventStart
+    from sagellm_protocol import StreamEventDelta, StreamEventStart
 
     t0 = time.perf_counter()
-    await engine.start()
-    try:
+    async with started(engine):
         out.write(f"  {engine_description(engine)}, started in {time.perf_counter() - t0:.2f} s\n")
         out.write(f"\n[4/4] Generation, streamed token by token (at most {args.max_tokens})\n")
         out.write(f"  prompt: {safe_text(request.prompt)}\n")
         out.write("  output: ")
         out.flush()
-        end: Any = None
         deltas = 0
         prompt_tokens: int | None = None
-        async for event in engine.stream(request):
+
+        def show(event: Any) -> None:
+            nonlocal deltas, prompt_tokens
             if isinstance(event, StreamEventStart):
                 prompt_tokens = event.prompt_tokens
             elif isinstance(event, StreamEventDelta):
                 deltas += 1
                 out.write(safe_text(event.chunk).replace("\n", "\n          "))
                 out.flush()
-            elif isinstance(event, StreamEventEnd):
-                end = event
-        if end is None:  # pragma: no cover - the engine contract guarantees an end event
-            raise RuntimeError("the engine's stream ended without an end event")
+
+        end = await stream_end(engine, request, show)
         prompt = "?" if prompt_tokens is None else str(prompt_tokens)
         out.write(
             f"\n  ({prompt} prompt tokens; {len(end.output_tokens)} output tokens in {deltas} "
             f"deltas; finish reason {end.finish_reason})\n"
         )
         return end
-    finally:
-        await engine.stop()
 
 
 register_guarded(

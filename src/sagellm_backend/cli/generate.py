@@ -31,6 +31,8 @@ from sagellm_backend.cli._common import (
     request_exit_status,
     resolve_engine_kind,
     resolve_model,
+    started,
+    stream_end,
 )
 from sagellm_backend.cli._common import engine_settings as engine_settings  # was importable
 from sagellm_backend.cli._common import make_request as make_request  # was importable
@@ -106,10 +108,17 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:
     """Start the engine, run the request (streamed or not), stop; returns the Response."""
-    from sagellm_protocol import Response, StreamEventDelta, StreamEventEnd
+    from sagellm_protocol import Response, StreamEventDelta
 
-    await engine.start()
-    try:
+    def show(event: Any) -> None:
+        if args.json:
+            out.write(event.model_dump_json() + "\n")
+            out.flush()
+        elif isinstance(event, StreamEventDelta):
+            out.write(event.chunk)
+            out.flush()
+
+    async with started(engine):
         if not args.stream:
             response = await engine.execute(request)
             if args.json:
@@ -117,18 +126,7 @@ async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: Te
             else:
                 out.write(response.output_text)
             return response
-        end: Any = None
-        async for event in engine.stream(request):
-            if args.json:
-                out.write(event.model_dump_json() + "\n")
-                out.flush()
-            elif isinstance(event, StreamEventDelta):
-                out.write(event.chunk)
-                out.flush()
-            if isinstance(event, StreamEventEnd):
-                end = event
-        if end is None:  # pragma: no cover - the engine contract guarantees an end event
-            raise RuntimeError("the engine's stream ended without an end event")
+        end = await stream_end(engine, request, show)
         return Response(
             request_id=end.request_id,
             trace_id=end.trace_id,
@@ -138,8 +136,6 @@ async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: Te
             metrics=end.metrics,
             error=end.error,
         )
-    finally:
-        await engine.stop()
 
 
 register_guarded(

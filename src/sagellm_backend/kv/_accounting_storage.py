@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.capability import DType, parse_dtype
 from sagellm_backend.errors import InvalidKVBlockError
-from sagellm_backend.kv._storage_base import Pages, _check_num_pages, _check_pages
+from sagellm_backend.kv._storage_base import Pages, _check_pages, _PagedStorage
 from sagellm_backend.kv.spec import KVSpec
 
 
@@ -41,7 +42,7 @@ class AccountingPages:
     tags: tuple[int, ...]
 
 
-class AccountingStorage:
+class AccountingStorage(_PagedStorage):
     """Capacity-only storage for the mock provider: no bytes, real page bookkeeping.
 
     Each page carries an integer content tag: :meth:`stamp` sets fresh tags (a simulated
@@ -52,10 +53,7 @@ class AccountingStorage:
     preallocated = False
 
     def __init__(self, spec: KVSpec, num_pages: int, device: str = "mock:0") -> None:
-        _check_num_pages(num_pages)
-        self.spec = spec
-        self.num_pages = num_pages
-        self.device = device
+        super().__init__(spec, num_pages, device)
         self._tags = [0] * num_pages
         self._next_tag = 1
         self.pages_copied = 0
@@ -102,8 +100,7 @@ class AccountingStorage:
     ) -> None:
         """Write a snapshot from :meth:`read_pages` of a storage with the same page size."""
         ids = _check_pages(pages, self.num_pages, "write_pages")
-        if not isinstance(data, AccountingPages):
-            raise TypeError(f"write_pages expects AccountingPages, got {type(data).__name__}")
+        data = require_instance(data, AccountingPages, "write_pages expects AccountingPages")
         if data.page_bytes != self.spec.page_bytes or len(data.tags) != len(ids):
             raise InvalidKVBlockError(
                 f"write_pages: data holds {len(data.tags)} pages of {data.page_bytes} bytes, "

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.capability import DType, parse_dtype
 from sagellm_backend.errors import InvalidKVBlockError
 from sagellm_backend.kv._storage_base import (
     Pages,
     _check_copy,
-    _check_num_pages,
     _check_pages,
+    _PagedStorage,
     _split_tail,
 )
 from sagellm_backend.kv.spec import KVSpec
@@ -45,7 +46,7 @@ class HostPages:
         return len(self.data) // self.page_bytes
 
 
-class HostKVStorage:
+class HostKVStorage(_PagedStorage):
     """Preallocated host memory holding every page of a pool (no torch needed).
 
     Layout: page-major. Page ``p`` is the ``page_bytes`` bytes at ``p * page_bytes``; inside
@@ -67,10 +68,7 @@ class HostKVStorage:
     preallocated = True
 
     def __init__(self, spec: KVSpec, num_pages: int, device: str = "cpu") -> None:
-        _check_num_pages(num_pages)
-        self.spec = spec
-        self.num_pages = num_pages
-        self.device = device
+        super().__init__(spec, num_pages, device)
         self._page = spec.page_bytes
         self._runs = 2 * spec.num_layers
         self._run = self._page // self._runs
@@ -125,8 +123,7 @@ class HostKVStorage:
         written.
         """
         ids = _check_pages(pages, self.num_pages, "write_pages")
-        if not isinstance(data, HostPages):
-            raise TypeError(f"write_pages expects HostPages, got {type(data).__name__}")
+        data = require_instance(data, HostPages, "write_pages expects HostPages")
         if len(set(ids)) != len(ids):
             raise InvalidKVBlockError("write_pages: target pages must be distinct")
         if data.page_bytes != self._page or data.num_pages != len(ids):

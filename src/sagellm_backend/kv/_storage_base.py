@@ -119,3 +119,22 @@ def _split_tail(
 def _check_num_pages(num_pages: int) -> None:
     if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
         raise ValueError(f"num_pages must be a positive integer, got {num_pages!r}")
+
+
+class _PagedStorage:
+    """The attributes every storage starts from: ``spec``, ``num_pages`` and ``device``.
+
+    Args:
+        spec: KV geometry and dtype.
+        num_pages: pages the storage holds (checked: an int ``>= 1``).
+        device: device string of the data.
+
+    Raises:
+        ValueError: ``num_pages`` is not a positive integer.
+    """
+
+    def __init__(self, spec: KVSpec, num_pages: int, device: str) -> None:
+        _check_num_pages(num_pages)
+        self.spec = spec
+        self.num_pages = num_pages
+        self.device = device

@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.capability import DType, parse_dtype
 from sagellm_backend.errors import InvalidKVBlockError
 from sagellm_backend.kv._storage_base import (
     Pages,
     _check_copy,
-    _check_num_pages,
     _check_pages,
+    _PagedStorage,
     _split_tail,
 )
 from sagellm_backend.kv.spec import KVSpec
@@ -64,7 +65,7 @@ def _reinterpret(data: torch.Tensor, spec: KVSpec, dtype: DType) -> torch.Tensor
     return raw.view(tdtype).view(layers, kv, pages, tokens, spec.num_kv_heads, -1)
 
 
-class TorchKVStorage:
+class TorchKVStorage(_PagedStorage):
     """Preallocated torch tensor holding every page of a pool.
 
     ``data`` has shape ``[num_layers, 2, num_pages, block_size, num_kv_heads, head_dim]``
@@ -86,12 +87,10 @@ class TorchKVStorage:
     ) -> None:
         import torch
 
-        _check_num_pages(num_pages)
+        super().__init__(spec, num_pages, device)
         tdtype, pack = torch_dtype_of(spec.dtype)
         if spec.head_dim % pack:
             raise ValueError(f"INT4 KV needs an even head_dim, got {spec.head_dim}")
-        self.spec = spec
-        self.num_pages = num_pages
         self.torch_dtype = tdtype
         shape = (
             spec.num_layers,
@@ -103,7 +102,7 @@ class TorchKVStorage:
         )
         alloc = torch.zeros if zero else torch.empty
         self.data: torch.Tensor = alloc(shape, dtype=tdtype, device=device)
-        self.device = str(self.data.device)
+        self.device = str(self.data.device)  # normalised by torch ("cuda" -> "cuda:0")
         self._views: dict[DType, torch.Tensor] = {}
 
     @property
@@ -172,8 +171,7 @@ class TorchKVStorage:
         """
         import torch
 
-        if not isinstance(data, torch.Tensor):
-            raise TypeError(f"write_pages expects a torch.Tensor, got {type(data).__name__}")
+        data = require_instance(data, torch.Tensor, "write_pages expects a torch.Tensor")
         ids = _check_pages(pages, self.num_pages, "write_pages")
         if len(set(ids)) != len(ids):
             raise InvalidKVBlockError("write_pages: target pages must be distinct")

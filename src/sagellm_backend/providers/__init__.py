@@ -6,9 +6,9 @@ so importing this package imports no provider module, and never torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sagellm_backend._lazy import lazy_table, resolve_lazy
+from sagellm_backend._lazy import lazy_module_hooks, lazy_table
 
 if TYPE_CHECKING:
     from sagellm_backend.providers.cpu import CPUBackendProvider, create_cpu_backend
@@ -24,13 +24,8 @@ _LAZY = lazy_table(
 )
 
 
-def __getattr__(name: str) -> Any:
-    """Resolve the lazily imported provider names (PEP 562)."""
-    return resolve_lazy(globals(), _LAZY, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+# PEP 562: the provider names resolve on first access; dir() lists them before that.
+__getattr__, __dir__ = lazy_module_hooks(globals(), _LAZY)
 
 
 __all__ = [

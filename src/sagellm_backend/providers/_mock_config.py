@@ -25,11 +25,8 @@ _DEFAULT_DTYPES = (DType.FP16, DType.BF16)  # the 0.1.1.x defaults
 _DEFAULT_KINDS = (KernelKind.MATMUL, KernelKind.ATTENTION)
 
 
-class InjectedFaultError(BackendError, RuntimeError):
+class InjectedFaultError(BackendError, RuntimeError, code=ErrorCode.UNAVAILABLE, retryable=True):
     """A failure the mock was configured to inject (UNAVAILABLE, retryable)."""
-
-    code = ErrorCode.UNAVAILABLE
-    retryable = True
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:

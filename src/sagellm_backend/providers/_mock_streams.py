@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.errors import InvalidStateError
 
 __all__ = ["MockEvent", "MockStream"]
@@ -40,8 +41,7 @@ class MockEvent:
             TypeError: ``start`` is not a :class:`MockEvent`.
             InvalidStateError: either event was never recorded.
         """
-        if not isinstance(start, MockEvent):
-            raise TypeError(f"start must be a MockEvent, got {type(start).__name__}")
+        require_instance(start, MockEvent, "start must be a MockEvent")
         if start._time is None or self._time is None:
             which = "start" if start._time is None else "end"
             raise InvalidStateError(f"elapsed_ms: the {which} event was never recorded")
@@ -61,11 +61,8 @@ class MockStream:
 
     def record_event(self, event: MockEvent) -> None:
         """Record ``event`` at the current end of this stream."""
-        if not isinstance(event, MockEvent):
-            raise TypeError(f"record_event expects a MockEvent, got {type(event).__name__}")
-        event.record(self)
+        require_instance(event, MockEvent, "record_event expects a MockEvent").record(self)
 
     def wait_event(self, event: MockEvent) -> None:
         """Make later work wait for ``event`` (nothing to wait for in the mock)."""
-        if not isinstance(event, MockEvent):
-            raise TypeError(f"wait_event expects a MockEvent, got {type(event).__name__}")
+        require_instance(event, MockEvent, "wait_event expects a MockEvent")

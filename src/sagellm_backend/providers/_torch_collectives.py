@@ -19,6 +19,7 @@ import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.errors import CapabilityNotSupportedError, ConfigError, DependencyMissingError
 from sagellm_backend.providers._torch_device import TORCH_INSTALL_HINT, DeviceLayer
 from sagellm_backend.providers._torch_options import TorchProviderOptions
@@ -238,8 +239,7 @@ class TorchCollectives:
         return backend
 
     def _check_collective_tensor(self, tensor: Any, what: str) -> None:
-        if not isinstance(tensor, self._torch.Tensor):
-            raise TypeError(f"{what} needs a torch.Tensor, got {type(tensor).__name__}")
+        require_instance(tensor, self._torch.Tensor, f"{what} needs a torch.Tensor")
         if tensor.device.type != self.torch_device.type:
             raise ValueError(
                 f"{what}: tensor is on {tensor.device}, the {self.kind} backend's "

@@ -48,6 +48,7 @@ import sys
 import time
 from typing import Any
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.base import Event, Stream
 from sagellm_backend.base import KVBlock as KVBlock  # 0.1.1.2 export
@@ -123,8 +124,7 @@ class CpuEvent:
             TypeError: ``start`` is not a :class:`CpuEvent`.
             InvalidStateError: (a RuntimeError) either event has not been recorded.
         """
-        if not isinstance(start, CpuEvent):
-            raise TypeError(f"elapsed_ms needs a CpuEvent start, got {type(start).__name__}")
+        start = require_instance(start, CpuEvent, "elapsed_ms needs a CpuEvent start")
         if start._t_ns is None or self._t_ns is None:
             raise InvalidStateError(
                 "both events must be recorded (stream.record_event(e) or e.record()) "
@@ -154,9 +154,7 @@ class CpuStream:
         Raises:
             TypeError: ``event`` is not a :class:`CpuEvent`.
         """
-        if not isinstance(event, CpuEvent):
-            raise TypeError(f"a CpuStream records CpuEvents, got {type(event).__name__}")
-        event.record(self)
+        require_instance(event, CpuEvent, "a CpuStream records CpuEvents").record(self)
 
     def wait_event(self, event: Event) -> None:
         """Make later work wait for ``event`` (already satisfied on the host)."""

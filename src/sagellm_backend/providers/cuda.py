@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagellm_backend._validate import require_instance
 from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 export
 from sagellm_backend.base import Event, Stream
 from sagellm_backend.base import KVBlock as KVBlock  # 0.1.1.2 export
@@ -183,8 +184,7 @@ class CudaEvent:
             TypeError: ``start`` is not a :class:`CudaEvent`.
             InvalidStateError: either event has not been recorded.
         """
-        if not isinstance(start, CudaEvent):
-            raise TypeError(f"elapsed_ms needs a CudaEvent start, got {type(start).__name__}")
+        start = require_instance(start, CudaEvent, "elapsed_ms needs a CudaEvent start")
         if not (start._recorded and self._recorded):
             raise InvalidStateError(
                 "both events must be recorded (stream.record_event(e) or e.record()) "
@@ -219,20 +219,16 @@ class CudaStream:
 
     def record_event(self, event: Event) -> None:
         """Record ``event`` (a :class:`CudaEvent`) at the end of this stream."""
-        if not isinstance(event, CudaEvent):
-            raise TypeError(f"a CudaStream records CudaEvents, got {type(event).__name__}")
-        event.record(self)
+        require_instance(event, CudaEvent, "a CudaStream records CudaEvents").record(self)
 
     def wait_event(self, event: Event) -> None:
         """Make later work on this stream wait for ``event``."""
-        if not isinstance(event, CudaEvent):
-            raise TypeError(f"a CudaStream waits on CudaEvents, got {type(event).__name__}")
+        event = require_instance(event, CudaEvent, "a CudaStream waits on CudaEvents")
         self.raw.wait_event(event.raw)
 
     def wait_stream(self, stream: Stream) -> None:
         """Make later work on this stream wait for all work queued on ``stream``."""
-        if not isinstance(stream, CudaStream):
-            raise TypeError(f"a CudaStream waits on CudaStreams, got {type(stream).__name__}")
+        stream = require_instance(stream, CudaStream, "a CudaStream waits on CudaStreams")
         self.raw.wait_stream(stream.raw)
 
     def __enter__(self) -> CudaStream:

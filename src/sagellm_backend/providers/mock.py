@@ -42,6 +42,7 @@ allocated``), ``reserved`` (= ``allocated``: the mock has no caching allocator),
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -212,15 +213,20 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         self.world_size = world_size
         self.rank = rank
         self.has_graph_exec = has_graph_exec
-        self._has_collective = has_collective
-        self._has_stream = has_stream
-        self._has_event = has_event
         self._max_memory_mb = max_memory_mb
-        self._device_name = device_name
-        self._device_type = device_type
-        self._compute_capability = compute_capability
-        self._max_batch_size = max_batch_size
-        self._max_sequence_length = max_sequence_length
+        # What capability() reports that never changes; it adds the live figures.
+        self._fixed_capability = CapabilityDescriptor(
+            device_name=device_name,
+            device_type=device_type,
+            compute_capability=compute_capability,
+            total_memory_bytes=max_memory_mb * MIB,
+            has_stream=has_stream,
+            has_event=has_event,
+            has_collective=has_collective,
+            max_memory_mb=max_memory_mb,
+            max_batch_size=max_batch_size,
+            max_sequence_length=max_sequence_length,
+        )
         self._lock = threading.Lock()
         self.collective_calls: dict[str, int] = {"all_reduce": 0, "all_gather": 0}
         self._collective_latency_s = (
@@ -258,23 +264,13 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
     # ------------------------------------------------------------------ capability
     def capability(self) -> CapabilityDescriptor:
         """The configured capability matrix; kernels are the kinds registered now."""
-        stats = self.kv.stats()
-        total = self._max_memory_mb * MIB
-        return CapabilityDescriptor(
-            device_name=self._device_name,
-            device_type=self._device_type,
-            compute_capability=self._compute_capability,
-            total_memory_bytes=total,
-            available_memory_bytes=total - stats["kv_allocated_bytes"],
+        allocated = self.kv.stats()["kv_allocated_bytes"]
+        return dataclasses.replace(
+            self._fixed_capability,
+            available_memory_bytes=self._max_memory_mb * MIB - allocated,
             supported_dtypes=list(self._dtypes),
             supported_kernels=self._kernels.kinds(),
-            has_stream=self._has_stream,
-            has_event=self._has_event,
-            has_collective=self._has_collective,
             has_graph_exec=self.has_graph_exec,
-            max_memory_mb=self._max_memory_mb,
-            max_batch_size=self._max_batch_size,
-            max_sequence_length=self._max_sequence_length,
         )
 
     def check_dtype(self, dtype: DType | str) -> DType:
@@ -284,7 +280,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
     # ------------------------------------------------------------------ streams / events
     def create_stream(self) -> MockStream:
         """A new :class:`MockStream` (CapabilityNotSupportedError if ``has_stream`` is False)."""
-        if not self._has_stream:
+        if not self._fixed_capability.has_stream:
             raise CapabilityNotSupportedError(
                 "this mock backend was configured with has_stream=False; streams are unsupported"
             )
@@ -292,7 +288,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
 
     def create_event(self) -> MockEvent:
         """A new :class:`MockEvent` (CapabilityNotSupportedError if ``has_event`` is False)."""
-        if not self._has_event:
+        if not self._fixed_capability.has_event:
             raise CapabilityNotSupportedError(
                 "this mock backend was configured with has_event=False; events are unsupported"
             )
@@ -300,7 +296,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
 
     # ------------------------------------------------------------------ collectives
     def _begin_collective(self, name: str) -> None:
-        if not self._has_collective:
+        if not self._fixed_capability.has_collective:
             raise CapabilityNotSupportedError(
                 f"{name}: collective operations are not supported by this backend "
                 "(has_collective=False)"
@@ -318,7 +314,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
             ValueError: ``op`` is not one of sum, avg, max, min, product.
             TypeError: ``world_size > 1`` and ``tensor`` is not a list or torch-like tensor.
         """
-        if not self._has_collective:
+        if not self._fixed_capability.has_collective:
             raise CapabilityNotSupportedError(
                 "all_reduce: collective operations are not supported by this backend "
                 "(has_collective=False)"

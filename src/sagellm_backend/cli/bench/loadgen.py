@@ -206,19 +206,20 @@ async def _warmup(engine: Any, wl: Workload, label: str, count: int) -> None:
             raise RuntimeError(f"the warm-up request failed: {request_error_text(response.error)}")
 
 
+#: The generation-config fields :func:`greedy_config` clears: the sampling settings and
+#: every length or end-of-sequence rule other than ``max_new_tokens``.
+_GREEDY_CLEARED = ("temperature", "top_p", "top_k", "min_new_tokens", "max_length", "eos_token_id")
+
+
 def greedy_config(model: Any, tokenizer: Any, new_tokens: int) -> Any:
     """Greedy, exactly ``new_tokens`` tokens (end of sequence does not stop generation)."""
     import copy
 
     gen = copy.deepcopy(model.generation_config)
     gen.do_sample = False
-    gen.temperature = None
-    gen.top_p = None
-    gen.top_k = None
+    for name in _GREEDY_CLEARED:
+        setattr(gen, name, None)
     gen.max_new_tokens = new_tokens
-    gen.min_new_tokens = None
-    gen.max_length = None
-    gen.eos_token_id = None
     pad = tokenizer.pad_token_id
     gen.pad_token_id = pad if pad is not None else 0
     return gen

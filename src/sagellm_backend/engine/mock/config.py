@@ -38,6 +38,11 @@ __all__ = ["DEFAULT_MOCK_CONTEXT", "OPTION_FIELDS", "MockEngineConfig"]
 #: Context length of the simulated model (prompt + output), unless ``max_model_len`` is set.
 DEFAULT_MOCK_CONTEXT = 32768
 _BASE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+# Defaults of the 0.1.1.2 positional parameters (the fields' and the constructor's).
+_LATENCY_MS = 10.0
+_TTFT_MS = 50.0
+_FAILURE_RATE = 0.0
+_VOCABULARY_SIZE = 32000
 _Check = Callable[[str, Any], Any]
 
 
@@ -129,13 +134,13 @@ class MockEngineConfig(EngineConfig):
     """
 
     #: Simulated time per output token after the first (ms).
-    simulate_latency_ms: float = 10.0
+    simulate_latency_ms: float = _LATENCY_MS
     #: Simulated time of a prefill step (ms).
-    simulate_ttft_ms: float = 50.0
+    simulate_ttft_ms: float = _TTFT_MS
     #: Probability that a request fails (injected fault).
-    simulate_failure_rate: float = 0.0
+    simulate_failure_rate: float = _FAILURE_RATE
     #: Vocabulary of the mock tokenizer (at least ``MockTokenizer.MIN_VOCAB_SIZE``).
-    vocabulary_size: int = 32000
+    vocabulary_size: int = _VOCABULARY_SIZE
     #: Uniform random extra time ``[0, jitter_ms]`` per step.
     jitter_ms: float = 0.0
     #: Seed of the jitter/fault random generator.
@@ -174,10 +179,10 @@ class MockEngineConfig(EngineConfig):
     def __init__(
         self,
         engine_id: str,
-        simulate_latency_ms: float = 10.0,
-        simulate_ttft_ms: float = 50.0,
-        simulate_failure_rate: float = 0.0,
-        vocabulary_size: int = 32000,
+        simulate_latency_ms: float = _LATENCY_MS,
+        simulate_ttft_ms: float = _TTFT_MS,
+        simulate_failure_rate: float = _FAILURE_RATE,
+        vocabulary_size: int = _VOCABULARY_SIZE,
         **kwargs: Any,
     ) -> None:
         options = {
