@@ -9,6 +9,15 @@ spaced word of the :class:`~sagellm_backend.engine.mock.tokenizer.MockTokenizer`
 the sampler asks (temperature, top-k, top-p, repetition penalty), eight candidate words
 with falling logits, so sampling settings and seeds act on the mock as on a real model.
 
+How the model works: its state after a context is a pair ``(anchor, j)``. The greedy
+continuation of an anchor is a run of :data:`ORBIT` tokens, read from a fixed pseudo-random
+table of the vocabulary's words at offset ``anchor % table size`` (an *orbit*); ``j`` counts
+the orbit's tokens the context has followed. A token that is the orbit's next one advances
+``j``; any other token (a prompt token, a sampled non-top token, EOS) -- and the last token
+of an orbit -- starts a new orbit: ``anchor = hash((anchor, j, token))``, ``j = 0``. So the
+state is a fold over the whole context, while a greedy run of ``k`` tokens is a slice of
+the table (no per-token work; see multi-step decoding below).
+
 Simulated time: :attr:`MockRunner.last_step_seconds` is what the step just computed would
 take -- ``ttft_ms`` when it computes prompt tokens plus ``latency_ms`` when it decodes, plus
 seeded jitter and every ``slow_step_every``-th step ``slow_step_ms`` more. The driver waits
@@ -17,7 +26,7 @@ that long (the runner itself never sleeps).
 Faults: with ``failure_rate`` a sequence is doomed when its prompt is first seen (a draw of
 the runner's ``random.Random(seed)``, so the same arrivals repeat exactly) and its first
 logits row is an error; with ``eos_probability`` a row is EOS with that chance
-(deterministic per context).
+(deterministic per state).
 
 Multi-step decoding: with no simulated time at all (``latency_ms``, ``ttft_ms``,
 ``jitter_ms`` and slow steps all zero) a step has no duration a consumer could observe, so
@@ -27,12 +36,14 @@ so far, fed back as the next input -- exactly the tokens single steps give (EOS 
 included), returned as one list in the chunk's row. With any simulated time it declares 1,
 so every token keeps its own step and its own timestamp.
 
-Invariants: per-sequence state is one integer (the context hash), rebuilt from position 0
-whenever a chunk starts there; :meth:`release` forgets it.
+Invariants: per-sequence state is one ``(anchor, j)`` pair, rebuilt from the root state
+whenever a chunk starts at position 0; :meth:`release` forgets it. The table depends only
+on the vocabulary (one per word count, shared by every runner of a process).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 
@@ -41,7 +52,7 @@ from sagellm_backend.engine.runners.base import SeqChunk
 from sagellm_backend.engine.sched.sampler import SparseLogits
 from sagellm_backend.errors import BackendNotAvailableError
 
-__all__ = ["BURST_STEPS", "InjectedFailureError", "MockRunner"]
+__all__ = ["BURST_STEPS", "ORBIT", "InjectedFailureError", "MockRunner"]
 
 _MASK53 = (1 << 53) - 1
 
@@ -57,6 +68,28 @@ _NUM_CANDIDATES = 8
 #: Most decode steps of one chunk in one call at zero simulated time (the scheduler also
 #: ends a burst at the sequence's last page).
 BURST_STEPS = 64
+#: Tokens of one orbit (a greedy run read from the table; see the module docstring).
+ORBIT = 64
+_LAST = ORBIT - 1
+#: Distinct orbit offsets of the token table.
+_TABLE_SIZE = 1 << 15
+#: The state before any token.
+_ROOT = (0, 0)
+# Tags that keep the hashes of EOS draws and candidates apart from transition hashes.
+_EOS_TAG = -1
+_CANDIDATE_TAG = -2
+
+State = tuple[int, int]
+
+
+@functools.lru_cache(maxsize=8)
+def _token_table(word0: int, n_words: int) -> list[int]:
+    """The greedy tokens of every orbit: orbit ``o`` is ``table[o : o + ORBIT]``.
+
+    Ints and tuples of ints hash the same in every process, so the table (and every output)
+    is the same across runs.
+    """
+    return [word0 + hash((i, 0x51A7)) % n_words for i in range(_TABLE_SIZE + ORBIT)]
 
 
 class MockRunner:
@@ -102,137 +135,132 @@ class MockRunner:
         self.rng = random.Random(seed)
         self.steps = 0
         self.last_step_seconds = 0.0
-        self._state: dict[str, int] = {}
+        self._state: dict[str, State] = {}
         self._doomed: set[str] = set()
         self._n_words = tokenizer.num_output_words
         self._word0 = MockTokenizer.WORD_OFFSET
+        self._table = _token_table(self._word0, self._n_words)
         timed = latency_ms > 0 or ttft_ms > 0 or jitter_ms > 0
         timed = timed or bool(slow_step_every and slow_step_ms > 0)
         #: decode steps one chunk may run per call (see the module docstring)
         self.max_decode_steps = 1 if timed else BURST_STEPS
 
     def execute(self, chunks: Sequence[SeqChunk]) -> SparseLogits:
-        """Advance each chunk's context hash; one logits row per chunk that asks."""
+        """Advance each chunk's state; one row per chunk that asks (a burst: its tokens)."""
         self.steps += 1
         state = self._state
-        n_words = self._n_words
-        word0 = self._word0
-        eos_p = self.eos_probability
+        table = self._table
+        doomed = self._doomed
+        # no faults and no EOS draws: the top token is the table entry of the state
+        plain = self.eos_probability <= 0 and self.failure_rate <= 0 and not doomed
         top: list[int] = []
-        hashes: list[int] = []
+        rows: list[State] = []
         errors: dict[int, BaseException] | None = None
         prefill = decode = False
-        doomed = self._doomed
-        if eos_p <= 0 and self.failure_rate <= 0 and not doomed:
-            # the common case (no faults, no EOS draws): the same hashes, a tighter loop
-            fold = self._fold
-            for c in chunks:
-                sid = c.seq_id
-                toks = c.token_ids
-                h = state.get(sid)
-                if h is not None and c.start and len(toks) == 1:
-                    decode = True
-                    h = state[sid] = hash((h, toks[0]))
-                    k = c.num_steps
-                    if k > 1:  # a burst: feed each top token back
-                        t = word0 + h % n_words
-                        burst = [t]
-                        add = burst.append
-                        for _ in range(k - 1):
-                            h = hash((h, t))
-                            t = word0 + h % n_words
-                            add(t)
-                        state[sid] = h
-                        hashes.append(h)
-                        top.append(burst)  # type: ignore[arg-type]
-                        continue
-                else:
-                    prefill = True
-                    h = fold(sid, c, h)
-                if c.need_logits:
-                    hashes.append(h)
-                    top.append(word0 + h % n_words)
-            chunks = ()
         for c in chunks:
             sid = c.seq_id
             toks = c.token_ids
-            h = state.get(sid)
-            if len(toks) == 1 and c.start and h is not None:  # a decode step
+            st = state.get(sid)
+            if st is not None and c.start and len(toks) == 1:  # a decode step
                 decode = True
-                h = hash((h, toks[0]))
-                state[sid] = h
-                if c.num_steps > 1:
-                    h = self._burst(sid, h, c.num_steps, top)
-                    hashes.append(h)
+                h, j = st
+                t = toks[0]
+                if j < _LAST and t == table[h % _TABLE_SIZE + j]:
+                    j += 1
+                else:
+                    h = hash((h, j, t))
+                    j = 0
+                k = c.num_steps
+                if k > 1:  # a burst: k tokens, each fed back as the next input
+                    burst, st = _greedy_run(table, h, j, k) if plain else self._run(h, j, k)
+                    state[sid] = st
+                    rows.append(st)
+                    top.append(burst)  # type: ignore[arg-type]
                     continue
-                if not c.need_logits:
-                    continue
+                st = state[sid] = (h, j)
             else:
                 prefill = True
-                h = self._fold(sid, c, h)
-                if not c.need_logits:
-                    continue
+                st = self._fold(sid, c, st)
+            if not c.need_logits:
+                continue
             if doomed and sid in doomed:
                 if errors is None:
                     errors = {}
                 errors[len(top)] = InjectedFailureError(
                     f"injected failure (simulate_failure_rate={self.failure_rate})"
                 )
-            hashes.append(h)
-            top.append(self._top(h))
+            rows.append(st)
+            top.append(table[st[0] % _TABLE_SIZE + st[1]] if plain else self._top(st))
         ms = (self.ttft_ms if prefill else 0.0) + (self.latency_ms if decode else 0.0)
         if self.jitter_ms > 0:
             ms += self.rng.uniform(0.0, self.jitter_ms)
         if self.slow_step_every and self.steps % self.slow_step_every == 0:
             ms += self.slow_step_ms
         self.last_step_seconds = ms / 1000.0
+        word0 = self._word0
+        n_words = self._n_words
 
         def expand(row: int) -> tuple[list[int], list[float]]:
-            h = hashes[row]
+            h, j = rows[row]
+            key = hash((h, j, _CANDIDATE_TAG))
             ids = [top[row]]
-            for j in range(2, 2 + 2 * _NUM_CANDIDATES):
+            for c in range(2, 2 + 2 * _NUM_CANDIDATES):
                 if len(ids) == _NUM_CANDIDATES:
                     break
-                cand = word0 + hash((h, j)) % n_words
+                cand = word0 + hash((key, c)) % n_words
                 if cand not in ids:
                     ids.append(cand)
             return ids, [-0.5 * k for k in range(len(ids))]
 
         return SparseLogits(top, expand, errors)
 
-    def _top(self, h: int) -> int:
-        """The most likely token after the context with hash ``h`` (EOS draws included)."""
+    def _top(self, st: State) -> int:
+        """The most likely token in state ``st`` (EOS draws included)."""
+        h, j = st
         eos_p = self.eos_probability
-        if eos_p > 0 and (hash((h, 1)) & _MASK53) * (1.0 / (1 << 53)) < eos_p:
+        if eos_p > 0 and (hash((h, j, _EOS_TAG)) & _MASK53) * (1.0 / (1 << 53)) < eos_p:
             return MockTokenizer.EOS_ID
-        return self._word0 + h % self._n_words
+        return self._table[h % _TABLE_SIZE + j]
 
-    def _burst(self, sid: str, h: int, k: int, top: list[int]) -> int:
-        """Run ``k`` decode steps from hash ``h``; append the token list as one row."""
-        t = self._top(h)
-        burst = [t]
-        for _ in range(k - 1):
-            h = hash((h, t))
-            t = self._top(h)
-            burst.append(t)
-        self._state[sid] = h
-        top.append(burst)  # type: ignore[arg-type]
-        return h
+    def _run(self, h: int, j: int, k: int) -> tuple[list[int], State]:
+        """``k`` greedy tokens from state ``(h, j)``, one at a time (EOS draws included).
 
-    def _fold(self, sid: str, c: SeqChunk, h: int | None) -> int:
-        """The context hash after a prompt (or recompute) chunk; draws the fault at start."""
-        if h is None or c.start == 0:
-            h = 0
+        Returns the tokens and the state in which the last one was produced.
+        """
+        table = self._table
+        st = (h, j)
+        out: list[int] = []
+        while True:
+            t = self._top(st)
+            out.append(t)
+            if len(out) == k:
+                return out, st
+            h, j = st
+            if j < _LAST and t == table[h % _TABLE_SIZE + j]:
+                st = (h, j + 1)
+            else:
+                st = (hash((h, j, t)), 0)
+
+    def _fold(self, sid: str, c: SeqChunk, st: State | None) -> State:
+        """The state after a prompt (or recompute) chunk; draws the fault at position 0."""
+        if st is None or c.start == 0:
+            st = _ROOT
             if (
                 self.failure_rate > 0
                 and sid not in self._doomed
                 and self.rng.random() < self.failure_rate
             ):
                 self._doomed.add(sid)
+        h, j = st
+        table = self._table
         for t in c.token_ids:
-            h = hash((h, t))
-        self._state[sid] = h
-        return h
+            if j < _LAST and t == table[h % _TABLE_SIZE + j]:
+                j += 1
+            else:
+                h = hash((h, j, t))
+                j = 0
+        st = self._state[sid] = (h, j)
+        return st
 
     def release(self, seq_id: str) -> None:
         """Forget the sequence's context hash (and whether it is doomed)."""
@@ -243,3 +271,23 @@ class MockRunner:
         """Forget every sequence."""
         self._state.clear()
         self._doomed.clear()
+
+
+def _greedy_run(table: list[int], h: int, j: int, k: int) -> tuple[list[int], State]:
+    """``k`` greedy tokens from state ``(h, j)`` without EOS draws: slices of the table.
+
+    The same tokens as ``k`` single steps (the last token of an orbit starts the next one,
+    as in a step). Returns the tokens and the state in which the last one was produced.
+    """
+    o = h % _TABLE_SIZE
+    if j + k <= ORBIT:
+        return table[o + j : o + j + k], (h, j + k - 1)
+    out = table[o + j : o + ORBIT]
+    while True:
+        h = hash((h, _LAST, out[-1]))
+        o = h % _TABLE_SIZE
+        need = k - len(out)
+        if need <= ORBIT:
+            out += table[o : o + need]
+            return out, (h, need - 1)
+        out += table[o : o + ORBIT]
