@@ -60,9 +60,7 @@ def test_a_burst_gives_the_tokens_of_single_steps(prompt: list[int], lead: int, 
 
 @settings(max_examples=20, deadline=None)
 @given(prompt=prompts, k=st.integers(2, 2 * ORBIT))
-def test_a_burst_with_eos_draws_gives_the_tokens_of_single_steps(
-    prompt: list[int], k: int
-) -> None:
+def test_a_burst_with_eos_draws_gives_the_tokens_of_single_steps(prompt: list[int], k: int) -> None:
     steps, burst = MockRunner(TOK, eos_probability=0.05), MockRunner(TOK, eos_probability=0.05)
     first = _prefill(steps, "s", prompt)
     assert _prefill(burst, "s", prompt) == first
