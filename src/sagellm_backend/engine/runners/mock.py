@@ -11,10 +11,10 @@ with falling logits, so sampling settings and seeds act on the mock as on a real
 
 How the model works: its state after a context is a pair ``(anchor, j)``. The greedy
 continuation of an anchor is a run of :data:`ORBIT` tokens, read from a fixed pseudo-random
-table of the vocabulary's words at offset ``anchor % table size`` (an *orbit*); ``j`` counts
+table of the vocabulary's words at offset ``anchor mod table size`` (an *orbit*); ``j`` counts
 the orbit's tokens the context has followed. A token that is the orbit's next one advances
 ``j``; any other token (a prompt token, a sampled non-top token, EOS) -- and the last token
-of an orbit -- starts a new orbit: ``anchor = hash((anchor, j, token))``, ``j = 0``. So the
+of an orbit -- starts a new orbit: ``anchor = hash((anchor, token))``, ``j = 0``. So the
 state is a fold over the whole context, while a greedy run of ``k`` tokens is a slice of
 the table (no per-token work; see multi-step decoding below).
 
@@ -71,8 +71,9 @@ BURST_STEPS = 64
 #: Tokens of one orbit (a greedy run read from the table; see the module docstring).
 ORBIT = 64
 _LAST = ORBIT - 1
-#: Distinct orbit offsets of the token table.
+#: Distinct orbit offsets of the token table (a power of two: offset = anchor & _MASK).
 _TABLE_SIZE = 1 << 15
+_MASK = _TABLE_SIZE - 1
 #: The state before any token.
 _ROOT = (0, 0)
 # Tags that keep the hashes of EOS draws and candidates apart from transition hashes.
@@ -163,13 +164,7 @@ class MockRunner:
             st = state.get(sid)
             if st is not None and c.start and len(toks) == 1:  # a decode step
                 decode = True
-                h, j = st
-                t = toks[0]
-                if j < _LAST and t == table[h % _TABLE_SIZE + j]:
-                    j += 1
-                else:
-                    h = hash((h, j, t))
-                    j = 0
+                h, j = st = _next_state(table, *st, toks[0])
                 k = c.num_steps
                 if k > 1:  # a burst: k tokens, each fed back as the next input
                     burst, st = _greedy_run(table, h, j, k) if plain else self._run(h, j, k)
@@ -177,7 +172,7 @@ class MockRunner:
                     rows.append(st)
                     top.append(burst)  # type: ignore[arg-type]
                     continue
-                st = state[sid] = (h, j)
+                state[sid] = st
             else:
                 prefill = True
                 st = self._fold(sid, c, st)
@@ -190,7 +185,7 @@ class MockRunner:
                     f"injected failure (simulate_failure_rate={self.failure_rate})"
                 )
             rows.append(st)
-            top.append(table[st[0] % _TABLE_SIZE + st[1]] if plain else self._top(st))
+            top.append(table[(st[0] & _MASK) + st[1]] if plain else self._top(st))
         ms = (self.ttft_ms if prefill else 0.0) + (self.latency_ms if decode else 0.0)
         if self.jitter_ms > 0:
             ms += self.rng.uniform(0.0, self.jitter_ms)
@@ -220,7 +215,7 @@ class MockRunner:
         eos_p = self.eos_probability
         if eos_p > 0 and (hash((h, j, _EOS_TAG)) & _MASK53) * (1.0 / (1 << 53)) < eos_p:
             return MockTokenizer.EOS_ID
-        return self._table[h % _TABLE_SIZE + j]
+        return self._table[(h & _MASK) + j]
 
     def _run(self, h: int, j: int, k: int) -> tuple[list[int], State]:
         """``k`` greedy tokens from state ``(h, j)``, one at a time (EOS draws included).
@@ -235,11 +230,7 @@ class MockRunner:
             out.append(t)
             if len(out) == k:
                 return out, st
-            h, j = st
-            if j < _LAST and t == table[h % _TABLE_SIZE + j]:
-                st = (h, j + 1)
-            else:
-                st = (hash((h, j, t)), 0)
+            st = _next_state(table, *st, t)
 
     def _fold(self, sid: str, c: SeqChunk, st: State | None) -> State:
         """The state after a prompt (or recompute) chunk; draws the fault at position 0."""
@@ -253,12 +244,12 @@ class MockRunner:
                 self._doomed.add(sid)
         h, j = st
         table = self._table
-        for t in c.token_ids:
-            if j < _LAST and t == table[h % _TABLE_SIZE + j]:
-                j += 1
-            else:
-                h = hash((h, j, t))
+        for t in c.token_ids:  # _next_state, inlined (once per prompt token)
+            if t != table[(h & _MASK) + j] or j == _LAST:
+                h = hash((h, t))
                 j = 0
+            else:
+                j += 1
         st = self._state[sid] = (h, j)
         return st
 
@@ -273,19 +264,30 @@ class MockRunner:
         self._doomed.clear()
 
 
+def _next_state(table: list[int], h: int, j: int, t: int) -> State:
+    """The state after token ``t`` in state ``(h, j)``: the model's one rule.
+
+    The orbit's next token advances ``j``; any other token, and the orbit's last one, starts
+    a new orbit.
+    """
+    if t != table[(h & _MASK) + j] or j == _LAST:
+        return (hash((h, t)), 0)
+    return (h, j + 1)
+
+
 def _greedy_run(table: list[int], h: int, j: int, k: int) -> tuple[list[int], State]:
     """``k`` greedy tokens from state ``(h, j)`` without EOS draws: slices of the table.
 
     The same tokens as ``k`` single steps (the last token of an orbit starts the next one,
     as in a step). Returns the tokens and the state in which the last one was produced.
     """
-    o = h % _TABLE_SIZE
+    o = h & _MASK
     if j + k <= ORBIT:
         return table[o + j : o + j + k], (h, j + k - 1)
     out = table[o + j : o + ORBIT]
     while True:
-        h = hash((h, _LAST, out[-1]))
-        o = h % _TABLE_SIZE
+        h = hash((h, out[-1]))
+        o = h & _MASK
         need = k - len(out)
         if need <= ORBIT:
             out += table[o : o + need]
