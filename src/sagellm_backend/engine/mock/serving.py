@@ -13,7 +13,6 @@ the serving set's ``release``; nothing here imports torch.
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.engine._streaming import RequestLimits
@@ -45,24 +44,26 @@ class _MockDetok(Detokenizer):
     Stateless (every token is a whole word, nothing is held back), so one instance serves
     every request of an engine.
 
-    When every id is a word id, their texts are gathered from the tokenizer's id -> text
-    table in one C-level ``itemgetter`` pass; any other id (a byte or special token, or
-    one outside the vocabulary) goes to the tokenizer's full ``decode``. Both give
-    ``tokenizer.decode(ids)``.
+    The texts of word ids are gathered from an id -> text list in one C-level ``map``; an
+    id that is not a word (a byte or special token: ``None`` in the list, or one past the
+    words) makes the join fail and goes to the tokenizer's full ``decode``, as do negative
+    ids. Both give ``tokenizer.decode(ids)``.
     """
 
-    __slots__ = ("_decode", "_end", "_text")
+    __slots__ = ("_decode", "_word_at")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        # indexed by token id; ids below WORD_OFFSET never reach it (checked in add)
-        self._text = tokenizer._text_by_id
-        self._end = tokenizer.word_end
+        words: list[str | None] = [None] * MockTokenizer.WORD_OFFSET
+        words += tokenizer._text_by_id[MockTokenizer.WORD_OFFSET :]
+        self._word_at = words.__getitem__
 
     def add(self, ids: list[int]) -> str:
-        if ids and min(ids) >= MockTokenizer.WORD_OFFSET and max(ids) < self._end:  # words only
-            # one id gives its string, several a tuple: "".join of either is the text
-            return "".join(itemgetter(*ids)(self._text))
+        if ids and min(ids) >= 0:
+            try:
+                return "".join(map(self._word_at, ids))  # type: ignore[arg-type]
+            except (TypeError, IndexError):  # not a word: None in the list, or past it
+                pass
         return self._decode(ids)
 
     def flush(self) -> str:
