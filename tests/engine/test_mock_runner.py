@@ -14,9 +14,11 @@ WORD0 = MockTokenizer.WORD_OFFSET
 prompts = st.lists(st.integers(WORD0, TOK.word_end - 1), min_size=1, max_size=40)
 
 
-def _prefill(runner: MockRunner, sid: str, prompt: list[int]) -> int:
+def _prefill(runner: MockRunner, sid: str, prompt: list[int], prompt_len: int | None = None) -> int:
     """Compute ``prompt`` from position 0; the first greedy token."""
-    token = runner.execute([SeqChunk(sid, list(prompt), 0, [], True)]).top1[0]
+    n = len(prompt) if prompt_len is None else prompt_len
+    chunk = SeqChunk(sid, list(prompt), 0, [], True, prompt_len=n)
+    token = runner.execute([chunk]).top1[0]
     assert isinstance(token, int)
     return token
 
@@ -77,7 +79,20 @@ def test_a_recomputed_sequence_continues_where_it_was(prompt: list[int], k: int)
     out = [first, *_single_steps(runner, "s", first, len(prompt), k)]
     fresh = MockRunner(TOK)
     context = prompt + out[:-1]
-    assert _prefill(fresh, "r", context) == out[-1]
+    assert _prefill(fresh, "r", context, len(prompt)) == out[-1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(prompt=st.lists(st.integers(WORD0, TOK.word_end - 1), min_size=2, max_size=40))
+def test_a_chunked_prompt_gives_the_same_state(prompt: list[int]) -> None:
+    whole, parts = MockRunner(TOK), MockRunner(TOK)
+    first = _prefill(whole, "s", prompt)
+    cut = len(prompt) // 2
+    n = len(prompt)
+    parts.execute([SeqChunk("s", prompt[:cut], 0, [], False, prompt_len=n)])
+    top = parts.execute([SeqChunk("s", prompt[cut:], cut, [], True, prompt_len=n)]).top1
+    assert top[0] == first
+    assert _burst(parts, "s", first, n, 20) == _burst(whole, "s", first, n, 20)
 
 
 def test_outputs_depend_on_the_prompt() -> None:

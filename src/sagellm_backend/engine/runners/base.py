@@ -37,6 +37,9 @@ class SeqChunk:
             one-token decode chunk of a greedy sequence and the runner returns, in its row,
             the ``k`` tokens it generated one after the other (each fed back as the next
             input, positions ``start .. start + k - 1`` written), instead of logits.
+        prompt_len: the sequence's prompt length: positions below it hold prompt tokens,
+            the others generated ones (a chunk recomputed after preemption holds both).
+            Runners that do not care ignore it; 0 when the sender does not say.
     """
 
     seq_id: str
@@ -45,6 +48,7 @@ class SeqChunk:
     block_table: list[int]
     need_logits: bool
     num_steps: int = 1
+    prompt_len: int = 0
 
 
 class ModelRunner(Protocol):

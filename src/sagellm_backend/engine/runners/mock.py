@@ -13,10 +13,11 @@ How the model works: its state after a context is a pair ``(anchor, j)``. The gr
 continuation of an anchor is a run of :data:`ORBIT` tokens, read from a fixed pseudo-random
 table of the vocabulary's words at offset ``anchor mod table size`` (an *orbit*); ``j`` counts
 the orbit's tokens the context has followed. A token that is the orbit's next one advances
-``j``; any other token (a prompt token, a sampled non-top token, EOS) -- and the last token
-of an orbit -- starts a new orbit: ``anchor = hash((anchor, token))``, ``j = 0``. So the
-state is a fold over the whole context, while a greedy run of ``k`` tokens is a slice of
-the table (no per-token work; see multi-step decoding below).
+``j``; any other token (a sampled non-top token, EOS) -- and the last token of an orbit, and
+every prompt token (positions below the chunk's ``prompt_len``) -- starts a new orbit:
+``anchor = hash((anchor, token))``, ``j = 0``. So the state is a fold over the whole
+context (a prompt folds as a plain hash chain), while a greedy run of ``k`` tokens is a
+slice of the table (no per-token work; see multi-step decoding below).
 
 Simulated time: :attr:`MockRunner.last_step_seconds` is what the step just computed would
 take -- ``ttft_ms`` when it computes prompt tokens plus ``latency_ms`` when it decodes, plus
@@ -233,7 +234,12 @@ class MockRunner:
             st = _next_state(table, *st, t)
 
     def _fold(self, sid: str, c: SeqChunk, st: State | None) -> State:
-        """The state after a prompt (or recompute) chunk; draws the fault at position 0."""
+        """The state after a prompt (or recompute) chunk; draws the fault at position 0.
+
+        A prompt token always starts a new orbit (it is not the model's output), so the
+        prompt part folds as a plain hash chain; generated tokens (a chunk recomputed after
+        preemption) follow :func:`_next_state`, as when they were decoded.
+        """
         if st is None or c.start == 0:
             st = _ROOT
             if (
@@ -243,13 +249,21 @@ class MockRunner:
             ):
                 self._doomed.add(sid)
         h, j = st
-        table = self._table
-        for t in c.token_ids:  # _next_state, inlined (once per prompt token)
-            if t != table[(h & _MASK) + j] or j == _LAST:
+        toks = c.token_ids
+        in_prompt = c.prompt_len - c.start
+        if in_prompt > 0:
+            for t in toks if in_prompt >= len(toks) else toks[:in_prompt]:
                 h = hash((h, t))
-                j = 0
-            else:
-                j += 1
+            j = 0
+            toks = toks[in_prompt:]
+        if toks:
+            table = self._table
+            for t in toks:  # _next_state, inlined
+                if t != table[(h & _MASK) + j] or j == _LAST:
+                    h = hash((h, t))
+                    j = 0
+                else:
+                    j += 1
         st = self._state[sid] = (h, j)
         return st
 

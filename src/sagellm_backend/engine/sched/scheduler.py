@@ -308,7 +308,9 @@ class Scheduler(StepRecorder):
             k = self._burst_steps(seq, n, steps) if steps > 1 and seq.burst else 1
             chunk = seq.chunk
             if chunk is None:
-                chunk = seq.chunk = SeqChunk(seq.seq_id, [out[-1]], n - 1, seq.block_table, True)
+                chunk = seq.chunk = SeqChunk(
+                    seq.seq_id, [out[-1]], n - 1, seq.block_table, True, prompt_len=seq.prompt_len
+                )
             else:  # the sequence's decode chunk, reused: valid during one execute() only
                 chunk.token_ids[0] = out[-1]
                 chunk.start = n - 1
@@ -335,7 +337,14 @@ class Scheduler(StepRecorder):
             end = min(n, start + budget)
             need = end == n
             chunks.append(
-                SeqChunk(seq.seq_id, seq.token_slice(start, end), start, seq.block_table, need)
+                SeqChunk(
+                    seq.seq_id,
+                    seq.token_slice(start, end),
+                    start,
+                    seq.block_table,
+                    need,
+                    prompt_len=seq.prompt_len,
+                )
             )
             owners.append(seq)
             if need:
