@@ -268,7 +268,7 @@ class MockRunner:
         return st
 
     def release(self, seq_id: str) -> None:
-        """Forget the sequence's context hash (and whether it is doomed)."""
+        """Forget the sequence's state (and whether it is doomed)."""
         self._state.pop(seq_id, None)
         self._doomed.discard(seq_id)
 
