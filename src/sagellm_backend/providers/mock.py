@@ -213,7 +213,6 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         self.world_size = world_size
         self.rank = rank
         self.has_graph_exec = has_graph_exec
-        self._max_memory_mb = max_memory_mb
         # What capability() reports that never changes; it adds the live figures.
         self._fixed_capability = CapabilityDescriptor(
             device_name=device_name,
@@ -267,7 +266,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         allocated = self.kv.stats()["kv_allocated_bytes"]
         return dataclasses.replace(
             self._fixed_capability,
-            available_memory_bytes=self._max_memory_mb * MIB - allocated,
+            available_memory_bytes=self._fixed_capability.total_memory_bytes - allocated,
             supported_dtypes=list(self._dtypes),
             supported_kernels=self._kernels.kinds(),
             has_graph_exec=self.has_graph_exec,
@@ -342,7 +341,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
     def memory_stats(self) -> dict[str, int]:
         """Memory figures (keys in the module docstring); real accounting, not constants."""
         kv = self.kv.stats()
-        total = self._max_memory_mb * MIB
+        total = self._fixed_capability.total_memory_bytes
         allocated = kv["kv_allocated_bytes"]
         stats = {
             "allocated": allocated,
@@ -440,7 +439,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         dtypes = ",".join(d.value for d in self._dtypes)
         return (
             f"MockBackendProvider(id={self.provider_id!r}, device={self.device!r}, "
-            f"dtypes=[{dtypes}], max_memory_mb={self._max_memory_mb})"
+            f"dtypes=[{dtypes}], max_memory_mb={self._fixed_capability.max_memory_mb})"
         )
 
 

@@ -44,9 +44,9 @@ class _MockDetok(Detokenizer):
     Stateless (every token is a whole word, nothing is held back), so one instance serves
     every request of an engine.
 
-    The texts of word ids are gathered from an id -> text list in one C-level ``map``; an
-    id that is not a word (a byte or special token: ``None`` in the list, or one past the
-    words) makes the join fail and goes to the tokenizer's full ``decode``, as do negative
+    The texts of word ids are gathered from the tokenizer's id -> text table in one C-level
+    ``map``; an id that is not a word (a byte or special token: ``None`` in the table, or one
+    past the words) makes the join fail and goes to the tokenizer's full ``decode``, as do negative
     ids. Both give ``tokenizer.decode(ids)``.
     """
 
@@ -54,9 +54,7 @@ class _MockDetok(Detokenizer):
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        words: list[str | None] = [None] * MockTokenizer.WORD_OFFSET
-        words += tokenizer._text_by_id[MockTokenizer.WORD_OFFSET :]
-        self._word_at = words.__getitem__
+        self._word_at = tokenizer._text_by_id.__getitem__  # shared per vocabulary size
 
     def add(self, ids: list[int]) -> str:
         if ids and min(ids) >= 0:

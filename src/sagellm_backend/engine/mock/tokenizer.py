@@ -29,14 +29,19 @@ _WORDS_PER_FORM = 26 + 26**2 + 26**3  # words of 1-3 lowercase letters
 
 
 @functools.lru_cache(maxsize=8)
-def _word_table(num_words: int) -> tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]:
-    """Word pieces by index, their ids and the text by id (shared per size; read-only)."""
+def _word_table(
+    num_words: int,
+) -> tuple[tuple[str, ...], dict[str, int], tuple[str | None, ...]]:
+    """Word pieces by index, their ids, and the text by id (shared per size; read-only).
+
+    The text table holds None for every id below the words (special and byte ids).
+    """
     pieces = tuple(
         (" " + _letters(i) if i < _WORDS_PER_FORM else _letters(i - _WORDS_PER_FORM))
         for i in range(num_words)
     )
     offset = MockTokenizer.WORD_OFFSET
-    return pieces, {p: offset + i for i, p in enumerate(pieces)}, ("",) * offset + pieces
+    return pieces, {p: offset + i for i, p in enumerate(pieces)}, (None,) * offset + pieces
 
 
 # A piece is a word (" ?[a-z]{1,3}", looked up) or a maximal run of characters that cannot
