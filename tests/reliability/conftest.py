@@ -112,6 +112,17 @@ class Baseline:
             and not t.name.startswith((*GLOBAL_THREAD_PREFIXES, *ignore_prefixes))
         ]
 
+    def threads_left_after(self, timeout: float = 3.0) -> list[threading.Thread]:
+        """Threads started since the baseline still alive after waiting up to ``timeout`` s.
+
+        A thread that is ending (e.g. joined just after its result was delivered) gets the
+        time to end; one that stays alive is returned.
+        """
+        deadline = time.monotonic() + timeout
+        while (left := self.leaked_threads()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return left
+
     async def assert_clean(
         self, *, timeout: float = 2.0, ignore_prefixes: tuple[str, ...] = ()
     ) -> None:

@@ -249,10 +249,7 @@ def _run_clean(body: Callable[[], Any]) -> None:
     """Run ``body()`` on a fresh loop; afterwards no thread started meanwhile is alive."""
     threads = Baseline()
     asyncio.run(body())
-    deadline = time.monotonic() + 3.0
-    while threads.leaked_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threads.leaked_threads() == []
+    assert threads.threads_left_after() == []
 
 
 @pytest.mark.hf

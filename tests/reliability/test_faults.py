@@ -414,4 +414,4 @@ def test_hf_start_with_a_broken_model_fails_cleanly(
             asyncio.run(engine.start())
         assert str(path) in str(info.value), str(info.value)
         assert not engine.is_running
-    assert threads.leaked_threads() == []
+    assert threads.threads_left_after() == []
