@@ -364,22 +364,23 @@ def make_request(
 def one_request_engine(
     args: argparse.Namespace,
     create: Callable[[EngineSettings], Any],
-    *,
+    command: str,
     kind: str,
-    model_path: str | None,
-    model_label: str,
-    engine_id: str,
-    request_id: str,
+    model: tuple[str | None, str],
+    *,
     stream: bool,
     metadata: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """The engine and the request of a one-request command (``generate``, ``demo``).
 
-    The engine (made by ``create``, not started) runs one request at a time with
-    ``--max-tokens`` as its output budget; the request sends ``--prompt`` with
-    ``--max-tokens``, ``--temperature``, ``--top-p`` and ``metadata`` followed by
-    ``"seed"`` when ``--seed`` is given. ``create`` is the command module's
-    :func:`create_engine` (looked up there, so tests can replace it).
+    ``model`` is :func:`resolve_model`'s ``(path, label)``.
+
+    The engine (made by ``create``, not started; id ``cli-<command>-<kind>``) runs one
+    request at a time with ``--max-tokens`` as its output budget; the request (id
+    ``<command>-1``) sends ``--prompt`` with ``--max-tokens``, ``--temperature``,
+    ``--top-p`` and ``metadata`` followed by ``"seed"`` when ``--seed`` is given.
+    ``create`` is the command module's :func:`create_engine` (looked up there, so tests
+    can replace it).
 
     Returns:
         ``(engine, request)``.
@@ -388,12 +389,13 @@ def one_request_engine(
         UsageError: an engine option that does not apply to ``kind``.
         ConfigError: an invalid engine setting (the engine config's own message).
     """
+    model_path, model_label = model
     settings = engine_settings(
         args,
         kind=kind,
         model_path=model_path,
         model_label=model_label,
-        engine_id=engine_id,
+        engine_id=f"cli-{command}-{kind}",
         max_batch_size=1,
         max_new_tokens=args.max_tokens,
     )
@@ -402,7 +404,7 @@ def one_request_engine(
     if args.seed is not None:
         metadata["seed"] = args.seed
     request = make_request(
-        request_id,
+        f"{command}-1",
         model=model_label,
         prompt=args.prompt,
         max_tokens=args.max_tokens,

@@ -27,17 +27,8 @@ import textwrap
 import time
 from typing import Any, TextIO
 
-from sagellm_backend.cli._common import (
-    create_engine,
-    engine_description,
-    one_request_engine,
-    register_guarded,
-    request_exit_status,
-    resolve_engine_kind,
-    resolve_model,
-    started,
-    stream_end,
-)
+from sagellm_backend.cli import _common
+from sagellm_backend.cli._common import create_engine
 from sagellm_backend.cli._common import engine_settings as engine_settings  # was importable
 from sagellm_backend.cli._common import make_request as make_request  # was importable
 from sagellm_backend.cli._metrics import metrics_rows
@@ -94,17 +85,17 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     out.write(f"sageLLM backend demo (sagellm-backend {__version__})\n\n")
     _backends_section(out, width)
     if args.engine == "auto":
-        kind, reason = resolve_engine_kind("auto")
+        kind, reason = _common.resolve_engine_kind("auto")
         out.write(f"  Selected backend: {kind}\n")
         out.write(_wrap(f"because: {reason}", "    ", width) + "\n")
         out.write(f"  Engine kind: {kind} (follows the selected backend)\n\n")
     else:
-        kind, reason = resolve_engine_kind(args.engine)
+        kind, reason = _common.resolve_engine_kind(args.engine)
         out.write(f"  Engine kind: {kind} ({reason}; backend auto-selection not used)\n\n")
     out.flush()
 
     out.write("[2/4] Model\n")
-    model_path, label = resolve_model(
+    model_path, label = _common.resolve_model(
         kind, args.model, default=None if kind == "mock" else DEFAULT_MODEL, err=err
     )
     out.write(_wrap(f"{label}{_model_note(label, kind)}", "  ", width) + "\n")
@@ -112,22 +103,15 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(f"  path: {model_path}\n")
     out.write("\n[3/4] Engine\n")
     out.flush()
-    engine, request = one_request_engine(
-        args,
-        create_engine,
-        kind=kind,
-        model_path=model_path,
-        model_label=label,
-        engine_id=f"demo-{kind}",
-        request_id="demo-1",
-        stream=True,
+    engine, request = _common.one_request_engine(
+        args, create_engine, "demo", kind, (model_path, label), stream=True
     )
     end = asyncio.run(_stream(engine, request, args, out))
     out.write("\nMetrics of this request (protocol Metrics, every field)\n")
     out.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(end.metrics), indent=2))
     out.write("\n")
     out.flush()
-    return request_exit_status("demo", end, err)
+    return _common.request_exit_status("demo", end, err)
 
 
 def _model_note(label: str, kind: str) -> str:
@@ -149,8 +133,10 @@ async def _stream(engine: Any, request: Any, args: argparse.Namespace, out: Text
     from sagellm_protocol import StreamEventDelta, StreamEventStart
 
     t0 = time.perf_counter()
-    async with started(engine):
-        out.write(f"  {engine_description(engine)}, started in {time.perf_counter() - t0:.2f} s\n")
+    async with _common.started(engine):
+        out.write(
+            f"  {_common.engine_description(engine)}, started in {time.perf_counter() - t0:.2f} s\n"
+        )
         out.write(f"\n[4/4] Generation, streamed token by token (at most {args.max_tokens})\n")
         out.write(f"  prompt: {safe_text(request.prompt)}\n")
         out.write("  output: ")
@@ -167,7 +153,7 @@ async def _stream(engine: Any, request: Any, args: argparse.Namespace, out: Text
                 out.write(safe_text(event.chunk).replace("\n", "\n          "))
                 out.flush()
 
-        end = await stream_end(engine, request, show)
+        end = await _common.stream_end(engine, request, show)
         prompt = "?" if prompt_tokens is None else str(prompt_tokens)
         out.write(
             f"\n  ({prompt} prompt tokens; {len(end.output_tokens)} output tokens in {deltas} "
@@ -176,7 +162,7 @@ async def _stream(engine: Any, request: Any, args: argparse.Namespace, out: Text
         return end
 
 
-register_guarded(
+_common.register_guarded(
     "demo",
     add_arguments,
     run,

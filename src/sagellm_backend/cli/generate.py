@@ -22,18 +22,8 @@ import argparse
 import asyncio
 from typing import Any, TextIO
 
-from sagellm_backend.cli._common import (
-    UsageError,
-    create_engine,
-    engine_description,
-    one_request_engine,
-    register_guarded,
-    request_exit_status,
-    resolve_engine_kind,
-    resolve_model,
-    started,
-    stream_end,
-)
+from sagellm_backend.cli import _common
+from sagellm_backend.cli._common import UsageError, create_engine
 from sagellm_backend.cli._common import engine_settings as engine_settings  # was importable
 from sagellm_backend.cli._common import make_request as make_request  # was importable
 from sagellm_backend.cli._metrics import metrics_rows
@@ -76,17 +66,15 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Execute ``generate`` (see the module docstring for output and exit status)."""
     if args.top_p is not None and not args.temperature:
         raise UsageError("--top-p applies when sampling: give --temperature > 0 as well")
-    kind, _reason = resolve_engine_kind(args.engine)
-    model_path, label = resolve_model(kind, args.model, err=err)
+    kind, _reason = _common.resolve_engine_kind(args.engine)
+    model_path, label = _common.resolve_model(kind, args.model, err=err)
     metadata: dict[str, Any] = {"ignore_eos": True} if args.ignore_eos else {}
-    engine, request = one_request_engine(
+    engine, request = _common.one_request_engine(
         args,
         create_engine,
-        kind=kind,
-        model_path=model_path,
-        model_label=label,
-        engine_id=f"cli-generate-{kind}",
-        request_id="generate-1",
+        "generate",
+        kind,
+        (model_path, label),
         stream=args.stream,
         metadata=metadata,
     )
@@ -97,13 +85,13 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.flush()
         m = result.metrics
         err.write(
-            f"[{engine_description(engine)}; {len(result.output_tokens)} tokens, finish "
+            f"[{_common.engine_description(engine)}; {len(result.output_tokens)} tokens, finish "
             f"{result.finish_reason}; TTFT {fmt_ms(m.ttft_ms)} ms, TPOT {fmt_ms(m.tpot_ms)} "
             f"ms, {m.throughput_tps:.1f} tok/s]\n"
         )
     if args.metrics:
         err.write(render_table(["FIELD", "VALUE", "MEANING"], metrics_rows(result.metrics)) + "\n")
-    return request_exit_status("generate", result, err)
+    return _common.request_exit_status("generate", result, err)
 
 
 async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: TextIO) -> Any:
@@ -118,7 +106,7 @@ async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: Te
             out.write(event.chunk)
             out.flush()
 
-    async with started(engine):
+    async with _common.started(engine):
         if not args.stream:
             response = await engine.execute(request)
             if args.json:
@@ -126,7 +114,7 @@ async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: Te
             else:
                 out.write(response.output_text)
             return response
-        end = await stream_end(engine, request, show)
+        end = await _common.stream_end(engine, request, show)
         return Response(
             request_id=end.request_id,
             trace_id=end.trace_id,
@@ -138,7 +126,7 @@ async def _generate(engine: Any, request: Any, args: argparse.Namespace, out: Te
         )
 
 
-register_guarded(
+_common.register_guarded(
     "generate",
     add_arguments,
     run,
