@@ -11,7 +11,8 @@
 # (default .venv-notorch) with `pip install -e .` plus only the test tools; it runs the
 # 0.1.1.2 compatibility tests, the provider conformance kit on mock and cpu, the import
 # checks, and scripts/check_compat.py (which downloads the published 0.1.1.2 wheel from
-# the package index and diffs its public surface against this project).
+# the package index and diffs its public surface against this project); then the same
+# tests again under the oldest isagellm-protocol versions the package accepts.
 #
 # torch is pinned here (a CPU wheel is available offline on the project's machines),
 # never in the library's own requirements.
@@ -56,6 +57,20 @@ notorch_job() {
   fi
   "$npy" -m pytest -q -p no:cacheprovider "${NOTORCH_TESTS[@]}" || status=1
   "$npy" scripts/check_compat.py || status=1
+  # The oldest protocols of the declared range (isagellm-protocol>=0.1.0,<0.2), each put
+  # first on PYTHONPATH in turn: the same tests must pass under them.
+  local old tmp
+  tmp="$(mktemp -d)"
+  for old in 0.1.0 0.1.1.0; do
+    echo "== no-torch job: the same tests under isagellm-protocol==$old"
+    if "$npy" -m pip install -q --no-deps --target "$tmp/$old" "isagellm-protocol==$old"; then
+      PYTHONPATH="$tmp/$old" "$npy" -m pytest -q -p no:cacheprovider "${NOTORCH_TESTS[@]}" \
+        || status=1
+    else
+      status=1
+    fi
+  done
+  rm -rf "$tmp"
   return "$status"
 }
 

@@ -169,9 +169,36 @@ def test_capability_types_are_the_protocol_ones() -> None:
 
     import sagellm_backend
 
+    if not hasattr(sagellm_protocol, "CapabilityDescriptor"):
+        pytest.skip("isagellm-protocol < 0.1.2 has no capability types (see the next test)")
     assert sagellm_backend.DType is sagellm_protocol.DType
     assert sagellm_backend.KernelKind is sagellm_protocol.KernelKind
     assert sagellm_backend.CapabilityDescriptor is sagellm_protocol.CapabilityDescriptor
+
+
+def test_the_fallback_capability_types_match_the_protocol_ones() -> None:
+    """What an old protocol gets (sagellm_backend._capability_types) is the protocol's shape."""
+    import dataclasses
+
+    import sagellm_protocol
+
+    from sagellm_backend import _capability_types as fallback
+
+    if not hasattr(sagellm_protocol, "CapabilityDescriptor"):
+        pytest.skip("isagellm-protocol < 0.1.2: nothing to compare the fallback with")
+
+    def fields(cls: type) -> list[tuple[str, object, object]]:
+        return [
+            (f.name, str(f.type), f.default if f.default_factory is dataclasses.MISSING else [])
+            for f in dataclasses.fields(cls)
+        ]
+
+    assert fields(fallback.CapabilityDescriptor) == fields(sagellm_protocol.CapabilityDescriptor)
+    for name in ("DType", "KernelKind"):
+        ours, theirs = getattr(fallback, name), getattr(sagellm_protocol, name)
+        assert [(m.name, m.value) for m in ours] == [(m.name, m.value) for m in theirs]
+        assert ours.__mro__[1:] == theirs.__mro__[1:]  # (str, Enum, object)
+    assert fallback.CapabilityDescriptor() == fallback.CapabilityDescriptor()
 
 
 def test_mock_provider_is_a_backend_provider() -> None:

@@ -2,7 +2,8 @@
 
 Floors, lowest first (a module may import its own floor and the floors below):
 
-0. ``errors``, ``capability``, ``base``, ``_validate``, ``_lazy``, ``_version``: shared types;
+0. ``errors``, ``capability`` (and ``_capability_types``), ``base``, ``_validate``, ``_lazy``,
+   ``_version``: shared types;
 1. ``kv``, ``kernels``: KV-cache management and the kernel registry;
 2. ``providers``: backend providers (they own KV managers and kernels);
 3. ``registry`` (and its ``_registry_*`` parts): plugin discovery over providers and engines;
@@ -25,6 +26,7 @@ ROOT = Path(sagellm_backend.__file__).resolve().parent
 FLOORS = {
     "errors": 0,
     "capability": 0,
+    "_capability_types": 0,
     "base": 0,
     "_validate": 0,
     "_lazy": 0,

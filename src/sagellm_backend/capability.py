@@ -2,12 +2,21 @@
 
 There is exactly one definition of these types across the sageLLM stack: the protocol's.
 This module re-exports them so that ``from sagellm_backend.capability import DType`` keeps
-working for 0.1.1.x callers, and adds small helpers that describe dtypes.
+working for 0.1.1.x callers, and adds small helpers that describe dtypes. A protocol older
+than 0.1.2 has no such types; then the same definitions come from
+:mod:`sagellm_backend._capability_types`.
 """
 
 from __future__ import annotations
 
-from sagellm_protocol import CapabilityDescriptor, DType, KernelKind
+try:
+    from sagellm_protocol import CapabilityDescriptor, DType, KernelKind
+except ImportError:  # isagellm-protocol < 0.1.2
+    from sagellm_backend._capability_types import (
+        CapabilityDescriptor,
+        DType,
+        KernelKind,
+    )
 
 __all__ = ["DTYPE_BITS", "CapabilityDescriptor", "DType", "KernelKind", "dtype_bits", "parse_dtype"]
 

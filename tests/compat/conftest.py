@@ -35,7 +35,9 @@ def run_without_torch(script: str) -> list[str]:
     The script must not import torch (asserted at the end).
     """
     code = BLOCK_TORCH + textwrap.dedent(script) + "\nassert 'torch' not in sys.modules\n"
-    env = {**os.environ, "PYTHONPATH": SRC}
+    # SRC first; a PYTHONPATH already set (e.g. an older isagellm-protocol) stays behind it
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
     )

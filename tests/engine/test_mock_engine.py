@@ -113,8 +113,9 @@ async def test_metrics_come_from_what_happened(engine_factory: Any) -> None:
     assert all(x >= 4.0 for x in m.itl_list)
     assert m.tbt_ms == pytest.approx(sum(m.itl_list) / 5)
     assert m.tpot_ms >= 4.0
-    assert m.prefill_ms >= 19.0
-    assert m.decode_ms >= 5 * 4.0
+    if "prefill_ms" in type(m).model_fields:  # isagellm-protocol >= 0.1.2.4
+        assert m.prefill_ms >= 19.0
+        assert m.decode_ms >= 5 * 4.0
     assert m.throughput_tps > 0
     assert m.error_rate == 0.0
     assert m.kv_used_tokens == n_prompt + 6 - 1
@@ -131,7 +132,8 @@ async def test_metrics_come_from_what_happened(engine_factory: Any) -> None:
 async def test_zero_latency_is_possible(engine: MockEngine) -> None:
     resp = await engine.execute(make_request(max_tokens=4))
     assert resp.metrics.ttft_ms < 20.0
-    assert resp.metrics.prefill_ms < 20.0
+    if "prefill_ms" in type(resp.metrics).model_fields:  # isagellm-protocol >= 0.1.2.4
+        assert resp.metrics.prefill_ms < 20.0
 
 
 async def test_queueing_shows_up_in_ttft(engine_factory: Any) -> None:

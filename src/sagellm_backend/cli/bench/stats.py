@@ -104,7 +104,8 @@ def summarize(
         "ttft": _dist([m.ttft_ms for m in metrics]),
         "tbt": _dist([m.tbt_ms for m in multi]),
         "tpot": _dist([m.tpot_ms for m in multi]),
-        "itl": _dist([float(x) for m in metrics for x in m.itl_list]),
+        # isagellm-protocol 0.1.0 has no itl_list: then no ITL figures (count 0)
+        "itl": _dist([float(x) for m in metrics for x in getattr(m, "itl_list", None) or ()]),
         "e2e": _dist([r.latency_s * 1000.0 for r in ok]),
     }
     hit = _kv_delta(kv_before, kv_after, "prefix_hit_tokens")
