@@ -132,3 +132,76 @@ def test_mapping_typos_are_still_errors() -> None:
 def test_non_config_objects_are_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="attribute"):
         create_cpu_engine(42)
+
+
+def test_get_info_keeps_every_key_of_0_1_1_2() -> None:
+    """0.1.1.2's MockEngine.get_info keys, with its ``request_count`` rule (every request
+    received while running, rejected ones too, never reset) and ``mock_mode``."""
+    import asyncio
+
+    from sagellm_protocol import Request
+
+    from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
+
+    published = {
+        "engine_id", "model_path", "device", "max_batch_size", "is_running", "mock_mode",
+        "simulate_latency_ms", "simulate_ttft_ms", "request_count",
+    }  # fmt: skip
+
+    def request(i: int, prompt: str = "hello world") -> Request:
+        return Request(
+            request_id=f"r{i}", trace_id="t", model="m", prompt=prompt, max_tokens=3,
+            stream=False,
+        )  # fmt: skip
+
+    engine = MockEngine(MockEngineConfig("info", 0.0, 0.0))
+    info = engine.get_info()
+    assert published <= set(info), published - set(info)
+    assert info["mock_mode"] is True and info["request_count"] == 0
+
+    async def body() -> list[int]:
+        counts = []
+        await engine.start()
+        for i in range(3):
+            await engine.execute(request(i))
+        counts.append(engine.get_info()["request_count"])
+        async for _ in engine.stream(request(9)):
+            pass
+        counts.append(engine.get_info()["request_count"])
+        bad = await engine.execute(request(10, prompt="x" * 200_000))  # longer than context
+        assert bad.finish_reason == "error"
+        counts.append(engine.get_info()["request_count"])
+        await engine.stop()
+        await engine.start()
+        counts.append(engine.get_info()["request_count"])
+        await engine.stop()
+        return counts
+
+    assert asyncio.run(body()) == [3, 4, 5, 5]
+
+
+def test_a_plugin_engine_inherits_the_0_1_1_2_info_keys() -> None:
+    from sagellm_backend.engine.base import BaseEngine, EngineConfig
+
+    class PluginEngine(BaseEngine):
+        @classmethod
+        def backend_type(cls) -> str:
+            return "plugin"
+
+        async def start(self) -> None:
+            self._running = True
+
+        async def stop(self) -> None:
+            self._running = False
+
+        async def execute(self, request: Any) -> Any:
+            raise NotImplementedError
+
+        async def stream(self, request: Any) -> Any:  # pragma: no cover - not called
+            raise NotImplementedError
+            yield
+
+    info = PluginEngine(EngineConfig(engine_id="p", mock_mode=True)).get_info()
+    expected = {"engine_id": "p", "model_path": None, "device": "mock", "max_batch_size": 32}
+    assert {k: info[k] for k in expected} == expected
+    assert info["is_running"] is False and info["mock_mode"] is True

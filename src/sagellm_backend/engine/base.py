@@ -97,7 +97,11 @@ class BaseEngine(ABC):
         return self._running
 
     def get_info(self) -> dict[str, Any]:
-        """Describe the engine (id, kind, model, device, running state)."""
+        """Describe the engine (id, kind, model, device, running state, mock mode).
+
+        Has every key of 0.1.1.2's ``BaseEngine.get_info`` (``engine_id``, ``model_path``,
+        ``device``, ``max_batch_size``, ``is_running``, ``mock_mode``); subclasses add more.
+        """
         return {
             "engine_id": self.engine_id,
             "engine_type": type(self).__name__,
@@ -106,6 +110,7 @@ class BaseEngine(ABC):
             "device": self._config.device,
             "max_batch_size": self._config.max_batch_size,
             "is_running": self._running,
+            "mock_mode": self._config.mock_mode,
         }
 
     @classmethod

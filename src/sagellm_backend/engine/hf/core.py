@@ -475,7 +475,6 @@ class HFEngineCore(ScheduledEngine):
         """
         info = super().get_info()
         info.update(
-            mock_mode=self._mock is not None,
             runner=self.runner_name,
             max_context=self._max_context,
             options=dataclasses.asdict(self._options),

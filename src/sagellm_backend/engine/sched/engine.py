@@ -100,6 +100,9 @@ class ScheduledEngine(BaseEngine):
         self._handles: dict[str, Handle] = {}
         self._errors = ErrorRateCounter()
         self._early_failed = 0
+        #: requests received by execute/stream while running, rejected ones included; never
+        #: reset (0.1.1.2's MockEngine ``request_count``)
+        self._received = 0
         self._counter = itertools.count(1)
         self._warned: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -269,8 +272,13 @@ class ScheduledEngine(BaseEngine):
 
     # ------------------------------------------------------------------ info
     def get_info(self) -> dict[str, Any]:
-        """Engine description plus scheduler counters and KV figures."""
+        """Engine description plus scheduler counters and KV figures.
+
+        ``request_count``: requests received by ``execute`` / ``stream`` while running
+        (rejected ones included) since the engine was created, as in 0.1.1.2's MockEngine.
+        """
         info = super().get_info()
+        info["request_count"] = self._received
         sched = self._scheduler
         if sched is not None:
             stats = sched.stats()
@@ -405,6 +413,7 @@ class ScheduledEngine(BaseEngine):
                 f"{type(self).__name__} {self.engine_id!r} serves the event loop it was "
                 "started on; it was called from another loop"
             )
+        self._received += 1
         sched = serving.scheduler
         try:
             prep = prepare_request(request, serving.limits, serving.tokenize, warned=self._warned)
