@@ -239,11 +239,17 @@ def test_clear_registry_and_refresh() -> None:
 # ---------------------------------------------------------------------------- auto
 
 
-def test_auto_picks_highest_priority_available_and_never_mock() -> None:
+def test_auto_picks_highest_priority_available_and_mock_only_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     EngineFactory.clear_registry()
-    EngineFactory.register("mock", MockEngine)
-    with pytest.raises(BackendNotAvailableError, match="mock"):
+    with pytest.raises(BackendNotAvailableError, match="no engine kinds are registered"):
         EngineFactory.create("auto", {"engine_id": "x"})
+    EngineFactory.register("mock", MockEngine)
+    assert EngineFactory.select() == "mock"
+    with caplog.at_level("WARNING", logger="sagellm_backend.engine.factory"):
+        assert isinstance(EngineFactory.create("auto", {"engine_id": "x"}), MockEngine)
+    assert "using engine kind 'mock' (MockEngine): no other engine kind" in caplog.text
 
     class Low(_FakeEngine):
         prio = 1
@@ -362,3 +368,70 @@ def test_own_entry_points_are_not_loaded_twice() -> None:
     info = {i["kind"]: i for i in EngineFactory.get_engine_info()}
     assert "hf_cuda" not in info  # an alias of the built-in cuda, not a second kind
     assert info["mock"]["source"] == "builtin"
+
+
+def test_auto_passes_over_a_kind_that_cannot_take_the_config(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """0.1.1.2's rule: a config no real engine can serve (no model) gets the mock, logged."""
+    EngineFactory.clear_registry()
+    EngineFactory.register("mock", MockEngine)
+
+    class NeedsModel(_FakeEngine):
+        prio = 50
+
+        def __init__(self, config: Any) -> None:
+            if getattr(config, "model_path", None) is None:
+                raise ConfigError("needs-model engine config is missing model_path")
+            super().__init__(config)
+
+    EngineFactory.register("needs_model", NeedsModel)
+    assert EngineFactory.select() == "needs_model"
+    with caplog.at_level("WARNING", logger="sagellm_backend.engine.factory"):
+        engine = EngineFactory.create("auto", EngineConfig(engine_id="a"))
+    assert isinstance(engine, MockEngine) and engine.engine_id == "a"
+    assert "passing over needs_model: ConfigError: needs-model engine config is missing" in (
+        caplog.text
+    )
+    assert "using engine kind 'mock'" in caplog.text
+    real = EngineFactory.create("auto", EngineConfig(engine_id="b", model_path="/m"))
+    assert isinstance(real, NeedsModel)
+
+
+def test_auto_lists_every_reason_when_no_kind_takes_the_config() -> None:
+    EngineFactory.clear_registry()
+
+    class Picky(_FakeEngine):
+        prio = 5
+
+        def __init__(self, config: Any) -> None:
+            raise ConfigError(f"{type(self).__name__} refuses {config.engine_id!r}")
+
+    class Pickier(Picky):
+        prio = 7
+
+    EngineFactory.register("picky", Picky)
+    EngineFactory.register("pickier", Pickier)
+    with pytest.raises(BackendNotAvailableError) as info:
+        EngineFactory.create("auto", EngineConfig(engine_id="z"))
+    message = str(info.value)
+    assert message.index("pickier: ConfigError: Pickier refuses 'z'") < message.index(
+        "picky: ConfigError: Picky refuses 'z'"
+    )
+    assert isinstance(info.value.__cause__, ConfigError)
+
+
+def test_auto_does_not_pass_over_a_kind_that_fails_otherwise() -> None:
+    """Only "cannot serve this" errors move on; a plugin's bug surfaces as itself."""
+    EngineFactory.clear_registry()
+    EngineFactory.register("mock", MockEngine)
+
+    class Broken(_FakeEngine):
+        prio = 5
+
+        def __init__(self, config: Any) -> None:
+            raise ZeroDivisionError("bug in the plugin")
+
+    EngineFactory.register("broken", Broken)
+    with pytest.raises(ZeroDivisionError, match="bug in the plugin"):
+        EngineFactory.create("auto", EngineConfig(engine_id="q"))

@@ -14,9 +14,13 @@ Invariants:
     * A kind that fails to load (import error, hook raising, two distributions claiming it)
       is reported by name in :meth:`get_engine_info` and when it is asked for; it never hides
       the other kinds and never makes listing raise.
-    * ``create("auto")`` picks the available kind with the highest priority (ties broken by
-      name); the ``mock`` kind and kinds with a negative priority are only created by name
-      (no silent fallback to a simulation).
+    * ``create("auto")`` tries the available kinds with a priority >= 0, highest first (ties
+      broken by name), then ``mock`` last, as 0.1.1.2 did: a kind that cannot serve the
+      config (``ConfigError``, e.g. no ``model_path``) or this machine
+      (``BackendNotAvailableError``, ``DependencyMissingError``) is passed over with a
+      WARNING log naming it and why, so a fallback to the simulation is never silent. Other
+      kinds with a negative priority are only created by name. When every kind is passed
+      over, the error lists each one's reason.
     * An unknown kind raises :class:`~sagellm_backend.errors.ConfigError` listing the kinds
       that exist; aliases (``hf_cuda`` -> ``cuda``, ...) resolve before lookup.
     * :meth:`EngineFactory.create` asks the kind's ``is_available()`` hook before building
@@ -42,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, cast
@@ -67,6 +72,7 @@ from sagellm_backend.errors import BackendError as BackendError
 from sagellm_backend.errors import (
     BackendNotAvailableError,
     ConfigError,
+    DependencyMissingError,
     PluginConflictError,
     PluginLoadError,
 )
@@ -74,6 +80,8 @@ from sagellm_backend.errors import (
 # The ``X as X`` imports (BackendError, EngineConfig, normalize_engine_config) keep names
 # that were importable from this module before EngineEntry moved out importable here.
 __all__ = ["BUILTIN_ENGINES", "ENGINE_ALIASES", "EngineEntry", "EngineFactory", "EngineFactoryFn"]
+
+_log = logging.getLogger(__name__)
 
 #: 0.1.1.2 names this module also exports (resolved lazily: the mock engine module is
 #: imported on first access only).
@@ -106,7 +114,8 @@ ENGINE_ALIASES: Mapping[str, str] = {
     "mock_engine": "mock",
 }
 
-_NEVER_AUTO = frozenset({"mock"})
+#: Kinds ``create("auto")`` tries last, whatever their priority (0.1.1.2's fallback).
+_AUTO_FALLBACK = frozenset({"mock"})
 _OWN_DISTRIBUTIONS = frozenset({"isagellm-backend"})
 _ENGINE_METHODS = ("start", "stop", "execute", "stream")
 
@@ -405,12 +414,12 @@ class EngineFactory:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def select(cls) -> str:
-        """The kind ``create("auto")`` would use.
+    def _auto_order(cls) -> list[str]:
+        """The available kinds ``create("auto")`` tries, in order (see the module docstring).
 
         Raises:
-            BackendNotAvailableError: no kind other than the mock with priority >= 0 is
-                available (the message lists every kind's state).
+            BackendNotAvailableError: none is available (the message lists every kind's
+                state).
         """
         with cls._lock:
             cls._ensure()
@@ -423,14 +432,27 @@ class EngineFactory:
                 f"{entry.name}: {'available' if ok else 'unavailable'} (priority {priority}; "
                 f"{reason})"
             )
-            if ok and priority >= 0 and entry.name not in _NEVER_AUTO:
-                rows.append((-priority, entry.name))
+            fallback = entry.name in _AUTO_FALLBACK
+            if ok and (priority >= 0 or fallback):
+                rows.append((fallback, -priority, entry.name))
         if not rows:
+            states = "; ".join(summary) or "no engine kinds are registered"
             raise BackendNotAvailableError(
-                "no engine can be auto-selected here (" + "; ".join(summary) + "); ask for "
-                "one by name, e.g. EngineFactory.create('mock')"
+                f"no engine can be auto-selected here ({states}); register one or install a "
+                "plugin package"
             )
-        return min(rows)[1]
+        return [name for *_, name in sorted(rows)]
+
+    @classmethod
+    def select(cls) -> str:
+        """The kind ``create("auto")`` tries first: the highest-priority available one.
+
+        ``mock`` only when no other kind with a priority >= 0 is available.
+
+        Raises:
+            BackendNotAvailableError: no kind is available (every kind's state listed).
+        """
+        return cls._auto_order()[0]
 
     @classmethod
     def create(
@@ -459,7 +481,39 @@ class EngineFactory:
         if kind is None or norm_kind(kind) == "auto":
             cfg_kind = cls._config_kind(config)
             kind = cfg_kind if cfg_kind is not None and norm_kind(cfg_kind) != "auto" else None
-        key = cls.select() if kind is None else cls.resolve_kind(kind)
+        if kind is None:
+            return cls._create_auto(config, provider)
+        return cls._create_kind(cls.resolve_kind(kind), config, provider)
+
+    @classmethod
+    def _create_auto(cls, config: Any, provider: Any) -> BaseEngine:
+        """``create("auto")``: the first kind of :meth:`_auto_order` that takes ``config``."""
+        passed: list[str] = []
+        order = cls._auto_order()
+        for key in order:
+            try:
+                engine = cls._create_kind(key, config, provider)
+            except (ConfigError, BackendNotAvailableError, DependencyMissingError) as exc:
+                passed.append(f"{key}: {type(exc).__name__}: {exc}")
+                _log.warning("EngineFactory.create('auto'): passing over %s", passed[-1])
+                if key == order[-1]:
+                    raise BackendNotAvailableError(
+                        "no engine kind could be created for this config: " + "; ".join(passed)
+                    ) from exc
+                continue
+            if passed or key in _AUTO_FALLBACK:
+                _log.warning(
+                    "EngineFactory.create('auto'): using engine kind %r (%s)%s",
+                    key,
+                    type(engine).__name__,
+                    "" if passed else ": no other engine kind is available here",
+                )
+            return engine
+        raise AssertionError("unreachable: _auto_order() is never empty")  # pragma: no cover
+
+    @classmethod
+    def _create_kind(cls, key: str, config: Any, provider: Any) -> BaseEngine:
+        """Create the engine of the resolved kind ``key`` (availability asked first)."""
         entry = cls._entries[key]
         ok, _, reason, error = cls._status(entry)
         if error is not None:
