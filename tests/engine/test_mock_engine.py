@@ -306,7 +306,7 @@ def _constructed(**fields: Any) -> Request:
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"prompt": ""}, "request.prompt"),
+        ({"prompt": "\ud800"}, "request.prompt"),
         ({"prompt": None}, "request.prompt"),
         ({"max_tokens": 0}, "request.max_tokens"),
         ({"max_tokens": -3}, "request.max_tokens"),
@@ -346,7 +346,7 @@ async def test_missing_max_tokens_uses_default(engine_factory: Any) -> None:
 
 
 async def test_bad_request_in_stream_gives_start_and_error_end(engine: MockEngine) -> None:
-    events = [ev async for ev in engine.stream(_constructed(prompt=""))]
+    events = [ev async for ev in engine.stream(_constructed(prompt="\ud800"))]
     assert [ev.event for ev in events] == ["start", "end"]
     assert events[-1].finish_reason == "error"
     assert events[-1].error is not None
@@ -373,7 +373,7 @@ async def test_strict_model(engine_factory: Any) -> None:
 
 async def test_error_rate_counts_failed_over_finished(engine: MockEngine) -> None:
     await engine.execute(make_request(max_tokens=2))
-    bad = await engine.execute(_constructed(prompt=""))
+    bad = await engine.execute(_constructed(prompt="\ud800"))
     assert bad.metrics.error_rate == pytest.approx(0.5)
     good = await engine.execute(make_request(max_tokens=2))
     assert good.metrics.error_rate == pytest.approx(1 / 3)
@@ -391,9 +391,29 @@ async def test_execute_before_start_raises(req: Any) -> None:
             pass
 
 
-async def test_start_twice_raises(engine: MockEngine) -> None:
-    with pytest.raises(RuntimeError, match="already running"):
-        await engine.start()
+async def test_start_twice_is_a_no_op(engine: MockEngine) -> None:
+    """0.1.1.2's rule: start() on a running engine returns; nothing is rebuilt or lost."""
+    kv = engine.kv_manager
+    first = await engine.execute(make_request(max_tokens=3))
+    await asyncio.gather(engine.start(), engine.start())
+    assert engine.is_running and engine.kv_manager is kv
+    again = await engine.execute(make_request(max_tokens=3))
+    assert again.output_tokens == first.output_tokens
+
+
+async def test_an_empty_prompt_starts_from_bos(engine: MockEngine) -> None:
+    resp = await engine.execute(_constructed(prompt="", max_tokens=4))
+    assert resp.finish_reason == "length" and len(resp.output_tokens) == 4
+    assert resp.metrics.kv_used_tokens == 1 + 4 - 1  # BOS + the tokens fed back
+    bos = await engine.execute(
+        _constructed(prompt="", max_tokens=4, metadata={"prompt_token_ids": [MockTokenizer.BOS_ID]})
+    )
+    assert bos.output_tokens == resp.output_tokens
+    empty_ids = await engine.execute(
+        _constructed(prompt="x", max_tokens=4, metadata={"prompt_token_ids": []})
+    )
+    assert empty_ids.finish_reason == "error" and empty_ids.error is not None
+    assert "prompt_token_ids" in empty_ids.error.message
 
 
 def test_class_info() -> None:

@@ -278,7 +278,7 @@ async def test_bad_requests_get_error_responses_and_the_engine_keeps_serving(
     bad: list[tuple[Request, ErrorCode, str]] = [
         (make_request(long_prompt, 4), ErrorCode.INVALID_ARGUMENT, "context"),
         (
-            Request.model_construct(**{**make_request().model_dump(), "prompt": ""}),
+            Request.model_construct(**{**make_request().model_dump(), "prompt": "\ud800"}),
             ErrorCode.INVALID_ARGUMENT,
             "prompt",
         ),
@@ -374,9 +374,23 @@ async def test_stop_in_flight_ends_everything_and_restart_works(
     assert resp.output_tokens == llama_ref.greedy(PROMPTS[0], 6)
 
 
-async def test_start_twice_is_an_error(llama_engine: Any) -> None:
-    with pytest.raises(RuntimeError, match="already running"):
-        await llama_engine.start()
+async def test_start_twice_is_a_no_op(llama_engine: Any, llama_ref: Any) -> None:
+    """0.1.1.2's rule: start() on a running engine returns; the same model keeps serving."""
+    model = llama_engine.model
+    await llama_engine.start()
+    assert llama_engine.is_running and llama_engine.model is model
+    resp = await llama_engine.execute(make_request(PROMPTS[0], 4))
+    assert resp.output_tokens == llama_ref.greedy(PROMPTS[0], 4)
+
+
+async def test_an_empty_prompt_starts_from_bos(llama_engine: Any) -> None:
+    """As transformers' generate() without inputs: the BOS token is the whole prompt."""
+    bos = llama_engine.tokenizer.bos_token_id
+    resp = await llama_engine.execute(make_request("", 4))
+    assert resp.finish_reason == "length" and len(resp.output_tokens) == 4
+    assert resp.metrics.kv_used_tokens == 1 + 4 - 1
+    solo = await llama_engine.execute(make_request("", 4, prompt_token_ids=[bos]))
+    assert solo.output_tokens == resp.output_tokens
 
 
 # ---------------------------------------------------------------------------- sampling, metrics

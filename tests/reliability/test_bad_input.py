@@ -469,7 +469,8 @@ def test_mock_env_options(monkeypatch: pytest.MonkeyPatch, raw: str, text: str) 
 COMMON_REQUEST_CASES: list[Case] = [
     *_cases("request_id", ["", None, 12]),
     *_cases("trace_id", [None, 7]),
-    *_cases("prompt", ["", None, 42, b"bytes", ["a", "b"]]),
+    # "" is valid (served from the BOS token, as 0.1.1.2 accepted it); a lone surrogate is not
+    *_cases("prompt", ["\ud800", None, 42, b"bytes", ["a", "b"]]),
     *_cases("max_tokens", [0, -1, "5", True, 2.5]),
     *_cases("temperature", [-0.1, NAN, INF, "hot", True]),
     *_cases("top_p", [0, 0.0, 1.5, -0.2, NAN, "x", False]),

@@ -88,8 +88,8 @@ def validate_request(request: Any, *, default_max_tokens: int | None = None) -> 
     if not isinstance(tid, str):
         raise ConfigError(f"request.trace_id must be a string, got {tid!r}")
     prompt = getattr(request, "prompt", None)
-    if not isinstance(prompt, str) or not prompt:
-        raise ConfigError(f"request.prompt must be a non-empty string, got {prompt!r}")
+    if not isinstance(prompt, str):
+        raise ConfigError(f"request.prompt must be a string, got {prompt!r}")
     max_tokens = getattr(request, "max_tokens", None)
     if max_tokens is None and default_max_tokens is not None:
         max_tokens = default_max_tokens
@@ -211,6 +211,9 @@ class RequestLimits:
         max_new_tokens: ``max_tokens`` above it is lowered to it (None: no cap).
         default_max_tokens: used when ``max_tokens`` is None (None: it is required).
         model: when set, ``request.model`` must equal it.
+        bos_token_id: a prompt that tokenizes to no tokens (``""``) starts from this one
+            token, as transformers' ``generate()`` does without inputs (None: such a prompt
+            is rejected).
     """
 
     vocab_size: int
@@ -220,6 +223,7 @@ class RequestLimits:
     max_new_tokens: int | None = None
     default_max_tokens: int | None = None
     model: str | None = None
+    bos_token_id: int | None = None
 
 
 _NO_IDS: frozenset[int] = frozenset()
@@ -352,7 +356,16 @@ def prepare_request(
                 "valid Unicode text"
             ) from exc
     if not ids:
-        raise ConfigError("request.prompt tokenizes to no tokens; give a prompt with some text")
+        if given is not None:
+            raise ConfigError(
+                "request.metadata['prompt_token_ids'] has no tokens; give at least one token id"
+            )
+        if limits.bos_token_id is None:
+            raise ConfigError(
+                "request.prompt tokenizes to no tokens and the model has no BOS token to start "
+                "from; give a prompt with some text"
+            )
+        ids = [limits.bos_token_id]  # unconditional generation, as generate() without inputs
     vocab = limits.vocab_size
     if min(ids) < 0 or max(ids) >= vocab:
         bad = [t for t in ids if not 0 <= t < vocab]

@@ -149,6 +149,12 @@ def _hf_tokenize(tokenizer: Any) -> Any:
     return tokenize
 
 
+def _bos_token_id(tokenizer: Any, vocab_size: int) -> int | None:
+    """The tokenizer's BOS id when it is a valid id of the model (else None: no start token)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if isinstance(bos, int) and 0 <= bos < vocab_size else None
+
+
 def _release_serving(provider: Any, kv: Any, tp: Any) -> None:
     """Stop the tensor-parallel workers (if any), then give the KV pool back."""
     try:
@@ -450,6 +456,7 @@ class HFEngineCore(ScheduledEngine):
                 max_context=self._max_context,
                 max_input_tokens=opts.max_input_tokens,
                 max_new_tokens=load.max_new_tokens,
+                bos_token_id=_bos_token_id(tokenizer, runner.vocab_size),
             ),
             tokenize=_hf_tokenize(tokenizer),
             new_detok=lambda: _HFDetok(tokenizer),

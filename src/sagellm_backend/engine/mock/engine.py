@@ -128,9 +128,10 @@ class MockEngine(ScheduledEngine):
     async def start(self) -> None:
         """Create the KV manager (from the provider) and start serving.
 
+        Returns at once when already running (0.1.1.2's rule).
+
         Raises:
             BackendNotAvailableError: ``fail_at_start`` is set (injected fault).
-            RuntimeError: already running.
         """
         if self._cfg.fail_at_start and not self._running:
             raise BackendNotAvailableError(
@@ -165,6 +166,7 @@ class MockEngine(ScheduledEngine):
                 max_output_tokens=cfg.max_output_tokens,
                 default_max_tokens=cfg.default_max_tokens if cfg.default_max_tokens_given else None,
                 model=cfg.model_path if cfg.strict_model else None,
+                bos_token_id=MockTokenizer.BOS_ID,
             ),
         )
         self._provider = provider

@@ -152,18 +152,20 @@ class ScheduledEngine(BaseEngine):
     async def start(self) -> None:
         """Build the serving set and start the driver (see the module docstring).
 
+        Idempotent, as in 0.1.1.2: on a running engine it returns at once; a call made while
+        another ``start()`` is in progress waits for it and then returns.
+
         Raises:
-            RuntimeError: already running.
             BackendNotAvailableError: ``stop()`` was called while starting.
             ConfigError / DependencyMissingError / KVCacheExhaustedError: from building.
         """
         if self._running:
-            raise RuntimeError(f"{type(self).__name__} {self.engine_id!r} is already running")
+            return
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             if self._running:
-                raise RuntimeError(f"{type(self).__name__} {self.engine_id!r} is already running")
+                return
             await self._settle()
             self._stop_requested = False
             self._starting = True
