@@ -317,6 +317,20 @@ def test_memory_stats_track_process_memory_and_kv(cpu: CPUBackendProvider) -> No
     assert cpu.memory_stats()["kv_used_bytes"] == 0
 
 
+def test_memory_stats_keep_the_0_1_1_2_keys(cpu: CPUBackendProvider) -> None:
+    """0.1.1.2's cpu memory_stats was psutil's rss / vms (process) and available / used /
+    total (host): the same figures are still there under those names."""
+    stats = cpu.memory_stats()
+    for key in ("rss", "vms", "available", "used", "total"):
+        assert isinstance(stats[key], int) and stats[key] > 0, key
+    assert stats["rss"] == stats["process_rss"] <= stats["vms"]
+    assert stats["available"] == stats["free"] <= stats["total"]
+    assert stats["used"] <= stats["total"]
+    big = torch.ones(48 << 20, dtype=torch.uint8)  # 48 MiB, touched
+    assert cpu.memory_stats()["rss"] - stats["rss"] >= 40 << 20
+    del big
+
+
 def test_clear_cache_drops_evictable_kv_pages(cpu: CPUBackendProvider) -> None:
     mgr = cpu.create_kv_manager(SMALL_SPEC, num_pages=8)
     tokens = list(range(12))  # 3 full blocks

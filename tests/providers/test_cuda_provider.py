@@ -269,6 +269,9 @@ def test_fake_gpu_memory_stats_and_cache(fake_cuda: FakeCuda) -> None:
     assert stats["reserved"] == 4 * GiB
     assert stats["peak"] == 5 * GiB
     assert stats["peak_reserved"] == 6 * GiB
+    # 0.1.1.2's keys
+    assert stats["allocated_bytes"] == 3 * GiB and stats["reserved_bytes"] == 4 * GiB
+    assert stats["allocated_mb"] == 3 * 1024 and stats["reserved_mb"] == 4 * 1024
     assert stats["total"] == 80 * GiB and stats["free"] == 60 * GiB
     assert stats["kv_pool_bytes"] == 0
     p.reset_peak_memory_stats()

@@ -258,8 +258,9 @@ class TorchProviderBase(ProviderKVMethods, TorchCollectives):
         ``kv_free_bytes`` (their difference). Once KV is used, also the figures of
         :meth:`~sagellm_backend.kv.provider_kv.ProviderKV.stats` (``kv_budget_bytes``,
         ``kv_reserved_bytes``, ``num_kv_blocks``, ``kv_evict_count``,
-        ``offload_kv_used_bytes``, ...). Device extras: cpu ``process_rss``; cuda
-        ``peak_reserved``.
+        ``offload_kv_used_bytes``, ...). Device extras, with 0.1.1.2's keys: cpu
+        ``process_rss``, ``rss``, ``vms``, ``available``, ``used``; cuda ``peak_reserved``,
+        ``allocated_bytes``, ``reserved_bytes``, ``allocated_mb``, ``reserved_mb``.
         """
         mem = self._layer.memory()
         stats: dict[str, int] = {

@@ -275,9 +275,14 @@ class CpuDevice:
         return list(_probe_dtypes()) if self._torch is not None else list(HOST_DTYPES)
 
     def memory(self) -> DeviceMemory:
-        """Host RAM and this process's RSS."""
+        """Host RAM and this process's RSS.
+
+        Extras: ``process_rss`` and 0.1.1.2's keys ``rss`` / ``vms`` (this process) and
+        ``available`` / ``used`` (host RAM, as psutil reports them).
+        """
         vm = self._psutil.virtual_memory()
-        rss = int(self._process.memory_info().rss)
+        info = self._process.memory_info()
+        rss = int(info.rss)
         peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         peak *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
         return DeviceMemory(
@@ -286,7 +291,13 @@ class CpuDevice:
             allocated=rss,
             reserved=rss,
             peak=max(peak, rss),
-            extra={"process_rss": rss},
+            extra={
+                "process_rss": rss,
+                "rss": rss,
+                "vms": int(info.vms),
+                "available": int(vm.available),
+                "used": int(vm.used),
+            },
         )
 
     def reset_peak_memory(self) -> None:

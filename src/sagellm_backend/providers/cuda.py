@@ -284,16 +284,28 @@ class CudaDevice:
         return dtypes_for_compute_capability(self._major, self._minor)
 
     def memory(self) -> DeviceMemory:
-        """Caching-allocator figures of this process plus device free/total."""
+        """Caching-allocator figures of this process plus device free/total.
+
+        Extras: ``peak_reserved`` and 0.1.1.2's keys ``allocated_bytes`` /
+        ``reserved_bytes`` / ``allocated_mb`` / ``reserved_mb`` (MiB, rounded down).
+        """
         cuda = self._torch.cuda
         free, total = cuda.mem_get_info(self.index)
+        allocated = int(cuda.memory_allocated(self.index))
+        reserved = int(cuda.memory_reserved(self.index))
         return DeviceMemory(
             total=int(total),
             free=int(free),
-            allocated=int(cuda.memory_allocated(self.index)),
-            reserved=int(cuda.memory_reserved(self.index)),
+            allocated=allocated,
+            reserved=reserved,
             peak=int(cuda.max_memory_allocated(self.index)),
-            extra={"peak_reserved": int(cuda.max_memory_reserved(self.index))},
+            extra={
+                "peak_reserved": int(cuda.max_memory_reserved(self.index)),
+                "allocated_bytes": allocated,
+                "reserved_bytes": reserved,
+                "allocated_mb": allocated >> 20,
+                "reserved_mb": reserved >> 20,
+            },
         )
 
     def reset_peak_memory(self) -> None:
