@@ -537,3 +537,17 @@ async def test_restart_after_stopping_a_decoding_batch_serves_a_full_batch(
     results = await asyncio.gather(*(engine.execute(make_request(p, 5)) for p in PROMPTS[:4]))
     for p, r in zip(PROMPTS[:4], results, strict=True):
         assert r.output_tokens == llama_ref.greedy(p, 5), r.error
+
+
+async def test_an_empty_prompt_on_a_model_whose_tokenizer_adds_no_bos(
+    engine_factory: Any, tiny_gpt2: str, gpt2_ref: Reference
+) -> None:
+    """GPT-2 tokenizes "" to no ids: the engine starts from bos_token_id, as generate() does
+    without inputs, and the tokens equal generate() from that one token."""
+    engine = engine_factory(tiny_gpt2)
+    await engine.start()
+    bos = engine.tokenizer.bos_token_id
+    assert engine.tokenizer("")["input_ids"] == [] and isinstance(bos, int)
+    resp = await engine.execute(make_request("", 5))
+    assert resp.finish_reason == "length"
+    assert resp.output_tokens == gpt2_ref.greedy([bos], 5)
