@@ -153,7 +153,8 @@ class ScheduledEngine(BaseEngine):
         """Build the serving set and start the driver (see the module docstring).
 
         Idempotent, as in 0.1.1.2: on a running engine it returns at once; a call made while
-        another ``start()`` is in progress waits for it and then returns.
+        another ``start()`` is in progress waits for it, then returns (or, when that one
+        failed, starts the engine itself).
 
         Raises:
             BackendNotAvailableError: ``stop()`` was called while starting.
