@@ -503,3 +503,25 @@ async def test_get_info_reports_counters(engine: MockEngine) -> None:
     assert info["completed"] == 1 and info["failed"] == 0
     assert info["kv"]["num_seqs"] == 0
     assert info["backend_type"] == "mock" and info["is_running"] is True
+
+
+async def test_a_start_waiting_on_a_failed_start_starts_the_engine_itself() -> None:
+    eng = MockEngine(MockEngineConfig("flaky-start", 0.0, 0.0))
+    real_build = eng._build
+    calls = 0
+
+    async def build_once_failing() -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        if calls == 1:
+            raise ConfigError("first build fails")
+        return await real_build()
+
+    eng._build = build_once_failing  # type: ignore[method-assign]
+    first, second = await asyncio.gather(eng.start(), eng.start(), return_exceptions=True)
+    assert isinstance(first, ConfigError) and second is None
+    assert calls == 2 and eng.is_running
+    resp = await eng.execute(make_request(max_tokens=2))
+    assert resp.finish_reason == "length"
+    await eng.stop()
