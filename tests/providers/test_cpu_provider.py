@@ -384,8 +384,15 @@ def test_kv_blocks_hold_real_bytes(cpu: CPUBackendProvider) -> None:
 def test_kv_exhaustion_leaves_pool_unchanged(cpu: CPUBackendProvider) -> None:
     held = cpu.kv_block_alloc(60, DType.FP32)  # 15 of the 16 pool pages
     before = cpu.memory_stats()
-    with pytest.raises(KVCacheExhaustedError):
+    with pytest.raises(KVCacheExhaustedError) as info:
         cpu.kv_block_alloc(8, DType.FP32)
+    # what was asked, what the pool holds of the budget, and what to change
+    message = str(info.value)
+    assert "8 fp32 tokens on cpu need 2 pages" in message
+    assert f"holds {16 * SMALL_SPEC.page_bytes} bytes of the {64 * SMALL_SPEC.page_bytes}" in (
+        message
+    )
+    assert "kv_block_pool_bytes / kv_memory_bytes" in message
     assert cpu.memory_stats()["kv_used_bytes"] == before["kv_used_bytes"]
     last = cpu.kv_block_alloc(4, DType.FP32)
     cpu.kv_block_free(last)

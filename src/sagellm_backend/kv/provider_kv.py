@@ -255,6 +255,19 @@ class ProviderKV(ProviderKVManagers):
             )
         return live
 
+    def _block_pool_exhausted(
+        self, dev: _DeviceKV, pool: BlockPool, num_tokens: int, dtype: DType, n: int
+    ) -> KVCacheExhaustedError:
+        """The error of a ``kv_block_alloc`` the block pool cannot hold, with what to change."""
+        base = pool._exhausted(n)
+        return KVCacheExhaustedError(
+            f"{base}: {num_tokens} {dtype.value} tokens on {dev.device} need {n} pages of "
+            f"{pool.page_bytes} bytes ({self.spec}). The kv_block_alloc pool holds "
+            f"{pool.num_pages * pool.page_bytes} bytes of the {dev.budget}-byte KV budget; "
+            "free blocks, or raise kv_block_pool_bytes / kv_memory_bytes, or give a smaller "
+            "kv_spec"
+        )
+
     def _alloc_locked(
         self, num_tokens: int, dtype: DType, per_page: int, dev: _DeviceKV
     ) -> KVBlock:
@@ -282,7 +295,7 @@ class ProviderKV(ProviderKVManagers):
                     f"need {nbytes} bytes ({n} pages); {free} of {dev.budget} bytes free"
                 )
         if n > free_pages:
-            raise pool._exhausted(n)
+            raise self._block_pool_exhausted(dev, pool, num_tokens, dtype, n)
         self.block_pages_handed_out += n
         guard = self.block_guard
         if guard is not None:
