@@ -489,17 +489,14 @@ class EngineFactory:
     def _create_auto(cls, config: Any, provider: Any) -> BaseEngine:
         """``create("auto")``: the first kind of :meth:`_auto_order` that takes ``config``."""
         passed: list[str] = []
-        order = cls._auto_order()
-        for key in order:
+        last: BackendError | None = None
+        for key in cls._auto_order():
             try:
                 engine = cls._create_kind(key, config, provider)
             except (ConfigError, BackendNotAvailableError, DependencyMissingError) as exc:
                 passed.append(f"{key}: {type(exc).__name__}: {exc}")
                 _log.warning("EngineFactory.create('auto'): passing over %s", passed[-1])
-                if key == order[-1]:
-                    raise BackendNotAvailableError(
-                        "no engine kind could be created for this config: " + "; ".join(passed)
-                    ) from exc
+                last = exc
                 continue
             if passed or key in _AUTO_FALLBACK:
                 _log.warning(
@@ -509,7 +506,9 @@ class EngineFactory:
                     "" if passed else ": no other engine kind is available here",
                 )
             return engine
-        raise AssertionError("unreachable: _auto_order() is never empty")  # pragma: no cover
+        raise BackendNotAvailableError(
+            "no engine kind could be created for this config: " + "; ".join(passed)
+        ) from last
 
     @classmethod
     def _create_kind(cls, key: str, config: Any, provider: Any) -> BaseEngine:

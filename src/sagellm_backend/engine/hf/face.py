@@ -164,7 +164,6 @@ class MockModeServing:
                 max_context=context,
                 max_input_tokens=options.max_input_tokens,
                 max_new_tokens=self.max_new_tokens,
-                bos_token_id=self.tokenizer.BOS_ID,
             ),
         )
 

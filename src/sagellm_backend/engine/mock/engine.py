@@ -166,7 +166,6 @@ class MockEngine(ScheduledEngine):
                 max_output_tokens=cfg.max_output_tokens,
                 default_max_tokens=cfg.default_max_tokens if cfg.default_max_tokens_given else None,
                 model=cfg.model_path if cfg.strict_model else None,
-                bos_token_id=MockTokenizer.BOS_ID,
             ),
         )
         self._provider = provider

@@ -13,6 +13,7 @@ the serving set's ``release``; nothing here imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.engine._streaming import RequestLimits
@@ -134,7 +135,8 @@ def make_mock_serving(
     Used by :class:`~sagellm_backend.engine.mock.MockEngine` and by the HF engines in
     ``mock_mode``. Of ``options`` it uses ``kv_cache_memory_bytes`` (the KV pool size; with
     ``kv_num_pages`` None and no memory size, :data:`DEFAULT_KV_NUM_PAGES` pages) and
-    ``enable_prefix_caching``; the request limits are in ``limits``.
+    ``enable_prefix_caching``; the request limits are in ``limits`` (an empty prompt starts
+    from the mock tokenizer's BOS token, set here for every mock-model engine).
     """
     from sagellm_backend.engine.runners.mock import MockRunner
     from sagellm_backend.engine.sched.scheduler import Scheduler
@@ -166,7 +168,7 @@ def make_mock_serving(
     return provider, Serving(
         scheduler=scheduler,
         runner=runner,
-        limits=limits,
+        limits=dataclasses.replace(limits, bos_token_id=MockTokenizer.BOS_ID),
         tokenize=tokenizer.encode,
         new_detok=lambda: detok,
         release=lambda: release_to(provider, kv),
