@@ -71,6 +71,22 @@ WORKER = textwrap.dedent(
     out["bf16_sum"] = tb.float().tolist()
     out["gather"] = p.all_gather(torch.tensor([[r, r + 10]])).tolist()
     out["gather_scalar"] = p.all_gather(torch.tensor(float(r))).tolist()
+    host = [[r + 1, 2 * (r + 1)], [3, 4]]
+    p.all_reduce(host, "sum")
+    out["host_sum"] = host
+    host_avg = [r + 1, 4]
+    p.all_reduce(host_avg, "avg")
+    out["host_avg"] = host_avg
+    out["host_gather"] = p.all_gather([r, r + 0.5])
+    out["host_gather_scalar"] = p.all_gather(r)
+    try:
+        p.all_reduce((1.0,), "sum")
+    except TypeError as exc:
+        out["host_tuple"] = str(exc)
+    try:
+        p.all_reduce([1, [2, 3]], "sum")
+    except ValueError as exc:
+        out["host_ragged"] = str(exc)
     try:
         p.all_reduce(torch.ones(1), "median")
     except ValueError as exc:
@@ -130,6 +146,12 @@ def test_two_gloo_processes_all_ops(mode: str) -> None:
         assert r["gather"] == [[0, 10], [1, 11]]  # rank order, concatenated along dim 0
         assert r["gather_scalar"] == [0.0, 1.0]
         assert "valid ops: sum, avg, max, min, product" in r["bad_op"]
+        assert r["host_sum"] == [[3, 6], [6, 8]]  # ints stay ints, in place
+        assert r["host_avg"] == [1.5, 4.0]
+        assert r["host_gather"] == [0.0, 0.5, 1.0, 1.5]
+        assert r["host_gather_scalar"] == [0, 1]
+        assert "works in place" in r["host_tuple"]
+        assert "must be rectangular" in r["host_ragged"]
         assert r["initialized_after_close"] is False
 
 
@@ -152,10 +174,26 @@ def test_bad_input_is_rejected_clearly() -> None:
         p.all_reduce(torch.ones(2), "median")
     with pytest.raises(ValueError, match="'avg' needs a floating tensor"):
         p.all_reduce(torch.ones(2, dtype=torch.int32), "avg")
-    with pytest.raises(TypeError, match=r"torch\.Tensor"):
-        p.all_reduce([1.0, 2.0], "sum")
-    with pytest.raises(TypeError, match=r"torch\.Tensor"):
-        p.all_gather(3.0)
+    with pytest.raises(ConfigError, match="unknown collective op 'median'"):
+        p.all_reduce([1.0], "median")  # the op is checked for host values too
+    with pytest.raises(TypeError, match=r"takes a torch\.Tensor, a number or a \(nested\) list"):
+        p.all_reduce("12", "sum")
+    with pytest.raises(TypeError, match=r"got dict"):
+        p.all_gather({"a": 1.0})
+    with pytest.raises(TypeError, match=r"got list"):
+        p.all_gather([1.0, [2.0, None]])
+
+
+def test_single_rank_host_values_as_in_0112() -> None:
+    """0.1.1.2's cpu provider took plain lists: all_reduce left them, all_gather copied."""
+    p = CPUBackendProvider()
+    values = [1.0, [2, 3]]
+    assert p.all_reduce(values, "sum") is None
+    assert values == [1.0, [2, 3]]
+    gathered = p.all_gather(values)
+    assert gathered == [1.0, [2, 3]] and gathered is not values and gathered[1] is not values[1]
+    assert p.all_gather(4.5) == [4.5]
+    assert p.all_gather((1, 2)) == [1, 2]
 
 
 def test_disabled_collectives_are_enforced() -> None:

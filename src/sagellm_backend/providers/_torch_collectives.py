@@ -9,6 +9,13 @@ process group both have single-rank semantics: ``all_reduce`` leaves the tensor 
 and ``all_gather`` returns a copy (shape ``[1]`` for a 0-d tensor). With collectives
 disabled (``enable_collectives=False`` or no usable backend) both raise
 :class:`~sagellm_backend.errors.CapabilityNotSupportedError`.
+
+Host values -- a number or a (nested) list/tuple of numbers, which 0.1.1.2's cpu provider
+took -- are accepted as well, with or without torch: ``all_reduce`` reduces a list in place
+(a number or a tuple cannot be changed in place: on several ranks it raises TypeError) and
+``all_gather`` returns a list (the ranks' values concatenated, as for tensors). Across
+ranks they travel as a torch tensor (int64 when every element is an int, else float64;
+float64 for ``avg``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -157,19 +165,21 @@ class TorchCollectives:
         """Reduce ``tensor`` in place across ranks.
 
         Args:
-            tensor: a torch tensor on this provider's device (cpu tensors for gloo).
+            tensor: a torch tensor on this provider's device (cpu tensors for gloo), or a
+                host value (see the module docstring).
             op: one of ``sum, avg, max, min, product``.
 
         Raises:
-            ValueError: unknown ``op`` (listing the valid ones), or ``avg`` of an integer
-                tensor, or a tensor on another device.
+            ConfigError: unknown ``op`` (a ValueError listing the valid ones).
+            ValueError: ``avg`` of an integer tensor, or a tensor on another device.
+            TypeError: neither a tensor nor a host value; a number or tuple on several ranks.
             CapabilityNotSupportedError: collectives are disabled here.
         """
         op_name = _check_op(op)
         self._require_collectives()
-        if self._torch is None:
-            _check_host_tensor(tensor, "all_reduce")
-            return  # single rank without torch: the reduction of one tensor is itself
+        if self._torch is None or not isinstance(tensor, self._torch.Tensor):
+            self._all_reduce_host(tensor, op_name)
+            return
         self._check_collective_tensor(tensor, "all_reduce")
         if op_name == "avg" and not (tensor.is_floating_point() or tensor.is_complex()):
             raise ValueError(f"all_reduce op 'avg' needs a floating tensor, got {tensor.dtype}")
@@ -198,16 +208,20 @@ class TorchCollectives:
 
         Every rank must pass a tensor of the same shape and dtype. The result is the
         ranks' tensors concatenated along dim 0 in rank order (``[world_size * n, ...]``
-        for an input of ``[n, ...]``; ``[world_size]`` for a 0-d input).
+        for an input of ``[n, ...]``; ``[world_size]`` for a 0-d input). A host value gives
+        a list of the same layout.
 
         Raises:
             CapabilityNotSupportedError: collectives are disabled here.
             ValueError: a tensor on another device.
+            TypeError: neither a tensor nor a host value.
         """
         self._require_collectives()
-        if self._torch is None:
-            _check_host_tensor(tensor, "all_gather")
-            return [tensor] if _is_number(tensor) else copy.deepcopy(list(tensor))
+        if self._torch is None or not isinstance(tensor, self._torch.Tensor):
+            _check_host_value(tensor, "all_gather")
+            if not self.is_distributed:
+                return [tensor] if _is_number(tensor) else copy.deepcopy(list(tensor))
+            return self.all_gather(_host_tensor(self._torch, tensor, self.torch_device)).tolist()
         self._check_collective_tensor(tensor, "all_gather")
         src = tensor.reshape(1) if tensor.dim() == 0 else tensor
         if not self.is_distributed:
@@ -238,6 +252,20 @@ class TorchCollectives:
             )
         return backend
 
+    def _all_reduce_host(self, value: Any, op_name: str) -> None:
+        """``all_reduce`` of a host value: in place into a list, identity on one rank."""
+        _check_host_value(value, "all_reduce")
+        if not self.is_distributed:
+            return  # single rank: the reduction of one value is itself
+        if not isinstance(value, list):
+            raise TypeError(
+                f"all_reduce across {self.world_size} ranks works in place: pass a torch.Tensor "
+                f"or a list, got {type(value).__name__}"
+            )
+        reduced = _host_tensor(self._torch, value, self.torch_device, floating=op_name == "avg")
+        self.all_reduce(reduced, op_name)
+        _assign_in_place(value, reduced.tolist())
+
     def _check_collective_tensor(self, tensor: Any, what: str) -> None:
         require_instance(tensor, self._torch.Tensor, f"{what} needs a torch.Tensor")
         if tensor.device.type != self.torch_device.type:
@@ -251,23 +279,53 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_host_tensor(tensor: Any, what: str) -> None:
-    """Without torch, collectives take a number or a (nested) list/tuple of numbers."""
+def _check_host_value(value: Any, what: str) -> None:
+    """A host value is a number or a (nested) list/tuple of numbers."""
 
     def ok(v: Any) -> bool:
         return _is_number(v) or (isinstance(v, list | tuple) and all(ok(x) for x in v))
 
-    if not ok(tensor):
+    if not ok(value):
         raise TypeError(
-            f"{what} without torch takes a number or a (nested) list of numbers, got "
-            f"{type(tensor).__name__}; install torch for tensors: {TORCH_INSTALL_HINT}"
+            f"{what} takes a torch.Tensor, a number or a (nested) list of numbers, got "
+            f"{type(value).__name__} (tensors need torch: {TORCH_INSTALL_HINT})"
         )
+
+
+def _flat(value: Any) -> Iterator[Any]:
+    if isinstance(value, list | tuple):
+        for v in value:
+            yield from _flat(v)
+    else:
+        yield value
+
+
+def _host_tensor(torch_mod: Any, value: Any, device: Any, *, floating: bool = False) -> Any:
+    """``value`` as a tensor on ``device``: int64 when all are ints and not ``floating``."""
+    whole = not floating and all(isinstance(v, int) for v in _flat(value))
+    dtype = torch_mod.int64 if whole else torch_mod.float64
+    try:
+        return torch_mod.tensor(value, dtype=dtype, device=device)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            "a list sent across ranks must be rectangular (every nested list of one level the "
+            f"same length, numbers only at the innermost level): {exc}"
+        ) from exc
+
+
+def _assign_in_place(dst: list[Any], src: list[Any]) -> None:
+    """Write ``src`` into the nested list ``dst`` element by element (same layout)."""
+    for i, v in enumerate(src):
+        if isinstance(dst[i], list):
+            _assign_in_place(dst[i], v)
+        else:
+            dst[i] = v
 
 
 def _check_op(op: str) -> str:
     name = str(op).lower() if isinstance(op, str) else None
     if name not in COLLECTIVE_OPS:
-        raise ValueError(f"unknown collective op {op!r}; valid ops: {', '.join(COLLECTIVE_OPS)}")
+        raise ConfigError(f"unknown collective op {op!r}; valid ops: {', '.join(COLLECTIVE_OPS)}")
     return name
 
 
