@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # 0.1.1.2 exported these names from this module; kept for code that imports them here.
 from sagellm_protocol import Metrics as Metrics
@@ -35,6 +35,9 @@ from sagellm_backend.engine.hf.face import HFFaceFields, LoadSettings, check_boo
 from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
 from sagellm_backend.engine.options import resolve_engine_options
 from sagellm_backend.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sagellm_backend.kv.spec import KVSpec
 
 __all__ = ["CPUEngine", "CPUEngineConfig", "create_cpu_engine"]
 
@@ -166,6 +169,16 @@ class CPUEngine(HFEngineCore):
         if opts.kv_cache_memory_bytes is not None:
             return CPUBackendProvider(kv_memory_bytes=opts.kv_cache_memory_bytes)
         return CPUBackendProvider()
+
+    def _kv_pages_wanted(self, spec: KVSpec, max_batch_size: int) -> int | None:
+        """Enough pages for ``max_batch_size`` sequences of the full context, no more.
+
+        Host memory is shared with everything else on the machine, so the pool is not
+        sized to the whole budget (as on a GPU) when the model needs less; a larger model
+        gets what the provider's budget leaves.
+        """
+        per_seq = -(-self._max_context // spec.block_size)
+        return max(1, max_batch_size * per_seq)
 
     def _thread_init(self) -> None:
         n = self._cpu_config.num_threads

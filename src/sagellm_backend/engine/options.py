@@ -45,7 +45,8 @@ class EngineOptions:
 
     Attributes:
         kv_cache_memory_bytes: bytes of the KV pool the engine asks its provider for; None
-            takes what the provider's KV budget has left (a provider the engine creates
+            takes what the provider's KV budget has left -- on CPUEngine at most the pages of
+            ``max_batch_size`` sequences of the full context (a provider the engine creates
             itself gets this as its budget).
         block_size: tokens per KV page.
         enable_prefix_caching: reuse the K/V of cached full blocks of a repeated prompt

@@ -21,8 +21,8 @@ class TorchProviderOptions:
         kv_memory_bytes: byte budget of the default KV pool (the one ``kv_block_alloc``
             uses); exclusive with ``kv_memory_fraction``.
         kv_memory_fraction: budget as a fraction (0, 1] of the device's free memory when
-            KV is first used. Neither given: the device layer's default (cpu: min(512 MiB,
-            10% of available RAM); cuda: 50% of free device memory). The budget caps the
+            KV is first used. Neither given: the device layer's default (cpu: min(4 GiB,
+            a quarter of the available RAM); cuda: 50% of free device memory). The budget caps the
             ``kv_block_alloc`` pool plus every ``create_kv_manager`` pool; nothing is
             allocated until a pool is created.
         kv_block_pool_bytes: size of the pool behind ``kv_block_alloc`` (default: a

@@ -79,8 +79,8 @@ __all__ = [
 #: dtypes of the cpu backend without torch (the 0.1.1.2 set).
 HOST_DTYPES: tuple[DType, ...] = (DType.FP32, DType.FP16, DType.INT8)
 
-#: Default KV budget on cpu: min(this, 10% of available RAM).
-DEFAULT_CPU_KV_BYTES = 512 << 20
+#: Default KV budget on cpu: min(this, a quarter of the available RAM).
+DEFAULT_CPU_KV_BYTES = 4 << 30
 
 
 class CpuEvent:
@@ -335,8 +335,8 @@ class CpuDevice:
         return ()
 
     def default_kv_budget(self, free_bytes: int) -> int:
-        """min(512 MiB, 10% of available RAM)."""
-        return min(DEFAULT_CPU_KV_BYTES, free_bytes // 10)
+        """min(4 GiB, a quarter of the available RAM) (vLLM's CPU default is 4 GiB)."""
+        return min(DEFAULT_CPU_KV_BYTES, free_bytes // 4)
 
 
 class CPUBackendProvider(TorchProviderBase):

@@ -91,6 +91,39 @@ def test_stop_gives_the_kv_pool_back_so_a_second_engine_can_start(tiny_llama: st
 
 
 @pytest.mark.hf
+def test_default_kv_pool_holds_the_batch_at_full_context(tiny_llama: str) -> None:
+    """No kv_cache_memory_bytes: max_batch_size full-context sequences' pages, no more --
+    or all the budget leaves when it holds fewer."""
+
+    async def body() -> None:
+        roomy = cpu_provider(1 << 30)
+        engine = cpu_engine(tiny_llama, roomy)  # max_batch_size=4
+        await engine.start()
+        info = engine.get_info()
+        block = info["kv"]["block_size"]
+        assert info["kv"]["num_pages"] == 4 * -(-info["max_context"] // block)
+        assert roomy.memory_stats()["kv_pool_bytes"] == info["kv"]["total_bytes"] < 1 << 30
+        # a request of the full context fits while three others run
+        full = [5] * (info["max_context"] - 8)
+        results = await asyncio.gather(
+            engine.execute(req(max_tokens=8, metadata={"prompt_token_ids": full})),
+            *(engine.execute(req()) for _ in range(3)),
+        )
+        assert [r.finish_reason for r in results] == ["length"] * 4, [r.error for r in results]
+        assert results[0].metrics.kv_used_tokens >= info["max_context"] - 1  # all of it held
+        await engine.stop()
+
+        tight = cpu_provider(64 * PAGE)  # fewer pages than the batch at full context
+        small = cpu_engine(tiny_llama, tight, "small")
+        await small.start()
+        assert small.get_info()["kv"]["num_pages"] == 64
+        assert (await small.execute(req())).finish_reason == "length"
+        await small.stop()
+
+    asyncio.run(body())
+
+
+@pytest.mark.hf
 def test_two_engines_share_a_provider_when_the_budget_allows(tiny_llama: str) -> None:
     provider = cpu_provider(64 * PAGE)
 

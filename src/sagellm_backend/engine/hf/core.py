@@ -61,11 +61,12 @@ from sagellm_backend.engine.options import decode_cache_budget
 from sagellm_backend.engine.options import resolve_engine_options as resolve_engine_options
 from sagellm_backend.engine.sched.engine import Detokenizer, ScheduledEngine, Serving
 from sagellm_backend.engine.sched.scheduler import Scheduler
-from sagellm_backend.errors import ConfigError
+from sagellm_backend.errors import ConfigError, KVCacheExhaustedError
 
 if TYPE_CHECKING:
     from sagellm_backend.engine.runners.base import ModelRunner
     from sagellm_backend.kv.manager import KVCacheManager
+    from sagellm_backend.kv.spec import KVSpec
 
 # The names imported "as" themselves from engine.hf.face and engine.options were defined
 # here before; they are re-exported.
@@ -275,6 +276,13 @@ class HFEngineCore(ScheduledEngine):
     def _thread_init(self) -> None:
         """Thread settings for the scheduler thread (default: none)."""
 
+    def _kv_pages_wanted(self, spec: KVSpec, max_batch_size: int) -> int | None:
+        """Pages of the KV pool when ``kv_cache_memory_bytes`` is not set.
+
+        None (the default): all the provider's budget leaves. A face may ask for fewer.
+        """
+        return None
+
     def _check_provider(self, provider: Any) -> None:
         """Reject a provider whose ``device_type`` is not :meth:`backend_type`.
 
@@ -322,6 +330,30 @@ class HFEngineCore(ScheduledEngine):
             self._runner_name = serving.runner.name
             return serving
         return self._build_hf_serving()
+
+    def _create_kv(
+        self, provider: Any, spec: KVSpec, max_batch_size: int, *, caching: bool
+    ) -> KVCacheManager:
+        """The engine's KV manager, sized in this order of preference.
+
+        ``kv_cache_memory_bytes`` when set; else :meth:`_kv_pages_wanted` pages; else (no
+        wish, or the budget holds fewer pages) all the provider's budget leaves.
+        """
+        memory = self._options.kv_cache_memory_bytes
+        wanted = None if memory is not None else self._kv_pages_wanted(spec, max_batch_size)
+        manager: KVCacheManager
+        if wanted is not None:
+            try:
+                manager = provider.create_kv_manager(
+                    spec, num_pages=wanted, enable_prefix_caching=caching
+                )
+                return manager
+            except KVCacheExhaustedError:
+                pass  # the budget holds less: take what it leaves
+        manager = provider.create_kv_manager(
+            spec, memory_bytes=memory, enable_prefix_caching=caching
+        )
+        return manager
 
     def _load_model(self, provider: Any) -> None:
         """Load model and tokenizer once (kept across stop/start)."""
@@ -408,10 +440,8 @@ class HFEngineCore(ScheduledEngine):
             "torch.bfloat16": DType.BF16,
         }.get(str(model_compute_dtype(model)), DType.FP16)
         spec = KVSpec.from_model_config(model.config, block_size=opts.block_size, dtype=kv_dtype)
-        kv: KVCacheManager = provider.create_kv_manager(
-            spec,
-            memory_bytes=opts.kv_cache_memory_bytes,
-            enable_prefix_caching=opts.enable_prefix_caching and paged,
+        kv = self._create_kv(
+            provider, spec, load.max_batch_size, caching=opts.enable_prefix_caching and paged
         )
         try:
             runner = build_runner(
