@@ -215,14 +215,14 @@ EOF
 section "provider smoke" "$PY" "$SMOKE"
 
 # ----------------------------------------------------------------------------- HF engine hook
-# The HF-engine CUDA tests run here once tests/engine_hf has them; more engine checks can be
+# The HF-engine CUDA tests run here once tests/engine/hf has them; more engine checks can be
 # appended below this line as further `section` calls.
-if compgen -G "tests/engine_hf/test_*.py" >/dev/null; then
-    section "pytest -m cuda tests/engine_hf" \
-        "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/engine_hf
+if compgen -G "tests/engine/hf/test_*.py" >/dev/null; then
+    section "pytest -m cuda tests/engine/hf" \
+        "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/engine/hf
 else
     echo
-    echo "=== tests/engine_hf: no tests yet, skipped ==="
+    echo "=== tests/engine/hf: no tests yet, skipped ==="
 fi
 
 # ----------------------------------------------------------------------------- benchmark hook

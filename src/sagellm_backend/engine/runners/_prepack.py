@@ -153,24 +153,39 @@ class PackedCopy:
     """The packed copy of one weight, taken again whenever the weight has changed.
 
     A weight changed when its tensor was modified in place (``copy_``, ``load_state_dict``:
-    torch's version counter moved) or its storage was replaced (``param.data = ...``).
-    :meth:`get` costs a version and a pointer read when nothing changed.
+    torch's version counter moved), its storage was replaced (``param.data = ...``) or it was
+    cast (``model.to(dtype)``). :meth:`get` costs a version, pointer, dtype and shape read when
+    nothing changed.
+
+    Invariant: while a packed copy is held, so is (a detached view of) the weight it was
+    packed from. The source storage therefore stays alive, and no new storage can be
+    allocated at its address: a replaced or cast weight always shows a different pointer,
+    even when the allocator hands out freed memory and the new tensor's version is 0 again.
+    In steady state the view shares the model's own storage (no extra memory); after a
+    replacement the old storage is released at the next :meth:`get` or :meth:`clear`.
     """
 
-    __slots__ = ("_packed", "_stamp")
+    __slots__ = ("_packed", "_source", "_stamp")
 
     def __init__(self) -> None:
         self._packed: torch.Tensor | None = None
-        self._stamp: tuple[int, int] | None = None
+        self._source: torch.Tensor | None = None
+        self._stamp: tuple[int, int, torch.dtype, tuple[int, ...]] | None = None
 
     def get(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The packed copy of ``weight`` (``[out, in]``, CPU, a packable dtype) as it is now."""
-        stamp = (weight._version, weight.data_ptr())
+        stamp = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
         packed = self._packed
         if packed is None or stamp != self._stamp:
+            self.clear()  # release the old source first: at most one packed copy at a time
             packed = self._packed = pack_weight(weight, bias)
+            self._source = weight.detach()
             self._stamp = stamp
         return packed
+
+    def clear(self) -> None:
+        """Drop the packed copy and the source it holds (the weight left the packed path)."""
+        self._packed = self._source = self._stamp = None
 
 
 def prepack_linears(model: Any) -> int:
@@ -227,6 +242,7 @@ def _packed_forward(module: Any, transposed: bool) -> Callable[[torch.Tensor], t
         assert mod is not None, "a module's forward outlived it"
         weight = mod.weight
         if weight.dtype not in dtypes or weight.device.type != "cpu":
+            copy.clear()  # cast or moved: no packed copy (nor its source) kept alive
             out: torch.Tensor = plain(mod, x)
             return out
         return packed_linear(x, *packed(mod))

@@ -28,7 +28,7 @@ from .conftest import Reference
 
 pytestmark = pytest.mark.hf
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "sagellm_backend" / "engine"
+SRC = Path(__file__).resolve().parents[3] / "src" / "sagellm_backend" / "engine"
 BS = 16
 
 

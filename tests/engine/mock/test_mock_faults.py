@@ -14,7 +14,7 @@ from sagellm_protocol import ErrorCode
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
 from sagellm_backend.errors import BackendNotAvailableError
 
-from .conftest import make_request
+from ..conftest import make_request
 
 
 def _kv_seqs(engine: MockEngine) -> int:

@@ -15,7 +15,7 @@ from sagellm_backend.engine.base import BaseEngine
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig, MockTokenizer
 from sagellm_backend.errors import ConfigError
 
-from .conftest import make_request
+from ..conftest import make_request
 
 # ---------------------------------------------------------------------------- tokenizer
 

@@ -127,6 +127,67 @@ def test_packed_forward_follows_weight_changes(rows: int) -> None:
 
 
 @needs_onednn
+def test_packed_copy_is_taken_again_for_a_new_dtype_at_the_same_address() -> None:
+    """A weight cast in place of a freed one can sit at the same address with version 0.
+
+    Regression: the stamp was (version, pointer) only, so a bf16 weight allocated where the
+    fp32 one had been reused the stale fp32 packed copy (oneDNN then failed to build a
+    primitive, or computed with the old weights). Here the two weights share one address.
+    """
+    if torch.bfloat16 not in packable_dtypes():
+        pytest.skip("no bf16 packing on this CPU")
+    gen = torch.Generator().manual_seed(3)
+    storage = torch.randn(40 * 24, generator=gen)
+    fp32 = storage.view(40, 24)
+    bf16 = storage.view(torch.bfloat16)[: 40 * 24].view(40, 24)
+    assert fp32.data_ptr() == bf16.data_ptr() and fp32._version == bf16._version
+    copy = _prepack.PackedCopy()
+    x = torch.randn(3, 24, generator=gen)
+    torch.testing.assert_close(packed_linear(x, copy.get(fp32, None), fp32, None), x @ fp32.t())
+    version = bf16._version
+    bf16.data.copy_(torch.randn(40, 24, generator=gen))  # new values, the version untouched
+    assert bf16._version == version
+    xb = x.to(torch.bfloat16)
+    out = packed_linear(xb, copy.get(bf16, None), bf16, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.linear(xb, bf16))
+
+
+@needs_onednn
+def test_packed_copy_keeps_its_source_alive_until_cleared() -> None:
+    """The packed source is held, so a replaced weight never gets the old address back."""
+    copy = _prepack.PackedCopy()
+    weight = torch.randn(40, 24)
+    ptr = weight.data_ptr()
+    copy.get(weight, None)
+    del weight
+    fresh = [torch.empty(40, 24) for _ in range(8)]  # the allocator's likeliest reuse
+    assert all(t.data_ptr() != ptr for t in fresh)
+    copy.clear()
+    assert copy._source is None and copy._packed is None
+
+
+@needs_onednn
+def test_cast_sequence_never_reuses_a_stale_packed_copy() -> None:
+    """fp32 -> float64 -> bf16 casts, repeated: each forward matches an unpacked twin."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        module = torch.nn.Linear(24, 40)
+        plain = torch.nn.Linear(24, 40)
+        plain.load_state_dict(module.state_dict())
+        _prepack.prepack_linears(torch.nn.Sequential(module))
+        x = torch.randn(3, 24, generator=gen)
+        _check_follows(module, plain, x)
+        module.to(torch.float64)
+        plain.to(torch.float64)
+        _check_follows(module, plain, x.to(torch.float64))
+        if torch.bfloat16 in packable_dtypes():
+            module.to(torch.bfloat16)
+            plain.to(torch.bfloat16)
+            _check_follows(module, plain, x.to(torch.bfloat16))
+
+
+@needs_onednn
 def test_fused_packed_group_follows_in_place_weight_changes(tiny_llama: str) -> None:
     from transformers import AutoModelForCausalLM
 

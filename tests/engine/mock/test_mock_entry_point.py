@@ -19,7 +19,7 @@ from sagellm_backend.engine.mock import (
 from sagellm_backend.errors import ConfigError
 from sagellm_backend.providers.mock import MockBackendProvider
 
-from .conftest import make_request
+from ..conftest import make_request
 
 
 def test_entry_point_resolves_to_create_mock_engine() -> None:

@@ -22,7 +22,7 @@ from sagellm_backend.engine.hf.loader import load_model_and_tokenizer, resolve_t
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError, DependencyMissingError
 from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "sagellm_backend"
+SRC = Path(__file__).resolve().parents[3] / "src" / "sagellm_backend"
 
 
 @pytest.fixture(scope="module")
