@@ -170,11 +170,11 @@ class PackedCopy:
     def __init__(self) -> None:
         self._packed: torch.Tensor | None = None
         self._source: torch.Tensor | None = None
-        self._stamp: tuple[int, int, torch.dtype, tuple[int, ...]] | None = None
+        self._stamp: tuple[int, int, torch.dtype, torch.Size] | None = None
 
     def get(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The packed copy of ``weight`` (``[out, in]``, CPU, a packable dtype) as it is now."""
-        stamp = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
+        stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
         packed = self._packed
         if packed is None or stamp != self._stamp:
             self.clear()  # release the old source first: at most one packed copy at a time
