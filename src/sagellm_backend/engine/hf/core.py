@@ -37,11 +37,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sagellm_backend.engine._streaming import RequestLimits
 from sagellm_backend.engine.base import EngineConfig
+from sagellm_backend.engine.hf._serving_parts import (
+    HFDetok,
+    bos_token_id,
+    hf_tokenize,
+    inference_mode,
+    provider_dtypes,
+    release_serving,
+    uses_paged_kv,
+    weak_thread_init,
+)
+from sagellm_backend.engine.hf._serving_parts import build_runner as build_runner
 from sagellm_backend.engine.hf.face import HFFaceFields as HFFaceFields
 from sagellm_backend.engine.hf.face import LoadSettings as LoadSettings
 from sagellm_backend.engine.hf.face import MockModeServing as MockModeServing
@@ -52,19 +62,16 @@ from sagellm_backend.engine.hf.face import face_config_fields as face_config_fie
 from sagellm_backend.engine.hf.face import hf_unavailable_reason as hf_unavailable_reason
 from sagellm_backend.engine.hf.face import make_mock_engine as make_mock_engine
 from sagellm_backend.engine.hf.face import with_provider as with_provider
-from sagellm_backend.engine.mock.serving import release_to
 from sagellm_backend.engine.options import ENGINE_OPTION_DEFAULTS as ENGINE_OPTION_DEFAULTS
 from sagellm_backend.engine.options import RUNNER_CHOICES as RUNNER_CHOICES
 from sagellm_backend.engine.options import EngineOptionFields as EngineOptionFields
 from sagellm_backend.engine.options import EngineOptions as EngineOptions
-from sagellm_backend.engine.options import decode_cache_budget
 from sagellm_backend.engine.options import resolve_engine_options as resolve_engine_options
-from sagellm_backend.engine.sched.engine import Detokenizer, ScheduledEngine, Serving
+from sagellm_backend.engine.sched.engine import ScheduledEngine, Serving
 from sagellm_backend.engine.sched.scheduler import Scheduler
 from sagellm_backend.errors import ConfigError, KVCacheExhaustedError
 
 if TYPE_CHECKING:
-    from sagellm_backend.engine.runners.base import ModelRunner
     from sagellm_backend.kv.manager import KVCacheManager
     from sagellm_backend.kv.spec import KVSpec
 
@@ -73,114 +80,6 @@ if TYPE_CHECKING:
 __all__ = ["HFEngineCore", "build_runner"]
 
 _log = logging.getLogger(__name__)
-
-
-def _provider_dtypes(provider: Any) -> list[str] | None:
-    """Names of the dtypes ``provider``'s device computes in (None when it does not say)."""
-    dtypes = getattr(provider.capability(), "supported_dtypes", None)
-    if not dtypes:
-        return None
-    return [str(getattr(d, "value", d)) for d in dtypes]
-
-
-def build_runner(
-    model: Any,
-    kv: KVCacheManager,
-    provider: Any,
-    *,
-    model_path: str,
-    options: EngineOptions,
-    max_batch_size: int,
-    context: int,
-) -> ModelRunner:
-    """The model runner for ``model`` over ``kv`` (the one place the engine gets a runner).
-
-    Delegates to :func:`~sagellm_backend.engine.runners.select.select_runner`
-    (``options.runner``: ``"paged"``, ``"hf"`` or ``"auto"``).
-
-    Raises:
-        ConfigError: the requested runner cannot serve this model or provider.
-    """
-    from sagellm_backend.engine.runners.select import select_runner
-
-    runner: ModelRunner = select_runner(
-        model,
-        kv.storage,
-        block_size=options.block_size,
-        max_context=context,
-        runner=options.runner,
-        max_batch_size=max_batch_size,
-        prepack_weights=options.prepack_weights,
-        decode_cache_bytes=decode_cache_budget(options),
-        fuse_projections=options.fuse_projections,
-    )
-    return runner
-
-
-def _uses_paged_kv(options: EngineOptions, model: Any, model_path: str) -> bool:
-    """Whether the runner for ``model`` keeps K/V in pages (ConfigError for a refused 'paged')."""
-    from sagellm_backend.engine.runners.select import describe_runner
-
-    kind, reason = describe_runner(model, options.runner)
-    _log.info("runner %s for %s: %s", kind, model_path, reason)
-    return kind == "paged"
-
-
-class _HFDetok(Detokenizer):
-    """Incremental detokenization through the model's tokenizer."""
-
-    __slots__ = ("_inner",)
-
-    def __init__(self, tokenizer: Any) -> None:
-        from sagellm_backend.engine.hf.detok import IncrementalDetokenizer
-
-        self._inner = IncrementalDetokenizer(tokenizer)
-
-    def add(self, ids: list[int]) -> str:
-        return str(self._inner.add(ids))
-
-    def flush(self) -> str:
-        return str(self._inner.flush())
-
-
-def _hf_tokenize(tokenizer: Any) -> Any:
-    def tokenize(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    return tokenize
-
-
-def _bos_token_id(tokenizer: Any, vocab_size: int) -> int | None:
-    """The tokenizer's BOS id when it is a valid id of the model (else None: no start token)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return bos if isinstance(bos, int) and 0 <= bos < vocab_size else None
-
-
-def _release_serving(provider: Any, kv: Any, tp: Any) -> None:
-    """Stop the tensor-parallel workers (if any), then give the KV pool back."""
-    try:
-        if tp is not None:
-            tp.shutdown()
-    finally:
-        release_to(provider, kv)
-
-
-def _weak_thread_init(engine: HFEngineCore) -> Any:
-    """``engine._thread_init`` without a strong reference to the engine."""
-    ref = weakref.ref(engine)
-
-    def init() -> None:
-        target = ref()
-        if target is not None:
-            target._thread_init()
-
-    return init
-
-
-def _inference_mode() -> Any:
-    import torch
-
-    return torch.inference_mode()
 
 
 class HFEngineCore(ScheduledEngine):
@@ -404,7 +303,7 @@ class HFEngineCore(ScheduledEngine):
         from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
 
         return load_model_and_tokenizer(
-            load.model_path, **load.loader_kwargs(), device_dtypes=_provider_dtypes(provider)
+            load.model_path, **load.loader_kwargs(), device_dtypes=provider_dtypes(provider)
         )
 
     def _build_hf_serving(self) -> Serving:
@@ -433,7 +332,7 @@ class HFEngineCore(ScheduledEngine):
             self._tp.relaunch_workers()
         model = self._model
         tp = self._tp
-        paged = _uses_paged_kv(opts, model, load.model_path)
+        paged = uses_paged_kv(opts, model, load.model_path)
         kv_dtype = {
             "torch.float32": DType.FP32,
             "torch.float16": DType.FP16,
@@ -466,9 +365,7 @@ class HFEngineCore(ScheduledEngine):
                 decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
             )
         except BaseException:
-            if tp is not None:
-                tp.shutdown()
-            release_to(provider, kv)
+            release_serving(provider, kv, tp)
             raise
         self._vocab_size = runner.vocab_size
         self._runner_name = runner.name
@@ -486,16 +383,16 @@ class HFEngineCore(ScheduledEngine):
                 max_context=self._max_context,
                 max_input_tokens=opts.max_input_tokens,
                 max_new_tokens=load.max_new_tokens,
-                bos_token_id=_bos_token_id(tokenizer, runner.vocab_size),
+                bos_token_id=bos_token_id(tokenizer, runner.vocab_size),
             ),
-            tokenize=_hf_tokenize(tokenizer),
-            new_detok=lambda: _HFDetok(tokenizer),
-            release=lambda: _release_serving(provider, kv, tp),
+            tokenize=hf_tokenize(tokenizer),
+            new_detok=lambda: HFDetok(tokenizer),
+            release=lambda: release_serving(provider, kv, tp),
             # a step blocked on a hung rank ends when the group is torn down
             interrupt=tp.shutdown if tp is not None else None,
             threaded=True,
-            thread_init=_weak_thread_init(self),
-            thread_context=_inference_mode,
+            thread_init=weak_thread_init(self),
+            thread_context=inference_mode,
         )
 
     async def health_check(self) -> bool:
