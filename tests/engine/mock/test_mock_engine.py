@@ -32,6 +32,21 @@ def test_tokenizer_round_trips_any_text(text: str) -> None:
     assert tok.decode(ids) == text
 
 
+@given(st.lists(st.integers(0, 32000 - 1), max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_tokenizer_decodes_any_ids_in_the_vocabulary(ids: list[int]) -> None:
+    text = _TOK.decode(ids)  # never raises, even for byte runs that are not UTF-8
+    assert isinstance(text, str)
+
+
+def test_tokenizer_decodes_invalid_utf8_bytes_as_replacement_characters() -> None:
+    tok = _TOK
+    cut = list(tok.encode("\u4f60"))[:2]  # two of the three UTF-8 bytes of one character
+    assert tok.decode(cut) == "\ufffd"
+    assert tok.decode([*tok.encode(" ab"), tok.BYTE_OFFSET + 0x80]) == " ab\ufffd"
+    assert tok.decode(tok.encode("x\ud800y")) == "x\ud800y"  # a lone surrogate round-trips
+
+
 @given(st.text(alphabet=st.sampled_from("ab z\u00e9 \n.Q"), max_size=60))
 @settings(max_examples=200, deadline=None)
 def test_tokenizer_chunking_equals_whole_text_tokenization(text: str) -> None:

@@ -135,6 +135,11 @@ class MockTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Detokenize ``ids`` (special tokens are dropped).
 
+        A run of byte tokens that is not valid UTF-8 (a sequence cut in the middle of a
+        character, a stray continuation byte) decodes with U+FFFD in place of the bad bytes,
+        as Hugging Face byte-fallback tokenizers do; lone surrogates that :meth:`encode` wrote
+        come back as they were.
+
         Raises:
             ValueError: an id is outside ``[0, vocab_size)``.
         """
@@ -147,17 +152,25 @@ class MockTokenizer:
                 buf.append(tid - self.BYTE_OFFSET)
                 continue
             if buf:
-                parts.append(buf.decode("utf-8", "surrogatepass"))
+                parts.append(_bytes_text(buf))
                 buf.clear()
             if tid >= self.WORD_OFFSET and tid - self.WORD_OFFSET < len(self._pieces):
                 parts.append(self._pieces[tid - self.WORD_OFFSET])
         if buf:
-            parts.append(buf.decode("utf-8", "surrogatepass"))
+            parts.append(_bytes_text(buf))
         return "".join(parts)
 
     def token_text(self, token_id: int) -> str:
         """Text of one generated (word) token."""
         return self._pieces[token_id - self.WORD_OFFSET]
+
+
+def _bytes_text(buf: bytearray) -> str:
+    """Text of a run of byte tokens: UTF-8 (surrogates allowed), U+FFFD for invalid bytes."""
+    try:
+        return buf.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return buf.decode("utf-8", "replace")
 
 
 #: byte value -> its token id (read by MockTokenizer._encode_chunk)
