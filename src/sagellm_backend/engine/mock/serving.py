@@ -14,6 +14,7 @@ the serving set's ``release``; nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sagellm_backend.engine._streaming import RequestLimits
@@ -45,25 +46,28 @@ class _MockDetok(Detokenizer):
     Stateless (every token is a whole word, nothing is held back), so one instance serves
     every request of an engine.
 
-    The texts of word ids are gathered from the tokenizer's id -> text table in one C-level
-    ``map``; an id that is not a word (a byte or special token: ``None`` in the table, or one
-    past the words) makes the join fail and goes to the tokenizer's full ``decode``, as do negative
-    ids. Both give ``tokenizer.decode(ids)``.
+    The texts of word ids are gathered from the tokenizer's word id -> text dict by one
+    C-level ``itemgetter``; an id that is not a word (special, byte, negative or past the
+    vocabulary) is missing from the dict, and the KeyError sends the ids to the
+    tokenizer's full ``decode``. Both give ``tokenizer.decode(ids)``.
     """
 
-    __slots__ = ("_decode", "_word_at")
+    __slots__ = ("_decode", "_words")
 
     def __init__(self, tokenizer: MockTokenizer) -> None:
         self._decode = tokenizer.decode
-        self._word_at = tokenizer._text_by_id.__getitem__  # shared per vocabulary size
+        self._words = tokenizer._text_by_id  # shared per vocabulary size; read-only
 
     def add(self, ids: list[int]) -> str:
-        if ids and min(ids) >= 0:
-            try:
-                return "".join(map(self._word_at, ids))  # type: ignore[arg-type]
-            except (TypeError, IndexError):  # not a word: None in the list, or past it
-                pass
-        return self._decode(ids)
+        words = self._words
+        try:
+            if len(ids) > 1:
+                return "".join(itemgetter(*ids)(words))
+            if ids:
+                return words[ids[0]]
+            return ""
+        except (KeyError, TypeError):  # not a word id (or not hashable as one)
+            return self._decode(ids)
 
     def flush(self) -> str:
         return ""

@@ -31,17 +31,22 @@ _WORDS_PER_FORM = 26 + 26**2 + 26**3  # words of 1-3 lowercase letters
 @functools.lru_cache(maxsize=8)
 def _word_table(
     num_words: int,
-) -> tuple[tuple[str, ...], dict[str, int], tuple[str | None, ...]]:
-    """Word pieces by index, their ids, and the text by id (shared per size; read-only).
+) -> tuple[tuple[str, ...], dict[str, int], dict[int, str]]:
+    """Word pieces by index, their ids, and the text of each word id (shared per size).
 
-    The text table holds None for every id below the words (special and byte ids).
+    All three are read-only after construction; the last holds word ids only (special and
+    byte ids are absent from it).
     """
     pieces = tuple(
         (" " + _letters(i) if i < _WORDS_PER_FORM else _letters(i - _WORDS_PER_FORM))
         for i in range(num_words)
     )
     offset = MockTokenizer.WORD_OFFSET
-    return pieces, {p: offset + i for i, p in enumerate(pieces)}, (None,) * offset + pieces
+    return (
+        pieces,
+        {p: offset + i for i, p in enumerate(pieces)},
+        {offset + i: p for i, p in enumerate(pieces)},
+    )
 
 
 # A piece is a word (" ?[a-z]{1,3}", looked up) or a maximal run of characters that cannot
@@ -80,7 +85,7 @@ class MockTokenizer:
             )
         self.vocab_size = vocab_size
         num_words = min(vocab_size - self.WORD_OFFSET, 2 * _WORDS_PER_FORM)
-        #: token id -> text for every id below ``word_end`` ("" for special and byte ids)
+        #: word id -> its text (the ids from WORD_OFFSET up to ``word_end``; nothing else)
         self._pieces, self._piece_to_id, self._text_by_id = _word_table(num_words)
         self.word_end = self.WORD_OFFSET + len(self._pieces)
         #: first chunk of a text -> its ids; later chunk (without its leading space) -> ids
