@@ -8,19 +8,7 @@ import pytest
 from sagellm_protocol import Request
 
 from sagellm_backend import DType, MockBackendProvider
-
-SEED_CUDA_FIELDS = {
-    "engine_id": "hf-001",
-    "model_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-    "device": "cuda:0",
-    "dtype": "float16",
-    "device_map": "auto",
-    "load_in_8bit": False,
-    "load_in_4bit": False,
-    "trust_remote_code": False,
-    "max_new_tokens": 256,
-    "max_batch_size": 8,
-}
+from seed_fields import SEED_CUDA_FIELDS
 
 
 def test_mock_backend_example() -> None:

@@ -30,6 +30,7 @@ from sagellm_backend.engine.mock import (
 from sagellm_backend.errors import ConfigError
 from sagellm_backend.providers.mock import MockBackendProvider
 from sagellm_backend.registry import BackendRegistry
+from seed_fields import SEED_CUDA_FIELDS
 
 from .conftest import bad_request, make_request, words
 
@@ -114,14 +115,8 @@ CPU_CONFIG_CASES: list[Case] = [
 ]
 
 _CUDA_BASE: dict[str, Any] = {
+    **SEED_CUDA_FIELDS,
     "engine_id": "hf-bad",
-    "model_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-    "device": "cuda:0",
-    "dtype": "float16",
-    "device_map": "auto",
-    "load_in_8bit": False,
-    "load_in_4bit": False,
-    "trust_remote_code": False,
     "max_new_tokens": 16,
     "max_batch_size": 4,
 }

@@ -14,21 +14,9 @@ from sagellm_protocol import Request
 from sagellm_backend.engine.cpu import CPUEngine, CPUEngineConfig, create_cpu_engine
 from sagellm_backend.engine.hf_cuda import HFCudaEngine, HFCudaEngineConfig, create_cuda_engine
 from sagellm_backend.errors import BackendNotAvailableError, ConfigError
+from seed_fields import SEED_CUDA_FIELDS as CUDA_FIELDS
 
 from .conftest import make_request
-
-CUDA_FIELDS: dict[str, Any] = {
-    "engine_id": "hf-001",
-    "model_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-    "device": "cuda:0",
-    "dtype": "float16",
-    "device_map": "auto",
-    "load_in_8bit": False,
-    "load_in_4bit": False,
-    "trust_remote_code": False,
-    "max_new_tokens": 256,
-    "max_batch_size": 8,
-}
 
 
 # ---------------------------------------------------------------------------- HFCudaEngineConfig
