@@ -175,11 +175,9 @@ def _sharded_param_bytes(model: Any, patterns: tuple[str, ...]) -> tuple[int, in
     return total, split
 
 
-def test_llama_two_ranks_match_the_single_process_engine(
-    tiny_llama: str, llama_single: Any, tp_engine: Any
-) -> None:
-    tokens_1, info_1, model_1 = llama_single
-    engine = tp_engine(tiny_llama)
+def _two_ranks_match(engine: Any, tokens_1: Any, info_1: dict[str, Any]) -> tuple[Any, Any]:
+    """Start the 2-rank ``engine``, check its tokens and runner against the single-process
+    run; return (engine, its info)."""
 
     async def go() -> tuple[list[list[int]], dict[str, Any]]:
         await engine.start()
@@ -188,6 +186,14 @@ def test_llama_two_ranks_match_the_single_process_engine(
     tokens_2, info = run(go())
     assert tokens_2 == tokens_1
     assert info["runner"] == info_1["runner"]
+    return engine, info
+
+
+def test_llama_two_ranks_match_the_single_process_engine(
+    tiny_llama: str, llama_single: Any, tp_engine: Any
+) -> None:
+    tokens_1, info_1, model_1 = llama_single
+    engine, info = _two_ranks_match(tp_engine(tiny_llama), tokens_1, info_1)
     tp = info["tensor_parallel"]
     assert tp["size"] == 2 and tp["backend"] == "gloo" and tp["healthy"]
     ranks = tp["ranks"]
@@ -217,15 +223,7 @@ def test_gpt2_two_ranks_match_the_single_process_engine(
     tiny_gpt2: str, gpt2_single: Any, tp_engine: Any
 ) -> None:
     tokens_1, info_1, model_1 = gpt2_single
-    engine = tp_engine(tiny_gpt2)
-
-    async def go() -> tuple[list[list[int]], dict[str, Any]]:
-        await engine.start()
-        return await _generate(engine), engine.get_info()
-
-    tokens_2, info = run(go())
-    assert tokens_2 == tokens_1
-    assert info["runner"] == info_1["runner"]
+    _, info = _two_ranks_match(tp_engine(tiny_gpt2), tokens_1, info_1)
     ranks = info["tensor_parallel"]["ranks"]
     assert len(ranks) == 2
     assert {r["plan"] for r in ranks} == {"gpt2"}  # ours: GPT-2 declares no tp_plan
