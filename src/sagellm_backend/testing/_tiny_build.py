@@ -25,7 +25,10 @@ from sagellm_backend.testing._tiny_tokenizer import (
 __all__ = ["build_model", "model_config"]
 
 # Rotary decoders configured with the Llama field names.
-_ROPE_DECODERS = frozenset({"mistral", "qwen2", "phi3", "gemma2", "starcoder2"})
+_ROPE_DECODERS = frozenset(
+    {"mistral", "qwen2", "phi3", "gemma2", "starcoder2", "qwen3_next", "recurrent_gemma"}
+    | {"deepseek_v3"}
+)
 # Architectures whose tokenizer prepends ``<s>`` (as their hub tokenizers do).
 _BOS_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2"})
 
@@ -57,6 +60,8 @@ _CONFIG_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
         ("word_embed_proj_dim", "hidden_size"),
     ),
     "bloom": (("hidden_size", "hidden_size"), ("n_layer", "num_layers"), ("n_head", "num_heads")),
+    # Mamba: no attention; its inner width is ``expand * hidden_size`` (an extra field).
+    "mamba": (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers")),
     # GPT-NeoX has no grouped-query attention: every field but the KV heads.
     "gpt_neox": tuple(f for f in _LLAMA_STYLE_FIELDS if f[0] != "num_key_value_heads"),
     **dict.fromkeys(sorted(_ROPE_DECODERS), _LLAMA_STYLE_FIELDS),
@@ -78,7 +83,7 @@ def model_config(spec: TinyModelSpec, transformers: Any) -> Any:
     if names is None:
         raise ConfigError(
             f"tiny model {spec.name!r}: unknown architecture {spec.architecture!r}; valid: "
-            f"llama, gpt2, opt, bloom, gpt_neox, {', '.join(sorted(_ROPE_DECODERS))}"
+            f"llama, gpt2, opt, bloom, gpt_neox, mamba, {', '.join(sorted(_ROPE_DECODERS))}"
         )
     fields = {field: getattr(spec, attr) for field, attr in names}
     fields.update(_FIXED_FIELDS.get(spec.architecture, {}))

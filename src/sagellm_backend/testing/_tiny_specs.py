@@ -21,7 +21,8 @@ class TinyModelSpec:
     Attributes:
         name: the name :func:`ensure_tiny_model` accepts.
         architecture: ``config.model_type`` (llama, gpt2, mistral, qwen2, phi3, gemma2,
-            gpt_neox, opt, starcoder2, bloom).
+            gpt_neox, opt, starcoder2, bloom, mamba, qwen3_next, recurrent_gemma,
+            deepseek_v3).
         vocab_size: tokenizer and embedding size (they are equal).
         hidden_size: model width.
         intermediate_size: MLP width.
@@ -169,6 +170,68 @@ SPECS: dict[str, TinyModelSpec] = {
         "random BLOOM (ALiBi, no attention-backend support), 2 layers, hidden 64, 4 heads",
         num_kv_heads=4,
         intermediate_size=256,
+    ),
+    "tiny-mamba": _tiny(
+        "tiny-mamba",
+        "mamba",
+        509,
+        "random Mamba (attention-free SSM: convolution and recurrent state), 2 layers, hidden 64",
+        extra={"state_size": 8, "expand": 2, "conv_kernel": 4, "use_mambapy": False},
+    ),
+    "tiny-qwen3-next": _tiny(
+        "tiny-qwen3-next",
+        "qwen3_next",
+        510,
+        "random Qwen3-Next (hybrid: a gated linear-attention layer, then full attention), "
+        "2 layers, hidden 64",
+        extra={
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4,
+            "mlp_only_layers": [0, 1],
+        },
+    ),
+    "tiny-recurrent-gemma": _tiny(
+        "tiny-recurrent-gemma",
+        "recurrent_gemma",
+        511,
+        "random RecurrentGemma (state kept on its modules), 3 layers: recurrent, "
+        "recurrent, local attention",
+        num_layers=3,
+        num_kv_heads=1,
+        extra={
+            "head_dim": 16,
+            "lru_width": 64,
+            "attention_window_size": 16,
+            "conv1d_width": 4,
+            "block_types": ["recurrent", "recurrent", "attention"],
+        },
+    ),
+    "tiny-deepseek-v3": _tiny(
+        "tiny-deepseek-v3",
+        "deepseek_v3",
+        512,
+        "random DeepSeek-V3 (multi-head latent attention: keys and values of different "
+        "widths; a dense layer, then MoE), 2 layers, hidden 64",
+        num_kv_heads=4,
+        extra={
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+        },
     ),
     "bench-gpt2": _bench(
         "bench-gpt2",

@@ -1,7 +1,9 @@
 """CPUEngine on every supported architecture: continuous batching equals one-at-a-time generate.
 
 For each tiny offline model (gpt2, llama, mistral, qwen2, phi3, gemma2, gpt_neox, opt,
-starcoder2 through the generic paged runner; bloom through the batched fallback): 8
+starcoder2 through the generic paged runner; bloom and DeepSeek-V3's latent attention through
+the batched fallback; Mamba, hybrid Qwen3-Next and RecurrentGemma, whose layers keep
+recurrent state, through the per-sequence runner): 8
 concurrent requests with mixed prompt lengths (some sharing a cached prefix) join at
 different steps, half streamed; chunked prefill is forced by a small token budget. Greedy
 tokens must equal ``model.generate`` run on each request alone; afterwards the KV pool
@@ -33,6 +35,10 @@ MODELS = {
     "tiny-opt": "paged",
     "tiny-starcoder2": "paged",
     "tiny-bloom": "hf-batched",
+    "tiny-deepseek-v3": "hf-batched",
+    "tiny-mamba": "hf-sequential",
+    "tiny-qwen3-next": "hf-sequential",
+    "tiny-recurrent-gemma": "hf-sequential",
 }
 
 _REFS: dict[str, Reference] = {}

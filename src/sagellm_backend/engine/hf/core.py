@@ -211,7 +211,10 @@ class HFEngineCore(ScheduledEngine):
 
     @property
     def runner_name(self) -> str | None:
-        """``"paged"``, ``"hf-batched"`` or ``"mock"`` once started (None before)."""
+        """The runner's name once started (see ``runners.select.RUNNER_KINDS``; "mock").
+
+        None before the first start.
+        """
         return self._runner_name
 
     @property
@@ -338,7 +341,15 @@ class HFEngineCore(ScheduledEngine):
             "torch.float16": DType.FP16,
             "torch.bfloat16": DType.BF16,
         }.get(str(model_compute_dtype(model)), DType.FP16)
-        spec = KVSpec.from_model_config(model.config, block_size=opts.block_size, dtype=kv_dtype)
+        try:
+            spec = KVSpec.from_model_config(
+                model.config, block_size=opts.block_size, dtype=kv_dtype
+            )
+        except ValueError:
+            if paged:
+                raise
+            # An attention-free model (Mamba): the pool only accounts for tokens.
+            spec = KVSpec(1, 1, 1, opts.block_size, kv_dtype)
         kv = self._create_kv(
             provider, spec, load.max_batch_size, caching=opts.enable_prefix_caching and paged
         )

@@ -175,9 +175,10 @@ class HFBatchedRunner:
         if big_c:
             first = next(h for h in held if h is not None)
             for layer in range(len(first.keys)):
-                h_kv, d = first.keys[layer].shape[0], first.keys[layer].shape[2]
-                ks = first.keys[layer].new_zeros(b, h_kv, big_c, d)
-                vs = first.values[layer].new_zeros(b, h_kv, big_c, d)
+                # keys and values may differ in heads or width (MLA: DeepSeek-V2/V3)
+                k0, v0 = first.keys[layer], first.values[layer]
+                ks = k0.new_zeros(b, k0.shape[0], big_c, k0.shape[2])
+                vs = v0.new_zeros(b, v0.shape[0], big_c, v0.shape[2])
                 for r, h in enumerate(held):
                     if h is not None and h.length:
                         ks[r, :, big_c - h.length :] = h.keys[layer][:, : h.length]

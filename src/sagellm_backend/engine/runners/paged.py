@@ -153,25 +153,15 @@ class PagedRunner:
         self.max_context = int(max_context)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        previous = getattr(model.config, "_attn_implementation", None)
         self.features = prepare_model(model)
-        self._layer_of: dict[int, int] = {}
-        self._k: list[torch.Tensor] = []
-        self._v: list[torch.Tensor] = []
-        for i, (module, feats) in enumerate(self.features):
-            self._layer_of[id(module)] = i
-            k_cache, v_cache = layer_kv(i)
-            expect = (feats.num_kv_heads, feats.head_dim)
-            if tuple(k_cache.shape[1:]) != expect or k_cache.dtype != self.dtype:
-                raise ValueError(
-                    f"KV storage of layer {i} is {tuple(k_cache.shape[1:])} {k_cache.dtype}, "
-                    f"the model needs (kv_heads, head_dim) = {expect} {self.dtype}"
-                )
-            if k_cache.device != self.device:
-                raise ValueError(
-                    f"KV storage is on {k_cache.device} but the model is on {self.device}"
-                )
-            self._k.append(k_cache)
-            self._v.append(v_cache)
+        try:
+            self._bind_pool(layer_kv)
+        except BaseException:
+            # A refused model goes to another runner: give it back its own attention.
+            if previous is not None:
+                model.set_attn_implementation(previous)
+            raise
         self._num_slots = int(self._k[0].shape[0])
         self._zeroed_pages = 0
         self._gather_bufs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -193,6 +183,31 @@ class PagedRunner:
         #: sibling projection groups computed as one GEMM (0: none fused)
         self.fused_groups = fuse(model, prepack=can_pack)[0] if fuse_projections else 0
         self.prepacked = can_pack and prepack_linears(model) > 0
+
+    def _bind_pool(self, layer_kv: Any) -> None:
+        """Take each attention layer's K/V storage, checking its shape, dtype and device.
+
+        Raises:
+            ValueError: a layer's storage does not fit the model.
+        """
+        self._layer_of: dict[int, int] = {}
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        for i, (module, feats) in enumerate(self.features):
+            self._layer_of[id(module)] = i
+            k_cache, v_cache = layer_kv(i)
+            expect = (feats.num_kv_heads, feats.head_dim)
+            if tuple(k_cache.shape[1:]) != expect or k_cache.dtype != self.dtype:
+                raise ValueError(
+                    f"KV storage of layer {i} is {tuple(k_cache.shape[1:])} {k_cache.dtype}, "
+                    f"the model needs (kv_heads, head_dim) = {expect} {self.dtype}"
+                )
+            if k_cache.device != self.device:
+                raise ValueError(
+                    f"KV storage is on {k_cache.device} but the model is on {self.device}"
+                )
+            self._k.append(k_cache)
+            self._v.append(v_cache)
 
     # ------------------------------------------------------------------ metadata
     def _validate(self, chunks: Sequence[SeqChunk]) -> None:

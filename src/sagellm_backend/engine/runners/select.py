@@ -7,6 +7,11 @@
 * ``"hf-batched"`` -- :class:`~sagellm_backend.engine.runners.hf_cache.HFBatchedRunner`:
   every other causal LM (bloom, falcon, mpt, ...), or a model spread over several devices;
   concurrent sequences still run in one padded forward per step.
+* ``"hf-sequential"`` -- :class:`~sagellm_backend.engine.runners.hf_state.HFStatefulRunner`:
+  models with recurrent state (Mamba, Jamba, Qwen3-Next, RecurrentGemma, ...: SSM, linear-
+  attention, convolution or hybrid layers), whatever ``runner`` option asks for ``"auto"``
+  or ``"hf"``: padding or packing sequences together would mix their states, so each
+  sequence keeps the model's own cache and runs in a forward of its own.
 
 :func:`describe_runner` decides from the model class and config alone (no weights needed,
 so ``sagellm-backend info --model PATH`` can answer from ``config.json``);
@@ -30,7 +35,7 @@ __all__ = ["RUNNER_KINDS", "describe_runner", "describe_runner_for_path", "selec
 _log = logging.getLogger(__name__)
 
 #: Runner names :func:`describe_runner` answers.
-RUNNER_KINDS = ("paged", "hf-batched")
+RUNNER_KINDS = ("paged", "hf-batched", "hf-sequential")
 _OPTIONS = ("auto", "paged", "hf")
 
 
@@ -85,6 +90,13 @@ def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, st
     """
     if runner not in _OPTIONS:
         raise ConfigError(f"runner must be one of {_OPTIONS}, got {runner!r}")
+    from sagellm_backend.engine.runners.hf_state import recurrent_state_reason
+
+    state = recurrent_state_reason(model_or_config)
+    if state is not None:
+        if runner == "paged":
+            raise ConfigError(f"runner='paged' cannot serve this model: {state}")
+        return "hf-sequential", state
     if runner == "hf":
         return "hf-batched", "runner='hf' was asked for"
     reason = _paged_reason(model_or_config)
@@ -188,6 +200,14 @@ def select_runner(
             if runner == "paged":
                 raise ConfigError(f"runner='paged' cannot serve this model: {exc}") from exc
             reason = str(exc)
+    if kind == "hf-sequential":
+        from sagellm_backend.engine.runners.hf_state import HFStatefulRunner
+
+        _log.info("using the per-sequence runner: %s", reason)
+        try:
+            return HFStatefulRunner(model, max_context=max_context, prepack_weights=prepack_weights)
+        except ValueError as exc:
+            raise ConfigError(f"this model cannot be served: {exc}") from exc
     from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner
 
     _log.info("using the batched HF-cache runner: %s", reason)

@@ -1,0 +1,330 @@
+"""Per-sequence runner for models with recurrent state (SSM, linear-attention and hybrid LMs).
+
+Mamba, Jamba, Qwen3-Next / Qwen3.5, RecurrentGemma, LFM2, Zamba, Nemotron-H, ... keep, besides
+(or instead of) attention K/V, a running state per sequence: a convolution window and a
+recurrent (SSM / linear-attention) state that depend on every token seen so far, in order.
+Padding a batch or packing sequences into one row (what the other runners do) feeds foreign
+tokens into that state, so these models are served here the way ``generate`` runs them: each
+sequence has the cache object the model itself creates, and every forward holds one sequence.
+
+* The first chunk of a sequence (``start == 0``: a new prompt, or a restart after
+  preemption) runs as one forward over a fresh cache made as ``generate`` makes it
+  (``DynamicCache(config=...)``, which holds the recurrent layers' state too; a model that
+  makes its own gets none); the runner keeps the cache the forward returns, or the one it
+  passed.
+* A later chunk runs token by token, each a one-token forward over the sequence's cache:
+  several models tell prefill from decode by the input length and would reset their state
+  on a multi-token continuation. (The scheduler sends one token per decode step anyway;
+  only a prompt split by chunked prefill pays for this.)
+* Models that keep the state on their modules rather than in the cache (RecurrentGemma:
+  the modules that define ``_setup_cache``) get it reset (``_setup_cache`` for one
+  sequence) before a sequence's first forward, saved after each of its forwards and put
+  back before the next one.
+
+Concurrent sequences still share steps (continuous batching in the scheduler); their
+forwards run one after another.
+
+K/V admission still goes through the KV manager (accounting): ``uses_paged_kv`` is False.
+
+Invariants:
+    * A chunk continues its sequence: ``start`` equals the tokens the runner holds for it,
+      or is 0 (a restart drops what was held).
+    * After :meth:`HFStatefulRunner.execute` returns, no module of the model holds another
+      sequence's state in a way that changes the next forward (it is restored first).
+    * ``execute`` is called from the scheduler thread only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
+from sagellm_backend.engine.runners.base import SeqChunk
+
+__all__ = ["HFStatefulRunner", "recurrent_state_reason"]
+
+#: Cache layer types (transformers' ``layer_types`` vocabulary) that hold recurrent state.
+_STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+
+
+def _layer_types(config: Any) -> list[str]:
+    """The cache layer types transformers derives from ``config`` (empty when it cannot)."""
+    getter = getattr(config, "get_text_config", None)
+    text = getter(decoder=True) if callable(getter) else config
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, _ = get_layer_types_and_kwargs(text)
+    except Exception:  # an older transformers, or a config it cannot read
+        types = getattr(text, "layer_types", None) or []
+    return [str(t) for t in types]
+
+
+def _module_state_owners(model: Any) -> list[Any]:
+    """The innermost modules that keep running state as plain attributes.
+
+    Such a module defines ``_setup_cache`` (RecurrentGemma's recurrent blocks); an outer
+    module that only forwards to its children's is left out.
+    """
+    owners = [m for m in model.modules() if callable(getattr(m, "_setup_cache", None))]
+    return [
+        m
+        for m in owners
+        if not any(o is not m and any(o is c for c in m.modules()) for o in owners)
+    ]
+
+
+def recurrent_state_reason(model_or_config: Any) -> str | None:
+    """Why ``model_or_config`` needs per-sequence state (None: a plain attention K/V model).
+
+    Decided from the config's cache layer types and, for a loaded model, from modules that
+    keep state themselves; imports transformers, not torch work.
+    """
+    is_model = hasattr(model_or_config, "config") and hasattr(model_or_config, "forward")
+    config = model_or_config.config if is_model else model_or_config
+    stateful = sorted(set(_layer_types(config)) & _STATE_LAYER_TYPES)
+    if stateful:
+        return (
+            f"its layers keep recurrent state ({', '.join(stateful)} layers), which batching "
+            "by padding or packing would mix between sequences"
+        )
+    if is_model and _module_state_owners(model_or_config):
+        return "its modules keep recurrent state between forwards"
+    return None
+
+
+@dataclass(slots=True)
+class _SeqState:
+    """One sequence: the model's cache object, tokens held, and module-held state."""
+
+    cache: Any
+    length: int
+    modules: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+class HFStatefulRunner:
+    """The model's own forward and cache, one sequence per forward (see the module docstring).
+
+    Args:
+        model: a loaded ``*ForCausalLM`` whose forward takes a transformers cache
+            (``cache`` or ``past_key_values``) and returns it.
+        max_context: longest sequence served.
+        prepack_weights: on CPU with fp32 or bf16 weights, give plain linear layers a
+            oneDNN-prepacked copy of their weights (see :mod:`._prepack`).
+
+    Raises:
+        ValueError: the model's forward takes no cache argument (its state cannot be kept).
+    """
+
+    uses_paged_kv = False
+
+    def __init__(self, model: Any, *, max_context: int, prepack_weights: bool = False) -> None:
+        params = inspect.signature(model.forward).parameters
+        if "cache" in params:
+            self._cache_kw = "cache"
+        elif "past_key_values" in params:
+            self._cache_kw = "past_key_values"
+        else:
+            raise ValueError(
+                f"{type(model).__name__}.forward takes no cache argument (cache or "
+                "past_key_values), so its recurrent state cannot be kept between steps"
+            )
+        self.name = "hf-sequential"
+        self.model = model
+        emb = model.get_input_embeddings()
+        self.device = torch.device(emb.weight.device)
+        self.vocab_size = int(emb.weight.shape[0])
+        self.max_context = int(max_context)
+        self._positions = "position_ids" in params
+        self._cache_positions = "cache_position" in params
+        self._keep = "logits_to_keep" in params
+        self._owners = _module_state_owners(model)
+        self._resets = [_state_reset(m, model, self.device, emb.weight.dtype) for m in self._owners]
+        supports = getattr(model, "_supports_default_dynamic_cache", None)
+        self._default_cache = not callable(supports) or bool(supports())
+        self._seqs: dict[str, _SeqState] = {}
+        self._current: str | None = None  # whose state the modules hold now
+        dtype: torch.dtype = emb.weight.dtype
+        #: linear layers run on oneDNN-prepacked weights
+        self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
+            prepack_linears(model) > 0
+        )
+
+    # ------------------------------------------------------------------ steps
+    def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Run every chunk (see the module docstring); logits of those that ask for them."""
+        if not chunks:
+            raise ValueError("execute() needs at least one chunk")
+        self._validate(chunks)
+        rows: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for c in chunks:
+                logits = self._run(c)
+                if c.need_logits:
+                    rows.append(logits)
+        if not rows:
+            return torch.empty(0, self.vocab_size, device=self.device)
+        return torch.stack(rows).float()
+
+    def _validate(self, chunks: Sequence[SeqChunk]) -> None:
+        seen: set[str] = set()
+        for c in chunks:
+            if c.seq_id in seen:
+                raise ValueError(f"sequence {c.seq_id!r} appears twice in one step")
+            seen.add(c.seq_id)
+            if not c.token_ids:
+                raise ValueError(f"sequence {c.seq_id!r}: empty chunk")
+            held = self._seqs.get(c.seq_id)
+            if c.start != 0 and (held is None or held.length != c.start):
+                have = 0 if held is None else held.length
+                raise ValueError(
+                    f"sequence {c.seq_id!r}: chunk starts at {c.start}, the runner holds "
+                    f"{have} tokens of it"
+                )
+            end = c.start + len(c.token_ids)
+            if end > self.max_context:
+                raise ValueError(
+                    f"sequence {c.seq_id!r} reaches position {end}, beyond the context "
+                    f"length {self.max_context}"
+                )
+
+    def _run(self, chunk: SeqChunk) -> torch.Tensor:
+        """Feed ``chunk`` to its sequence; return the logits after its last token."""
+        sid = chunk.seq_id
+        if chunk.start == 0:  # new or restarted: fresh state
+            self._seqs.pop(sid, None)
+            for reset in self._resets:
+                reset()
+            logits, cache = self._forward(chunk.token_ids, 0, self._new_cache())
+            state = _SeqState(cache=cache, length=len(chunk.token_ids))
+            self._seqs[sid] = state
+        else:
+            state = self._seqs[sid]
+            self._restore(sid, state)
+            logits = None
+            for i, tok in enumerate(chunk.token_ids):
+                logits, state.cache = self._forward([tok], chunk.start + i, state.cache)
+            state.length += len(chunk.token_ids)
+        self._save(sid, state)
+        assert logits is not None
+        return logits
+
+    def _new_cache(self) -> Any:
+        """An empty cache as ``generate`` makes it (None: the model makes its own)."""
+        if not self._default_cache:
+            return None
+        from transformers import DynamicCache
+
+        config = self.model.config
+        getter = getattr(config, "get_text_config", None)
+        return DynamicCache(config=getter(decoder=True) if callable(getter) else config)
+
+    def _forward(self, ids: list[int], start: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward of ``ids`` at positions ``start..``; (last logits, the cache after)."""
+        dev = self.device
+        n = len(ids)
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
+        if self._positions:
+            kwargs["position_ids"] = torch.arange(start, start + n, device=dev).unsqueeze(0)
+        if self._cache_positions:
+            kwargs["cache_position"] = torch.arange(start, start + n, device=dev)
+        if self._keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=dev), **kwargs)
+        new_cache = _returned_cache(out)
+        if new_cache is None:
+            if cache is None:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} returned no cache with use_cache=True; its "
+                    "state cannot be kept between steps"
+                )
+            new_cache = cache  # updated in place
+        return out.logits[0, -1], new_cache
+
+    # ------------------------------------------------------------------ module-held state
+    def _save(self, sid: str, state: _SeqState) -> None:
+        """Keep the state the modules hold for ``sid`` (copies: a module may update in place)."""
+        self._current = sid
+        if not self._owners:
+            return
+        state.modules = [_tensor_attrs(m) for m in self._owners]
+
+    def _restore(self, sid: str, state: _SeqState) -> None:
+        """Put ``sid``'s module-held state back (nothing to do when it is still there)."""
+        if not self._owners or self._current == sid:
+            return
+        for module, saved in zip(self._owners, state.modules, strict=True):
+            for path, value in saved.items():
+                owner = module
+                *parents, attr = path.split(".")
+                for p in parents:
+                    owner = getattr(owner, p)
+                setattr(owner, attr, value.clone())
+        self._current = sid
+
+    # ------------------------------------------------------------------ lifetime
+    def release(self, seq_id: str) -> None:
+        """Drop the sequence's cache and saved state."""
+        self._seqs.pop(seq_id, None)
+        if self._current == seq_id:
+            self._current = None
+
+    def reset(self) -> None:
+        """Drop every sequence's cache and saved state."""
+        self._seqs.clear()
+        self._current = None
+
+
+def _state_reset(module: Any, model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A call of ``module._setup_cache`` for one sequence (its arguments found by name).
+
+    Raises:
+        ValueError: ``_setup_cache`` wants an argument this runner cannot supply.
+    """
+    setup = module._setup_cache
+    known = {"config": model.config, "batch": 1, "batch_size": 1, "device": device, "dtype": dtype}
+    kwargs: dict[str, Any] = {}
+    for name, param in inspect.signature(setup).parameters.items():
+        if name in known:
+            kwargs[name] = known[name]
+        elif param.default is inspect.Parameter.empty and param.kind not in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            raise ValueError(
+                f"{type(module).__name__}._setup_cache takes {name!r}, which the per-sequence "
+                "runner cannot supply, so its state cannot be reset between sequences"
+            )
+
+    def reset() -> None:
+        setup(**kwargs)
+
+    return reset
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a forward returned (``past_key_values`` or, for SSM outputs, ``cache``)."""
+    for name in ("past_key_values", "cache", "cache_params"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _tensor_attrs(module: Any) -> dict[str, torch.Tensor]:
+    """Copies of the plain tensor attributes of ``module`` and its submodules, by dotted path.
+
+    Parameters and buffers are not plain attributes (they live in ``_parameters`` and
+    ``_buffers``), so only running state is taken.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        for name, value in vars(sub).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{prefix}.{name}" if prefix else name] = value.clone()
+    return out

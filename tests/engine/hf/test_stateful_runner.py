@@ -1,0 +1,163 @@
+"""Models with recurrent state and models the paged runner refuses after probing them.
+
+The per-sequence runner (``HFStatefulRunner``) on Mamba, hybrid Qwen3-Next and RecurrentGemma
+(state kept on its modules); the runner choice for them; the batched fallback on DeepSeek-V3's
+latent attention (keys and values of different widths), which the paged runner refuses only
+after it switched the model's attention, and must give back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+from sagellm_backend.engine.runners.base import SeqChunk
+from sagellm_backend.engine.runners.hf_state import HFStatefulRunner, recurrent_state_reason
+from sagellm_backend.engine.runners.paged import PagedRunner
+from sagellm_backend.engine.runners.select import (
+    RUNNER_KINDS,
+    describe_runner,
+    describe_runner_for_path,
+)
+from sagellm_backend.errors import ConfigError
+
+from .conftest import Reference
+
+pytestmark = pytest.mark.hf
+
+STATEFUL = ["tiny-mamba", "tiny-qwen3-next", "tiny-recurrent-gemma"]
+_REFS: dict[str, tuple[str, Reference]] = {}
+
+
+def _ref(name: str) -> tuple[str, Reference]:
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    if name not in _REFS:
+        path = str(ensure_tiny_model(name))
+        _REFS[name] = (path, Reference(path))
+    return _REFS[name]
+
+
+def _greedy(runner: Any, steps: list[list[SeqChunk]]) -> list[list[int]]:
+    """Run ``steps`` (chunks whose decode tokens are filled in from the previous step)."""
+    out: dict[str, list[int]] = {}
+    for chunks in steps:
+        for c in chunks:
+            if c.token_ids == [-1]:  # a decode chunk: feed back the last sampled token
+                c.token_ids = [out[c.seq_id][-1]]
+        logits = runner.execute(chunks)
+        rows = [c for c in chunks if c.need_logits]
+        for row, c in enumerate(rows):
+            out.setdefault(c.seq_id, []).append(int(logits[row].argmax()))
+    return [out[k] for k in sorted(out)]
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_interleaved_sequences_with_split_prompts_equal_generate(name: str) -> None:
+    """Two sequences share every step; one prompt arrives in three pieces (chunked)."""
+    _, ref = _ref(name)
+    model = ref.model
+    runner = HFStatefulRunner(model, max_context=256)
+    a = [5 + (7 * i) % 900 for i in range(23)]
+    b = [9 + (13 * i) % 900 for i in range(6)]
+    dec = [-1]
+    steps = [
+        [SeqChunk("a", a[:10], 0, [], False), SeqChunk("b", b, 0, [], True)],
+        [SeqChunk("a", a[10:20], 10, [], False), SeqChunk("b", dec, 6, [], True)],
+        [SeqChunk("a", a[20:], 20, [], True), SeqChunk("b", dec, 7, [], True)],
+    ]
+    for k in range(4):
+        steps.append([SeqChunk("a", dec, 23 + k, [], True), SeqChunk("b", dec, 8 + k, [], True)])
+    got_a, got_b = _greedy(runner, steps)
+    assert got_a == ref.greedy(a, 5)
+    assert got_b == ref.greedy(b, 7)
+    runner.release("a")
+    runner.release("b")
+    assert not runner._seqs
+
+
+def test_a_restart_after_preemption_recomputes_from_scratch() -> None:
+    _, ref = _ref("tiny-recurrent-gemma")
+    runner = HFStatefulRunner(ref.model, max_context=256)
+    a = [11 + (5 * i) % 800 for i in range(9)]
+    first = runner.execute([SeqChunk("a", a, 0, [], True)])
+    runner.execute([SeqChunk("other", [3, 4, 5], 0, [], True)])  # moves the module state
+    again = runner.execute([SeqChunk("a", a, 0, [], True)])  # start 0: state reset
+    assert torch.equal(first, again)
+
+
+def test_the_per_sequence_runner_rejects_bad_chunks() -> None:
+    _, ref = _ref("tiny-mamba")
+    runner = HFStatefulRunner(ref.model, max_context=32)
+    with pytest.raises(ValueError, match="needs at least one chunk"):
+        runner.execute([])
+    with pytest.raises(ValueError, match="chunk starts at 4, the runner holds 0"):
+        runner.execute([SeqChunk("x", [5], 4, [], True)])
+    with pytest.raises(ValueError, match="appears twice"):
+        runner.execute([SeqChunk("x", [5], 0, [], True), SeqChunk("x", [6], 0, [], True)])
+    with pytest.raises(ValueError, match="beyond the context length 32"):
+        runner.execute([SeqChunk("x", list(range(4, 40)), 0, [], True)])
+    runner.execute([SeqChunk("x", [5, 6], 0, [], False)])
+    runner.reset()
+    assert not runner._seqs
+
+
+def test_a_model_without_a_cache_argument_is_refused() -> None:
+    class NoCache(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(8, 4)
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.emb
+
+        def forward(self, input_ids: torch.Tensor, state: Any = None) -> Any:
+            return self.emb(input_ids)
+
+    with pytest.raises(ValueError, match="takes no cache argument"):
+        HFStatefulRunner(NoCache(), max_context=8)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_models_with_recurrent_state_get_the_per_sequence_runner(name: str) -> None:
+    path, ref = _ref(name)
+    assert "hf-sequential" in RUNNER_KINDS
+    assert recurrent_state_reason(ref.model) is not None
+    assert describe_runner(ref.model)[0] == "hf-sequential"
+    assert describe_runner(ref.model, "hf")[0] == "hf-sequential"  # never the padded batch
+    assert describe_runner(ref.model.config)[0] == "hf-sequential"  # from config.json alone
+    assert describe_runner_for_path(path)["runner"] == "hf-sequential"
+    with pytest.raises(ConfigError, match=r"runner='paged' cannot serve this model: .*state"):
+        describe_runner(ref.model, "paged")
+
+
+def test_attention_models_keep_their_runners() -> None:
+    for name in ("tiny-llama", "tiny-deepseek-v3"):
+        _, ref = _ref(name)
+        assert recurrent_state_reason(ref.model) is None
+
+
+async def test_engine_refuses_runner_paged_for_a_state_model(engine_factory: Any) -> None:
+    path, _ = _ref("tiny-mamba")
+    engine = engine_factory(path, runner="paged")
+    with pytest.raises(ConfigError, match="recurrent state"):
+        await engine.start()
+
+
+def test_a_refused_paged_runner_gives_the_model_its_attention_back() -> None:
+    """DeepSeek-V3's latent attention does not fit a (kv_heads, head_dim) pool: the paged
+    runner refuses it after switching its attention, and must switch it back (the batched
+    fallback then runs the model's own attention, padding mask included)."""
+    _, ref = _ref("tiny-deepseek-v3")
+    model = ref.model
+    before = model.config._attn_implementation
+    cfg = model.config
+    pool = torch.zeros(cfg.num_hidden_layers, 2, 64, cfg.num_key_value_heads, 8)
+    with pytest.raises(ValueError, match="KV storage of layer 0"):
+        PagedRunner(model, lambda i: (pool[i, 0], pool[i, 1]), block_size=16, max_context=64)
+    assert model.config._attn_implementation == before
