@@ -14,11 +14,11 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["ModelRunner", "SeqChunk"]
+__all__ = ["ModelRunner", "SeqChunk", "check_chunks"]
 
 
 @dataclass(slots=True)
@@ -81,3 +81,37 @@ class ModelRunner(Protocol):
     def reset(self) -> None:
         """Forget every sequence's state (no sequence is running)."""
         ...
+
+
+def check_chunks(chunks: Sequence[SeqChunk], held: Callable[[str], int], max_context: int) -> None:
+    """Check a step for a runner that keeps each sequence's state itself.
+
+    Every chunk must be non-empty, name its sequence once, start at 0 (a new sequence or a
+    restart) or at ``held(seq_id)`` (the tokens the runner holds of it), and end within
+    ``max_context``. Nothing is changed.
+
+    Raises:
+        ValueError: naming the sequence and what is wrong.
+    """
+    if not chunks:
+        raise ValueError("execute() needs at least one chunk")
+    seen: set[str] = set()
+    for c in chunks:
+        if c.seq_id in seen:
+            raise ValueError(f"sequence {c.seq_id!r} appears twice in one step")
+        seen.add(c.seq_id)
+        if not c.token_ids:
+            raise ValueError(f"sequence {c.seq_id!r}: empty chunk")
+        if c.start != 0:
+            have = held(c.seq_id)
+            if have != c.start:
+                raise ValueError(
+                    f"sequence {c.seq_id!r}: chunk starts at {c.start}, the runner holds "
+                    f"{have} tokens of it"
+                )
+        end = c.start + len(c.token_ids)
+        if end > max_context:
+            raise ValueError(
+                f"sequence {c.seq_id!r} reaches position {end}, beyond the context "
+                f"length {max_context}"
+            )

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
-from sagellm_backend.engine.runners.base import SeqChunk
+from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 
 __all__ = ["HFBatchedRunner"]
 
@@ -116,8 +116,6 @@ class HFBatchedRunner:
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Run all chunks in batched forwards (see the module docstring)."""
-        if not chunks:
-            raise ValueError("execute() needs at least one chunk")
         self._validate(chunks)
         rows: list[torch.Tensor] = []
         for i in range(0, len(chunks), self.max_batch_size):
@@ -127,28 +125,11 @@ class HFBatchedRunner:
         return torch.stack(rows).float()
 
     def _validate(self, chunks: Sequence[SeqChunk]) -> None:
-        seen: set[str] = set()
+        seqs = self._seqs
+        check_chunks(chunks, lambda sid: seqs[sid].length if sid in seqs else 0, self.max_context)
         for c in chunks:
-            if c.seq_id in seen:
-                raise ValueError(f"sequence {c.seq_id!r} appears twice in one step")
-            seen.add(c.seq_id)
-            if not c.token_ids:
-                raise ValueError(f"sequence {c.seq_id!r}: empty chunk")
-            held = self._seqs.get(c.seq_id)
             if c.start == 0:
-                self._seqs.pop(c.seq_id, None)  # a (re)start: forget what was held
-            elif held is None or held.length != c.start:
-                have = 0 if held is None else held.length
-                raise ValueError(
-                    f"sequence {c.seq_id!r}: chunk starts at {c.start}, the runner holds "
-                    f"{have} tokens of it"
-                )
-            end = c.start + len(c.token_ids)
-            if end > self.max_context:
-                raise ValueError(
-                    f"sequence {c.seq_id!r} reaches position {end}, beyond the context "
-                    f"length {self.max_context}"
-                )
+                seqs.pop(c.seq_id, None)  # a (re)start: forget what was held
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache

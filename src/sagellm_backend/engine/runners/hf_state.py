@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
-from sagellm_backend.engine.runners.base import SeqChunk
+from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 
 __all__ = ["HFStatefulRunner", "recurrent_state_reason"]
 
@@ -158,9 +158,8 @@ class HFStatefulRunner:
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Run every chunk (see the module docstring); logits of those that ask for them."""
-        if not chunks:
-            raise ValueError("execute() needs at least one chunk")
-        self._validate(chunks)
+        seqs = self._seqs
+        check_chunks(chunks, lambda sid: seqs[sid].length if sid in seqs else 0, self.max_context)
         rows: list[torch.Tensor] = []
         with torch.inference_mode():
             for c in chunks:
@@ -170,28 +169,6 @@ class HFStatefulRunner:
         if not rows:
             return torch.empty(0, self.vocab_size, device=self.device)
         return torch.stack(rows).float()
-
-    def _validate(self, chunks: Sequence[SeqChunk]) -> None:
-        seen: set[str] = set()
-        for c in chunks:
-            if c.seq_id in seen:
-                raise ValueError(f"sequence {c.seq_id!r} appears twice in one step")
-            seen.add(c.seq_id)
-            if not c.token_ids:
-                raise ValueError(f"sequence {c.seq_id!r}: empty chunk")
-            held = self._seqs.get(c.seq_id)
-            if c.start != 0 and (held is None or held.length != c.start):
-                have = 0 if held is None else held.length
-                raise ValueError(
-                    f"sequence {c.seq_id!r}: chunk starts at {c.start}, the runner holds "
-                    f"{have} tokens of it"
-                )
-            end = c.start + len(c.token_ids)
-            if end > self.max_context:
-                raise ValueError(
-                    f"sequence {c.seq_id!r} reaches position {end}, beyond the context "
-                    f"length {self.max_context}"
-                )
 
     def _run(self, chunk: SeqChunk) -> torch.Tensor:
         """Feed ``chunk`` to its sequence; return the logits after its last token."""
