@@ -22,7 +22,7 @@ class TinyModelSpec:
         name: the name :func:`ensure_tiny_model` accepts.
         architecture: ``config.model_type`` (llama, gpt2, mistral, qwen2, phi3, gemma2,
             gpt_neox, opt, starcoder2, bloom, mamba, qwen3_next, recurrent_gemma,
-            deepseek_v3).
+            deepseek_v3, mixtral).
         vocab_size: tokenizer and embedding size (they are equal).
         hidden_size: model width.
         intermediate_size: MLP width.
@@ -170,6 +170,13 @@ SPECS: dict[str, TinyModelSpec] = {
         "random BLOOM (ALiBi, no attention-backend support), 2 layers, hidden 64, 4 heads",
         num_kv_heads=4,
         intermediate_size=256,
+    ),
+    "tiny-mixtral": _tiny(
+        "tiny-mixtral",
+        "mixtral",
+        513,
+        "random Mixtral (sparse MoE: 4 experts, 2 per token), 2 layers, hidden 64, GQA 4/2",
+        extra={"num_local_experts": 4, "num_experts_per_tok": 2},
     ),
     "tiny-mamba": _tiny(
         "tiny-mamba",

@@ -1,9 +1,9 @@
 """CPUEngine on every supported architecture: continuous batching equals one-at-a-time generate.
 
 For each tiny offline model (gpt2, llama, mistral, qwen2, phi3, gemma2, gpt_neox, opt,
-starcoder2 through the generic paged runner; bloom and DeepSeek-V3's latent attention through
-the batched fallback; Mamba, hybrid Qwen3-Next and RecurrentGemma, whose layers keep
-recurrent state, through the per-sequence runner): 8
+starcoder2 and the Mixtral MoE through the generic paged runner; bloom and DeepSeek-V3's
+latent attention through the batched fallback; Mamba, hybrid Qwen3-Next and RecurrentGemma,
+whose layers keep recurrent state, through the per-sequence runner): 8
 concurrent requests with mixed prompt lengths (some sharing a cached prefix) join at
 different steps, half streamed; chunked prefill is forced by a small token budget. Greedy
 tokens must equal ``model.generate`` run on each request alone; afterwards the KV pool
@@ -34,6 +34,7 @@ MODELS = {
     "tiny-gpt-neox": "paged",
     "tiny-opt": "paged",
     "tiny-starcoder2": "paged",
+    "tiny-mixtral": "paged",
     "tiny-bloom": "hf-batched",
     "tiny-deepseek-v3": "hf-batched",
     "tiny-mamba": "hf-sequential",

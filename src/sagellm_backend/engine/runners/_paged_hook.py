@@ -48,6 +48,11 @@ _IGNORED_KWARGS = frozenset(
         "return_dict",
         "output_hidden_states",
         "token_type_ids",
+        "cache",
+        # MoE models pass their router-output flags down every layer's kwargs; they
+        # concern the expert blocks, not attention.
+        "output_router_logits",
+        "output_router_probs",
     }
 )
 # Keyword arguments honoured by the paged attention.
