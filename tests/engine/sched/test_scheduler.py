@@ -66,8 +66,13 @@ def make(num_pages: int, *, caching: bool = True, **kw: object) -> Scheduler:
     return Scheduler(kv, **args)  # type: ignore[arg-type]
 
 
-def run(sched: Scheduler, runner: FakeRunner, *, max_steps: int = 10_000) -> list[SchedSeq]:
-    """Step until idle; return finished sequences in finishing order."""
+def run(
+    sched: Scheduler, runner: FakeRunner, *, max_steps: int = 10_000, must_finish: bool = True
+) -> list[SchedSeq]:
+    """Step until idle; return finished sequences in finishing order.
+
+    ``must_finish=False``: stop after ``max_steps`` steps without complaint.
+    """
     finished: list[SchedSeq] = []
     sampler = Sampler()
     for _ in range(max_steps):
@@ -81,6 +86,8 @@ def run(sched: Scheduler, runner: FakeRunner, *, max_steps: int = 10_000) -> lis
         logits.top1[:] = [next_token(s) for s in plan.sample_seqs]
         tokens = sampler.sample(logits, plan.sample_seqs)
         finished.extend(sched.update(plan, tokens, 0.0, 0.0))
+    if not must_finish:
+        return finished
     raise AssertionError("scheduler did not become idle")
 
 
@@ -111,6 +118,25 @@ def test_chunked_prefill_splits_a_long_prompt() -> None:
     assert [len(c.token_ids) for c in prefill] == [4, 4, 2]
     assert [c.need_logits for step in runner.steps for c in step][:3] == [False, False, True]
     assert len(s.output_ids) == 2
+
+
+def test_without_chunked_prefill_a_prompt_is_one_chunk_and_none_waits_forever() -> None:
+    sched = make(64, max_num_batched_tokens=8, chunked_prefill=False, paged=False)
+    runner = FakeRunner()
+    first, long_a, long_b = seq(0, 3, 12), seq(1, 20, 2), seq(2, 15, 2)
+    sched.add(first)
+    run(sched, runner, max_steps=2, must_finish=False)  # first decodes as the long ones arrive
+    sched.add(long_a)
+    sched.add(long_b)
+    done = run(sched, runner)
+    assert {s.seq_id for s in done} == {"s0", "s1", "s2"}
+    prompts = [(c.seq_id, c.start, len(c.token_ids)) for st in runner.steps for c in st]
+    assert ("s1", 0, 20) in prompts and ("s2", 0, 15) in prompts  # whole, beyond the budget
+    assert all(n == 1 for sid, start, n in prompts if start > 0)  # no continuation chunk
+    # one prompt per step while it exceeds the budget: s2 waits for s1's step to pass
+    step_of = {c.seq_id: i for i, st in enumerate(runner.steps) for c in st if c.start == 0}
+    assert step_of["s2"] > step_of["s1"]
+    assert len(sched.kv) == 0 and sched.kv.pool.num_used == 0
 
 
 def test_stop_conditions() -> None:

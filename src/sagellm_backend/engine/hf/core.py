@@ -373,6 +373,7 @@ class HFEngineCore(ScheduledEngine):
                 max_context=self._max_context,
                 eos_token_ids=self._eos,
                 paged=runner.uses_paged_kv,
+                chunked_prefill=getattr(runner, "chunked_prefill", True),
                 decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
             )
         except BaseException:

@@ -63,6 +63,9 @@ class ModelRunner(Protocol):
             chunk in one call (multi-step decoding, see :attr:`SeqChunk.num_steps`). A runner
             declares more than 1 only when bursts change nothing a consumer can observe
             except the grouping of tokens into steps (the mock at zero simulated latency).
+        chunked_prefill: (optional, default True) the runner can continue a sequence with a
+            multi-token chunk, so the scheduler may split a prompt over several steps. A
+            runner declaring False gets every prompt (or recomputation) as one chunk.
     """
 
     name: str

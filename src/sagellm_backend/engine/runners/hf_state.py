@@ -13,9 +13,10 @@ sequence has the cache object the model itself creates, and every forward holds 
   makes its own gets none); the runner keeps the cache the forward returns, or the one it
   passed.
 * A later chunk runs token by token, each a one-token forward over the sequence's cache:
-  several models tell prefill from decode by the input length and would reset their state
-  on a multi-token continuation. (The scheduler sends one token per decode step anyway;
-  only a prompt split by chunked prefill pays for this.)
+  several models (Mamba's reference path, RecurrentGemma) tell prefill from decode by the
+  input length and get a multi-token continuation wrong. The runner declares
+  ``chunked_prefill = False``, so the scheduler sends whole prompts and one token per decode
+  step: a longer chunk only comes from a caller that splits a prompt itself.
 * Models that keep the state on their modules rather than in the cache (RecurrentGemma:
   the modules that define ``_setup_cache``) get it reset (``_setup_cache`` for one
   sequence) before a sequence's first forward, saved after each of its forwards and put
@@ -122,6 +123,8 @@ class HFStatefulRunner:
     """
 
     uses_paged_kv = False
+    #: The scheduler sends whole prompts (a multi-token continuation would run token by token)
+    chunked_prefill = False
 
     def __init__(self, model: Any, *, max_context: int, prepack_weights: bool = False) -> None:
         params = inspect.signature(model.forward).parameters

@@ -87,6 +87,12 @@ class Scheduler(StepRecorder):
             stop strings that are not streamed (``per_token``) get more than one; the pages
             of a burst's positions are reserved before it runs (``KVCacheManager.reserve``),
             or, when the pool cannot hold them, the burst ends at the sequence's last page.
+        chunked_prefill: a prompt may be computed over several steps (the runner continues
+            a sequence with a multi-token chunk). False (runners whose models reset their
+            state on a multi-token continuation): a prompt is computed in one chunk; the
+            first prompt of a step is taken whole even beyond ``max_num_batched_tokens``
+            (so none waits forever behind decoding sequences), the next ones only when they
+            fit what is left of it.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class Scheduler(StepRecorder):
         decode: Callable[[list[int]], str] | None = None,
         on_release: Callable[[str], None] | None = None,
         decode_steps: int = 1,
+        chunked_prefill: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -124,6 +131,7 @@ class Scheduler(StepRecorder):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
+        self.chunked_prefill = chunked_prefill
         self.block_size: int = kv.spec.block_size
         self._caching = bool(kv.enable_prefix_caching)
         self._prefix_dedup = self._caching and paged
@@ -335,6 +343,10 @@ class Scheduler(StepRecorder):
                 continue
             start = seq.num_computed
             end = min(n, start + budget)
+            if end < n and not self.chunked_prefill:
+                if prefill:
+                    break  # it waits for a step of its own (arrival order kept)
+                end = n
             need = end == n
             chunks.append(
                 SeqChunk(
