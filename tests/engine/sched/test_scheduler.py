@@ -281,6 +281,7 @@ def test_sparse_sampler_honours_seed_temperature_top_k_top_p() -> None:
     ),
     cancel_at=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 11)), max_size=4),
     decode_steps=st.sampled_from([1, 3, 8]),
+    chunked=st.booleans(),
 )
 def test_property_no_leak_each_finishes_once_order_kept(
     num_pages: int,
@@ -291,6 +292,7 @@ def test_property_no_leak_each_finishes_once_order_kept(
     reqs: list[tuple[int, int, int]],
     cancel_at: list[tuple[int, int]],
     decode_steps: int,
+    chunked: bool,
 ) -> None:
     sched = make(
         num_pages,
@@ -299,6 +301,7 @@ def test_property_no_leak_each_finishes_once_order_kept(
         max_num_batched_tokens=batch + budget_extra,
         reserve_output=reserve,
         decode_steps=decode_steps,
+        chunked_prefill=chunked,
     )
     runner = FakeRunner()
     seqs = []
@@ -326,6 +329,8 @@ def test_property_no_leak_each_finishes_once_order_kept(
                 break
             continue
         logits = runner.execute(plan.chunks)
+        if not chunked:  # every prompt chunk (start 0 or a paged cache hit) runs to its end
+            assert all(c.need_logits for c in plan.chunks)
         logits.top1[:] = [next_token(s) for s in plan.sample_seqs]
         tokens = sampler.sample(logits, plan.sample_seqs)
         for row, c in enumerate(c for c in plan.chunks if c.need_logits):
