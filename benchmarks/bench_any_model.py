@@ -31,6 +31,9 @@ thread -- libgomp stops spin-waiting between parallel regions: on the 2-CPU refe
 machine a 16-row decode step of ``bench-gpt2`` took ~15% longer and small ops such as
 ``tanh`` and ``layer_norm`` 2-4x longer, in whichever thread ran second.)
 
+``--models bench-mamba`` measures the per-sequence runner (``hf-sequential``: models with
+recurrent state run one forward per sequence) on a random Mamba of similar size.
+
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
       [--gather-decode] [--json FILE]

@@ -250,6 +250,14 @@ SPECS: dict[str, TinyModelSpec] = {
         num_kv_heads=8,
         max_position_embeddings=1024,
     ),
+    "bench-mamba": _bench(
+        "bench-mamba",
+        "mamba",
+        2027,
+        "random Mamba, 8 layers, hidden 512 (inner 1024, state 16), vocab 8000, fp32 (~21M "
+        "params; the per-sequence runner's benchmark model)",
+        extra={"state_size": 16, "expand": 2, "conv_kernel": 4, "use_mambapy": False},
+    ),
     "bench-phi3": _bench(
         "bench-phi3",
         "phi3",
