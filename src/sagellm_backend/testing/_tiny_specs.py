@@ -250,6 +250,13 @@ SPECS: dict[str, TinyModelSpec] = {
         num_kv_heads=8,
         max_position_embeddings=1024,
     ),
+    "bench-phi3": _bench(
+        "bench-phi3",
+        "phi3",
+        2026,
+        "random Phi-3, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
+        "(~33M params; bench-llama's size)",
+    ),
     "bench-mamba": _bench(
         "bench-mamba",
         "mamba",
@@ -257,13 +264,6 @@ SPECS: dict[str, TinyModelSpec] = {
         "random Mamba, 8 layers, hidden 512 (inner 1024, state 16), vocab 8000, fp32 (~21M "
         "params; the per-sequence runner's benchmark model)",
         extra={"state_size": 16, "expand": 2, "conv_kernel": 4, "use_mambapy": False},
-    ),
-    "bench-phi3": _bench(
-        "bench-phi3",
-        "phi3",
-        2026,
-        "random Phi-3, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
-        "(~33M params; bench-llama's size)",
     ),
 }
 # Smallest first: the 2-layer test models, then the benchmark models.

@@ -25,12 +25,13 @@ pytest.importorskip("transformers")
 
 def test_list_and_specs() -> None:
     names = list_tiny_models()
-    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-3:] == [
+    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-4:] == [
         "bench-llama",
         "bench-gpt2",
         "bench-phi3",
+        "bench-mamba",
     ]
-    assert {"tiny-mistral", "tiny-gemma2", "tiny-bloom"} <= set(names)
+    assert {"tiny-mistral", "tiny-gemma2", "tiny-bloom", "tiny-mamba"} <= set(names)
     # Specs without extras keep the cache marker they had (no rebuild of existing caches).
     assert "extra" not in tiny_models._spec_dict(tiny_model_spec("tiny-llama"))
     assert dict(tiny_model_spec("tiny-gemma2").extra)["attn_logit_softcapping"] == 50.0
