@@ -52,12 +52,15 @@ class EngineOptions:
         enable_prefix_caching: reuse the K/V of cached full blocks of a repeated prompt
             prefix (paged runner only; the fallback runner always recomputes).
         max_num_batched_tokens: most tokens one step computes (prompt chunks are split to
-            fit); bounds step latency and so ``stop()`` latency.
+            fit, except on the per-sequence runner, whose prompts run whole); bounds step
+            latency and so ``stop()`` latency.
         max_model_len: cap on prompt + output length (None: the model's context length).
         max_input_tokens: cap on prompt length (None: only the context bounds it).
         runner: ``"auto"`` (paged where the model supports custom attention functions, else
             the batched fallback), ``"paged"`` (error if the model is not supported) or
-            ``"hf"`` (always the fallback).
+            ``"hf"`` (always the fallback). Models with recurrent state (Mamba, Jamba,
+            Qwen3-Next, RecurrentGemma, ...) get the per-sequence runner under ``"auto"`` and
+            ``"hf"``; ``"paged"`` is an error for them.
         fuse_projections: in Llama-family models (llama, mistral, qwen2, qwen3) the paged
             runner computes q/k/v and gate/up as one GEMM each over views of one fused
             weight (no extra weight memory).
