@@ -66,7 +66,8 @@ class EngineOptions:
             weight (no extra weight memory).
         prepack_weights: on CPU with fp32 or bf16 weights (oneDNN builds of torch), keep a
             oneDNN-prepacked copy of the plain linear weights that the paged runner's
-            GEMMs use for steps of up to 64 rows (2-2.7x faster decode GEMMs on the
+            GEMMs use for steps of up to 64 rows (1-3 row steps where ``F.linear`` was
+            timed faster at load run ``F.linear``; 2-2.7x faster decode GEMMs on the
             reference machine; a second copy of the linear weights' memory, so turn it off
             for models that barely fit in RAM, plus ~8 MB of oneDNN kernels per distinct
             linear shape, built at load).

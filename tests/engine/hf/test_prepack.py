@@ -72,21 +72,51 @@ def test_only_bucket_sizes_reach_onednn(monkeypatch: pytest.MonkeyPatch) -> None
     weight = torch.randn(16, 8)
     packed = pack_weight(weight)  # its primitives were built here, before the spy
     seen = _spy_onednn(monkeypatch)
+    plain = _prepack._PLAIN_ROWS[(16, 8, torch.float32)]  # timed faster with F.linear here
+    assert plain <= {1, 2, 3}
     for rows in range(1, 200):
         packed_linear(torch.randn(rows, 8), packed, weight, None)
-    assert set(seen) == set(PACKED_ROW_BUCKETS)  # rows > PACK_MAX_ROWS went to F.linear
-    assert len(seen) == PACK_MAX_ROWS
+    # rows > PACK_MAX_ROWS, and the small row counts F.linear won, went to F.linear
+    assert set(seen) == set(PACKED_ROW_BUCKETS) - plain
+    assert len(seen) == PACK_MAX_ROWS - len(plain)
 
 
 @needs_onednn
 def test_pack_weight_builds_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _spy_onednn(monkeypatch)
     monkeypatch.setattr(_prepack, "_BUILT", set())
+    monkeypatch.setattr(_prepack, "_PLAIN_ROWS", {})
     pack_weight(torch.randn(12, 6))
-    assert calls == list(PACKED_ROW_BUCKETS)
+    timed = [rows for rows in (1, 2, 3) for _ in range(6)]  # 1 untimed + best of 5, each
+    assert calls == [*PACKED_ROW_BUCKETS, *timed]
+    assert set(_prepack._PLAIN_ROWS) == {(12, 6, torch.float32)}
+    plain = _prepack._PLAIN_ROWS[(12, 6, torch.float32)]
     pack_weight(torch.randn(12, 6))  # same shape, another layer: nothing to build
     pack_weight(torch.randn(12, 6), torch.zeros(12))  # with a bias: its own primitives
-    assert calls == list(PACKED_ROW_BUCKETS) * 2
+    # timed once per shape; row counts F.linear serves get no primitive
+    with_bias = [rows for rows in PACKED_ROW_BUCKETS if rows not in plain]
+    assert calls == [*PACKED_ROW_BUCKETS, *timed, *with_bias]
+
+
+@needs_onednn
+def test_small_row_counts_timed_faster_with_f_linear_skip_onednn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MKL's matrix-vector path can beat the packed GEMM below 4 rows (Intel CPUs)."""
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(24, 16, generator=gen)
+    bias = torch.randn(24, generator=gen)
+    packed = pack_weight(weight, bias)
+    monkeypatch.setitem(_prepack._PLAIN_ROWS, (24, 16, torch.float32), frozenset({1, 2}))
+    seen = _spy_onednn(monkeypatch)
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, 16, generator=gen)
+        torch.testing.assert_close(
+            packed_linear(x, packed, weight, bias), torch.nn.functional.linear(x, weight, bias)
+        )
+    assert seen == [3, 4]
+    timed = _prepack._plain_faster_rows(weight, packed, bias)
+    assert timed <= {1, 2, 3}
 
 
 def _check_follows(module: Any, plain: Any, x: Any) -> None:

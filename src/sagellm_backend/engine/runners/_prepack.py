@@ -17,6 +17,14 @@ steps of more than :data:`PACK_MAX_ROWS` rows -- where oneDNN gains least -- run
 on the plain weight. Without this, a server's memory grew by hundreds of MB as it met new
 step sizes (the HF soak: +55% RSS over 500 requests).
 
+Below 4 rows MKL may take a matrix-vector path that beats the packed GEMM: on an Intel Xeon
+(AVX-512) VM, a 1-row step of a 512x512 weight took 12 us with ``F.linear`` and 30 us packed,
+of a 4096x4096 weight 1.77 ms and 1.79 ms, of 11008x4096 5.6 ms and 6.3 ms (single-request
+decode on bench-llama: 8.6-9.7 ms per token packed, 6.7-7.2 ms with ``F.linear``), while
+on the AMD reference machine the packed copy won at every row count. So the first time a
+weight shape is packed, :func:`pack_weight` also times both at 1, 2 and 3 rows (best of 5
+each) and :func:`packed_linear` sends those row counts to ``F.linear`` where it was faster.
+
 Invariants: the packed copy is a second copy of the weight (memory), taken when the module
 is packed and again after the weight changed (in place or replaced); a module's own
 parameters are untouched; at most ``len(PACKED_ROW_BUCKETS)``
@@ -28,6 +36,7 @@ modules an earlier runner packed.
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +111,39 @@ def can_prepack(enabled: bool, device: torch.device, dtype: torch.dtype) -> bool
 
 #: (out, in, has bias, dtype) of the weights whose oneDNN primitives :func:`pack_weight` built.
 _BUILT: set[tuple[int, int, bool, torch.dtype]] = set()
+#: Row counts below 4 that are timed when a weight shape is first packed.
+_SMALL_ROWS = (1, 2, 3)
+#: (out, in, dtype) -> the row counts (of :data:`_SMALL_ROWS`) at which ``F.linear`` was
+#: faster than the packed copy on this machine; filled by :func:`pack_weight`.
+_PLAIN_ROWS: dict[tuple[int, int, torch.dtype], frozenset[int]] = {}
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn`` (after one untimed call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _plain_faster_rows(
+    weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+) -> frozenset[int]:
+    """The row counts of :data:`_SMALL_ROWS` at which ``F.linear`` beat the packed copy."""
+    linear = torch.nn.functional.linear
+    faster = set()
+    for rows in _SMALL_ROWS:
+        x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
+        plain = _best_seconds(lambda: linear(x, weight, bias))  # noqa: B023 (called at once)
+        onednn = _best_seconds(
+            lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # noqa: B023
+        )
+        if plain < onednn:
+            faster.add(rows)
+    return frozenset(faster)
 
 
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +153,8 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch
     oneDNN primitives are built for every size in :data:`PACKED_ROW_BUCKETS` (one GEMM of
     each size, ~0.5 MB each): memory is taken at load, not while serving, and no step waits
     for a kernel to be generated. Layers share primitives by shape, so this costs one pass
-    per distinct linear shape (a few per model), not per layer.
+    per distinct linear shape (a few per model), not per layer. The same first time, the
+    small row counts are timed (see the module docstring).
     """
     packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(
         weight.detach().contiguous(), PACK_ROWS
@@ -122,6 +165,9 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch
             rows = torch.zeros(PACK_MAX_ROWS, key[1], dtype=weight.dtype)
             for size in PACKED_ROW_BUCKETS:
                 packed_linear(rows[:size], packed, weight, bias)
+            shape = (key[0], key[1], weight.dtype)
+            if shape not in _PLAIN_ROWS:
+                _PLAIN_ROWS[shape] = _plain_faster_rows(weight.detach(), packed, bias)
         _BUILT.add(key)
     return packed
 
@@ -132,12 +178,17 @@ def packed_linear(
     """``F.linear(x, weight, bias)``, on ``packed`` (:func:`pack_weight` of ``weight``).
 
     Any leading shape. Steps of up to :data:`PACK_MAX_ROWS` rows run on the packed copy at
-    :func:`bucket_rows` rows; larger ones run ``F.linear`` on ``weight``.
+    :func:`bucket_rows` rows; larger ones run ``F.linear`` on ``weight``, as do the small
+    row counts at which ``F.linear`` was timed faster for this weight shape.
     """
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
     if rows > PACK_MAX_ROWS or rows == 0 or x.dtype != weight.dtype:
         return torch.nn.functional.linear(x, weight, bias)
+    if rows < 4:
+        plain = _PLAIN_ROWS.get((weight.shape[0], weight.shape[1], weight.dtype))
+        if plain is not None and rows in plain:
+            return torch.nn.functional.linear(x, weight, bias)
     padded = bucket_rows(rows)
     if padded != rows:
         flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))
