@@ -9,9 +9,9 @@
   concurrent sequences still run in one padded forward per step.
 * ``"hf-sequential"`` -- :class:`~sagellm_backend.engine.runners.hf_state.HFStatefulRunner`:
   models with recurrent state (Mamba, Jamba, Qwen3-Next, RecurrentGemma, ...: SSM, linear-
-  attention, convolution or hybrid layers), whatever ``runner`` option asks for ``"auto"``
-  or ``"hf"``: padding or packing sequences together would mix their states, so each
-  sequence keeps the model's own cache and runs in a forward of its own.
+  attention, convolution or hybrid layers), under ``runner="auto"`` and ``runner="hf"``
+  alike (``"paged"`` is refused): padding or packing sequences together would mix their
+  states, so each sequence keeps the model's own cache and runs in a forward of its own.
 
 :func:`describe_runner` decides from the model class and config alone (no weights needed,
 so ``sagellm-backend info --model PATH`` can answer from ``config.json``);
