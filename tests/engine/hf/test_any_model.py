@@ -115,7 +115,7 @@ async def test_concurrent_mixed_requests_equal_solo_generate(
     assert engine.kv_manager.stats().kv_used_tokens == 0
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma2", "tiny-bloom"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma2", "tiny-bloom", "tiny-qwen3-next"])
 async def test_preemption_under_a_small_pool_keeps_outputs(name: str, engine_factory: Any) -> None:
     path, ref = _ref(name)
     vocab = int(ref.model.get_input_embeddings().weight.shape[0])
