@@ -37,7 +37,13 @@ import torch
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 
-__all__ = ["HFBatchedRunner"]
+__all__ = ["HFBatchedRunner", "embedding_facts"]
+
+
+def embedding_facts(model: Any) -> tuple[torch.device, int, torch.dtype]:
+    """(device, vocabulary size, dtype) of ``model``'s input embeddings."""
+    weight = model.get_input_embeddings().weight
+    return torch.device(weight.device), int(weight.shape[0]), weight.dtype
 
 
 @dataclass(slots=True)
@@ -96,9 +102,7 @@ class HFBatchedRunner:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.name = "hf-batched"
         self.model = model
-        emb = model.get_input_embeddings()
-        self.device = torch.device(emb.weight.device)
-        self.vocab_size = int(emb.weight.shape[0])
+        self.device, self.vocab_size, dtype = embedding_facts(model)
         self.max_context = int(max_context)
         self.max_batch_size = int(max_batch_size)
         self.pad_token_id = int(pad_token_id)
@@ -107,7 +111,6 @@ class HFBatchedRunner:
         self._positions = "position_ids" in params
         self._keep = "logits_to_keep" in params
         self._seqs: dict[str, _SeqKV] = {}
-        dtype: torch.dtype = emb.weight.dtype
         #: linear layers run on oneDNN-prepacked weights
         self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
             prepack_linears(model) > 0

@@ -46,6 +46,7 @@ import torch
 
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
+from sagellm_backend.engine.runners.hf_cache import embedding_facts
 
 __all__ = ["HFStatefulRunner", "recurrent_state_reason"]
 
@@ -139,20 +140,17 @@ class HFStatefulRunner:
             )
         self.name = "hf-sequential"
         self.model = model
-        emb = model.get_input_embeddings()
-        self.device = torch.device(emb.weight.device)
-        self.vocab_size = int(emb.weight.shape[0])
+        self.device, self.vocab_size, dtype = embedding_facts(model)
         self.max_context = int(max_context)
         self._positions = "position_ids" in params
         self._cache_positions = "cache_position" in params
         self._keep = "logits_to_keep" in params
         self._owners = _module_state_owners(model)
-        self._resets = [_state_reset(m, model, self.device, emb.weight.dtype) for m in self._owners]
+        self._resets = [_state_reset(m, model, self.device, dtype) for m in self._owners]
         supports = getattr(model, "_supports_default_dynamic_cache", None)
         self._default_cache = not callable(supports) or bool(supports())
         self._seqs: dict[str, _SeqState] = {}
         self._current: str | None = None  # whose state the modules hold now
-        dtype: torch.dtype = emb.weight.dtype
         #: linear layers run on oneDNN-prepacked weights
         self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
             prepack_linears(model) > 0
