@@ -57,12 +57,15 @@ def _greedy(runner: Any, steps: list[list[SeqChunk]]) -> list[list[int]]:
     return [out[k] for k in sorted(out)]
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("name", STATEFUL)
-def test_interleaved_sequences_with_split_prompts_equal_generate(name: str) -> None:
-    """Two sequences share every step; one prompt arrives in three pieces (chunked)."""
+def test_interleaved_sequences_with_split_prompts_equal_generate(name: str, batched: bool) -> None:
+    """Two sequences share every step; one prompt arrives in three pieces (chunked); their
+    decode steps run merged into one forward (where the model allows it) or one by one."""
     _, ref = _ref(name)
     model = ref.model
     runner = HFStatefulRunner(model, max_context=256)
+    runner.batched_decode = runner.batched_decode and batched
     a = [5 + (7 * i) % 900 for i in range(23)]
     b = [9 + (13 * i) % 900 for i in range(6)]
     dec = [-1]
@@ -161,3 +164,40 @@ def test_a_refused_paged_runner_gives_the_model_its_attention_back() -> None:
     with pytest.raises(ValueError, match="KV storage of layer 0"):
         PagedRunner(model, lambda i: (pool[i, 0], pool[i, 1]), block_size=16, max_context=64)
     assert model.config._attn_implementation == before
+
+
+def test_decode_steps_are_merged_where_the_model_allows_it() -> None:
+    merged = {name: HFStatefulRunner(_ref(name)[1].model, max_context=64) for name in STATEFUL}
+    assert merged["tiny-mamba"].batched_decode  # recurrent layers only: no mask
+    assert merged["tiny-qwen3-next"].batched_decode  # hybrid: padded K/V and a mask
+    assert not merged["tiny-recurrent-gemma"].batched_decode  # state on its modules
+
+
+def test_a_wrong_merge_is_caught_when_the_runner_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check compares merged and separate decode steps on the model itself."""
+    from sagellm_backend.engine.runners import hf_state
+
+    def forget(merged_cache: Any, caches: Any, lengths: Any, width: int) -> None:
+        """Keep the sequences' old states: the next merged step starts from stale ones."""
+
+    monkeypatch.setattr(hf_state, "split", forget)
+    runner = HFStatefulRunner(_ref("tiny-mamba")[1].model, max_context=64)
+    assert not runner.batched_decode
+    assert not runner._seqs  # the check's sequences are gone
+
+
+def test_unknown_cache_layouts_are_not_merged() -> None:
+    from transformers import DynamicCache
+
+    from sagellm_backend.engine.runners._state_batch import UnmergeableError, merge, mergeable
+
+    _, mistral = _ref("tiny-llama")
+    cfg = mistral.model.config
+    assert mergeable(DynamicCache(config=cfg))  # full attention only
+    cfg_sliding = type(cfg).from_dict({**cfg.to_dict(), "sliding_window": 8})
+    cfg_sliding.layer_types = ["sliding_attention"] * cfg.num_hidden_layers
+    assert not mergeable(DynamicCache(config=cfg_sliding))
+    with pytest.raises(UnmergeableError, match="does not know"):
+        merge([DynamicCache(config=cfg_sliding)], [1], DynamicCache(config=cfg_sliding))

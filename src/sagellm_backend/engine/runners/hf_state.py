@@ -17,13 +17,18 @@ sequence has the cache object the model itself creates, and every forward holds 
   input length and get a multi-token continuation wrong. The runner declares
   ``chunked_prefill = False``, so the scheduler sends whole prompts and one token per decode
   step: a longer chunk only comes from a caller that splits a prompt itself.
+* A decode step of several sequences runs as **one** forward where that is safe: their
+  caches are merged into one batch (recurrent states stacked, attention K/V left-padded,
+  a 2-D attention mask) and split back after it (:mod:`._state_batch`). The runner checks
+  once, when it is built, that merged steps give the logits separate steps give on this
+  model, and otherwise (or for a cache layout it does not know) runs them one by one.
 * Models that keep the state on their modules rather than in the cache (RecurrentGemma:
   the modules that define ``_setup_cache``) get it reset (``_setup_cache`` for one
   sequence) before a sequence's first forward, saved after each of its forwards and put
   back before the next one.
 
-Concurrent sequences still share steps (continuous batching in the scheduler); their
-forwards run one after another.
+Concurrent sequences share steps (continuous batching in the scheduler); prompts and, where
+merging is not possible, decode tokens run one sequence per forward.
 
 K/V admission still goes through the KV manager (accounting): ``uses_paged_kv`` is False.
 
@@ -38,6 +43,7 @@ Invariants:
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,10 +51,20 @@ from typing import Any
 import torch
 
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
+from sagellm_backend.engine.runners._state_batch import (
+    UnmergeableError,
+    has_attention,
+    merge,
+    mergeable,
+    merged_decode_matches,
+    split,
+)
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 from sagellm_backend.engine.runners.hf_cache import embedding_facts
 
 __all__ = ["HFStatefulRunner", "recurrent_state_reason"]
+
+_log = logging.getLogger(__name__)
 
 #: Cache layer types (transformers' ``layer_types`` vocabulary) that hold recurrent state.
 _STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
@@ -155,21 +171,107 @@ class HFStatefulRunner:
         self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
             prepack_linears(model) > 0
         )
+        self._mask = "attention_mask" in params
+        #: decode steps of several sequences run as one merged forward
+        self.batched_decode = self._probe_batching()
+
+    def _probe_batching(self) -> bool:
+        """Whether merged decode steps are supported and give separate steps' logits."""
+        if self._owners or not self._default_cache or not self._mask:
+            return False
+        probe = self._new_cache()
+        if not mergeable(probe):
+            _log.info(
+                "%s: decode runs one sequence per forward: unknown cache layout",
+                type(self.model).__name__,
+            )
+            return False
+
+        def one(sid: str, ids: list[int], start: int) -> torch.Tensor:
+            return self._run(SeqChunk(sid, ids, start, [], True))
+
+        def batch(rows: list[tuple[str, int, int]]) -> list[torch.Tensor]:
+            return self._decode_batch(rows, strict=True)
+
+        try:
+            with torch.inference_mode():
+                ok = merged_decode_matches(one, batch, self.vocab_size)
+        except Exception as exc:  # an unexpected layout: stay with separate forwards
+            _log.info(
+                "%s: decode runs one sequence per forward: %s: %s",
+                type(self.model).__name__,
+                type(exc).__name__,
+                exc,
+            )
+            ok = False
+        finally:
+            self.reset()
+        if not ok:
+            _log.info(
+                "%s: decode runs one sequence per forward: merged steps differ",
+                type(self.model).__name__,
+            )
+        return ok
 
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Run every chunk (see the module docstring); logits of those that ask for them."""
         seqs = self._seqs
         check_chunks(chunks, lambda sid: seqs[sid].length if sid in seqs else 0, self.max_context)
-        rows: list[torch.Tensor] = []
+        merged = [c for c in chunks if c.start > 0 and len(c.token_ids) == 1]
+        if not self.batched_decode or len(merged) < 2:
+            merged = []
+        in_batch = {c.seq_id for c in merged}
+        logits: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
             for c in chunks:
-                logits = self._run(c)
-                if c.need_logits:
-                    rows.append(logits)
-        if not rows:
+                if c.seq_id not in in_batch:
+                    logits[c.seq_id] = self._run(c)
+            if merged:
+                rows = self._decode_batch([(c.seq_id, c.token_ids[0], c.start) for c in merged])
+                logits.update(zip((c.seq_id for c in merged), rows, strict=True))
+        out = [logits[c.seq_id] for c in chunks if c.need_logits]
+        if not out:
             return torch.empty(0, self.vocab_size, device=self.device)
-        return torch.stack(rows).float()
+        return torch.stack(out).float()
+
+    def _decode_batch(
+        self, rows: list[tuple[str, int, int]], *, strict: bool = False
+    ) -> list[torch.Tensor]:
+        """One forward for decode rows ``(seq_id, token, position)`` over merged caches.
+
+        Falls back to one forward per row when the caches cannot be merged (``strict``:
+        raises :class:`UnmergeableError` instead).
+        """
+        states = [self._seqs[sid] for sid, _, _ in rows]
+        caches = [st.cache for st in states]
+        lengths = [st.length for st in states]
+        batch_cache = self._new_cache()
+        try:
+            width = merge(caches, lengths, batch_cache)
+        except UnmergeableError:
+            if strict:
+                raise
+            return [self._run(SeqChunk(sid, [tok], pos, [], True)) for sid, tok, pos in rows]
+        dev = self.device
+        kwargs: dict[str, Any] = {self._cache_kw: batch_cache, "use_cache": True}
+        if has_attention(batch_cache):  # the padding of the K/V; an SSM step has none
+            mask = torch.zeros(len(rows), width + 1, dtype=torch.long)
+            for r, n in enumerate(lengths):
+                mask[r, width - n :] = 1
+            kwargs["attention_mask"] = mask.to(dev)
+        if self._positions:
+            kwargs["position_ids"] = torch.tensor([[pos] for _, _, pos in rows], device=dev)
+        if self._cache_positions:
+            kwargs["cache_position"] = torch.arange(width, width + 1, device=dev)
+        if self._keep:
+            kwargs["logits_to_keep"] = 1
+        ids = torch.tensor([[tok] for _, tok, _ in rows], dtype=torch.long, device=dev)
+        out = self.model(input_ids=ids, **kwargs)
+        split(_returned_cache(out) or batch_cache, caches, lengths, width)
+        for st in states:
+            st.length += 1
+        return [out.logits[r, -1] for r in range(len(rows))]
 
     def _run(self, chunk: SeqChunk) -> torch.Tensor:
         """Feed ``chunk`` to its sequence; return the logits after its last token."""

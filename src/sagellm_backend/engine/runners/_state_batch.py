@@ -1,0 +1,198 @@
+"""Batched decode steps for the per-sequence runner: several sequences' caches as one.
+
+Each sequence of :class:`~sagellm_backend.engine.runners.hf_state.HFStatefulRunner` keeps the
+transformers ``DynamicCache`` its model makes. For a decode step of several sequences,
+:func:`merge` builds one cache of batch ``B`` from theirs -- recurrent (convolution and SSM /
+linear-attention) states stacked row by row, attention K/V left-padded to the longest
+sequence, as ``generate`` holds a left-padded batch -- and, after the model's forward over
+that cache, :func:`split` copies each row's new state and K/V back into its sequence's own
+cache. A 2-D attention mask marks the padding where there is attention K/V
+(:func:`has_attention`).
+
+Only caches built entirely of layer types whose layout this module knows are merged
+(:func:`mergeable`): full-attention ``DynamicLayer``, ``LinearAttentionLayer`` and the
+hybrid ``LinearAttentionAndFullAttentionLayer``, plus ``DummyLayer``. Anything else (sliding
+windows, static or quantized layers, another transformers layout) raises
+:class:`UnmergeableError` and the caller runs the sequences one by one. The runner also checks
+once, on the loaded model, that a merged step gives the logits separate steps give
+(:func:`merged_decode_matches`), and batches only when it does.
+
+Invariants: :func:`merge` does not change the sequences' caches; :func:`split` gives every
+cache its own tensors (copies, no view of the merged batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["UnmergeableError", "merge", "mergeable", "merged_decode_matches", "split"]
+
+
+class UnmergeableError(Exception):
+    """The caches cannot be merged (an unknown layer type or an inconsistent state)."""
+
+
+def _layer_classes() -> tuple[Any, Any, Any, Any, Any]:
+    from transformers import cache_utils as cu
+
+    return (
+        cu.DynamicLayer,
+        cu.LinearAttentionLayer,
+        cu.LinearAttentionAndFullAttentionLayer,
+        cu.DummyLayer,
+        cu.LinearAttentionCacheLayerMixin,
+    )
+
+
+def mergeable(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is of a type :func:`merge` knows (exact types)."""
+    try:
+        dynamic, linear, hybrid, dummy, _ = _layer_classes()
+    except (ImportError, AttributeError):  # another transformers: no batching
+        return False
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    return all(type(layer) in (dynamic, linear, hybrid, dummy) for layer in layers)
+
+
+def has_attention(cache: Any) -> bool:
+    """Whether a merged ``cache`` holds attention K/V (then the step needs a padding mask).
+
+    A cache of recurrent layers only (Mamba) has no padded positions in a decode step, and
+    such models apply a given mask to their one-token hidden states, so they get none (as
+    ``generate`` passes none to their decode steps).
+    """
+    dynamic = _layer_classes()[0]
+    return any(
+        isinstance(layer, dynamic) and layer.is_initialized and layer.keys is not None
+        for layer in cache.layers
+    )
+
+
+def merge(caches: Sequence[Any], lengths: Sequence[int], new_cache: Any) -> int:
+    """Fill ``new_cache`` (empty, same layer types) with ``caches`` stacked; return ``L``.
+
+    ``lengths[r]`` is the tokens cache ``r`` holds; ``L`` is the longest. Attention K/V of
+    row ``r`` sit in columns ``L - lengths[r] .. L - 1`` (zeros before them).
+
+    Raises:
+        UnmergeableError: a layer type or state this function does not know.
+    """
+    dynamic, _, _, dummy, linear_mixin = _layer_classes()
+    if not all(mergeable(c) for c in caches) or not mergeable(new_cache):
+        raise UnmergeableError("a cache layer of a type the batched decode does not know")
+    width = max(lengths)
+    for li, merged in enumerate(new_cache.layers):
+        src = [c.layers[li] for c in caches]
+        if any(type(s) is not type(merged) for s in src):
+            raise UnmergeableError(f"layer {li}: the caches have different layer types")
+        if type(merged) is dummy:
+            continue
+        if isinstance(merged, linear_mixin):
+            _merge_linear(merged, src, width)
+        if isinstance(merged, dynamic):
+            _merge_attention(merged, src, lengths, width)
+    return width
+
+
+def _merge_linear(merged: Any, src: Sequence[Any], width: int) -> None:
+    for idx in range(merged.number_of_states):
+        for name, flag in (
+            ("conv_states", "is_conv_states_initialized"),
+            ("recurrent_states", "is_recurrent_states_initialized"),
+        ):
+            parts = [getattr(s, name)[idx] for s in src]
+            if all(p is None for p in parts):
+                continue
+            if any(not isinstance(p, torch.Tensor) or p.shape[0] != 1 for p in parts):
+                raise UnmergeableError(f"{name}[{idx}] is not a one-row tensor in every cache")
+            getattr(merged, name)[idx] = torch.cat(parts, 0)
+            getattr(merged, flag)[idx] = True
+        if not all(s.has_previous_state[idx] for s in src):
+            raise UnmergeableError("a sequence has no previous state (not in decode)")
+        merged.has_previous_state[idx] = True
+        merged.conv_kernel_size[idx] = src[0].conv_kernel_size[idx]
+    merged.device, merged.dtype = src[0].device, src[0].dtype
+    device = src[0].cumulative_length_linear.device
+    merged.cumulative_length_linear = torch.tensor(width, dtype=torch.long, device=device)
+
+
+def _merge_attention(merged: Any, src: Sequence[Any], lengths: Sequence[int], width: int) -> None:
+    if not all(s.is_initialized and s.keys is not None and s.keys.numel() for s in src):
+        if any(s.is_initialized and s.keys is not None and s.keys.numel() for s in src):
+            raise UnmergeableError("attention K/V held by some sequences only")
+        return
+    k0, v0 = src[0].keys, src[0].values
+    keys = k0.new_zeros(len(src), k0.shape[1], width, k0.shape[3])
+    values = v0.new_zeros(len(src), v0.shape[1], width, v0.shape[3])
+    for r, (s, n) in enumerate(zip(src, lengths, strict=True)):
+        if s.keys.shape[0] != 1 or s.keys.shape[2] != n:
+            raise UnmergeableError(
+                f"attention K/V of row {r} hold {s.keys.shape[2]} tokens, not {n}"
+            )
+        keys[r, :, width - n :] = s.keys[0]
+        values[r, :, width - n :] = s.values[0]
+    merged.keys, merged.values = keys, values
+    merged.is_initialized = True
+    merged.device = src[0].device
+    if hasattr(src[0], "dtype"):
+        merged.dtype = src[0].dtype
+
+
+def split(merged_cache: Any, caches: Sequence[Any], lengths: Sequence[int], width: int) -> None:
+    """Copy each row of ``merged_cache`` (after a one-token step) back into its cache."""
+    dynamic, _, _, dummy, linear_mixin = _layer_classes()
+    for li, merged in enumerate(merged_cache.layers):
+        if type(merged) is dummy:
+            continue
+        for r, cache in enumerate(caches):
+            own = cache.layers[li]
+            if isinstance(merged, linear_mixin):
+                for idx in range(merged.number_of_states):
+                    for name in ("conv_states", "recurrent_states"):
+                        state = getattr(merged, name)[idx]
+                        if state is not None:
+                            getattr(own, name)[idx] = state[r : r + 1].clone()
+                own.cumulative_length_linear = own.cumulative_length_linear + 1
+            if isinstance(merged, dynamic) and merged.is_initialized and merged.keys is not None:
+                start = width - lengths[r]
+                own.keys = merged.keys[r : r + 1, :, start:].clone()
+                own.values = merged.values[r : r + 1, :, start:].clone()
+
+
+def merged_decode_matches(
+    run_one: Callable[[str, list[int], int], torch.Tensor],
+    run_batch: Callable[[list[tuple[str, int, int]]], list[torch.Tensor]],
+    vocab_size: int,
+) -> bool:
+    """Whether merged decode steps give the logits of separate ones on this model.
+
+    ``run_one(seq_id, tokens, start)`` feeds a sequence on its own; ``run_batch`` a decode
+    step of ``(seq_id, token, start)`` rows through :func:`merge`. Two sequences of different
+    lengths (1 and 6 tokens) decode three steps each way; the logits must agree to within
+    1e-3 plus 1% of their magnitude.
+    """
+    gen = torch.Generator().manual_seed(0)
+    prompts = {"a": [1], "b": torch.randint(4, max(5, vocab_size), (6,), generator=gen).tolist()}
+    tokens = [int(t) for t in torch.randint(4, max(5, vocab_size), (3,), generator=gen)]
+    alone: dict[str, list[torch.Tensor]] = {}
+    for sid, ids in prompts.items():
+        run_one(f"~{sid}", ids, 0)
+        alone[sid] = [run_one(f"~{sid}", [t], len(ids) + i) for i, t in enumerate(tokens)]
+    batched: dict[str, list[torch.Tensor]] = {sid: [] for sid in prompts}
+    for sid, ids in prompts.items():
+        run_one(f"~~{sid}", ids, 0)
+    for i, t in enumerate(tokens):
+        rows = run_batch([(f"~~{sid}", t, len(ids) + i) for sid, ids in prompts.items()])
+        for sid, row in zip(prompts, rows, strict=True):
+            batched[sid].append(row)
+    for sid in prompts:
+        for want, got in zip(alone[sid], batched[sid], strict=True):
+            tol = 1e-3 + 1e-2 * float(want.abs().max())
+            if float((want.float() - got.float()).abs().max()) > tol:
+                return False
+    return True
