@@ -1,0 +1,194 @@
+"""More architectures through CPUEngine: 4 concurrent requests equal one-at-a-time generate.
+
+Tiny random models built here from a transformers config (2-3 layers, hidden 64, vocab
+1024; the tokenizer of ``tiny-llama``, prompts given as token ids) for architectures the
+catalogue models of ``test_any_model.py`` do not cover: every runner kind (paged, the
+batched fallback, the per-sequence runner with and without merged decode steps). Each case:
+prompts of 1, 7, 40 and 23 tokens with 8-12 new tokens, submitted together, greedy, EOS
+ignored; the tokens must equal ``model.generate`` on each request alone, and the KV pool
+must be empty afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Reference, make_request, wait_until
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+_LLAMA: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+_MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}
+
+#: model_type -> (config fields, the runner the engine must pick).
+CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "qwen3": ({**_LLAMA, "head_dim": 16}, "paged"),
+    "qwen3_moe": (
+        {
+            **_LLAMA,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+        "paged",
+    ),
+    "phi": ({**_LLAMA, "partial_rotary_factor": 0.5}, "paged"),
+    "gemma3_text": (
+        {
+            **_LLAMA,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        "paged",
+    ),
+    "olmo2": (dict(_LLAMA), "paged"),
+    "cohere": (dict(_LLAMA), "paged"),
+    "gpt_bigcode": (
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "n_inner": 128},
+        "paged",
+    ),
+    "gptj": (
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "n_inner": 128}
+        | {"rotary_dim": 8},
+        "paged",
+    ),
+    "codegen": (
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "n_inner": 128}
+        | {"n_ctx": 1024, "rotary_dim": 8},
+        "paged",
+    ),
+    "gemma": ({**_LLAMA, "head_dim": 16}, "paged"),
+    "olmo": (dict(_LLAMA), "paged"),
+    "granite": (dict(_LLAMA), "paged"),
+    "persimmon": (dict(_MHA), "paged"),
+    "helium": ({**_LLAMA, "head_dim": 16}, "paged"),
+    "glm": ({**_LLAMA, "head_dim": 16}, "paged"),
+    "smollm3": ({**_LLAMA, "no_rope_layer_interval": 2}, "paged"),
+    "stablelm": (dict(_LLAMA), "hf-batched"),
+    "xglm": (
+        {
+            "d_model": 64,
+            "ffn_dim": 128,
+            "num_layers": 2,
+            "attention_heads": 4,
+            "max_position_embeddings": 1024,
+        },
+        "hf-batched",
+    ),
+    "falcon": (
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "hf-batched",
+    ),
+    "mpt": (
+        {"d_model": 64, "n_heads": 4, "n_layers": 2, "expansion_ratio": 2, "max_seq_len": 1024},
+        "hf-batched",
+    ),
+    "biogpt": (dict(_MHA), "hf-batched"),
+    "falcon_mamba": (
+        {"hidden_size": 64, "state_size": 8, "num_hidden_layers": 2, "expand": 2},
+        "hf-sequential",
+    ),
+    "lfm2": ({**_LLAMA, "layer_types": ["conv", "full_attention"]}, "hf-sequential"),
+    "jamba": (
+        {
+            **_LLAMA,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "num_experts": 2,
+            "num_experts_per_tok": 1,
+            "mamba_d_state": 8,
+            "mamba_d_conv": 4,
+            "mamba_expand": 2,
+            "mamba_dt_rank": 8,
+            "use_mamba_kernels": False,
+        },
+        "hf-sequential",
+    ),
+}
+
+
+def _build(model_type: str, fields: dict[str, Any], root: Path) -> str:
+    """A tiny random ``model_type`` model with tiny-llama's tokenizer, under ``root``."""
+    import torch
+    import transformers
+
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    out = root / model_type
+    if (out / "config.json").is_file():
+        return str(out)
+    cfg = transformers.AutoConfig.for_model(
+        model_type,
+        vocab_size=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **fields,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    for key, value in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(out, safe_serialization=True)
+    src = Path(ensure_tiny_model("tiny-llama"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("arch_sweep")
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+async def test_concurrent_requests_equal_solo_generate(
+    model_type: str, models_root: Path, engine_factory: Any
+) -> None:
+    fields, runner = CASES[model_type]
+    path = _build(model_type, fields, models_root)
+    rng = random.Random(0)
+    sizes = ((1, 8), (7, 12), (40, 10), (23, 9))  # (prompt tokens, new tokens)
+    work = [([rng.randrange(4, 1024) for _ in range(n)], k) for n, k in sizes]
+    ref = Reference(path)
+    expected = [ref.greedy(ids, k) for ids, k in work]
+    engine = engine_factory(path, max_batch_size=4, max_new_tokens=64)
+    await engine.start()
+    assert engine.runner_name == runner
+    responses = await asyncio.wait_for(
+        asyncio.gather(
+            *(engine.execute(make_request("ids", k, prompt_token_ids=ids)) for ids, k in work)
+        ),
+        120,
+    )
+    for i, (resp, want) in enumerate(zip(responses, expected, strict=True)):
+        assert resp.error is None, (model_type, i, resp.error)
+        assert list(resp.output_tokens) == want, (model_type, i)
+    await wait_until(lambda: engine.kv_manager.stats().num_seqs == 0)
+    assert engine.kv_manager.stats().kv_used_tokens == 0
