@@ -201,3 +201,26 @@ def test_unknown_cache_layouts_are_not_merged() -> None:
     assert not mergeable(DynamicCache(config=cfg_sliding))
     with pytest.raises(UnmergeableError, match="does not know"):
         merge([DynamicCache(config=cfg_sliding)], [1], DynamicCache(config=cfg_sliding))
+
+
+@pytest.mark.parametrize(
+    ("name", "runner"), [("tiny-bloom", "hf-batched"), ("tiny-mamba", "hf-sequential")]
+)
+async def test_runners_with_their_own_caches_take_no_kv_pool_memory(
+    name: str, runner: str, engine_factory: Any
+) -> None:
+    """Their K/V live in the model's caches: the KV manager only counts (no storage, no
+    pool bytes taken from the provider), sized for the batch at full context."""
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    engine = engine_factory(str(ensure_tiny_model(name)), max_batch_size=3)
+    await engine.start()
+    assert engine.runner_name == runner
+    kv = engine.kv_manager
+    assert kv.storage is None
+    assert engine.provider.memory_stats()["kv_pool_bytes"] == 0
+    per_seq = -(-engine.max_context // kv.spec.block_size)
+    assert kv.stats().num_pages == 3 * per_seq
+    await engine.stop()
+    await engine.start()  # released without the provider (it never held it), built again
+    assert engine.kv_manager.storage is None

@@ -257,6 +257,33 @@ class HFEngineCore(ScheduledEngine):
         )
         return manager
 
+    def _accounting_kv(self, spec: KVSpec, max_batch_size: int) -> KVCacheManager:
+        """A KV manager without storage, for runners that keep K/V in the model's caches.
+
+        It admits and preempts as a pool of ``kv_cache_memory_bytes`` (or ``max_batch_size``
+        full-context sequences) would, without taking that memory from the provider: on a
+        GPU, a pool the runner never reads would leave the model's own caches half the
+        memory.
+
+        Raises:
+            ConfigError: ``kv_cache_memory_bytes`` is smaller than one page.
+        """
+        from sagellm_backend.kv.block_pool import BlockPool
+        from sagellm_backend.kv.manager import KVCacheManager
+
+        memory = self._options.kv_cache_memory_bytes
+        if memory is not None:
+            pages = memory // spec.page_bytes
+            if pages < 1:
+                raise ConfigError(
+                    f"kv_cache_memory_bytes={memory} is smaller than one KV page "
+                    f"({spec.page_bytes} bytes)"
+                )
+        else:
+            pages = max(1, max_batch_size * -(-self._max_context // spec.block_size))
+        pool = BlockPool(pages, page_bytes=spec.page_bytes, enable_caching=False)
+        return KVCacheManager(pool, spec, enable_prefix_caching=False)
+
     def _load_model(self, provider: Any) -> None:
         """Load model and tokenizer once (kept across stop/start)."""
         from sagellm_backend.engine.hf.loader import quantization_name
@@ -350,9 +377,13 @@ class HFEngineCore(ScheduledEngine):
                 raise
             # An attention-free model (Mamba): the pool only accounts for tokens.
             spec = KVSpec(1, 1, 1, opts.block_size, kv_dtype)
-        kv = self._create_kv(
-            provider, spec, load.max_batch_size, caching=opts.enable_prefix_caching and paged
-        )
+        if paged:
+            kv = self._create_kv(
+                provider, spec, load.max_batch_size, caching=opts.enable_prefix_caching
+            )
+        else:  # the runner keeps K/V in the model's own caches: count tokens, hold no memory
+            kv = self._accounting_kv(spec, load.max_batch_size)
+        owner = provider if paged else None  # who the KV manager goes back to
         try:
             runner = build_runner(
                 model,
@@ -377,7 +408,7 @@ class HFEngineCore(ScheduledEngine):
                 decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
             )
         except BaseException:
-            release_serving(provider, kv, tp)
+            release_serving(owner, kv, tp)
             raise
         self._vocab_size = runner.vocab_size
         self._runner_name = runner.name
@@ -399,7 +430,7 @@ class HFEngineCore(ScheduledEngine):
             ),
             tokenize=hf_tokenize(tokenizer),
             new_detok=lambda: HFDetok(tokenizer),
-            release=lambda: release_serving(provider, kv, tp),
+            release=lambda: release_serving(owner, kv, tp),
             # a step blocked on a hung rank ends when the group is torn down
             interrupt=tp.shutdown if tp is not None else None,
             threaded=True,

@@ -16,8 +16,9 @@ runs each step as **one** forward over all scheduled sequences:
 * after the forward, the new K/V of each row (columns ``C..C+n_b-1``) are appended to the
   sequence's buffers, and logits are taken at each row's last real token.
 
-K/V admission still goes through the KV manager (accounting): ``uses_paged_kv`` is False,
-so the scheduler never expects prefix pages to be reused.
+K/V admission still goes through the KV manager (accounting only: the engine gives these
+runners a manager without storage): ``uses_paged_kv`` is False, so the scheduler never
+expects prefix pages to be reused.
 
 Invariants:
     * A chunk continues its sequence: ``start`` equals the tokens the runner holds for it,

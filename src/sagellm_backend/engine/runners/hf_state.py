@@ -30,7 +30,8 @@ sequence has the cache object the model itself creates, and every forward holds 
 Concurrent sequences share steps (continuous batching in the scheduler); prompts and, where
 merging is not possible, decode tokens run one sequence per forward.
 
-K/V admission still goes through the KV manager (accounting): ``uses_paged_kv`` is False.
+K/V admission still goes through the KV manager (accounting only, without storage):
+``uses_paged_kv`` is False.
 
 Invariants:
     * A chunk continues its sequence: ``start`` equals the tokens the runner holds for it,
