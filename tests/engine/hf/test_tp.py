@@ -248,6 +248,9 @@ def test_the_batched_fallback_runner_shards_too(
     tokens, info = run(go())
     assert info["runner"] == "hf-batched"
     assert tokens == gpt2_single[0]
+    # K/V live in each rank's HF caches: no rank takes a KV pool from its provider
+    ranks = info["tensor_parallel"]["ranks"]
+    assert len(ranks) == 2 and all(r["kv_pool_bytes"] == 0 for r in ranks)
 
 
 def test_gpt_neox_fused_qkv_follows_its_own_tp_plan(tp_engine: Any) -> None:

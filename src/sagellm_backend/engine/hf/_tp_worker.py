@@ -135,15 +135,22 @@ def serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
         model.config, block_size=init["block_size"], dtype=DType(init["kv_dtype"])
     )
     kv_provider = provider
-    try:
-        kv = provider.create_kv_manager(
-            spec, num_pages=init["num_pages"], enable_prefix_caching=False
-        )
-    except KVCacheExhaustedError:  # this provider's budget is smaller than rank 0's pool
-        kv_provider = make_provider(settings, rank, init["num_pages"] * spec.page_bytes)
-        kv = kv_provider.create_kv_manager(
-            spec, num_pages=init["num_pages"], enable_prefix_caching=False
-        )
+    if init["runner"] != "paged":  # the runner keeps K/V in the model's caches: count only
+        from sagellm_backend.kv.block_pool import BlockPool
+        from sagellm_backend.kv.manager import KVCacheManager
+
+        pool = BlockPool(init["num_pages"], page_bytes=spec.page_bytes, enable_caching=False)
+        kv = KVCacheManager(pool, spec, enable_prefix_caching=False)
+    else:
+        try:
+            kv = provider.create_kv_manager(
+                spec, num_pages=init["num_pages"], enable_prefix_caching=False
+            )
+        except KVCacheExhaustedError:  # this provider's budget is smaller than rank 0's pool
+            kv_provider = make_provider(settings, rank, init["num_pages"] * spec.page_bytes)
+            kv = kv_provider.create_kv_manager(
+                spec, num_pages=init["num_pages"], enable_prefix_caching=False
+            )
     runner = LOCAL_RUNNERS[init["runner"]](model, kv, init)
     reducing[0] = True
     dist.gather_object(rank_report(rank, kv_provider, kv, shard), None, dst=0, group=ctrl)
