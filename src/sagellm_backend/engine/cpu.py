@@ -177,8 +177,7 @@ class CPUEngine(HFEngineCore):
         sized to the whole budget (as on a GPU) when the model needs less; a larger model
         gets what the provider's budget leaves.
         """
-        per_seq = -(-self._max_context // spec.block_size)
-        return max(1, max_batch_size * per_seq)
+        return self._full_context_pages(spec, max_batch_size)
 
     def _thread_init(self) -> None:
         n = self._cpu_config.num_threads

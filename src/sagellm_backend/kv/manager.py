@@ -105,6 +105,20 @@ class KVCacheManager(KVManagerQueries):
         self._hit_tokens = 0
         self._query_tokens = 0
 
+    @classmethod
+    def counting(
+        cls, spec: KVSpec, num_pages: int, *, enable_prefix_caching: bool = False
+    ) -> KVCacheManager:
+        """A manager over a fresh pool of ``num_pages`` pages with no storage.
+
+        It admits, preempts and reports exactly as a pool of that size, and holds no K/V
+        memory: for runners that keep K/V elsewhere (the model's own caches), and for
+        providers that hand out no managers.
+        """
+        caching = enable_prefix_caching
+        pool = BlockPool(num_pages, page_bytes=spec.page_bytes, enable_caching=caching)
+        return cls(pool, spec, enable_prefix_caching=caching)
+
     # ------------------------------------------------------------------ allocation
     def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int:
         """Reserve pages for every token of a new sequence; return the cached-token count.

@@ -26,8 +26,17 @@ __all__ = ["build_model", "model_config"]
 
 # Rotary decoders configured with the Llama field names.
 _ROPE_DECODERS = frozenset(
-    {"mistral", "qwen2", "phi3", "gemma2", "starcoder2", "qwen3_next", "recurrent_gemma"}
-    | {"deepseek_v3", "mixtral"}
+    {
+        "mistral",
+        "qwen2",
+        "phi3",
+        "gemma2",
+        "starcoder2",
+        "qwen3_next",
+        "recurrent_gemma",
+        "deepseek_v3",
+        "mixtral",
+    }
 )
 # Architectures whose tokenizer prepends ``<s>`` (as their hub tokenizers do).
 _BOS_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma2"})

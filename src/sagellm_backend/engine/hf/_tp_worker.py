@@ -136,11 +136,9 @@ def serve(model: Any, provider: Any, settings: TPSettings, rank: int) -> None:
     )
     kv_provider = provider
     if init["runner"] != "paged":  # the runner keeps K/V in the model's caches: count only
-        from sagellm_backend.kv.block_pool import BlockPool
         from sagellm_backend.kv.manager import KVCacheManager
 
-        pool = BlockPool(init["num_pages"], page_bytes=spec.page_bytes, enable_caching=False)
-        kv = KVCacheManager(pool, spec, enable_prefix_caching=False)
+        kv = KVCacheManager.counting(spec, init["num_pages"])
     else:
         try:
             kv = provider.create_kv_manager(

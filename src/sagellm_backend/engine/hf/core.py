@@ -268,21 +268,23 @@ class HFEngineCore(ScheduledEngine):
         Raises:
             ConfigError: ``kv_cache_memory_bytes`` is smaller than one page.
         """
-        from sagellm_backend.kv.block_pool import BlockPool
         from sagellm_backend.kv.manager import KVCacheManager
 
         memory = self._options.kv_cache_memory_bytes
         if memory is not None:
-            pages = memory // spec.page_bytes
+            pages = spec.num_pages_for_bytes(memory)
             if pages < 1:
                 raise ConfigError(
                     f"kv_cache_memory_bytes={memory} is smaller than one KV page "
                     f"({spec.page_bytes} bytes)"
                 )
         else:
-            pages = max(1, max_batch_size * -(-self._max_context // spec.block_size))
-        pool = BlockPool(pages, page_bytes=spec.page_bytes, enable_caching=False)
-        return KVCacheManager(pool, spec, enable_prefix_caching=False)
+            pages = self._full_context_pages(spec, max_batch_size)
+        return KVCacheManager.counting(spec, pages)
+
+    def _full_context_pages(self, spec: KVSpec, max_batch_size: int) -> int:
+        """Pages that hold ``max_batch_size`` sequences of the whole context (at least 1)."""
+        return max(1, max_batch_size * -(-self._max_context // spec.block_size))
 
     def _load_model(self, provider: Any) -> None:
         """Load model and tokenizer once (kept across stop/start)."""

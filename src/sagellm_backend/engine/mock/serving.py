@@ -101,19 +101,18 @@ def create_mock_kv_manager(
         )
         return provider, manager
     # A third-party provider without a KV manager: account pages ourselves.
-    from sagellm_backend.kv.block_pool import BlockPool
     from sagellm_backend.kv.manager import KVCacheManager
 
     if num_pages is None:
         assert memory_bytes is not None
-        num_pages = memory_bytes // spec.page_bytes
+        num_pages = spec.num_pages_for_bytes(memory_bytes)
         if num_pages < 1:
             raise ConfigError(
                 f"MockEngineConfig.kv_memory_bytes={memory_bytes} is smaller than one "
                 f"KV page ({spec.page_bytes} bytes)"
             )
-    pool = BlockPool(num_pages, page_bytes=spec.page_bytes, enable_caching=enable_prefix_caching)
-    return provider, KVCacheManager(pool, spec, enable_prefix_caching=enable_prefix_caching)
+    manager = KVCacheManager.counting(spec, num_pages, enable_prefix_caching=enable_prefix_caching)
+    return provider, manager
 
 
 def release_to(provider: Any, kv: Any) -> None:

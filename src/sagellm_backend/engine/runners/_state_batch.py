@@ -23,6 +23,7 @@ cache its own tensors (copies, no view of the merged batch).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +36,9 @@ class UnmergeableError(Exception):
     """The caches cannot be merged (an unknown layer type or an inconsistent state)."""
 
 
+@functools.cache
 def _layer_classes() -> tuple[Any, Any, Any, Any, Any]:
+    """The cache layer classes of transformers (looked up once; raises if one is missing)."""
     from transformers import cache_utils as cu
 
     return (
@@ -83,10 +86,12 @@ def merge(caches: Sequence[Any], lengths: Sequence[int], new_cache: Any) -> int:
         UnmergeableError: a layer type or state this function does not know.
     """
     dynamic, _, _, dummy, linear_mixin = _layer_classes()
-    if not all(mergeable(c) for c in caches) or not mergeable(new_cache):
+    if not mergeable(new_cache):
         raise UnmergeableError("a cache layer of a type the batched decode does not know")
+    if any(len(c.layers) != len(new_cache.layers) for c in caches):
+        raise UnmergeableError("the caches have different numbers of layers")
     width = max(lengths)
-    for li, merged in enumerate(new_cache.layers):
+    for li, merged in enumerate(new_cache.layers):  # every source layer of merged's type
         src = [c.layers[li] for c in caches]
         if any(type(s) is not type(merged) for s in src):
             raise UnmergeableError(f"layer {li}: the caches have different layer types")

@@ -62,59 +62,12 @@ from sagellm_backend.engine.runners._state_batch import (
 )
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 from sagellm_backend.engine.runners.hf_cache import embedding_facts
+from sagellm_backend.engine.runners.select import module_state_owners
+from sagellm_backend.engine.runners.select import recurrent_state_reason as recurrent_state_reason
 
 __all__ = ["HFStatefulRunner", "recurrent_state_reason"]
 
 _log = logging.getLogger(__name__)
-
-#: Cache layer types (transformers' ``layer_types`` vocabulary) that hold recurrent state.
-_STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
-
-
-def _layer_types(config: Any) -> list[str]:
-    """The cache layer types transformers derives from ``config`` (empty when it cannot)."""
-    getter = getattr(config, "get_text_config", None)
-    text = getter(decoder=True) if callable(getter) else config
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, _ = get_layer_types_and_kwargs(text)
-    except Exception:  # an older transformers, or a config it cannot read
-        types = getattr(text, "layer_types", None) or []
-    return [str(t) for t in types]
-
-
-def _module_state_owners(model: Any) -> list[Any]:
-    """The innermost modules that keep running state as plain attributes.
-
-    Such a module defines ``_setup_cache`` (RecurrentGemma's recurrent blocks); an outer
-    module that only forwards to its children's is left out.
-    """
-    owners = [m for m in model.modules() if callable(getattr(m, "_setup_cache", None))]
-    return [
-        m
-        for m in owners
-        if not any(o is not m and any(o is c for c in m.modules()) for o in owners)
-    ]
-
-
-def recurrent_state_reason(model_or_config: Any) -> str | None:
-    """Why ``model_or_config`` needs per-sequence state (None: a plain attention K/V model).
-
-    Decided from the config's cache layer types and, for a loaded model, from modules that
-    keep state themselves; imports transformers, not torch work.
-    """
-    is_model = hasattr(model_or_config, "config") and hasattr(model_or_config, "forward")
-    config = model_or_config.config if is_model else model_or_config
-    stateful = sorted(set(_layer_types(config)) & _STATE_LAYER_TYPES)
-    if stateful:
-        return (
-            f"its layers keep recurrent state ({', '.join(stateful)} layers), which batching "
-            "by padding or packing would mix between sequences"
-        )
-    if is_model and _module_state_owners(model_or_config):
-        return "its modules keep recurrent state between forwards"
-    return None
 
 
 @dataclass(slots=True)
@@ -162,7 +115,7 @@ class HFStatefulRunner:
         self._positions = "position_ids" in params
         self._cache_positions = "cache_position" in params
         self._keep = "logits_to_keep" in params
-        self._owners = _module_state_owners(model)
+        self._owners = module_state_owners(model)
         self._resets = [_state_reset(m, model, self.device, dtype) for m in self._owners]
         supports = getattr(model, "_supports_default_dynamic_cache", None)
         self._default_cache = not callable(supports) or bool(supports())
@@ -254,21 +207,18 @@ class HFStatefulRunner:
             if strict:
                 raise
             return [self._run(SeqChunk(sid, [tok], pos, [], True)) for sid, tok, pos in rows]
-        dev = self.device
-        kwargs: dict[str, Any] = {self._cache_kw: batch_cache, "use_cache": True}
+        mask = None
         if has_attention(batch_cache):  # the padding of the K/V; an SSM step has none
             mask = torch.zeros(len(rows), width + 1, dtype=torch.long)
             for r, n in enumerate(lengths):
                 mask[r, width - n :] = 1
-            kwargs["attention_mask"] = mask.to(dev)
-        if self._positions:
-            kwargs["position_ids"] = torch.tensor([[pos] for _, _, pos in rows], device=dev)
-        if self._cache_positions:
-            kwargs["cache_position"] = torch.arange(width, width + 1, device=dev)
-        if self._keep:
-            kwargs["logits_to_keep"] = 1
-        ids = torch.tensor([[tok] for _, tok, _ in rows], dtype=torch.long, device=dev)
-        out = self.model(input_ids=ids, **kwargs)
+        out = self._call(
+            [[tok] for _, tok, _ in rows],
+            batch_cache,
+            positions=[[pos] for _, _, pos in rows],
+            cache_positions=[width],
+            mask=mask,
+        )
         split(_returned_cache(out) or batch_cache, caches, lengths, width)
         for st in states:
             st.length += 1
@@ -307,16 +257,8 @@ class HFStatefulRunner:
 
     def _forward(self, ids: list[int], start: int, cache: Any) -> tuple[torch.Tensor, Any]:
         """One forward of ``ids`` at positions ``start..``; (last logits, the cache after)."""
-        dev = self.device
-        n = len(ids)
-        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
-        if self._positions:
-            kwargs["position_ids"] = torch.arange(start, start + n, device=dev).unsqueeze(0)
-        if self._cache_positions:
-            kwargs["cache_position"] = torch.arange(start, start + n, device=dev)
-        if self._keep:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=dev), **kwargs)
+        span = list(range(start, start + len(ids)))
+        out = self._call([ids], cache, positions=[span], cache_positions=span)
         new_cache = _returned_cache(out)
         if new_cache is None:
             if cache is None:
@@ -326,6 +268,31 @@ class HFStatefulRunner:
                 )
             new_cache = cache  # updated in place
         return out.logits[0, -1], new_cache
+
+    def _call(
+        self,
+        ids: list[list[int]],
+        cache: Any,
+        *,
+        positions: list[list[int]],
+        cache_positions: list[int],
+        mask: torch.Tensor | None = None,
+    ) -> Any:
+        """The model's forward on rows ``ids`` over ``cache``, logits of the last token only.
+
+        ``positions`` and ``cache_positions`` are passed where the model takes them.
+        """
+        dev = self.device
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(dev)
+        if self._positions:
+            kwargs["position_ids"] = torch.tensor(positions, device=dev)
+        if self._cache_positions:
+            kwargs["cache_position"] = torch.tensor(cache_positions, device=dev)
+        if self._keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(input_ids=torch.tensor(ids, dtype=torch.long, device=dev), **kwargs)
 
     # ------------------------------------------------------------------ module-held state
     def _save(self, sid: str, state: _SeqState) -> None:

@@ -30,7 +30,13 @@ from typing import Any
 from sagellm_backend.engine.runners.base import ModelRunner
 from sagellm_backend.errors import ConfigError
 
-__all__ = ["RUNNER_KINDS", "describe_runner", "describe_runner_for_path", "select_runner"]
+__all__ = [
+    "RUNNER_KINDS",
+    "describe_runner",
+    "describe_runner_for_path",
+    "recurrent_state_reason",
+    "select_runner",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -57,10 +63,15 @@ def _spread_over_devices(model: Any) -> bool:
     return len(devices) != 1 or "meta" in devices
 
 
+def _model_and_config(model_or_config: Any) -> tuple[bool, Any]:
+    """(whether it is a loaded model, its config) of a loaded model or a config."""
+    is_model = hasattr(model_or_config, "config") and hasattr(model_or_config, "forward")
+    return is_model, model_or_config.config if is_model else model_or_config
+
+
 def _paged_reason(model_or_config: Any) -> str | None:
     """Why the paged runner cannot serve it (None: it can, as far as static checks tell)."""
-    is_model = hasattr(model_or_config, "config") and hasattr(model_or_config, "forward")
-    config = model_or_config.config if is_model else model_or_config
+    is_model, config = _model_and_config(model_or_config)
     cls = type(model_or_config) if is_model else _causal_lm_class(config)
     model_type = getattr(config, "model_type", None)
     if cls is None:
@@ -77,6 +88,55 @@ def _paged_reason(model_or_config: Any) -> str | None:
     return None
 
 
+#: Cache layer types (transformers' ``layer_types`` vocabulary) that hold recurrent state.
+_STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+
+
+def _layer_types(config: Any) -> list[str]:
+    """The cache layer types transformers derives from ``config`` (empty when it cannot)."""
+    getter = getattr(config, "get_text_config", None)
+    text = getter(decoder=True) if callable(getter) else config
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, _ = get_layer_types_and_kwargs(text)
+    except Exception:  # an older transformers, or a config it cannot read
+        types = getattr(text, "layer_types", None) or []
+    return [str(t) for t in types]
+
+
+def module_state_owners(model: Any) -> list[Any]:
+    """The innermost modules that keep running state as plain attributes.
+
+    Such a module defines ``_setup_cache`` (RecurrentGemma's recurrent blocks); an outer
+    module that only forwards to its children's is left out.
+    """
+    owners = [m for m in model.modules() if callable(getattr(m, "_setup_cache", None))]
+    return [
+        m
+        for m in owners
+        if not any(o is not m and any(o is c for c in m.modules()) for o in owners)
+    ]
+
+
+def recurrent_state_reason(model_or_config: Any) -> str | None:
+    """Why ``model_or_config`` needs per-sequence state (None: a plain attention K/V model).
+
+    Decided from the config's cache layer types and, for a loaded model, from modules that
+    keep state themselves; imports transformers, not torch.
+    """
+    is_model, config = _model_and_config(model_or_config)
+    stateful = sorted(set(_layer_types(config)) & _STATE_LAYER_TYPES)
+    if stateful:
+        return (
+            f"its layers keep recurrent state ({', '.join(stateful)} layers), which batching "
+            "by padding or packing would mix between sequences"
+        )
+    if is_model and module_state_owners(model_or_config):
+        return "its modules keep recurrent state between forwards"
+    return None
+
+
 def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, str]:
     """Return ``(runner_name, reason)`` for a loaded model or a transformers config.
 
@@ -90,8 +150,6 @@ def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, st
     """
     if runner not in _OPTIONS:
         raise ConfigError(f"runner must be one of {_OPTIONS}, got {runner!r}")
-    from sagellm_backend.engine.runners.hf_state import recurrent_state_reason
-
     state = recurrent_state_reason(model_or_config)
     if state is not None:
         if runner == "paged":
