@@ -136,6 +136,7 @@ def test_config_forms() -> None:
         {"kind": "cpu", "device": "cpu", **spec_opts},
         core.BackendConfig(kind="cpu", device="cpu", device_ids=[0]),
         TorchProviderOptions(device="cpu", kv_memory_fraction=0.01),
+        {"kind": "cpu", "device": "cpu:0", **spec_opts},  # torch's name, taken by 0.1.1.2
     ):
         p = create_cpu_backend(config)
         assert isinstance(p, CPUBackendProvider) and isinstance(p, BackendProvider)

@@ -505,6 +505,31 @@ def test_create_mock_backend_from_core_backend_config() -> None:
     assert b.device == "mock:7"
     via_core = core.create_backend(core.BackendConfig(kind="mock"))
     assert isinstance(via_core, MockBackendProvider)
+    # a mock standing for the host: its blocks live on "cpu", and it has no offload pool
+    host = core.create_backend(core.BackendConfig(kind="mock", device="cpu"))
+    assert host.kv_block_alloc(16, DType.FP16).device == "cpu"
+    with pytest.raises(UnsupportedDeviceError):
+        host.kv_block_migrate(host.kv_block_alloc(16, DType.FP16), "mock:0")
+
+
+def test_a_user_kernel_takes_over_a_builtin_name() -> None:
+    """0.1.1.2's providers registered no kernels, so registering "matmul" just worked; the
+    built-in default gives way (keeping its kind), a second user registration does not."""
+    from sagellm_backend.errors import KernelAlreadyRegisteredError
+
+    b = MockBackendProvider()
+    builtin = b.get_kernel("matmul")
+
+    def mine(a: object, b: object) -> str:
+        return "mine"
+
+    b.register_kernel("matmul", mine)
+    assert b.get_kernel("matmul") is mine and mine is not builtin
+    assert KernelKind.MATMUL in b.capability().supported_kernels
+    with pytest.raises(KernelAlreadyRegisteredError, match="replace=True"):
+        b.register_kernel("matmul", mine)
+    b.register_kernel("matmul", builtin, replace=True)
+    assert b.get_kernel("matmul") is builtin
 
 
 def test_event_type_is_exported() -> None:

@@ -373,7 +373,9 @@ def test_hf_engine_on_a_provider_of_the_wrong_kind(tiny_llama: str) -> None:
 
     engine = CPUEngine(
         CPUEngineConfig(
-            engine_id="wrong-provider", model_path=tiny_llama, provider=MockBackendProvider()
+            engine_id="wrong-provider",
+            model_path=tiny_llama,
+            provider=MockBackendProvider(device_type="npu"),  # a mock one is taken (0.1.1.2)
         )
     )
     with pytest.raises(ConfigError, match="provider"):

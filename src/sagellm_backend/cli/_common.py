@@ -232,6 +232,7 @@ def create_engine(settings: EngineSettings) -> Any:
 
     Raises:
         ConfigError: an invalid setting (the engine config's own message).
+        BackendNotAvailableError: cuda on a machine without CUDA (the CLI never falls back).
     """
     s = settings
     # The fields the cpu and cuda engine configs share.
@@ -260,7 +261,15 @@ def create_engine(settings: EngineSettings) -> Any:
         return engine
     if s.kind == "cuda":
         from sagellm_backend.engine.hf_cuda import HFCudaEngine, HFCudaEngineConfig
+        from sagellm_backend.errors import BackendNotAvailableError
 
+        # The library runs HFCudaEngine on the CPU where there is no CUDA (0.1.1.2's
+        # documented fallback); asked for on the command line, a GPU is meant: fail instead.
+        reason = HFCudaEngine.unavailable_reason()
+        if reason is not None:
+            raise BackendNotAvailableError(
+                f"--engine cuda needs a CUDA device: {reason}; use --engine cpu on this machine"
+            )
         device = s.device or "cuda:0"
         engine = HFCudaEngine(
             HFCudaEngineConfig(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # 0.1.1.2 exported these names from this module; kept for code that imports them here.
 from sagellm_protocol import KVAllocateParams as KVAllocateParams
@@ -56,6 +56,9 @@ from sagellm_backend.engine.hf.face import HFFaceFields, LoadSettings, check_boo
 from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
 from sagellm_backend.engine.options import resolve_engine_options
 from sagellm_backend.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sagellm_backend.kv.spec import KVSpec
 
 __all__ = ["HFCudaEngine", "HFCudaEngineConfig", "create_cuda_engine"]
 
@@ -211,6 +214,7 @@ class HFCudaEngine(HFEngineCore):
         )
         super().__init__(config, load, options, mock_engine=mock, from_core=from_core)
         self._cuda_config = config
+        self._on_host = False  # no CUDA here: the model runs on the CPU (see _make_provider)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -223,12 +227,64 @@ class HFCudaEngine(HFEngineCore):
         return unavailable_reason()
 
     def _make_provider(self) -> Any:
+        """A cuda provider; on a machine without CUDA, a MockBackendProvider (as documented).
+
+        The seed's rule ("mock_mode=True or a non-CUDA device: MockBackendProvider"): with
+        no CUDA device the engine takes a mock provider and, through
+        :meth:`_make_device_provider`, runs the model on the host CPU, with a WARNING.
+        """
+        from sagellm_backend.providers.cuda import unavailable_reason
+
+        if unavailable_reason() is None:
+            return self._make_cuda_provider()
+        from sagellm_backend.providers.mock import MockBackendProvider
+
+        return MockBackendProvider()
+
+    def _make_cuda_provider(self) -> Any:
         from sagellm_backend.providers.cuda import create_cuda_backend
 
         options: dict[str, Any] = {"device": self._cuda_config.device}
         if self._options.kv_cache_memory_bytes is not None:
             options["kv_memory_bytes"] = self._options.kv_cache_memory_bytes
         return create_cuda_backend(options)
+
+    def _make_device_provider(self) -> Any:
+        """Beside a mock provider: the cuda provider, or without CUDA the host CPU's.
+
+        Without CUDA the model is loaded on the CPU (``device_map`` None), as 0.1.1.2 did;
+        a WARNING says so, since every step then runs on the host.
+        """
+        from sagellm_backend.providers.cuda import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is None:
+            return self._make_cuda_provider()
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "HFCudaEngine %r: no CUDA device (%s); running the model on the CPU with a "
+            "MockBackendProvider, as documented for non-CUDA devices. Use CPUEngine to run "
+            "on the CPU on purpose, or mock_mode=True for a simulation.",
+            self.engine_id,
+            reason,
+        )
+        from sagellm_backend.providers.cpu import CPUBackendProvider
+
+        load = self._load_settings
+        if load is not None and load.device != "cpu":
+            self._load_settings = dataclasses.replace(load, device="cpu", device_map=None)
+        self._on_host = True
+        opts = self._options
+        if opts.kv_cache_memory_bytes is not None:
+            return CPUBackendProvider(kv_memory_bytes=opts.kv_cache_memory_bytes)
+        return CPUBackendProvider()
+
+    def _kv_pages_wanted(self, spec: KVSpec, max_batch_size: int) -> int | None:
+        """On the host (no CUDA): CPUEngine's rule, the full context of every sequence."""
+        if self._on_host:
+            return self._full_context_pages(spec, max_batch_size)
+        return None
 
 
 #: What :func:`create_cuda_engine` uses for documented fields a sagellm-core config lacks.

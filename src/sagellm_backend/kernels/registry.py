@@ -2,7 +2,10 @@
 
 Invariants:
     * A name maps to exactly one :class:`KernelSpec`; registering an existing name raises
-      :class:`~sagellm_backend.errors.KernelAlreadyRegisteredError` unless ``replace=True``.
+      :class:`~sagellm_backend.errors.KernelAlreadyRegisteredError` unless ``replace=True``
+      -- or unless the existing kernel is a provider's built-in default (``builtin=True``)
+      and the new one is not: a user's own kernel takes the name over, as on 0.1.1.2,
+      whose providers registered no kernels of their own.
     * :meth:`KernelRegistry.kinds` is derived from what is registered, so a provider's
       ``capability().supported_kernels`` never claims a kind it cannot run.
     * Lookups of unknown names raise :class:`~sagellm_backend.errors.KernelNotFoundError`
@@ -11,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ class KernelSpec:
         kind: the protocol :class:`KernelKind` it implements (None: not a standard kind).
         dtypes: dtypes it accepts; empty means "any dtype the provider supports".
         description: one line for ``sagellm-backend info``.
+        builtin: a default the provider registered itself (a user kernel may replace it).
     """
 
     name: str
@@ -39,6 +44,7 @@ class KernelSpec:
     kind: KernelKind | None = None
     dtypes: frozenset[DType] = field(default_factory=frozenset)
     description: str = ""
+    builtin: bool = False
 
 
 class KernelRegistry:
@@ -53,8 +59,12 @@ class KernelRegistry:
     def add(self, spec: KernelSpec, *, replace: bool = False) -> None:
         """Register ``spec``.
 
+        A non-built-in ``spec`` replaces a built-in kernel of the same name without
+        ``replace``, keeping the built-in's ``kind`` when it names none.
+
         Raises:
-            KernelAlreadyRegisteredError: the name exists and ``replace`` is False.
+            KernelAlreadyRegisteredError: the name exists and ``replace`` is False (and it is
+                not a built-in being replaced by a user kernel).
             ValueError: the name is empty or ``impl`` is not callable.
         """
         if not isinstance(spec.name, str) or not spec.name:
@@ -62,10 +72,13 @@ class KernelRegistry:
         if not callable(spec.impl):
             raise ValueError(f"kernel {spec.name!r}: impl must be callable, got {spec.impl!r}")
         with self._lock:
-            if spec.name in self._specs and not replace:
+            old = self._specs.get(spec.name)
+            if old is not None and not replace and (spec.builtin or not old.builtin):
                 raise KernelAlreadyRegisteredError(
                     f"kernel {spec.name!r} is already registered; pass replace=True to override it"
                 )
+            if old is not None and old.builtin and spec.kind is None:
+                spec = dataclasses.replace(spec, kind=old.kind)
             self._specs[spec.name] = spec
 
     def register(
@@ -77,9 +90,10 @@ class KernelRegistry:
         dtypes: Iterable[DType] = (),
         description: str = "",
         replace: bool = False,
+        builtin: bool = False,
     ) -> KernelSpec:
         """Build a :class:`KernelSpec` and :meth:`add` it; returns the spec."""
-        spec = KernelSpec(name, impl, kind, frozenset(dtypes), description)
+        spec = KernelSpec(name, impl, kind, frozenset(dtypes), description, builtin)
         self.add(spec, replace=replace)
         return spec
 

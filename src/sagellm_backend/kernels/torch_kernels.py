@@ -430,7 +430,7 @@ def builtin_kernel_specs(dtypes: frozenset[DType] | None = None) -> list[KernelS
     """
     allowed = KERNEL_DTYPES if dtypes is None else KERNEL_DTYPES & dtypes
     return [
-        KernelSpec(name, impl, kind, frozenset(allowed), description)
+        KernelSpec(name, impl, kind, frozenset(allowed), description, builtin=True)
         for name, impl, kind, description in _BUILTINS
     ]
 

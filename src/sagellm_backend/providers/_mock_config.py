@@ -189,4 +189,7 @@ def _mock_options(config: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         ids = options.get("device_ids")
         if ids:
             options["device"] = f"mock:{next(iter(ids))}"
+    elif options["device"] == "cpu" and "offload_device" not in options:
+        # a mock standing for the host has no separate host pool to offload to
+        options["offload_device"] = None
     return options

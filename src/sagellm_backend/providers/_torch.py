@@ -310,7 +310,8 @@ class TorchProviderBase(ProviderKVMethods, TorchCollectives):
         """Register ``impl`` under ``name``.
 
         Raises:
-            KernelAlreadyRegisteredError: ``name`` exists and ``replace`` is False.
+            KernelAlreadyRegisteredError: ``name`` holds a kernel registered by a user (not a
+                built-in default) and ``replace`` is False.
             UnsupportedDTypeError: ``dtypes`` names a dtype this provider does not support.
         """
         checked = [self.check_dtype(d) for d in dtypes]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import os
 import platform
@@ -356,8 +357,12 @@ class CPUBackendProvider(TorchProviderBase):
 
     def __init__(self, options: TorchProviderOptions | None = None, **kwargs: Any) -> None:
         opts, device_ids = parse_provider_config("cpu", options, kwargs)
+        if opts.device == "cpu:0":  # torch's name of the same device (0.1.1.2 took it)
+            opts = dataclasses.replace(opts, device="cpu")
         if opts.device not in (None, "cpu"):
-            raise ConfigError(f"the cpu backend runs on device 'cpu', got device={opts.device!r}")
+            raise ConfigError(
+                f"the cpu backend runs on device 'cpu' (or 'cpu:0'), got device={opts.device!r}"
+            )
         if device_ids not in (None, [], [0]):
             raise ConfigError(f"the cpu backend has one device (0), got device_ids={device_ids}")
         torch: Any = None

@@ -241,7 +241,7 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         self._kernels = KernelRegistry()
         for kind in dict.fromkeys(kinds):
             for name, impl, description in _BUILTIN_KERNELS[kind]:
-                self._kernels.register(name, impl, kind=kind, description=description)
+                self._kernels.register(name, impl, kind=kind, description=description, builtin=True)
 
         aliases: dict[str, str] = {}
         if ":" in device:
@@ -384,7 +384,8 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         """Register ``impl`` under ``name``.
 
         Raises:
-            KernelAlreadyRegisteredError: ``name`` exists and ``replace`` is False.
+            KernelAlreadyRegisteredError: ``name`` holds a kernel registered by a user (not a
+                built-in default) and ``replace`` is False.
             UnsupportedDTypeError: a dtype in ``dtypes`` is not supported by this provider.
             ConfigError: ``kind`` is not a KernelKind.
         """

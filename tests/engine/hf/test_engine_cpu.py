@@ -551,3 +551,47 @@ async def test_an_empty_prompt_on_a_model_whose_tokenizer_adds_no_bos(
     resp = await engine.execute(make_request("", 5))
     assert resp.finish_reason == "length"
     assert resp.output_tokens == gpt2_ref.greedy([bos], 5)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mamba"])  # pool-backed and counting
+async def test_a_kv_budget_below_one_page_names_the_config_field(
+    model: str, engine_factory: Any
+) -> None:
+    from sagellm_backend.errors import ConfigError
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    engine = engine_factory(str(ensure_tiny_model(model)), kv_cache_memory_bytes=1)
+    with pytest.raises(
+        ConfigError, match=r"CPUEngineConfig\.kv_cache_memory_bytes=1 is smaller than one KV page"
+    ):
+        await engine.start()
+    assert not engine.is_running
+
+
+async def test_a_long_prompt_is_tokenized_off_the_event_loop(
+    engine_factory: Any, tiny_llama: str
+) -> None:
+    """A multi-MB prompt takes the tokenizer seconds: it runs in a worker thread, so other
+    requests keep being served; the result (here: too long for the context, or not
+    encodable) is reported as for any prompt."""
+    import threading
+
+    engine = engine_factory(tiny_llama)
+    await engine.start()
+    serving = engine._serving
+    real = serving.tokenize
+    on_loop: list[bool] = []
+
+    def spy(text: str) -> list[int]:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return list(real(text))
+
+    serving.tokenize = spy
+    long = await engine.execute(make_request("word " * 8000, 4))
+    assert long.finish_reason == "error" and "context length" in long.error.message
+    assert on_loop == [False]  # tokenized once, in a worker thread
+    broken = await engine.execute(make_request("word " * 8000 + "\ud800", 4))
+    assert broken.finish_reason == "error" and "cannot be tokenized" in broken.error.message
+    short = await engine.execute(make_request("word " * 10, 4))
+    assert short.finish_reason == "length"
+    assert on_loop[-1] is True  # a short prompt is tokenized on the loop (fast)

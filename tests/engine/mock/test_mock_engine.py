@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sagellm_protocol import ErrorCode, Request
 
-from sagellm_backend.engine.base import BaseEngine
+from sagellm_backend.engine.base import BaseEngine, EngineConfig
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig, MockTokenizer
-from sagellm_backend.errors import ConfigError
+from sagellm_backend.errors import BackendNotAvailableError, ConfigError
 
 from ..conftest import make_request
 
@@ -518,6 +518,31 @@ async def test_get_info_reports_counters(engine: MockEngine) -> None:
     assert info["completed"] == 1 and info["failed"] == 0
     assert info["kv"]["num_seqs"] == 0
     assert info["backend_type"] == "mock" and info["is_running"] is True
+    assert info["mock_mode"] is True  # a MockEngine always simulates (0.1.1.2 reported True)
+    assert MockEngine(EngineConfig(engine_id="plain")).get_info()["mock_mode"] is True
+
+
+async def test_stop_during_two_starts_wins_over_both() -> None:
+    """start(); start() (waiting on the first); stop(): both starts fail, nothing runs."""
+    eng = MockEngine(MockEngineConfig("two-starts", 0.0, 0.0))
+    real_build = eng._build
+
+    async def slow_build() -> Any:
+        await asyncio.sleep(0.01)
+        return await real_build()
+
+    eng._build = slow_build  # type: ignore[method-assign]
+    first = asyncio.create_task(eng.start())
+    second = asyncio.create_task(eng.start())
+    await asyncio.sleep(0)
+    await eng.stop()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, BackendNotAvailableError) for r in results), results
+    assert "waited for another" in str(results[1])
+    assert not eng.is_running
+    await eng.start()  # a later start() is not affected
+    assert eng.is_running
+    await eng.stop()
 
 
 async def test_a_start_waiting_on_a_failed_start_starts_the_engine_itself() -> None:

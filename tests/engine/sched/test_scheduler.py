@@ -441,3 +441,28 @@ def test_a_burst_is_cut_at_eos_and_sampled_sequences_never_burst() -> None:
     for c in (c for step in runner.steps for c in step if c.seq_id in ("s1", "s2")):
         assert c.num_steps == 1
     assert len(sched.kv) == 0 and sched.kv.pool.num_used == 0
+
+
+@given(
+    text=st.text(alphabet="ab xy\u00e9\U0001f600", min_size=1, max_size=60),
+    stop=st.text(alphabet="ab \u00e9\U0001f600", min_size=1, max_size=4),
+)
+@settings(max_examples=200, deadline=None)
+def test_stop_strings_are_found_at_the_token_a_full_decode_finds_them(text: str, stop: str) -> None:
+    """The recorder decodes only the output's tail; checked after every token (as it runs),
+    it must stop at the first token where the whole output's text contains the stop string
+    (word and byte tokens: a character may take four tokens)."""
+    from sagellm_backend.engine.mock.tokenizer import MockTokenizer
+
+    tok = MockTokenizer(1000)
+    ids = tok.encode(text)
+    sched = make(8, decode=tok.decode)
+    s = seq(0, 1, 100, stop_strings=(stop,))
+    want = next((i for i in range(len(ids)) if stop in tok.decode(ids[: i + 1])), None)
+    got = None
+    for i, t in enumerate(ids):
+        s.output_ids.append(t)
+        if sched._stop_string_hit(s):
+            got = i
+            break
+    assert got == want

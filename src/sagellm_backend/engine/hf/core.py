@@ -130,6 +130,8 @@ class HFEngineCore(ScheduledEngine):
         self._from_core = from_core
         self._trace_base = trace_base
         self._owns_provider = False
+        #: the provider the model's K/V and collectives use, when not ``_provider`` (a mock)
+        self._device_provider: Any = None
         self._model: Any = None
         self._tokenizer: Any = mock_engine.tokenizer if mock_engine is not None else None
         self._eos: frozenset[int] = frozenset()
@@ -183,20 +185,46 @@ class HFEngineCore(ScheduledEngine):
         return None
 
     def _check_provider(self, provider: Any) -> None:
-        """Reject a provider whose ``device_type`` is not :meth:`backend_type`.
+        """Reject a provider whose ``device_type`` is neither :meth:`backend_type` nor "mock".
 
-        A provider whose capability has no ``device_type`` is accepted.
+        A provider whose capability has no ``device_type`` is accepted; so is a mock
+        provider (sagellm-core's ``mock`` backend), whose engine computes on a provider of
+        its own (see :meth:`_device_for`).
 
         Raises:
             ConfigError: naming the engine, the provider and its device type.
         """
         expected = self.backend_type()
         device_type = getattr(provider.capability(), "device_type", None)
-        if device_type not in (None, expected):
+        if device_type not in (None, expected, "mock"):
             raise ConfigError(
-                f"{self.ENGINE_NAME} needs a {expected} provider, got {type(provider).__name__} "
-                f"(device_type {device_type!r}){self.PROVIDER_HINT}"
+                f"{self.ENGINE_NAME} needs a {expected} (or mock) provider, got "
+                f"{type(provider).__name__} (device_type {device_type!r}){self.PROVIDER_HINT}"
             )
+
+    def _device_for(self, provider: Any) -> Any:
+        """The provider that holds the model's K/V and runs its collectives.
+
+        ``provider`` itself, unless it is a mock (``capability().device_type == "mock"``,
+        e.g. sagellm-core's ``mock`` backend, as 0.1.1.2's engines took it): then one of this
+        engine's own, made once by :meth:`_make_device_provider`. The mock stays the
+        engine's ``provider``; the model computes on the real device, and the memory figures
+        come from the provider that holds its K/V.
+        """
+        if getattr(provider.capability(), "device_type", None) != "mock":
+            self._device_provider = None
+            return provider
+        if self._device_provider is None:
+            self._device_provider = self._make_device_provider()
+        return self._device_provider
+
+    def _make_device_provider(self) -> Any:
+        """The provider :meth:`_device_for` computes on beside a mock (default: a new one)."""
+        return self._make_provider()
+
+    def _memory_provider(self) -> Any:
+        """Where the engine's memory figures come from: the provider holding the K/V."""
+        return self._device_provider if self._device_provider is not None else self._provider
 
     # ------------------------------------------------------------------ properties
     @property
@@ -242,6 +270,8 @@ class HFEngineCore(ScheduledEngine):
         wish, or the budget holds fewer pages) all the provider's budget leaves.
         """
         memory = self._options.kv_cache_memory_bytes
+        if memory is not None:
+            self._pages_in(spec, memory)  # at least one page, or a ConfigError naming the field
         wanted = None if memory is not None else self._kv_pages_wanted(spec, max_batch_size)
         manager: KVCacheManager
         if wanted is not None:
@@ -272,15 +302,25 @@ class HFEngineCore(ScheduledEngine):
 
         memory = self._options.kv_cache_memory_bytes
         if memory is not None:
-            pages = spec.num_pages_for_bytes(memory)
-            if pages < 1:
-                raise ConfigError(
-                    f"kv_cache_memory_bytes={memory} is smaller than one KV page "
-                    f"({spec.page_bytes} bytes)"
-                )
+            pages = self._pages_in(spec, memory)
         else:
             pages = self._full_context_pages(spec, max_batch_size)
         return KVCacheManager.counting(spec, pages)
+
+    def _pages_in(self, spec: KVSpec, memory: int) -> int:
+        """KV pages of ``spec`` in ``memory`` bytes (``kv_cache_memory_bytes``).
+
+        Raises:
+            ConfigError: not even one page fits, naming the config field and the page size.
+        """
+        pages = spec.num_pages_for_bytes(memory)
+        if pages < 1:
+            raise ConfigError(
+                f"{type(self.config).__name__}.kv_cache_memory_bytes={memory} is smaller than "
+                f"one KV page of this model ({spec.page_bytes} bytes: block_size "
+                f"{spec.block_size} x {spec.bytes_per_token} bytes per token)"
+            )
+        return pages
 
     def _full_context_pages(self, spec: KVSpec, max_batch_size: int) -> int:
         """Pages that hold ``max_batch_size`` sequences of the whole context (at least 1)."""
@@ -358,6 +398,7 @@ class HFEngineCore(ScheduledEngine):
             self._owns_provider = True
             self._provider = provider
         self._check_provider(provider)
+        provider = self._device_for(provider)
         if self._model is None:
             self._load_model(provider)
         elif self._tp is not None:  # tensor parallelism: fresh workers after a stop()
@@ -417,7 +458,8 @@ class HFEngineCore(ScheduledEngine):
         self._trace = [
             *self._trace_base,
             f"runner:{runner.name}",
-            f"provider:{type(provider).__name__}",
+            f"provider:{type(self._provider).__name__}",
+            *([f"device:{type(provider).__name__}"] if provider is not self._provider else []),
             f"weights:{self._quantization}",
         ]
         return Serving(
@@ -459,6 +501,8 @@ class HFEngineCore(ScheduledEngine):
             options=dataclasses.asdict(self._options),
             provider=type(self._provider).__name__ if self._provider is not None else None,
         )
+        if self._device_provider is not None:
+            info["device_provider"] = type(self._device_provider).__name__
         if self._tp is not None:
             info["tensor_parallel"] = self._tp.info()
         if self._model is not None and self._quantization is not None:

@@ -174,6 +174,7 @@ class MockEngine(ScheduledEngine):
     def get_info(self) -> dict[str, Any]:
         """Engine description plus simulation settings, counters and KV stats."""
         info = super().get_info()
+        info["mock_mode"] = True  # a MockEngine always simulates (as 0.1.1.2 reported)
         cfg = self._cfg
         info.update({name: getattr(cfg, name) for name in _INFO_FIELDS})
         for key in ("steps", "waiting", "running", "completed", "failed", "cancelled"):

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["StepRecorder"]
 
+#: Extra tokens decoded before a stop string's window (tokens that decode to no text).
+_STOP_MARGIN_TOKENS = 16
+
 
 class StepRecorder:
     """Step recording for :class:`~sagellm_backend.engine.sched.scheduler.Scheduler`."""
@@ -209,10 +212,19 @@ class StepRecorder:
         return generated
 
     def _stop_string_hit(self, seq: SchedSeq) -> bool:
-        """Whether ``seq``'s output text contains one of its stop strings."""
+        """Whether ``seq``'s output text now contains one of its stop strings.
+
+        Called after every token of a sequence with stop strings (they never run in
+        bursts), so a match that was not there before ends in the newest text: only the
+        tail of the output is decoded, enough tokens for the longest stop string even if
+        every character took four byte tokens, plus a margin for tokens that decode to
+        nothing. That keeps each check O(stop length), not O(output length).
+        """
         if self.decode is None:
             return False
-        text = self.decode(seq.output_ids)
+        out = seq.output_ids
+        window = 4 * max(map(len, seq.stop_strings)) + _STOP_MARGIN_TOKENS
+        text = self.decode(out[-window:] if len(out) > window else out)
         return any(x in text for x in seq.stop_strings)
 
     # ------------------------------------------------------------------ release

@@ -31,7 +31,7 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sagellm_protocol import Request, Response
@@ -62,6 +62,9 @@ _MIB = 1 << 20
 _STOP_JOIN_S = 1.5
 #: How long a reading of the provider's peak memory is reused for request metrics.
 _PEAK_TTL_S = 0.02
+#: Prompts of at least this many characters are tokenized in a worker thread (threaded
+#: engines: a real tokenizer takes about a second per MB, which must not stall the loop).
+_OFF_LOOP_PROMPT_CHARS = 1 << 15
 
 # Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
 _validate_response = Response.__pydantic_validator__.validate_python
@@ -109,6 +112,8 @@ class ScheduledEngine(BaseEngine):
         self._start_lock: asyncio.Lock | None = None
         self._pending_build: asyncio.Future[Serving] | None = None
         self._stop_requested = False
+        #: stop() calls so far: a start() that waited across one does not start
+        self._stop_calls = 0
         self._starting = False
         self._start_done: asyncio.Event | None = None
         self._peak_bytes = 0
@@ -157,16 +162,23 @@ class ScheduledEngine(BaseEngine):
         failed, starts the engine itself).
 
         Raises:
-            BackendNotAvailableError: ``stop()`` was called while starting.
+            BackendNotAvailableError: ``stop()`` was called while starting (also while this
+                call waited for another ``start()``: the stop wins, nothing is started).
             ConfigError / DependencyMissingError / KVCacheExhaustedError: from building.
         """
         if self._running:
             return
+        stops = self._stop_calls
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             if self._running:
                 return
+            if self._stop_calls != stops:
+                raise BackendNotAvailableError(
+                    f"{type(self).__name__} {self.engine_id!r}: stop() was called while this "
+                    "start() waited for another; the engine is stopped"
+                )
             await self._settle()
             self._stop_requested = False
             self._starting = True
@@ -236,6 +248,7 @@ class ScheduledEngine(BaseEngine):
         Returns within about 2 s; when a step is still running then, the KV manager is
         released as soon as it ends (and the next ``start()`` waits for it).
         """
+        self._stop_calls += 1
         if self._starting:
             self._stop_requested = True
             done = self._start_done
@@ -306,7 +319,8 @@ class ScheduledEngine(BaseEngine):
         Raises:
             RuntimeError: the engine is not running (or called from another event loop).
         """
-        handle, early = self._submit(request, streaming=False)
+        tokenize = await self._tokenize_off_loop(request)
+        handle, early = self._submit(request, streaming=False, tokenize=tokenize)
         if handle is None:
             assert early is not None
             return early
@@ -348,7 +362,8 @@ class ScheduledEngine(BaseEngine):
 
     async def _stream(self, request: Request) -> AsyncIterator[StreamEvent]:
         eid = self.engine_id
-        handle, early = self._submit(request, streaming=True)
+        tokenize = await self._tokenize_off_loop(request)
+        handle, early = self._submit(request, streaming=True, tokenize=tokenize)
         if handle is None:
             assert early is not None
             yield start_event(request, eid, None)
@@ -402,10 +417,57 @@ class ScheduledEngine(BaseEngine):
                 self._cancel(handle)
 
     # ------------------------------------------------------------------ internals
+    async def _tokenize_off_loop(self, request: Request) -> Callable[[str], list[int]] | None:
+        """A long prompt's tokens, computed in a worker thread, as a tokenize function.
+
+        Only for threaded engines (a real tokenizer) and prompts of at least
+        :data:`_OFF_LOOP_PROMPT_CHARS` characters that will be tokenized (no
+        ``prompt_token_ids``); None otherwise (the engine tokenizes on the loop, as it is
+        fast). The function returns the precomputed ids for this prompt (re-raising what
+        tokenizing raised, so it is reported as usual) and tokenizes any other text itself.
+        """
+        serving = self._serving
+        prompt = getattr(request, "prompt", None)
+        metadata = getattr(request, "metadata", None) or {}
+        if (
+            serving is None
+            or not serving.threaded
+            or not isinstance(prompt, str)
+            or len(prompt) < _OFF_LOOP_PROMPT_CHARS
+            or metadata.get("prompt_token_ids") is not None
+        ):
+            return None
+        tokenize = serving.tokenize
+
+        def run() -> list[int] | Exception:
+            try:
+                return tokenize(prompt)
+            except Exception as exc:  # re-raised by given() where prepare_request calls it
+                return exc
+
+        result = await asyncio.to_thread(run)
+
+        def given(text: str) -> list[int]:
+            if text is not prompt:
+                return tokenize(text)
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        return given
+
     def _submit(
-        self, request: Request, *, streaming: bool
+        self,
+        request: Request,
+        *,
+        streaming: bool,
+        tokenize: Callable[[str], list[int]] | None = None,
     ) -> tuple[Handle | None, Response | None]:
-        """Validate and queue; return (handle, None) or (None, an error Response)."""
+        """Validate and queue; return (handle, None) or (None, an error Response).
+
+        ``tokenize`` replaces the serving set's tokenizer for this request (see
+        :meth:`_tokenize_off_loop`).
+        """
         driver, serving = self._driver, self._serving
         if not self._running or driver is None or serving is None:
             raise RuntimeError(
@@ -419,7 +481,9 @@ class ScheduledEngine(BaseEngine):
         self._received += 1
         sched = serving.scheduler
         try:
-            prep = prepare_request(request, serving.limits, serving.tokenize, warned=self._warned)
+            prep = prepare_request(
+                request, serving.limits, tokenize or serving.tokenize, warned=self._warned
+            )
             sched.check_fits(len(prep.prompt_ids), prep.max_tokens)
         except (ConfigError, KVCacheExhaustedError) as exc:
             return None, self._error_result(request, exc)
@@ -473,12 +537,16 @@ class ScheduledEngine(BaseEngine):
             if used > self._peak_bytes:
                 self._peak_bytes = used
 
+    def _memory_provider(self) -> Any:
+        """The provider whose ``memory_stats`` the metrics report (default: the engine's)."""
+        return self._provider
+
     def _peak_mem_mb(self) -> int:
         """The provider's peak memory (MiB), read at most every ``_PEAK_TTL_S`` seconds."""
         t = now()
         if t - self._peak_read_at < _PEAK_TTL_S:
             return self._peak_mb
-        provider = self._provider
+        provider = self._memory_provider()
         if provider is None:
             return self._peak_bytes // _MIB
         try:
