@@ -19,7 +19,10 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
    by length) (*engine_1group*);
 5. with ``--gather-decode``: the engine with the generic runner's decode cache off (every
    decode step gathers each sequence's pages in every layer, the behaviour before the decode
-   cache) (*engine_gather*).
+   cache) (*engine_gather*);
+6. with ``--serial-prefill``: the engine with the per-sequence runner's batched prefill off
+   (every new prompt its own forward, the behaviour before prompts were batched)
+   (*engine_serial_prefill*).
 
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
@@ -31,12 +34,14 @@ thread -- libgomp stops spin-waiting between parallel regions: on the 2-CPU refe
 machine a 16-row decode step of ``bench-gpt2`` took ~15% longer and small ops such as
 ``tanh`` and ``layer_norm`` 2-4x longer, in whichever thread ran second.)
 
-``--models bench-mamba`` measures the per-sequence runner (``hf-sequential``: models with
-recurrent state run one forward per sequence) on a random Mamba of similar size.
+``--models bench-mamba`` and ``--models bench-qwen3-next`` measure the per-sequence runner
+(``hf-sequential``: models with recurrent state keep one cache per sequence, merged into
+batches for decode steps and new prompts where the model allows it) on a random Mamba and a
+random hybrid Qwen3-Next of similar size.
 
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
-      [--gather-decode] [--json FILE]
+      [--gather-decode] [--serial-prefill] [--json FILE]
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants.append("engine_1group")
     if args.gather_decode:
         variants.append("engine_gather")
+    if args.serial_prefill:
+        variants.append("engine_serial_prefill")
 
     def configure(key: str) -> Any:
         def apply(eng: Any) -> None:  # after each start (a restart builds a new runner)
@@ -115,6 +122,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if cache is None:
                     raise SystemExit("--gather-decode: the engine's runner has no decode cache")
                 cache.budget_bytes = 0
+            if key == "engine_serial_prefill":
+                runner = getattr(eng, "_runner", None)
+                if not getattr(runner, "batched_prefill", False):
+                    raise SystemExit("--serial-prefill: the engine's runner batches no prefill")
+                runner.batched_prefill = False  # type: ignore[union-attr]
 
         return apply
 
@@ -177,14 +189,17 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     table: dict[str, Any] = {}
     print(
         f"  {'phase':<16} {'tok/s':>8} {'vs static':>9} {'vs seq':>7} {'tok/cpu-s':>9} "
-        f"{'vs static (cpu)':>15}"
+        f"{'vs static (cpu)':>15} {'TTFT p50':>9}"
     )
     for key, passes in runs.items():
         tps = float(statistics.median(r.tok_per_s for r in passes))
         tpc = float(statistics.median(r.output_tokens / r.extra["cpu_s"] for r in passes))
         vs_static, vs_seq = ratio(key, "static"), ratio(key, "sequential")
         vs_static_cpu = ratio(key, "static", cpu=True)
+        ttfts = [r.ttft_p50_ms for r in passes if r.ttft_p50_ms is not None]
+        ttft = float(statistics.median(ttfts)) if ttfts else None
         table[key] = {
+            "ttft_p50_ms": ttft,
             "tok_per_s": tps,
             "tok_per_cpu_s": tpc,
             "vs_static": vs_static,
@@ -194,7 +209,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         print(
             f"  {key:<16} {tps:>8.1f} {fmt(vs_static):>9} {fmt(vs_seq):>7} {tpc:>9.1f} "
-            f"{fmt(vs_static_cpu):>15}"
+            f"{fmt(vs_static_cpu):>15} {f'{ttft:.0f} ms' if ttft else '-':>9}"
         )
     return {"model": name, "params": n_params, "phases": table, "identical": checks}
 
@@ -218,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gather-decode",
         action="store_true",
         help="also run the engine with the decode cache off (pages gathered every step)",
+    )
+    ap.add_argument(
+        "--serial-prefill",
+        action="store_true",
+        help="also run the engine with the per-sequence runner's batched prefill off",
     )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)

@@ -265,6 +265,24 @@ SPECS: dict[str, TinyModelSpec] = {
         "params; the per-sequence runner's benchmark model)",
         extra={"state_size": 16, "expand": 2, "conv_kernel": 4, "use_mambapy": False},
     ),
+    "bench-qwen3-next": _bench(
+        "bench-qwen3-next",
+        "qwen3_next",
+        2028,
+        "random Qwen3-Next, 8 layers (3 gated linear-attention layers, then full attention, "
+        "twice), hidden 512, dense MLPs, vocab 8000, fp32 (~30M params; the per-sequence "
+        "runner on a hybrid model)",
+        extra={
+            "head_dim": 64,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 2,
+            "linear_num_value_heads": 8,
+            "linear_num_key_heads": 4,
+            "linear_key_head_dim": 64,
+            "linear_value_head_dim": 64,
+            "linear_conv_kernel_dim": 4,
+            "mlp_only_layers": list(range(8)),
+        },
+    ),
 }
 # Smallest first: the 2-layer test models, then the benchmark models.
 SPECS = dict(sorted(SPECS.items(), key=lambda item: item[0].startswith("bench-")))

@@ -188,6 +188,73 @@ def test_a_wrong_merge_is_caught_when_the_runner_is_built(
     assert not runner._seqs  # the check's sequences are gone
 
 
+def test_prefill_groups_bound_the_padding() -> None:
+    from sagellm_backend.engine.runners.hf_state import prefill_groups
+
+    def chunks(*lengths: int) -> list[SeqChunk]:
+        return [SeqChunk(f"s{i}", [5] * n, 0, [], True) for i, n in enumerate(lengths)]
+
+    def sizes(groups: list[list[SeqChunk]]) -> list[list[int]]:
+        return [[len(c.token_ids) for c in g] for g in groups]
+
+    assert sizes(prefill_groups(chunks(40, 1, 23, 7))) == [[1, 7, 23]]  # 40 alone
+    assert sizes(prefill_groups(chunks(100, 90, 80, 300, 310))) == [[80, 90, 100], [300, 310]]
+    assert prefill_groups(chunks(9)) == []
+    assert prefill_groups(chunks(5, 500)) == []  # too much padding: each alone
+    for groups in (prefill_groups(chunks(*range(1, 200, 7))),):
+        for g in groups:  # within the bound, shortest first
+            lengths = [len(c.token_ids) for c in g]
+            pad = lengths[-1] * len(g) - sum(lengths)
+            assert lengths == sorted(lengths)
+            assert pad <= max(0.25 * lengths[-1] * len(g), 16 * len(g))
+
+
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-qwen3-next"])
+def test_new_prompts_of_one_step_run_as_one_forward(name: str) -> None:
+    """Three new prompts of different lengths: one left-padded forward, each sequence its own
+    cache after it; the greedy tokens (decoded merged afterwards) equal generate's."""
+    _, ref = _ref(name)
+    model = ref.model
+    runner = HFStatefulRunner(model, max_context=256)
+    assert runner.batched_prefill and runner.batched_decode
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    prompts = {"a": [7, 8], "b": [5 + (7 * i) % 900 for i in range(9)], "c": [3, 4, 5, 6, 7]}
+    dec = [-1]
+    steps = [[SeqChunk(sid, ids, 0, [], True) for sid, ids in prompts.items()]]
+    for k in range(4):
+        steps.append([SeqChunk(sid, dec, len(ids) + k, [], True) for sid, ids in prompts.items()])
+    try:
+        got = _greedy(runner, steps)
+    finally:
+        hook.remove()
+    assert len(calls) == len(steps)  # one forward per step: prefill and decode batched
+    assert got == [ref.greedy(ids, 5) for _, ids in sorted(prompts.items())]
+    assert {sid: st.length for sid, st in runner._seqs.items()} == {
+        sid: len(ids) + 4 for sid, ids in prompts.items()
+    }
+
+
+def test_a_wrong_prefill_split_is_caught_when_the_runner_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prefill split that hands rows their neighbour's state: batched prefill is off, merged
+    decode (whose split is right) stays on."""
+    from sagellm_backend.engine.runners import _state_batch, hf_state
+
+    def shifted(merged_cache: Any, caches: Any, pads: Any, new_tokens: Any) -> None:
+        if all(n == 1 for n in new_tokens):  # a decode step: split right
+            _state_batch.split(merged_cache, caches, pads, new_tokens)
+        else:  # a prefill: every row gets the next row's state
+            _state_batch.split(merged_cache, [*caches[1:], caches[0]], pads, new_tokens)
+
+    monkeypatch.setattr(hf_state, "split", shifted)
+    runner = HFStatefulRunner(_ref("tiny-mamba")[1].model, max_context=64)
+    assert runner.batched_decode
+    assert not runner.batched_prefill
+    assert not runner._seqs
+
+
 def test_unknown_cache_layouts_are_not_merged() -> None:
     from transformers import DynamicCache
 

@@ -25,11 +25,12 @@ pytest.importorskip("transformers")
 
 def test_list_and_specs() -> None:
     names = list_tiny_models()
-    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-4:] == [
+    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-5:] == [
         "bench-llama",
         "bench-gpt2",
         "bench-phi3",
         "bench-mamba",
+        "bench-qwen3-next",
     ]
     assert {"tiny-mistral", "tiny-gemma2", "tiny-bloom", "tiny-mamba"} <= set(names)
     # Specs without extras keep the cache marker they had (no rebuild of existing caches).

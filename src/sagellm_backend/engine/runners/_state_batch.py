@@ -1,4 +1,4 @@
-"""Batched decode steps for the per-sequence runner: several sequences' caches as one.
+"""Batched steps for the per-sequence runner: several sequences' caches as one.
 
 Each sequence of :class:`~sagellm_backend.engine.runners.hf_state.HFStatefulRunner` keeps the
 transformers ``DynamicCache`` its model makes. For a decode step of several sequences,
@@ -7,7 +7,8 @@ linear-attention) states stacked row by row, attention K/V left-padded to the lo
 sequence, as ``generate`` holds a left-padded batch -- and, after the model's forward over
 that cache, :func:`split` copies each row's new state and K/V back into its sequence's own
 cache. A 2-D attention mask marks the padding where there is attention K/V
-(:func:`has_attention`).
+(:func:`has_attention`). New prompts run as a left-padded batch over an empty cache, which
+:func:`split` likewise divides into one fresh cache per sequence.
 
 Only caches built entirely of layer types whose layout this module knows are merged
 (:func:`mergeable`): full-attention ``DynamicLayer``, ``LinearAttentionLayer`` and the
@@ -15,7 +16,8 @@ hybrid ``LinearAttentionAndFullAttentionLayer``, plus ``DummyLayer``. Anything e
 windows, static or quantized layers, another transformers layout) raises
 :class:`UnmergeableError` and the caller runs the sequences one by one. The runner also checks
 once, on the loaded model, that a merged step gives the logits separate steps give
-(:func:`merged_decode_matches`), and batches only when it does.
+(:func:`merged_decode_matches`, :func:`merged_prefill_matches`), and batches only when it
+does.
 
 Invariants: :func:`merge` does not change the sequences' caches; :func:`split` gives every
 cache its own tensors (copies, no view of the merged batch).
@@ -29,7 +31,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnmergeableError", "merge", "mergeable", "merged_decode_matches", "split"]
+__all__ = [
+    "UnmergeableError",
+    "merge",
+    "mergeable",
+    "merged_decode_matches",
+    "merged_prefill_matches",
+    "split",
+]
 
 
 class UnmergeableError(Exception):
@@ -148,25 +157,51 @@ def _merge_attention(merged: Any, src: Sequence[Any], lengths: Sequence[int], wi
         merged.dtype = src[0].dtype
 
 
-def split(merged_cache: Any, caches: Sequence[Any], lengths: Sequence[int], width: int) -> None:
-    """Copy each row of ``merged_cache`` (after a one-token step) back into its cache."""
+def split(
+    merged_cache: Any, caches: Sequence[Any], pads: Sequence[int], new_tokens: Sequence[int]
+) -> None:
+    """Copy each row of ``merged_cache`` (after a forward) into its own cache.
+
+    Row ``r`` of the batch was left-padded by ``pads[r]`` positions and fed ``new_tokens[r]``
+    tokens of its own: its attention K/V are the merged ones from column ``pads[r]`` on, its
+    recurrent states its row of the merged ones, and its linear-attention length grows by
+    ``new_tokens[r]``. A sequence's cache may be empty (a batched prefill): every flag a
+    forward would set on it is set from the merged layer.
+    """
     dynamic, _, _, dummy, linear_mixin = _layer_classes()
     for li, merged in enumerate(merged_cache.layers):
         if type(merged) is dummy:
             continue
+        is_linear = isinstance(merged, linear_mixin)
+        has_kv = isinstance(merged, dynamic) and merged.is_initialized and merged.keys is not None
         for r, cache in enumerate(caches):
             own = cache.layers[li]
-            if isinstance(merged, linear_mixin):
-                for idx in range(merged.number_of_states):
-                    for name in ("conv_states", "recurrent_states"):
-                        state = getattr(merged, name)[idx]
-                        if state is not None:
-                            getattr(own, name)[idx] = state[r : r + 1].clone()
-                own.cumulative_length_linear = own.cumulative_length_linear + 1
-            if isinstance(merged, dynamic) and merged.is_initialized and merged.keys is not None:
-                start = width - lengths[r]
-                own.keys = merged.keys[r : r + 1, :, start:].clone()
-                own.values = merged.values[r : r + 1, :, start:].clone()
+            if is_linear:
+                _split_linear(merged, own, r, new_tokens[r])
+            if has_kv:
+                own.keys = merged.keys[r : r + 1, :, pads[r] :].clone()
+                own.values = merged.values[r : r + 1, :, pads[r] :].clone()
+                own.is_initialized = True
+                own.device = merged.device
+                if hasattr(merged, "dtype"):
+                    own.dtype = merged.dtype
+
+
+def _split_linear(merged: Any, own: Any, row: int, new_tokens: int) -> None:
+    for idx in range(merged.number_of_states):
+        for name, flag in (
+            ("conv_states", "is_conv_states_initialized"),
+            ("recurrent_states", "is_recurrent_states_initialized"),
+        ):
+            state = getattr(merged, name)[idx]
+            if state is not None:
+                getattr(own, name)[idx] = state[row : row + 1].clone()
+                getattr(own, flag)[idx] = True
+        own.has_previous_state[idx] = merged.has_previous_state[idx]
+        own.conv_kernel_size[idx] = merged.conv_kernel_size[idx]
+    own.device, own.dtype = merged.device, merged.dtype
+    length = own.cumulative_length_linear
+    own.cumulative_length_linear = length.to(merged.cumulative_length_linear.device) + new_tokens
 
 
 def merged_decode_matches(
@@ -195,9 +230,46 @@ def merged_decode_matches(
         rows = run_batch([(f"~~{sid}", t, len(ids) + i) for sid, ids in prompts.items()])
         for sid, row in zip(prompts, rows, strict=True):
             batched[sid].append(row)
-    for sid in prompts:
-        for want, got in zip(alone[sid], batched[sid], strict=True):
-            tol = 1e-3 + 1e-2 * float(want.abs().max())
-            if float((want.float() - got.float()).abs().max()) > tol:
-                return False
+    return all(_close(alone[sid], batched[sid]) for sid in prompts)
+
+
+def merged_prefill_matches(
+    run_one: Callable[[str, list[int], int], torch.Tensor],
+    run_prefill: Callable[[list[tuple[str, list[int]]]], list[torch.Tensor]],
+    vocab_size: int,
+) -> bool:
+    """Whether a batched prefill gives the logits of separate ones on this model.
+
+    ``run_prefill`` feeds new sequences ``(seq_id, prompt)`` as one left-padded batch and
+    splits the cache (:func:`split`). Three prompts of 1, 6 and 3 tokens are prefilled
+    alone and batched; then every sequence decodes two tokens on its own, so a cache that
+    :func:`split` got wrong shows in the later logits. Tolerance as in
+    :func:`merged_decode_matches`.
+    """
+    gen = torch.Generator().manual_seed(1)
+    high = max(5, vocab_size)
+    lengths = (1, 6, 3)
+    prompts = {
+        f"p{i}": torch.randint(4, high, (n,), generator=gen).tolist() for i, n in enumerate(lengths)
+    }
+    tokens = [int(t) for t in torch.randint(4, high, (2,), generator=gen)]
+
+    def decode(sid: str, n: int) -> list[torch.Tensor]:
+        return [run_one(sid, [t], n + i) for i, t in enumerate(tokens)]
+
+    alone = {sid: [run_one(f"~{sid}", ids, 0)] for sid, ids in prompts.items()}
+    firsts = run_prefill([(f"~~{sid}", ids) for sid, ids in prompts.items()])
+    for (sid, ids), first in zip(prompts.items(), firsts, strict=True):
+        alone[sid] += decode(f"~{sid}", len(ids))
+        if not _close(alone[sid], [first, *decode(f"~~{sid}", len(ids))]):
+            return False
+    return True
+
+
+def _close(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> bool:
+    """Logits rows pairwise within 1e-3 plus 1% of the expected magnitude."""
+    for w, g in zip(want, got, strict=True):
+        tol = 1e-3 + 1e-2 * float(w.abs().max())
+        if float((w.float() - g.float()).abs().max()) > tol:
+            return False
     return True

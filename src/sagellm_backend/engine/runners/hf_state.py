@@ -19,16 +19,20 @@ sequence has the cache object the model itself creates, and every forward holds 
   step: a longer chunk only comes from a caller that splits a prompt itself.
 * A decode step of several sequences runs as **one** forward where that is safe: their
   caches are merged into one batch (recurrent states stacked, attention K/V left-padded,
-  a 2-D attention mask) and split back after it (:mod:`._state_batch`). The runner checks
-  once, when it is built, that merged steps give the logits separate steps give on this
-  model, and otherwise (or for a cache layout it does not know) runs them one by one.
+  a 2-D attention mask) and split back after it (:mod:`._state_batch`). New prompts of
+  several sequences in one step likewise run as left-padded batches (grouped by length so
+  that little padding is computed, :func:`prefill_groups`), each sequence then getting its
+  rows of the batch's cache. The runner checks once, when it is built, that merged decode
+  steps and a batched prefill give the logits separate forwards give on this model
+  (including the steps after the prefill), and otherwise (or for a cache layout it does
+  not know) runs them one by one.
 * Models that keep the state on their modules rather than in the cache (RecurrentGemma:
   the modules that define ``_setup_cache``) get it reset (``_setup_cache`` for one
   sequence) before a sequence's first forward, saved after each of its forwards and put
   back before the next one.
 
-Concurrent sequences share steps (continuous batching in the scheduler); prompts and, where
-merging is not possible, decode tokens run one sequence per forward.
+Concurrent sequences share steps (continuous batching in the scheduler); where merging is not
+possible, prompts and decode tokens run one sequence per forward.
 
 K/V admission still goes through the KV manager (accounting only, without storage):
 ``uses_paged_kv`` is False.
@@ -58,6 +62,7 @@ from sagellm_backend.engine.runners._state_batch import (
     merge,
     mergeable,
     merged_decode_matches,
+    merged_prefill_matches,
     split,
 )
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
@@ -65,7 +70,7 @@ from sagellm_backend.engine.runners.hf_cache import embedding_facts
 from sagellm_backend.engine.runners.select import module_state_owners
 from sagellm_backend.engine.runners.select import recurrent_state_reason as recurrent_state_reason
 
-__all__ = ["HFStatefulRunner", "recurrent_state_reason"]
+__all__ = ["HFStatefulRunner", "prefill_groups", "recurrent_state_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -127,45 +132,54 @@ class HFStatefulRunner:
         )
         self._mask = "attention_mask" in params
         #: decode steps of several sequences run as one merged forward
-        self.batched_decode = self._probe_batching()
+        self.batched_decode = False
+        #: new prompts of several sequences run as one left-padded forward
+        self.batched_prefill = False
+        #: most padded tokens of one batched prefill (None: no cap; see the module docstring)
+        self.prefill_group_tokens: int | None = (
+            CPU_PREFILL_GROUP_TOKENS if self.device.type == "cpu" else None
+        )
+        if not self._owners and self._default_cache and self._mask:
+            if not mergeable(self._new_cache()):
+                _log.info(
+                    "%s: one sequence per forward: unknown cache layout", type(model).__name__
+                )
+            else:
+                self.batched_decode = self._probe("decode", self._decode_matches)
+                self.batched_prefill = self.batched_decode and self._probe(
+                    "prefill", self._prefill_matches
+                )
 
-    def _probe_batching(self) -> bool:
-        """Whether merged decode steps are supported and give separate steps' logits."""
-        if self._owners or not self._default_cache or not self._mask:
-            return False
-        probe = self._new_cache()
-        if not mergeable(probe):
-            _log.info(
-                "%s: decode runs one sequence per forward: unknown cache layout",
-                type(self.model).__name__,
-            )
-            return False
-
-        def one(sid: str, ids: list[int], start: int) -> torch.Tensor:
-            return self._run(SeqChunk(sid, ids, start, [], True))
-
-        def batch(rows: list[tuple[str, int, int]]) -> list[torch.Tensor]:
-            return self._decode_batch(rows, strict=True)
-
+    def _probe(self, what: str, check: Any) -> bool:
+        """Run ``check()`` (a comparison of merged and separate steps) and forget its state."""
         try:
             with torch.inference_mode():
-                ok = merged_decode_matches(one, batch, self.vocab_size)
+                ok = bool(check())
+            reason = "merged steps differ"
         except Exception as exc:  # an unexpected layout: stay with separate forwards
-            _log.info(
-                "%s: decode runs one sequence per forward: %s: %s",
-                type(self.model).__name__,
-                type(exc).__name__,
-                exc,
-            )
             ok = False
+            reason = f"{type(exc).__name__}: {exc}"
         finally:
             self.reset()
         if not ok:
-            _log.info(
-                "%s: decode runs one sequence per forward: merged steps differ",
-                type(self.model).__name__,
-            )
+            name = type(self.model).__name__
+            _log.info("%s: %s runs one sequence per forward: %s", name, what, reason)
         return ok
+
+    def _one(self, sid: str, ids: list[int], start: int) -> torch.Tensor:
+        return self._run(SeqChunk(sid, ids, start, [], True))
+
+    def _decode_matches(self) -> bool:
+        def batch(rows: list[tuple[str, int, int]]) -> list[torch.Tensor]:
+            return self._decode_batch(rows, strict=True)
+
+        return merged_decode_matches(self._one, batch, self.vocab_size)
+
+    def _prefill_matches(self) -> bool:
+        def batch(rows: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+            return self._prefill_batch([SeqChunk(sid, ids, 0, [], True) for sid, ids in rows])
+
+        return merged_prefill_matches(self._one, batch, self.vocab_size)
 
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
@@ -175,9 +189,18 @@ class HFStatefulRunner:
         merged = [c for c in chunks if c.start > 0 and len(c.token_ids) == 1]
         if not self.batched_decode or len(merged) < 2:
             merged = []
+        groups = (
+            prefill_groups([c for c in chunks if c.start == 0], self.prefill_group_tokens)
+            if self.batched_prefill
+            else []
+        )
         in_batch = {c.seq_id for c in merged}
+        in_batch.update(c.seq_id for group in groups for c in group)
         logits: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
+            for group in groups:
+                rows = self._prefill_batch(group)
+                logits.update(zip((c.seq_id for c in group), rows, strict=True))
             for c in chunks:
                 if c.seq_id not in in_batch:
                     logits[c.seq_id] = self._run(c)
@@ -188,6 +211,37 @@ class HFStatefulRunner:
         if not out:
             return torch.empty(0, self.vocab_size, device=self.device)
         return torch.stack(out).float()
+
+    def _prefill_batch(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+        """One left-padded forward for the first chunks (``start == 0``) of new sequences.
+
+        Every sequence gets a fresh cache holding its own rows of the batch's (the padding
+        columns of attention K/V dropped); returns the logits after each prompt.
+        """
+        width = max(len(c.token_ids) for c in chunks)
+        pads = [width - len(c.token_ids) for c in chunks]
+        mask = torch.ones(len(chunks), width, dtype=torch.long)
+        for r, pad in enumerate(pads):
+            mask[r, :pad] = 0
+        batch_cache = self._new_cache()
+        out = self._call(
+            [[0] * pad + list(c.token_ids) for c, pad in zip(chunks, pads, strict=True)],
+            batch_cache,
+            positions=[[0] * pad + list(range(width - pad)) for pad in pads],
+            cache_positions=list(range(width)),
+            mask=mask,
+        )
+        states = [_SeqState(cache=self._new_cache(), length=width - pad) for pad in pads]
+        split(
+            _returned_cache(out) or batch_cache,
+            [st.cache for st in states],
+            pads,
+            [st.length for st in states],
+        )
+        for c, st in zip(chunks, states, strict=True):
+            self._seqs[c.seq_id] = st
+            self._save(c.seq_id, st)
+        return [out.logits[r, -1] for r in range(len(chunks))]
 
     def _decode_batch(
         self, rows: list[tuple[str, int, int]], *, strict: bool = False
@@ -219,7 +273,12 @@ class HFStatefulRunner:
             cache_positions=[width],
             mask=mask,
         )
-        split(_returned_cache(out) or batch_cache, caches, lengths, width)
+        split(
+            _returned_cache(out) or batch_cache,
+            caches,
+            [width - n for n in lengths],
+            [1] * len(rows),
+        )
         for st in states:
             st.length += 1
         return [out.logits[r, -1] for r in range(len(rows))]
@@ -326,6 +385,46 @@ class HFStatefulRunner:
         """Drop every sequence's cache and saved state."""
         self._seqs.clear()
         self._current = None
+
+
+#: Most padded tokens of one batched prefill on the CPU. A prefill there is compute-bound
+#: already at one sequence, and some models' CPU paths (Mamba's reference scan) slow down on
+#: large batches: bench-mamba, 4 x 64 tokens, took 0.25 s batched vs 0.51 s one by one, but
+#: 8 x 128 tokens 1.67 s vs 1.39 s. Elsewhere (GPU) only the scheduler's budget bounds it.
+CPU_PREFILL_GROUP_TOKENS = 512
+#: A batched prefill may compute at most this share of padding (of its padded tokens) ...
+_PAD_SHARE = 0.25
+#: ... or, when more, at most this many padding tokens per sequence (short prompts).
+_PAD_PER_SEQ = 16
+
+
+def prefill_groups(
+    chunks: Sequence[SeqChunk], max_tokens: int | None = None
+) -> list[list[SeqChunk]]:
+    """The first chunks of new sequences, grouped for left-padded batched prefills.
+
+    Chunks are taken shortest first; a group grows while its padding stays within
+    :data:`_PAD_SHARE` of its padded tokens or :data:`_PAD_PER_SEQ` tokens per sequence,
+    and (``max_tokens``) its padded tokens within ``max_tokens``. Only groups of two or
+    more are returned (a single chunk runs on its own).
+    """
+    groups: list[list[SeqChunk]] = []
+    group: list[SeqChunk] = []
+    real = 0
+    for c in sorted(chunks, key=lambda c: len(c.token_ids)):
+        n = len(c.token_ids)
+        padded = n * (len(group) + 1)  # sorted: the new chunk is the longest
+        pad = padded - real - n
+        too_big = max_tokens is not None and padded > max_tokens
+        if group and (too_big or pad > max(_PAD_SHARE * padded, _PAD_PER_SEQ * (len(group) + 1))):
+            if len(group) > 1:
+                groups.append(group)
+            group, real = [], 0
+        group.append(c)
+        real += n
+    if len(group) > 1:
+        groups.append(group)
+    return groups
 
 
 def _state_reset(module: Any, model: Any, device: torch.device, dtype: torch.dtype) -> Any:
