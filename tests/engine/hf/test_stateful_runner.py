@@ -235,6 +235,48 @@ def test_new_prompts_of_one_step_run_as_one_forward(name: str) -> None:
     }
 
 
+@pytest.mark.parametrize("name", ["tiny-mamba", "tiny-qwen3-next"])
+def test_the_decode_batch_is_kept_while_its_sequences_stay(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps of the same sequences reuse the merged batch (one merge, no split per step);
+    a sequence leaving splits it back, the others are merged again, and every greedy token
+    still equals generate's."""
+    from sagellm_backend.engine.runners import hf_state
+
+    _, ref = _ref(name)
+    runner = HFStatefulRunner(ref.model, max_context=256)
+    merges: list[int] = []
+    real_merge = hf_state.merge
+
+    def counting(caches: Any, lengths: Any, new_cache: Any) -> int:
+        merges.append(len(caches))
+        return real_merge(caches, lengths, new_cache)
+
+    monkeypatch.setattr(hf_state, "merge", counting)
+    prompts = {"a": [7, 8, 9], "b": [5 + (7 * i) % 900 for i in range(9)], "c": [3, 4]}
+    dec = [-1]
+    steps = [[SeqChunk(sid, ids, 0, [], True) for sid, ids in prompts.items()]]
+    for k in range(4):
+        steps.append([SeqChunk(sid, dec, len(ids) + k, [], True) for sid, ids in prompts.items()])
+    got = dict(zip(sorted(prompts), _greedy(runner, steps), strict=True))
+    assert merges == [3]  # merged once, kept for the next three steps
+    assert runner._batch is not None and all(runner._seqs[s].batched for s in prompts)
+    runner.release("b")  # b finished: the batch is split back into a's and c's caches
+    assert runner._batch is None and not any(st.batched for st in runner._seqs.values())
+    out = {sid: got[sid] for sid in ("a", "c")}
+    for k in range(2):
+        chunks = [SeqChunk(sid, [out[sid][-1]], len(prompts[sid]) + 4 + k, [], True) for sid in out]
+        logits = runner.execute(chunks)
+        for row, sid in enumerate(out):
+            out[sid].append(int(logits[row].argmax()))
+    assert merges == [3, 2]
+    for sid, ids in prompts.items():
+        assert (out.get(sid) or got[sid]) == ref.greedy(ids, 7 if sid in out else 5)
+    runner.reset()
+    assert runner._batch is None and not runner._seqs
+
+
 def test_a_wrong_prefill_split_is_caught_when_the_runner_is_built(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -243,9 +285,10 @@ def test_a_wrong_prefill_split_is_caught_when_the_runner_is_built(
     from sagellm_backend.engine.runners import _state_batch, hf_state
 
     def shifted(merged_cache: Any, caches: Any, pads: Any, new_tokens: Any) -> None:
-        if all(n == 1 for n in new_tokens):  # a decode step: split right
-            _state_batch.split(merged_cache, caches, pads, new_tokens)
-        else:  # a prefill: every row gets the next row's state
+        width = max(new_tokens)
+        if any(n + pad != width for n, pad in zip(new_tokens, pads, strict=True)):
+            _state_batch.split(merged_cache, caches, pads, new_tokens)  # decode: right
+        else:  # a prefill (rows hold their whole prompts): every row gets the next row's state
             _state_batch.split(merged_cache, [*caches[1:], caches[0]], pads, new_tokens)
 
     monkeypatch.setattr(hf_state, "split", shifted)

@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "UnmergeableError",
+    "drop_tensors",
     "merge",
     "mergeable",
     "merged_decode_matches",
@@ -113,6 +114,22 @@ def merge(caches: Sequence[Any], lengths: Sequence[int], new_cache: Any) -> int:
     return width
 
 
+def drop_tensors(caches: Sequence[Any]) -> None:
+    """Let go of the tensors of caches whose state a merged batch now holds.
+
+    Their layer objects stay (:func:`split` fills them again); only the tensors go, so a
+    kept batch does not double the memory of its sequences' K/V and states.
+    """
+    dynamic, _, _, _, linear_mixin = _layer_classes()
+    for cache in caches:
+        for layer in cache.layers:
+            if isinstance(layer, linear_mixin):
+                for idx in range(layer.number_of_states):
+                    layer.conv_states[idx] = layer.recurrent_states[idx] = None
+            if isinstance(layer, dynamic) and layer.is_initialized:
+                layer.keys = layer.values = None
+
+
 def _merge_linear(merged: Any, src: Sequence[Any], width: int) -> None:
     for idx in range(merged.number_of_states):
         for name, flag in (
@@ -158,15 +175,19 @@ def _merge_attention(merged: Any, src: Sequence[Any], lengths: Sequence[int], wi
 
 
 def split(
-    merged_cache: Any, caches: Sequence[Any], pads: Sequence[int], new_tokens: Sequence[int]
+    merged_cache: Any,
+    caches: Sequence[Any | None],
+    pads: Sequence[int],
+    new_tokens: Sequence[int],
 ) -> None:
-    """Copy each row of ``merged_cache`` (after a forward) into its own cache.
+    """Copy each row of ``merged_cache`` (after its forwards) into its own cache.
 
     Row ``r`` of the batch was left-padded by ``pads[r]`` positions and fed ``new_tokens[r]``
-    tokens of its own: its attention K/V are the merged ones from column ``pads[r]`` on, its
-    recurrent states its row of the merged ones, and its linear-attention length grows by
-    ``new_tokens[r]``. A sequence's cache may be empty (a batched prefill): every flag a
-    forward would set on it is set from the merged layer.
+    tokens of its own since it was merged: its attention K/V are the merged ones from column
+    ``pads[r]`` on, its recurrent states its row of the merged ones, and its linear-attention
+    length grows by ``new_tokens[r]``. A sequence's cache may be empty (a batched prefill):
+    every flag a forward would set on it is set from the merged layer. A None cache skips
+    its row (a sequence released meanwhile).
     """
     dynamic, _, _, dummy, linear_mixin = _layer_classes()
     for li, merged in enumerate(merged_cache.layers):
@@ -175,6 +196,8 @@ def split(
         is_linear = isinstance(merged, linear_mixin)
         has_kv = isinstance(merged, dynamic) and merged.is_initialized and merged.keys is not None
         for r, cache in enumerate(caches):
+            if cache is None:
+                continue
             own = cache.layers[li]
             if is_linear:
                 _split_linear(merged, own, r, new_tokens[r])
@@ -213,12 +236,14 @@ def merged_decode_matches(
 
     ``run_one(seq_id, tokens, start)`` feeds a sequence on its own; ``run_batch`` a decode
     step of ``(seq_id, token, start)`` rows through :func:`merge`. Two sequences of different
-    lengths (1 and 6 tokens) decode three steps each way; the logits must agree to within
-    1e-3 plus 1% of their magnitude.
+    lengths (1 and 6 tokens) decode four steps each way; the merged way runs two steps as one
+    batch (the second reuses it), one step each on its own (the batch is split back) and one
+    merged again, so merging, a kept batch, splitting and merging split caches are all
+    checked. The logits must agree to within 1e-3 plus 1% of their magnitude.
     """
     gen = torch.Generator().manual_seed(0)
     prompts = {"a": [1], "b": torch.randint(4, max(5, vocab_size), (6,), generator=gen).tolist()}
-    tokens = [int(t) for t in torch.randint(4, max(5, vocab_size), (3,), generator=gen)]
+    tokens = [int(t) for t in torch.randint(4, max(5, vocab_size), (4,), generator=gen)]
     alone: dict[str, list[torch.Tensor]] = {}
     for sid, ids in prompts.items():
         run_one(f"~{sid}", ids, 0)
@@ -227,6 +252,10 @@ def merged_decode_matches(
     for sid, ids in prompts.items():
         run_one(f"~~{sid}", ids, 0)
     for i, t in enumerate(tokens):
+        if i == 2:  # on its own: what the batch held must be back in each sequence's cache
+            for sid, ids in prompts.items():
+                batched[sid].append(run_one(f"~~{sid}", [t], len(ids) + i))
+            continue
         rows = run_batch([(f"~~{sid}", t, len(ids) + i) for sid, ids in prompts.items()])
         for sid, row in zip(prompts, rows, strict=True):
             batched[sid].append(row)

@@ -19,7 +19,9 @@ sequence has the cache object the model itself creates, and every forward holds 
   step: a longer chunk only comes from a caller that splits a prompt itself.
 * A decode step of several sequences runs as **one** forward where that is safe: their
   caches are merged into one batch (recurrent states stacked, attention K/V left-padded,
-  a 2-D attention mask) and split back after it (:mod:`._state_batch`). New prompts of
+  a 2-D attention mask; :mod:`._state_batch`), which is kept while the same sequences
+  decode in the same order and split back into their caches when one of them leaves or
+  runs a forward of its own. New prompts of
   several sequences in one step likewise run as left-padded batches (grouped by length so
   that little padding is computed, :func:`prefill_groups`), each sequence then getting its
   rows of the batch's cache. The runner checks once, when it is built, that merged decode
@@ -58,6 +60,7 @@ import torch
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners._state_batch import (
     UnmergeableError,
+    drop_tensors,
     has_attention,
     merge,
     mergeable,
@@ -77,11 +80,35 @@ _log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _SeqState:
-    """One sequence: the model's cache object, tokens held, and module-held state."""
+    """One sequence: the model's cache object, tokens held, and module-held state.
+
+    While the sequence is a row of the runner's kept decode batch (``batched``), ``cache``
+    is stale: the batch holds its state until it is split back (``_dissolve``).
+    """
 
     cache: Any
     length: int
     modules: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    batched: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Merged caches kept between decode steps of the same sequences (in the same order).
+
+    Attributes:
+        seq_ids: the rows' sequences.
+        cache: the merged cache (the rows' live state).
+        pads: left padding of each row's attention K/V (columns before its tokens).
+        width: attention columns (the longest row's tokens).
+        steps: decode steps run on the batch since it was merged (every row took each).
+    """
+
+    seq_ids: tuple[str, ...]
+    cache: Any
+    pads: list[int]
+    width: int
+    steps: int = 0
 
 
 class HFStatefulRunner:
@@ -125,6 +152,7 @@ class HFStatefulRunner:
         supports = getattr(model, "_supports_default_dynamic_cache", None)
         self._default_cache = not callable(supports) or bool(supports())
         self._seqs: dict[str, _SeqState] = {}
+        self._batch: _Batch | None = None  # the kept decode batch (see _decode_batch)
         self._current: str | None = None  # whose state the modules hold now
         #: linear layers run on oneDNN-prepacked weights
         self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
@@ -218,6 +246,7 @@ class HFStatefulRunner:
         Every sequence gets a fresh cache holding its own rows of the batch's (the padding
         columns of attention K/V dropped); returns the logits after each prompt.
         """
+        self._dissolve([c.seq_id for c in chunks])  # restarts of members of the kept batch
         width = max(len(c.token_ids) for c in chunks)
         pads = [width - len(c.token_ids) for c in chunks]
         mask = torch.ones(len(chunks), width, dtype=torch.long)
@@ -248,44 +277,74 @@ class HFStatefulRunner:
     ) -> list[torch.Tensor]:
         """One forward for decode rows ``(seq_id, token, position)`` over merged caches.
 
-        Falls back to one forward per row when the caches cannot be merged (``strict``:
-        raises :class:`UnmergeableError` instead).
+        The merged batch is kept after the step: when the next decode step has the same
+        sequences in the same order (the steady state of continuous batching), it runs on
+        the batch as it is, with no merge or split; any other use of a member splits the
+        batch back first (:meth:`_dissolve`). Falls back to one forward per row when the
+        caches cannot be merged (``strict``: raises :class:`UnmergeableError` instead).
         """
-        states = [self._seqs[sid] for sid, _, _ in rows]
-        caches = [st.cache for st in states]
-        lengths = [st.length for st in states]
-        batch_cache = self._new_cache()
-        try:
-            width = merge(caches, lengths, batch_cache)
-        except UnmergeableError:
-            if strict:
-                raise
-            return [self._run(SeqChunk(sid, [tok], pos, [], True)) for sid, tok, pos in rows]
+        sids = tuple(sid for sid, _, _ in rows)
+        states = [self._seqs[sid] for sid in sids]
+        batch = self._batch
+        if batch is None or batch.seq_ids != sids:
+            self._dissolve()
+            lengths = [st.length for st in states]
+            batch_cache = self._new_cache()
+            try:
+                width = merge([st.cache for st in states], lengths, batch_cache)
+            except UnmergeableError:
+                if strict:
+                    raise
+                return [self._run(SeqChunk(sid, [tok], pos, [], True)) for sid, tok, pos in rows]
+            batch = self._batch = _Batch(sids, batch_cache, [width - n for n in lengths], width)
+            drop_tensors([st.cache for st in states])  # the batch holds their state now
+            for st in states:
+                st.batched = True
+        width = batch.width
         mask = None
-        if has_attention(batch_cache):  # the padding of the K/V; an SSM step has none
-            mask = torch.zeros(len(rows), width + 1, dtype=torch.long)
-            for r, n in enumerate(lengths):
-                mask[r, width - n :] = 1
+        if has_attention(batch.cache):  # the padding of the K/V; an SSM step has none
+            mask = torch.ones(len(rows), width + 1, dtype=torch.long)
+            for r, pad in enumerate(batch.pads):
+                mask[r, :pad] = 0
         out = self._call(
             [[tok] for _, tok, _ in rows],
-            batch_cache,
+            batch.cache,
             positions=[[pos] for _, _, pos in rows],
             cache_positions=[width],
             mask=mask,
         )
-        split(
-            _returned_cache(out) or batch_cache,
-            caches,
-            [width - n for n in lengths],
-            [1] * len(rows),
-        )
+        batch.cache = _returned_cache(out) or batch.cache
+        batch.width += 1
+        batch.steps += 1
         for st in states:
             st.length += 1
         return [out.logits[r, -1] for r in range(len(rows))]
 
+    def _dissolve(self, seq_ids: Sequence[str] = ()) -> None:
+        """Split the kept decode batch back into its sequences' caches.
+
+        With ``seq_ids``, only when one of them is a member (else the batch stays).
+        """
+        batch = self._batch
+        if batch is None or (seq_ids and not any(sid in batch.seq_ids for sid in seq_ids)):
+            return
+        self._batch = None
+        members = [self._seqs.get(sid) for sid in batch.seq_ids]
+        live = [st if st is not None and st.batched else None for st in members]
+        split(
+            batch.cache,
+            [st.cache if st else None for st in live],
+            batch.pads,
+            [batch.steps] * len(live),
+        )
+        for st in live:
+            if st is not None:
+                st.batched = False
+
     def _run(self, chunk: SeqChunk) -> torch.Tensor:
         """Feed ``chunk`` to its sequence; return the logits after its last token."""
         sid = chunk.seq_id
+        self._dissolve((sid,))
         if chunk.start == 0:  # new or restarted: fresh state
             self._seqs.pop(sid, None)
             for reset in self._resets:
@@ -377,12 +436,16 @@ class HFStatefulRunner:
     # ------------------------------------------------------------------ lifetime
     def release(self, seq_id: str) -> None:
         """Drop the sequence's cache and saved state."""
+        if self._batch is not None and seq_id in self._batch.seq_ids:
+            self._seqs.pop(seq_id, None)  # its row is skipped when the batch is split
+            self._dissolve()
         self._seqs.pop(seq_id, None)
         if self._current == seq_id:
             self._current = None
 
     def reset(self) -> None:
         """Drop every sequence's cache and saved state."""
+        self._batch = None
         self._seqs.clear()
         self._current = None
 
