@@ -595,3 +595,15 @@ async def test_a_long_prompt_is_tokenized_off_the_event_loop(
     short = await engine.execute(make_request("word " * 10, 4))
     assert short.finish_reason == "length"
     assert on_loop[-1] is True  # a short prompt is tokenized on the loop (fast)
+
+
+async def test_a_max_model_len_beyond_the_model_is_capped_with_a_warning(
+    engine_factory: Any, tiny_llama: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    engine = engine_factory(tiny_llama, max_model_len=100_000)
+    with caplog.at_level(logging.WARNING, logger="sagellm_backend.engine.hf.core"):
+        await engine.start()
+    assert engine.max_context == 2048  # tiny-llama's max_position_embeddings
+    assert "max_model_len=100000 is longer than the model's context (2048" in caplog.text

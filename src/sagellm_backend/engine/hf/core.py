@@ -355,8 +355,19 @@ class HFEngineCore(ScheduledEngine):
             load.load_in_8bit, load.load_in_4bit, load.bnb_4bit_quant_type
         )
         context = model_context_length(model.config)
-        if self._options.max_model_len is not None:
-            context = min(context, self._options.max_model_len)
+        wanted = self._options.max_model_len
+        if wanted is not None:
+            if wanted > context:
+                _log.warning(
+                    "%s %r: max_model_len=%d is longer than the model's context (%d "
+                    "positions); serving %d",
+                    self.ENGINE_NAME,
+                    self.engine_id,
+                    wanted,
+                    context,
+                    context,
+                )
+            context = min(context, wanted)
         eos: set[int] = set()
         for source in (getattr(model, "generation_config", None), tokenizer):
             value = getattr(source, "eos_token_id", None)
