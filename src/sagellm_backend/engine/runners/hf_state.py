@@ -21,13 +21,13 @@ sequence has the cache object the model itself creates, and every forward holds 
   caches are merged into one batch (recurrent states stacked, attention K/V left-padded,
   a 2-D attention mask; :mod:`._state_batch`), which is kept while the same sequences
   decode in the same order and split back into their caches when one of them leaves or
-  runs a forward of its own. New prompts of
-  several sequences in one step likewise run as left-padded batches (grouped by length so
-  that little padding is computed, :func:`prefill_groups`), each sequence then getting its
-  rows of the batch's cache. The runner checks once, when it is built, that merged decode
-  steps and a batched prefill give the logits separate forwards give on this model
-  (including the steps after the prefill), and otherwise (or for a cache layout it does
-  not know) runs them one by one.
+  runs a forward of its own. New prompts of several sequences in one step likewise run as
+  left-padded batches (grouped by length so that little padding is computed, at most
+  :data:`CPU_PREFILL_GROUP_TOKENS` padded tokens on the CPU; :func:`prefill_groups`), each
+  sequence then getting its rows of the batch's cache. The runner checks once, when it is
+  built, that merged decode steps and a batched prefill give the logits separate forwards
+  give on this model (including the steps after the prefill), and otherwise (or for a
+  cache layout it does not know) runs them one by one.
 * Models that keep the state on their modules rather than in the cache (RecurrentGemma:
   the modules that define ``_setup_cache``) get it reset (``_setup_cache`` for one
   sequence) before a sequence's first forward, saved after each of its forwards and put
@@ -163,7 +163,7 @@ class HFStatefulRunner:
         self.batched_decode = False
         #: new prompts of several sequences run as one left-padded forward
         self.batched_prefill = False
-        #: most padded tokens of one batched prefill (None: no cap; see the module docstring)
+        #: most padded tokens of one batched prefill (None: no cap; CPU_PREFILL_GROUP_TOKENS)
         self.prefill_group_tokens: int | None = (
             CPU_PREFILL_GROUP_TOKENS if self.device.type == "cpu" else None
         )
