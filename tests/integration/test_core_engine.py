@@ -74,8 +74,8 @@ async def test_core_creates_backend_and_mock_engine(backend_kind: str, fast_mock
         assert len(end.output_tokens) == 6
         assert end.metrics.component_trace == ["sagellm-core", "sagellm-backend:MockEngine"]
 
-        too_long = await engine.execute(_request(2, 65))
-        assert too_long.finish_reason == "error"  # max_output_tokens from core's config
+        capped = await engine.execute(_request(2, 65))  # max_output_tokens from core's config
+        assert capped.finish_reason == "length" and len(capped.output_tokens) == 64
     finally:
         await engine.stop()
     assert not engine.is_running

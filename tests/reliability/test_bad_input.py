@@ -474,7 +474,6 @@ COMMON_REQUEST_CASES: list[Case] = [
 
 MOCK_REQUEST_CASES: list[Case] = [
     *COMMON_REQUEST_CASES,
-    ("max_tokens over max_output_tokens", {"max_tokens": 33}, "max_tokens"),
     ("prompt over max_input_tokens", {"prompt": words(80)}, "prompt"),
     ("model not served (strict_model)", {"model": "other-model"}, "model"),
 ]

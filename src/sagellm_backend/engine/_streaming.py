@@ -207,7 +207,6 @@ class RequestLimits:
         vocab_size: token ids must be in ``[0, vocab_size)``.
         max_context: prompt + output length; the prompt must be shorter.
         max_input_tokens: cap on the prompt length (None: only the context).
-        max_output_tokens: ``max_tokens`` above it is rejected (None: no such limit).
         max_new_tokens: ``max_tokens`` above it is lowered to it (None: no cap).
         default_max_tokens: used when ``max_tokens`` is None (None: it is required).
         model: when set, ``request.model`` must equal it.
@@ -219,7 +218,6 @@ class RequestLimits:
     vocab_size: int
     max_context: int
     max_input_tokens: int | None = None
-    max_output_tokens: int | None = None
     max_new_tokens: int | None = None
     default_max_tokens: int | None = None
     model: str | None = None
@@ -307,11 +305,6 @@ def prepare_request(
                     key,
                     ", ".join(REQUEST_METADATA_KEYS),
                 )
-    if limits.max_output_tokens is not None and max_tokens > limits.max_output_tokens:
-        raise ConfigError(
-            f"request.max_tokens={max_tokens} exceeds the engine's max_output_tokens="
-            f"{limits.max_output_tokens}"
-        )
     if limits.model and request.model != limits.model:
         raise ConfigError(
             f"request.model={request.model!r} is not served by this engine (model {limits.model!r})"

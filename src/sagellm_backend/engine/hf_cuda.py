@@ -260,25 +260,59 @@ class HFCudaEngine(HFEngineCore):
         reason = unavailable_reason()
         if reason is None:
             return self._make_cuda_provider()
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "HFCudaEngine %r: no CUDA device (%s); running the model on the CPU with a "
-            "MockBackendProvider, as documented for non-CUDA devices. Use CPUEngine to run "
-            "on the CPU on purpose, or mock_mode=True for a simulation.",
-            self.engine_id,
-            reason,
-        )
+        self._run_on_host(reason, "a MockBackendProvider")
         from sagellm_backend.providers.cpu import CPUBackendProvider
 
-        load = self._load_settings
-        if load is not None and load.device != "cpu":
-            self._load_settings = dataclasses.replace(load, device="cpu", device_map=None)
-        self._on_host = True
         opts = self._options
         if opts.kv_cache_memory_bytes is not None:
             return CPUBackendProvider(kv_memory_bytes=opts.kv_cache_memory_bytes)
         return CPUBackendProvider()
+
+    def _check_provider(self, provider: Any) -> None:
+        """Accept a cuda or mock provider; without CUDA also a cpu one.
+
+        A cpu provider is sagellm-core's ``cpu`` backend, on which 0.1.1.2's engine ran where
+        there was no CUDA.
+
+        Raises:
+            ConfigError: any other provider, or a cpu one on a machine with CUDA.
+        """
+        from sagellm_backend.providers.cuda import unavailable_reason
+
+        if self._is_cpu(provider) and unavailable_reason() is not None:
+            return
+        super()._check_provider(provider)
+
+    def _device_for(self, provider: Any) -> Any:
+        """A cpu provider (no CUDA here, see :meth:`_check_provider`) runs the model itself."""
+        if self._is_cpu(provider):
+            from sagellm_backend.providers.cuda import unavailable_reason
+
+            self._run_on_host(unavailable_reason() or "", f"the {type(provider).__name__}")
+            self._device_provider = None
+            return provider
+        return super()._device_for(provider)
+
+    @staticmethod
+    def _is_cpu(provider: Any) -> bool:
+        return getattr(provider.capability(), "device_type", None) == "cpu"
+
+    def _run_on_host(self, reason: str, provider: str) -> None:
+        """Load the model on the CPU (no CUDA here), with a WARNING naming why."""
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "HFCudaEngine %r: no CUDA device (%s); running the model on the CPU with %s, as "
+            "documented for non-CUDA devices. Use CPUEngine to run on the CPU on purpose, or "
+            "mock_mode=True for a simulation.",
+            self.engine_id,
+            reason,
+            provider,
+        )
+        load = self._load_settings
+        if load is not None and load.device != "cpu":
+            self._load_settings = dataclasses.replace(load, device="cpu", device_map=None)
+        self._on_host = True
 
     def _kv_pages_wanted(self, spec: KVSpec, max_batch_size: int) -> int | None:
         """On the host (no CUDA): CPUEngine's rule, the full context of every sequence."""

@@ -94,3 +94,21 @@ def test_cuda_engine_without_cuda_runs_on_the_cpu_with_a_mock_provider(
     assert isinstance(engine.provider, MockBackendProvider)
     assert isinstance(engine._device_provider, CPUBackendProvider)
     assert got == _cpu_tokens(tiny_llama)
+
+
+def test_cuda_engine_without_cuda_runs_on_a_given_cpu_provider(
+    tiny_llama: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sagellm-core's cpu backend with its hf_cuda engine, as 0.1.1.2 ran it without CUDA."""
+    pytest.importorskip("torch")
+    if HFCudaEngine.is_available():
+        pytest.skip("a CUDA device is available here")
+    cpu = CPUBackendProvider()
+    fields = {**SEED_CUDA_FIELDS, "model_path": tiny_llama, "dtype": "float32", "provider": cpu}
+    engine = HFCudaEngine(HFCudaEngineConfig(**fields))
+    with caplog.at_level(logging.WARNING, logger="sagellm_backend.engine.hf_cuda"):
+        got = asyncio.run(_serve(engine))
+    assert "no CUDA device" in caplog.text and "CPUBackendProvider" in caplog.text
+    assert engine.provider is cpu and engine._device_provider is None
+    assert "device_provider" not in engine.get_info()
+    assert got == _cpu_tokens(tiny_llama)

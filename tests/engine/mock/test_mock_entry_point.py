@@ -133,3 +133,29 @@ def test_env_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_MOCK_OPTIONS, "[1]")
     with pytest.raises(ConfigError, match="JSON object"):
         create_mock_engine({})
+
+
+def test_the_0_1_1_form_by_keyword() -> None:
+    """sagellm_core.mock_engine.create_mock_engine(engine_id=...), as 0.1.1.2 took it."""
+    eng = create_mock_engine(engine_id="kw", simulate_latency_ms=1.5, simulate_ttft_ms=2.5)
+    assert eng.engine_id == "kw"
+    assert (eng.config.simulate_latency_ms, eng.config.simulate_ttft_ms) == (1.5, 2.5)
+    with pytest.raises(ConfigError, match="engine_id must be a str"):
+        create_mock_engine(engine_id=3)
+
+
+async def test_core_defaults_neither_serialise_nor_reject_requests() -> None:
+    """sagellm-core's EngineConfig defaults max_batch_size to 1, which 0.1.1.2's mock ignored:
+    only a value set explicitly limits the batch. max_output_tokens caps the output (the HF
+    engines' rule) instead of failing the request."""
+    default = create_mock_engine(CoreEngineConfig(kind="mock", model="m"))
+    assert default.config.max_batch_size == MockEngineConfig("x").max_batch_size
+    explicit = create_mock_engine(CoreEngineConfig(kind="mock", model="m", max_batch_size=1))
+    assert explicit.config.max_batch_size == 1
+    capped = create_mock_engine(CoreEngineConfig(kind="mock", model="m", max_output_tokens=4))
+    await capped.start()
+    try:
+        resp = await capped.execute(make_request(max_tokens=9))
+        assert resp.finish_reason == "length" and len(resp.output_tokens) == 4
+    finally:
+        await capped.stop()

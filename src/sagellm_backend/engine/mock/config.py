@@ -150,7 +150,8 @@ class MockEngineConfig(EngineConfig):
     default_max_tokens: int = 128
     #: Prompt limit; a longer request gets an INVALID_ARGUMENT error result.
     max_input_tokens: int | None = None
-    #: Output limit; a request asking more gets an INVALID_ARGUMENT error result.
+    #: Output cap: a request asking more gets at most this many tokens (as the HF engines'
+    #: ``max_new_tokens``, and what sagellm-core's ``max_output_tokens`` maps to).
     max_output_tokens: int | None = None
     #: Chance that a generated token is EOS (0 = never; deterministic per prompt, position).
     eos_probability: float = 0.0

@@ -163,7 +163,7 @@ class MockEngine(ScheduledEngine):
                 vocab_size=cfg.vocabulary_size,
                 max_context=cfg.max_model_len,
                 max_input_tokens=options.max_input_tokens,
-                max_output_tokens=cfg.max_output_tokens,
+                max_new_tokens=cfg.max_output_tokens,
                 default_max_tokens=cfg.default_max_tokens if cfg.default_max_tokens_given else None,
                 model=cfg.model_path if cfg.strict_model else None,
             ),
@@ -213,6 +213,17 @@ def _env_options() -> dict[str, Any]:
 _MAPPED_EXTRA = set(OPTION_FIELDS) | {"mock_mode", "metadata", "engine_id"}
 
 
+def _explicit(config: Any, name: str) -> bool:
+    """Whether ``config`` sets ``name`` itself (not a pydantic model's default).
+
+    sagellm-core's ``EngineConfig`` defaults ``max_batch_size`` to 1; 0.1.1.2's MockEngine
+    ignored it (every request ran at once), so only a value the user set limits the mock's
+    batch, and the default leaves :class:`MockEngineConfig`'s own.
+    """
+    fields_set = getattr(config, "model_fields_set", None)
+    return fields_set is None or name in fields_set
+
+
 def create_mock_engine(
     config: Any = None, backend: Any = None, *args: Any, **kwargs: Any
 ) -> MockEngine:
@@ -220,13 +231,14 @@ def create_mock_engine(
 
     Args:
         config: a :class:`MockEngineConfig` (used as is), a sagellm-core 0.1.x
-            ``EngineConfig``, a dict (EngineConfig fields plus MockEngineConfig options),
-            or None. A string is the 0.1.1.x form
+            ``EngineConfig`` (its ``max_batch_size`` only when set explicitly: the default
+            of 1 leaves MockEngineConfig's), a dict (EngineConfig fields plus
+            MockEngineConfig options), or None. A string is the 0.1.1.x form
             ``create_mock_engine(engine_id, simulate_latency_ms=10.0, simulate_ttft_ms=50.0,
             **kwargs)``, with ``args``/``kwargs`` passed to :class:`MockEngineConfig`.
         backend: the provider sagellm-core created (its KV manager is used).
         *args: only with the string form (see above).
-        **kwargs: only with the string form (see above).
+        **kwargs: only with the string form (see above); ``engine_id=`` also gives it.
 
     Raises:
         ConfigError: an unknown or invalid field (the message lists the valid ones).
@@ -235,6 +247,10 @@ def create_mock_engine(
     variable ``SAGELLM_MOCK_ENGINE_OPTIONS`` (e.g. ``{"simulate_latency_ms": 0}``) apply first;
     keys of a dict config override them.
     """
+    if config is None and backend is None and not args and "engine_id" in kwargs:
+        config = kwargs.pop("engine_id")  # the 0.1.1.x form by keyword
+        if not isinstance(config, str):
+            raise ConfigError(f"create_mock_engine engine_id must be a str, got {config!r}")
     if isinstance(config, str):
         positional = ([] if backend is None else [backend]) + list(args)
         return MockEngine(MockEngineConfig(config, *positional, **kwargs))
@@ -275,7 +291,7 @@ def create_mock_engine(
         "device": settings.device or "mock",
         "provider": settings.provider,
     }
-    if settings.max_batch_size is not None:
+    if settings.max_batch_size is not None and _explicit(config, "max_batch_size"):
         base["max_batch_size"] = settings.max_batch_size
     if "mock_mode" in settings.extra:
         base["mock_mode"] = settings.extra["mock_mode"]
