@@ -84,6 +84,7 @@ class Reference:
         key = (tuple(ids), n)
         if key not in self._cache:
             with torch.inference_mode():
+                self._reset_module_state()
                 out = self.model.generate(
                     torch.tensor([ids]),
                     attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -94,6 +95,20 @@ class Reference:
                 )
             self._cache[key] = out[0, len(ids) :].tolist()
         return self._cache[key]
+
+    def _reset_module_state(self) -> None:
+        """Fresh state for models that keep it on their modules (RecurrentGemma).
+
+        ``generate`` does not reset it, and a 1-token prompt takes the decode path that
+        reads it: without this, an earlier ``generate`` would change the expected tokens.
+        """
+        import torch
+
+        from sagellm_backend.engine.runners.hf_state import _state_reset
+        from sagellm_backend.engine.runners.select import module_state_owners
+
+        for module in module_state_owners(self.model):
+            _state_reset(module, self.model, torch.device("cpu"), torch.float32)()
 
 
 @pytest.fixture(scope="session")

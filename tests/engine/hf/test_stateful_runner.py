@@ -334,3 +334,16 @@ async def test_runners_with_their_own_caches_take_no_kv_pool_memory(
     await engine.stop()
     await engine.start()  # released without the provider (it never held it), built again
     assert engine.kv_manager.storage is None
+
+
+def test_the_reference_resets_module_state_between_generates() -> None:
+    """generate() leaves RecurrentGemma's module state behind, and a 1-token prompt reads it:
+    the test reference resets it, so its expected tokens do not depend on earlier calls."""
+    _, ref = _ref("tiny-recurrent-gemma")
+    runner = HFStatefulRunner(ref.model, max_context=64)
+    out = [int(runner.execute([SeqChunk("a", [180], 0, [], True)])[0].argmax())]
+    for k in range(3):
+        out.append(int(runner.execute([SeqChunk("a", [out[-1]], 1 + k, [], True)])[0].argmax()))
+    ref.greedy([3 + i for i in range(20)], 12)
+    ref._cache.clear()
+    assert ref.greedy([180], 4) == out
