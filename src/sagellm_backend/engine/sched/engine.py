@@ -319,7 +319,7 @@ class ScheduledEngine(BaseEngine):
         Raises:
             RuntimeError: the engine is not running (or called from another event loop).
         """
-        tokenize = await self._tokenize_off_loop(request)
+        tokenize = await self._tokenize_off_loop(request) if self._long_prompt(request) else None
         handle, early = self._submit(request, streaming=False, tokenize=tokenize)
         if handle is None:
             assert early is not None
@@ -362,7 +362,7 @@ class ScheduledEngine(BaseEngine):
 
     async def _stream(self, request: Request) -> AsyncIterator[StreamEvent]:
         eid = self.engine_id
-        tokenize = await self._tokenize_off_loop(request)
+        tokenize = await self._tokenize_off_loop(request) if self._long_prompt(request) else None
         handle, early = self._submit(request, streaming=True, tokenize=tokenize)
         if handle is None:
             assert early is not None
@@ -417,26 +417,31 @@ class ScheduledEngine(BaseEngine):
                 self._cancel(handle)
 
     # ------------------------------------------------------------------ internals
-    async def _tokenize_off_loop(self, request: Request) -> Callable[[str], list[int]] | None:
-        """A long prompt's tokens, computed in a worker thread, as a tokenize function.
+    def _long_prompt(self, request: Request) -> bool:
+        """Whether to tokenize ``request`` in a worker thread (:meth:`_tokenize_off_loop`).
 
         Only for threaded engines (a real tokenizer) and prompts of at least
         :data:`_OFF_LOOP_PROMPT_CHARS` characters that will be tokenized (no
-        ``prompt_token_ids``); None otherwise (the engine tokenizes on the loop, as it is
-        fast). The function returns the precomputed ids for this prompt (re-raising what
+        ``prompt_token_ids``); the others are tokenized on the loop, as that is fast.
+        """
+        serving = self._serving
+        if serving is None or not serving.threaded:
+            return False
+        prompt = getattr(request, "prompt", None)
+        if not isinstance(prompt, str) or len(prompt) < _OFF_LOOP_PROMPT_CHARS:
+            return False
+        metadata = getattr(request, "metadata", None) or {}
+        return metadata.get("prompt_token_ids") is None
+
+    async def _tokenize_off_loop(self, request: Request) -> Callable[[str], list[int]]:
+        """A long prompt's tokens, computed in a worker thread, as a tokenize function.
+
+        The function returns the precomputed ids for this prompt (re-raising what
         tokenizing raised, so it is reported as usual) and tokenizes any other text itself.
         """
         serving = self._serving
-        prompt = getattr(request, "prompt", None)
-        metadata = getattr(request, "metadata", None) or {}
-        if (
-            serving is None
-            or not serving.threaded
-            or not isinstance(prompt, str)
-            or len(prompt) < _OFF_LOOP_PROMPT_CHARS
-            or metadata.get("prompt_token_ids") is not None
-        ):
-            return None
+        assert serving is not None
+        prompt = request.prompt
         tokenize = serving.tokenize
 
         def run() -> list[int] | Exception:
