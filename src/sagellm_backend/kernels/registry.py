@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm_backend.capability import DType, KernelKind
-from sagellm_backend.errors import KernelAlreadyRegisteredError, KernelNotFoundError
+from sagellm_backend.errors import (
+    ConfigError,
+    KernelAlreadyRegisteredError,
+    KernelNotFoundError,
+)
 
 __all__ = ["KernelRegistry", "KernelSpec"]
 
@@ -96,6 +100,39 @@ class KernelRegistry:
         spec = KernelSpec(name, impl, kind, frozenset(dtypes), description, builtin)
         self.add(spec, replace=replace)
         return spec
+
+    def register_for(
+        self,
+        name: str,
+        impl: Callable[..., Any],
+        *,
+        check_dtype: Callable[[Any], DType],
+        kind: KernelKind | str | None = None,
+        dtypes: Iterable[DType | str] = (),
+        replace: bool = False,
+        description: str = "",
+    ) -> KernelSpec:
+        """Register a provider's user kernel (:meth:`register`, with checked arguments).
+
+        ``kind`` may be a KernelKind or its value; each of ``dtypes`` goes through the
+        provider's ``check_dtype``.
+
+        Raises:
+            KernelAlreadyRegisteredError: see :meth:`add`.
+            UnsupportedDTypeError: (from ``check_dtype``) a dtype the provider lacks.
+            ConfigError: ``kind`` is not a KernelKind (the message lists the valid ones).
+        """
+        k: KernelKind | None = None
+        if kind is not None:
+            try:
+                k = KernelKind(kind)
+            except ValueError as exc:
+                valid = ", ".join(x.value for x in KernelKind)
+                raise ConfigError(f"unknown kernel kind {kind!r}; valid: {valid}") from exc
+        checked = [check_dtype(d) for d in dtypes]
+        return self.register(
+            name, impl, kind=k, dtypes=checked, description=description, replace=replace
+        )
 
     def remove(self, name: str) -> None:
         """Unregister ``name`` (KernelNotFoundError if absent)."""

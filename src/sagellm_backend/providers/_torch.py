@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sagellm_backend.capability import CapabilityDescriptor, DType, KernelKind, parse_dtype
+from sagellm_backend.capability import CapabilityDescriptor, DType, parse_dtype
 from sagellm_backend.errors import (
     ConfigError,
     DependencyMissingError,
@@ -33,6 +33,7 @@ from sagellm_backend.errors import (
     UnsupportedDTypeError,
 )
 from sagellm_backend.kernels.registry import KernelRegistry
+from sagellm_backend.providers._kernel_methods import ProviderKernelMethods
 from sagellm_backend.providers._kv_methods import ProviderKVMethods
 from sagellm_backend.providers._torch_collectives import COLLECTIVE_OPS, TorchCollectives
 from sagellm_backend.providers._torch_device import (
@@ -65,7 +66,7 @@ __all__ = [
 _MIB = 1 << 20
 
 
-class TorchProviderBase(ProviderKVMethods, TorchCollectives):
+class TorchProviderBase(ProviderKVMethods, ProviderKernelMethods, TorchCollectives):
     """A :class:`~sagellm_backend.base.BackendProvider` on torch over a :class:`DeviceLayer`.
 
     Invariants:
@@ -171,11 +172,6 @@ class TorchProviderBase(ProviderKVMethods, TorchCollectives):
     def options(self) -> TorchProviderOptions:
         """The options this provider was created with."""
         return self._options
-
-    @property
-    def kernels(self) -> KernelRegistry:
-        """The kernel registry (its kinds are ``capability().supported_kernels``)."""
-        return self._kernels
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device!r}, id={self._id!r})"
@@ -297,28 +293,6 @@ class TorchProviderBase(ProviderKVMethods, TorchCollectives):
         self._layer.empty_cache()
 
     # ------------------------------------------------------------------ kernels
-    def register_kernel(
-        self,
-        name: str,
-        impl: Callable[..., Any],
-        *,
-        kind: KernelKind | None = None,
-        dtypes: Iterable[DType] = (),
-        replace: bool = False,
-        description: str = "",
-    ) -> None:
-        """Register ``impl`` under ``name``.
-
-        Raises:
-            KernelAlreadyRegisteredError: ``name`` holds a kernel registered by a user (not a
-                built-in default) and ``replace`` is False.
-            UnsupportedDTypeError: ``dtypes`` names a dtype this provider does not support.
-        """
-        checked = [self.check_dtype(d) for d in dtypes]
-        self._kernels.register(
-            name, impl, kind=kind, dtypes=checked, description=description, replace=replace
-        )
-
     def get_kernel(self, name: str) -> Callable[..., Any]:
         """The kernel registered under ``name`` (``KernelNotFoundError``, a KeyError, if none)."""
         return self._kernels.get(name)

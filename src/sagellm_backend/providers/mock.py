@@ -62,6 +62,7 @@ from sagellm_backend.kernels.registry import KernelRegistry
 from sagellm_backend.kv.provider_kv import ProviderKV
 from sagellm_backend.kv.spec import DEFAULT_KV_SPEC, KVSpec
 from sagellm_backend.kv.storage import AccountingStorage
+from sagellm_backend.providers._kernel_methods import ProviderKernelMethods
 from sagellm_backend.providers._kv_methods import ProviderKVMethods
 from sagellm_backend.providers._mock_config import (
     InjectedFaultError,
@@ -95,7 +96,7 @@ MIB = 1 << 20
 COLLECTIVE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min", "product")
 
 
-class MockBackendProvider(MockFaults, ProviderKVMethods):
+class MockBackendProvider(MockFaults, ProviderKVMethods, ProviderKernelMethods):
     """Mock :class:`~sagellm_backend.base.BackendProvider` with real accounting (see module).
 
     The first five parameters are the 0.1.1.x constructor; the rest are keyword-only.
@@ -366,41 +367,6 @@ class MockBackendProvider(MockFaults, ProviderKVMethods):
         self.kv.clear_cache()
 
     # ------------------------------------------------------------------ kernels
-    @property
-    def kernels(self) -> KernelRegistry:
-        """The kernel registry (read it; register through :meth:`register_kernel`)."""
-        return self._kernels
-
-    def register_kernel(
-        self,
-        name: str,
-        impl: Callable[..., Any],
-        *,
-        kind: KernelKind | str | None = None,
-        dtypes: Iterable[DType | str] = (),
-        replace: bool = False,
-        description: str = "",
-    ) -> None:
-        """Register ``impl`` under ``name``.
-
-        Raises:
-            KernelAlreadyRegisteredError: ``name`` holds a kernel registered by a user (not a
-                built-in default) and ``replace`` is False.
-            UnsupportedDTypeError: a dtype in ``dtypes`` is not supported by this provider.
-            ConfigError: ``kind`` is not a KernelKind.
-        """
-        k: KernelKind | None = None
-        if kind is not None:
-            try:
-                k = KernelKind(kind)
-            except ValueError as exc:
-                valid = ", ".join(x.value for x in KernelKind)
-                raise ConfigError(f"unknown kernel kind {kind!r}; valid: {valid}") from exc
-        checked = [self.check_dtype(d) for d in dtypes]
-        self._kernels.register(
-            name, impl, kind=k, dtypes=checked, description=description, replace=replace
-        )
-
     def unregister_kernel(self, name: str) -> None:
         """Remove a kernel (KernelNotFoundError if absent)."""
         self._kernels.remove(name)
