@@ -247,6 +247,12 @@ def test_kernel_registry_drives_capability(cpu: CPUBackendProvider) -> None:
     # the 0.1.1.2 positional form still works
     cpu.register_kernel("plain", fused)
     assert cpu.get_kernel("plain") is fused
+    # a kind by its value (as the mock takes it); a user kernel replaces a built-in default
+    cpu.register_kernel("softmax", fused, kind="softmax")
+    assert cpu.get_kernel("softmax") is fused
+    assert KernelKind.SOFTMAX in cpu.capability().supported_kernels
+    with pytest.raises(ConfigError, match="unknown kernel kind 'warp'; valid: "):
+        cpu.register_kernel("w", fused, kind="warp")
 
 
 # ----------------------------------------------------------------------------- streams/events
