@@ -77,38 +77,26 @@ def test_cpu_engine_still_refuses_a_provider_of_another_device(tiny_llama: str) 
         asyncio.run(engine.start())
 
 
-def test_cuda_engine_without_cuda_runs_on_the_cpu_with_a_mock_provider(
-    tiny_llama: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("given", ["none", "cpu"])
+def test_cuda_engine_without_cuda_runs_on_the_cpu(
+    given: str, tiny_llama: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """No provider: a MockBackendProvider, the model on an own cpu provider (the seed's rule);
+    sagellm-core's cpu backend: the model on it. Both as 0.1.1.2 ran them without CUDA."""
     pytest.importorskip("torch")
     if HFCudaEngine.is_available():
         pytest.skip("a CUDA device is available here")
     assert HFCudaEngine.unavailable_reason()  # the factory's automatic choice skips it
-    config = HFCudaEngineConfig(
-        **{**SEED_CUDA_FIELDS, "model_path": tiny_llama, "dtype": "float32"}
-    )
-    engine = HFCudaEngine(config)
-    with caplog.at_level(logging.WARNING, logger="sagellm_backend.engine.hf_cuda"):
-        got = asyncio.run(_serve(engine))
-    assert "no CUDA device" in caplog.text and "on the CPU" in caplog.text
-    assert isinstance(engine.provider, MockBackendProvider)
-    assert isinstance(engine._device_provider, CPUBackendProvider)
-    assert got == _cpu_tokens(tiny_llama)
-
-
-def test_cuda_engine_without_cuda_runs_on_a_given_cpu_provider(
-    tiny_llama: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """sagellm-core's cpu backend with its hf_cuda engine, as 0.1.1.2 ran it without CUDA."""
-    pytest.importorskip("torch")
-    if HFCudaEngine.is_available():
-        pytest.skip("a CUDA device is available here")
-    cpu = CPUBackendProvider()
+    cpu = CPUBackendProvider() if given == "cpu" else None
     fields = {**SEED_CUDA_FIELDS, "model_path": tiny_llama, "dtype": "float32", "provider": cpu}
     engine = HFCudaEngine(HFCudaEngineConfig(**fields))
     with caplog.at_level(logging.WARNING, logger="sagellm_backend.engine.hf_cuda"):
         got = asyncio.run(_serve(engine))
-    assert "no CUDA device" in caplog.text and "CPUBackendProvider" in caplog.text
-    assert engine.provider is cpu and engine._device_provider is None
-    assert "device_provider" not in engine.get_info()
+    assert "no CUDA device" in caplog.text and "on the CPU" in caplog.text
+    if cpu is None:
+        assert isinstance(engine.provider, MockBackendProvider)
+        assert isinstance(engine._device_provider, CPUBackendProvider)
+    else:
+        assert engine.provider is cpu and engine._device_provider is None
+        assert "device_provider" not in engine.get_info()
     assert got == _cpu_tokens(tiny_llama)
