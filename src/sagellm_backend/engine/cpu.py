@@ -163,12 +163,9 @@ class CPUEngine(HFEngineCore):
         self._cpu_config = config
 
     def _make_provider(self) -> Any:
-        from sagellm_backend.providers.cpu import CPUBackendProvider
+        from sagellm_backend.engine.hf._serving_parts import host_provider
 
-        opts = self._options
-        if opts.kv_cache_memory_bytes is not None:
-            return CPUBackendProvider(kv_memory_bytes=opts.kv_cache_memory_bytes)
-        return CPUBackendProvider()
+        return host_provider(self._options)
 
     def _kv_pages_wanted(self, spec: KVSpec, max_batch_size: int) -> int | None:
         """Enough pages for ``max_batch_size`` sequences of the full context, no more.

@@ -51,6 +51,7 @@ from sagellm_backend.base import BackendProvider as BackendProvider  # 0.1.1.2 e
 from sagellm_backend.engine.base import BaseEngine as BaseEngine  # 0.1.1.2 export
 from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf import face
+from sagellm_backend.engine.hf._serving_parts import device_type, host_provider
 from sagellm_backend.engine.hf.core import HFEngineCore
 from sagellm_backend.engine.hf.face import HFFaceFields, LoadSettings, check_bool
 from sagellm_backend.engine.hf.loader import bnb_4bit_fields, check_bnb_options
@@ -219,12 +220,7 @@ class HFCudaEngine(HFEngineCore):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why the engine cannot run here (missing packages or no CUDA device), or None."""
-        reason = face.hf_unavailable_reason()
-        if reason is not None:
-            return reason
-        from sagellm_backend.providers.cuda import unavailable_reason
-
-        return unavailable_reason()
+        return face.hf_unavailable_reason() or _no_cuda_reason()
 
     def _make_provider(self) -> Any:
         """A cuda provider; on a machine without CUDA, a MockBackendProvider (as documented).
@@ -233,9 +229,7 @@ class HFCudaEngine(HFEngineCore):
         no CUDA device the engine takes a mock provider and, through
         :meth:`_make_device_provider`, runs the model on the host CPU, with a WARNING.
         """
-        from sagellm_backend.providers.cuda import unavailable_reason
-
-        if unavailable_reason() is None:
+        if _no_cuda_reason() is None:
             return self._make_cuda_provider()
         from sagellm_backend.providers.mock import MockBackendProvider
 
@@ -255,18 +249,11 @@ class HFCudaEngine(HFEngineCore):
         Without CUDA the model is loaded on the CPU (``device_map`` None), as 0.1.1.2 did;
         a WARNING says so, since every step then runs on the host.
         """
-        from sagellm_backend.providers.cuda import unavailable_reason
-
-        reason = unavailable_reason()
+        reason = _no_cuda_reason()
         if reason is None:
             return self._make_cuda_provider()
         self._run_on_host(reason, "a MockBackendProvider")
-        from sagellm_backend.providers.cpu import CPUBackendProvider
-
-        opts = self._options
-        if opts.kv_cache_memory_bytes is not None:
-            return CPUBackendProvider(kv_memory_bytes=opts.kv_cache_memory_bytes)
-        return CPUBackendProvider()
+        return host_provider(self._options)
 
     def _check_provider(self, provider: Any) -> None:
         """Accept a cuda or mock provider; without CUDA also a cpu one.
@@ -277,25 +264,17 @@ class HFCudaEngine(HFEngineCore):
         Raises:
             ConfigError: any other provider, or a cpu one on a machine with CUDA.
         """
-        from sagellm_backend.providers.cuda import unavailable_reason
-
-        if self._is_cpu(provider) and unavailable_reason() is not None:
+        if device_type(provider) == "cpu" and _no_cuda_reason() is not None:
             return
         super()._check_provider(provider)
 
     def _device_for(self, provider: Any) -> Any:
         """A cpu provider (no CUDA here, see :meth:`_check_provider`) runs the model itself."""
-        if self._is_cpu(provider):
-            from sagellm_backend.providers.cuda import unavailable_reason
-
-            self._run_on_host(unavailable_reason() or "", f"the {type(provider).__name__}")
+        if device_type(provider) == "cpu":
+            self._run_on_host(_no_cuda_reason() or "", f"the {type(provider).__name__}")
             self._device_provider = None
             return provider
         return super()._device_for(provider)
-
-    @staticmethod
-    def _is_cpu(provider: Any) -> bool:
-        return getattr(provider.capability(), "device_type", None) == "cpu"
 
     def _run_on_host(self, reason: str, provider: str) -> None:
         """Load the model on the CPU (no CUDA here), with a WARNING naming why."""
@@ -319,6 +298,13 @@ class HFCudaEngine(HFEngineCore):
         if self._on_host:
             return self._full_context_pages(spec, max_batch_size)
         return None
+
+
+def _no_cuda_reason() -> str | None:
+    """Why there is no usable CUDA device here (None: there is one)."""
+    from sagellm_backend.providers.cuda import unavailable_reason
+
+    return unavailable_reason()
 
 
 #: What :func:`create_cuda_engine` uses for documented fields a sagellm-core config lacks.

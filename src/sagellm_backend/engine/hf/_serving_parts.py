@@ -43,6 +43,23 @@ def provider_dtypes(provider: Any) -> list[str] | None:
     return [str(getattr(d, "value", d)) for d in dtypes]
 
 
+def device_type(provider: Any) -> str | None:
+    """``provider.capability().device_type`` (None when the capability does not say)."""
+    return getattr(provider.capability(), "device_type", None)
+
+
+def host_provider(options: EngineOptions) -> Any:
+    """A cpu provider for an engine whose model runs on the host.
+
+    Its KV budget is ``kv_cache_memory_bytes`` when set, else the cpu provider's default.
+    """
+    from sagellm_backend.providers.cpu import CPUBackendProvider
+
+    if options.kv_cache_memory_bytes is not None:
+        return CPUBackendProvider(kv_memory_bytes=options.kv_cache_memory_bytes)
+    return CPUBackendProvider()
+
+
 def build_runner(
     model: Any,
     kv: KVCacheManager,

@@ -44,6 +44,7 @@ from sagellm_backend.engine.base import EngineConfig
 from sagellm_backend.engine.hf._serving_parts import (
     HFDetok,
     bos_token_id,
+    device_type,
     hf_tokenize,
     inference_mode,
     provider_dtypes,
@@ -195,11 +196,11 @@ class HFEngineCore(ScheduledEngine):
             ConfigError: naming the engine, the provider and its device type.
         """
         expected = self.backend_type()
-        device_type = getattr(provider.capability(), "device_type", None)
-        if device_type not in (None, expected, "mock"):
+        kind = device_type(provider)
+        if kind not in (None, expected, "mock"):
             raise ConfigError(
                 f"{self.ENGINE_NAME} needs a {expected} (or mock) provider, got "
-                f"{type(provider).__name__} (device_type {device_type!r}){self.PROVIDER_HINT}"
+                f"{type(provider).__name__} (device_type {kind!r}){self.PROVIDER_HINT}"
             )
 
     def _device_for(self, provider: Any) -> Any:
@@ -211,7 +212,7 @@ class HFEngineCore(ScheduledEngine):
         engine's ``provider``; the model computes on the real device, and the memory figures
         come from the provider that holds its K/V.
         """
-        if getattr(provider.capability(), "device_type", None) != "mock":
+        if device_type(provider) != "mock":
             self._device_provider = None
             return provider
         if self._device_provider is None:

@@ -249,9 +249,7 @@ class HFStatefulRunner:
         self._dissolve([c.seq_id for c in chunks])  # restarts of members of the kept batch
         width = max(len(c.token_ids) for c in chunks)
         pads = [width - len(c.token_ids) for c in chunks]
-        mask = torch.ones(len(chunks), width, dtype=torch.long)
-        for r, pad in enumerate(pads):
-            mask[r, :pad] = 0
+        mask = _padding_mask(pads, width)
         batch_cache = self._new_cache()
         out = self._call(
             [[0] * pad + list(c.token_ids) for c, pad in zip(chunks, pads, strict=True)],
@@ -303,9 +301,7 @@ class HFStatefulRunner:
         width = batch.width
         mask = None
         if has_attention(batch.cache):  # the padding of the K/V; an SSM step has none
-            mask = torch.ones(len(rows), width + 1, dtype=torch.long)
-            for r, pad in enumerate(batch.pads):
-                mask[r, :pad] = 0
+            mask = _padding_mask(batch.pads, width + 1)
         out = self._call(
             [[tok] for _, tok, _ in rows],
             batch.cache,
@@ -436,10 +432,8 @@ class HFStatefulRunner:
     # ------------------------------------------------------------------ lifetime
     def release(self, seq_id: str) -> None:
         """Drop the sequence's cache and saved state."""
-        if self._batch is not None and seq_id in self._batch.seq_ids:
-            self._seqs.pop(seq_id, None)  # its row is skipped when the batch is split
-            self._dissolve()
         self._seqs.pop(seq_id, None)
+        self._dissolve((seq_id,))  # a member: the others get their state back, its row is skipped
         if self._current == seq_id:
             self._current = None
 
@@ -488,6 +482,14 @@ def prefill_groups(
     if len(group) > 1:
         groups.append(group)
     return groups
+
+
+def _padding_mask(pads: Sequence[int], width: int) -> torch.Tensor:
+    """A 2-D attention mask of ``width`` columns: row ``r`` masks its first ``pads[r]``."""
+    mask = torch.ones(len(pads), width, dtype=torch.long)
+    for r, pad in enumerate(pads):
+        mask[r, :pad] = 0
+    return mask
 
 
 def _state_reset(module: Any, model: Any, device: torch.device, dtype: torch.dtype) -> Any:

@@ -111,8 +111,8 @@ class ScheduledEngine(BaseEngine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_lock: asyncio.Lock | None = None
         self._pending_build: asyncio.Future[Serving] | None = None
-        self._stop_requested = False
-        #: stop() calls so far: a start() that waited across one does not start
+        #: stop() calls so far: a start() during which one came (while it waited for another
+        #: start() or while it built) does not start
         self._stop_calls = 0
         self._starting = False
         self._start_done: asyncio.Event | None = None
@@ -180,12 +180,11 @@ class ScheduledEngine(BaseEngine):
                     "start() waited for another; the engine is stopped"
                 )
             await self._settle()
-            self._stop_requested = False
             self._starting = True
             self._start_done = asyncio.Event()
             try:
                 serving = await self._build()
-                if self._stop_requested:
+                if self._stop_calls != stops:
                     undo_serving(serving)
                     raise BackendNotAvailableError(
                         f"{type(self).__name__} {self.engine_id!r}: stop() was called during "
@@ -250,7 +249,6 @@ class ScheduledEngine(BaseEngine):
         """
         self._stop_calls += 1
         if self._starting:
-            self._stop_requested = True
             done = self._start_done
             if done is not None:
                 await asyncio.shield(done.wait())
