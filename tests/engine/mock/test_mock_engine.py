@@ -545,6 +545,24 @@ async def test_stop_during_two_starts_wins_over_both() -> None:
     await eng.stop()
 
 
+async def test_stop_while_start_settles_wins() -> None:
+    """A stop() that comes while start() waits for what an earlier stop() left running."""
+    eng = MockEngine(MockEngineConfig("settling", 0.0, 0.0))
+    real_settle = eng._settle
+
+    async def slow_settle() -> None:
+        await asyncio.sleep(0.01)
+        await real_settle()
+
+    eng._settle = slow_settle  # type: ignore[method-assign]
+    starting = asyncio.create_task(eng.start())
+    await asyncio.sleep(0)
+    await eng.stop()
+    with pytest.raises(BackendNotAvailableError, match="stop\\(\\) was called"):
+        await starting
+    assert not eng.is_running
+
+
 async def test_a_start_waiting_on_a_failed_start_starts_the_engine_itself() -> None:
     eng = MockEngine(MockEngineConfig("flaky-start", 0.0, 0.0))
     real_build = eng._build
