@@ -22,7 +22,10 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
    cache) (*engine_gather*);
 6. with ``--serial-prefill``: the engine with the per-sequence runner's batched prefill off
    (every new prompt its own forward, the behaviour before prompts were batched)
-   (*engine_serial_prefill*).
+   (*engine_serial_prefill*);
+7. with ``--rebuild-batch``: the engine with the batched fallback runner's kept decode batch
+   off (the padded batch cache rebuilt from the sequences' own K/V every step, the behaviour
+   before it was kept) (*engine_rebuild*).
 
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
@@ -37,11 +40,12 @@ machine a 16-row decode step of ``bench-gpt2`` took ~15% longer and small ops su
 ``--models bench-mamba`` and ``--models bench-qwen3-next`` measure the per-sequence runner
 (``hf-sequential``: models with recurrent state keep one cache per sequence, merged into
 batches for decode steps and new prompts where the model allows it) on a random Mamba and a
-random hybrid Qwen3-Next of similar size.
+random hybrid Qwen3-Next of similar size; ``--models bench-bloom`` the batched fallback
+runner (``hf-batched``: the model's own attention and cache, here BLOOM's ALiBi).
 
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
-      [--gather-decode] [--serial-prefill] [--json FILE]
+      [--gather-decode] [--serial-prefill] [--rebuild-batch] [--json FILE]
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variants.append("engine_gather")
     if args.serial_prefill:
         variants.append("engine_serial_prefill")
+    if args.rebuild_batch:
+        variants.append("engine_rebuild")
 
     def configure(key: str) -> Any:
         def apply(eng: Any) -> None:  # after each start (a restart builds a new runner)
@@ -127,6 +133,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if not getattr(runner, "batched_prefill", False):
                     raise SystemExit("--serial-prefill: the engine's runner batches no prefill")
                 runner.batched_prefill = False  # type: ignore[union-attr]
+            if key == "engine_rebuild":
+                runner = getattr(eng, "_runner", None)
+                if not hasattr(runner, "keep_batch"):
+                    raise SystemExit("--rebuild-batch: the engine's runner keeps no batch")
+                runner.keep_batch = False  # type: ignore[union-attr]
 
         return apply
 
@@ -238,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         "--serial-prefill",
         action="store_true",
         help="also run the engine with the per-sequence runner's batched prefill off",
+    )
+    ap.add_argument(
+        "--rebuild-batch",
+        action="store_true",
+        help="also run the engine with the batched fallback runner's kept batch off",
     )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)

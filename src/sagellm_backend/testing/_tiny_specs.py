@@ -257,6 +257,15 @@ SPECS: dict[str, TinyModelSpec] = {
         "random Phi-3, 8 layers, hidden 512, GQA 8/4 heads, vocab 8000, fp32 "
         "(~33M params; bench-llama's size)",
     ),
+    "bench-bloom": _bench(
+        "bench-bloom",
+        "bloom",
+        2029,
+        "random BLOOM (ALiBi), 8 layers, hidden 512, 8 heads, vocab 8000, fp32 (~30M params; "
+        "the batched fallback runner's benchmark model)",
+        num_kv_heads=8,
+        intermediate_size=2048,
+    ),
     "bench-mamba": _bench(
         "bench-mamba",
         "mamba",

@@ -253,3 +253,72 @@ def test_paged_runner_covers_the_llama_family(model_type: str) -> None:
                 o.append(tok)
     for p, out in zip(prompts, outs, strict=True):
         assert out == ref.greedy(p, 6)
+
+
+def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
+    """The kept decode batch gives the logits of a cache rebuilt each step, through joins,
+    a middle row leaving (its row cut, the common padding trimmed) and a new prompt."""
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    path = str(ensure_tiny_model("tiny-bloom"))
+    ref = Reference(path)
+    model = ref.model
+    kept = HFCacheRunner(model, max_context=256)
+    rebuilt = HFCacheRunner(model, max_context=256, keep_batch=False)
+    rng = random.Random(11)
+    vocab = model.config.vocab_size
+    prompts = {
+        sid: [rng.randrange(4, vocab) for _ in range(n)]
+        for sid, n in (("a", 7), ("b", 20), ("c", 3), ("d", 11))
+    }
+    outs: dict[str, list[int]] = {sid: [] for sid in prompts}
+
+    def step(decode: list[str], prefill: list[str] = ()) -> None:  # type: ignore[assignment]
+        chunks = [
+            SeqChunk(s, [outs[s][-1]], len(prompts[s]) + len(outs[s]) - 1, [], True) for s in decode
+        ] + [SeqChunk(s, prompts[s], 0, [], True) for s in prefill]
+        with torch.inference_mode():
+            got = kept.execute(chunks)
+            want = rebuilt.execute(chunks)
+        assert torch.equal(got, want)
+        for c, t in zip(chunks, got.argmax(-1).tolist(), strict=True):
+            outs[c.seq_id].append(t)
+
+    step([], ["a", "b", "c"])
+    for _ in range(4):
+        step(["a", "b", "c"])
+    assert kept.kept_steps == 3 and rebuilt.kept_steps == 0
+    for runner in (kept, rebuilt):
+        runner.release("b")  # the longest row: the others' common padding goes
+    for _ in range(3):
+        step(["a", "c"])
+    assert kept.kept_steps == 6 and kept.dissolved == 0
+    step(["a", "c"], ["d"])  # a prompt joins: the kept rows are written back first
+    assert kept.dissolved == 1
+    for _ in range(3):
+        step(["a", "c", "d"])
+    assert kept.kept_steps == 8
+    for sid in ("a", "c", "d"):
+        assert outs[sid] == ref.greedy(prompts[sid], len(outs[sid]))
+    kept.release("c")
+    # A forward that fails on the kept batch loses its rows' K/V (the cache may have grown
+    # in some layers only): the sequences are forgotten and start again from position 0.
+    chunks = [
+        SeqChunk(s, [outs[s][-1]], len(prompts[s]) + len(outs[s]) - 1, [], True) for s in ("a", "d")
+    ]
+
+    def boom(**_: Any) -> None:
+        raise RuntimeError("injected forward failure")
+
+    kept.model = boom
+    with pytest.raises(RuntimeError, match="injected"):
+        kept.execute(chunks)
+    assert kept._kept is None and not kept._seqs
+    kept.model = model
+    with pytest.raises(ValueError, match="holds 0 tokens"):
+        kept.execute(chunks)
+    with torch.inference_mode():
+        again = kept.execute([SeqChunk("a", prompts["a"], 0, [], True)])
+    assert again.argmax(-1).tolist() == outs["a"][:1]
+    kept.release("a")
+    assert kept._kept is None and not kept._seqs

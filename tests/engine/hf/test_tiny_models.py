@@ -25,10 +25,11 @@ pytest.importorskip("transformers")
 
 def test_list_and_specs() -> None:
     names = list_tiny_models()
-    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-5:] == [
+    assert names[:2] == ["tiny-llama", "tiny-gpt2"] and names[-6:] == [
         "bench-llama",
         "bench-gpt2",
         "bench-phi3",
+        "bench-bloom",
         "bench-mamba",
         "bench-qwen3-next",
     ]

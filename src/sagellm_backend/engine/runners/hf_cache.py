@@ -16,6 +16,16 @@ runs each step as **one** forward over all scheduled sequences:
 * after the forward, the new K/V of each row (columns ``C..C+n_b-1``) are appended to the
   sequence's buffers, and logits are taken at each row's last real token.
 
+Kept batch: a step of decode tokens only (one token per sequence, one forward) leaves a
+cache in which row ``b`` is sequence ``b``'s K/V left-padded to a common width, the cache
+``generate`` keeps for a static batch. The runner keeps it (with its attention mask) instead
+of copying each row's new K/V back, and while the next steps decode exactly the same
+sequences in the same order it runs them on that cache, growing it by one column per step
+(no per-step copy of the cached K/V). A sequence that leaves (:meth:`release`) is dropped
+from it (its row removed, the common left padding trimmed: the cache a fresh build would
+make); any other step first writes every row back into the sequences' own buffers
+(*dissolves* it). Only caches whose layers are plain ``DynamicLayer`` are kept.
+
 K/V admission still goes through the KV manager (accounting only: the engine gives these
 runners a manager without storage): ``uses_paged_kv`` is False, so the scheduler never
 expects prefix pages to be reused.
@@ -24,6 +34,9 @@ Invariants:
     * A chunk continues its sequence: ``start`` equals the tokens the runner holds for it,
       or is 0 (a restart after preemption drops what was held).
     * ``execute`` is called from the scheduler thread only.
+    * A sequence's K/V is the first ``synced`` tokens in its own buffers, and, while it is a
+      row of the kept batch, all ``length`` tokens in that row (after its left padding);
+      otherwise ``synced == length``. A kept row's width is its padding plus ``length``.
 """
 
 from __future__ import annotations
@@ -49,11 +62,22 @@ def embedding_facts(model: Any) -> tuple[torch.device, int, torch.dtype]:
 
 @dataclass(slots=True)
 class _SeqKV:
-    """One sequence's K/V: per layer ``[kv_heads, capacity, head_dim]``; ``length`` used."""
+    """One sequence's K/V: per layer ``[kv_heads, capacity, head_dim]``.
+
+    ``length`` tokens have K/V; the first ``synced`` of them are in these buffers (the rest
+    in the kept batch's row).
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int
+    synced: int = 0
+
+    def empty(self) -> None:
+        """Give the buffers' memory back (their tokens live in the kept batch)."""
+        self.keys = [k.new_empty(k.shape[0], 0, k.shape[2]) for k in self.keys]
+        self.values = [v.new_empty(v.shape[0], 0, v.shape[2]) for v in self.values]
+        self.synced = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: int) -> None:
         n = k.shape[1]
@@ -70,6 +94,27 @@ class _SeqKV:
         buf_v[:, at : at + n] = v
 
 
+@dataclass(slots=True)
+class _Kept:
+    """The kept decode batch (see the module docstring).
+
+    Row ``r`` of ``cache`` is ``ids[r]``'s K/V after ``pads[r]`` columns of padding;
+    ``mask`` (``[rows, width]``, on the device) marks the real columns.
+    """
+
+    ids: list[str]
+    cache: Any
+    mask: torch.Tensor
+    pads: list[int]
+
+
+def _keepable(layers: Sequence[Any]) -> bool:
+    """Whether a cache's layers can be kept and cut (plain ``DynamicLayer`` layers only)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(lay) is DynamicLayer for lay in layers)
+
+
 class HFBatchedRunner:
     """The model's own forward with a batched HF cache (see the module docstring).
 
@@ -83,6 +128,8 @@ class HFBatchedRunner:
         prepack_weights: on CPU with fp32 or bf16 weights, give plain linear layers a
             oneDNN-prepacked copy of their weights (see :mod:`._prepack`; a second copy of
             those weights' memory). Ignored where unsupported.
+        keep_batch: keep the cache of a decode-only step for the next steps (the kept
+            batch, see the module docstring); False rebuilds it every step.
 
     Raises:
         ValueError: on bad arguments.
@@ -98,6 +145,7 @@ class HFBatchedRunner:
         max_batch_size: int = 64,
         pad_token_id: int = 0,
         prepack_weights: bool = False,
+        keep_batch: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -112,6 +160,11 @@ class HFBatchedRunner:
         self._positions = "position_ids" in params
         self._keep = "logits_to_keep" in params
         self._seqs: dict[str, _SeqKV] = {}
+        self.keep_batch = keep_batch
+        self._kept: _Kept | None = None
+        #: counters: forwards on the kept batch, and dissolutions of it
+        self.kept_steps = 0
+        self.dissolved = 0
         #: linear layers run on oneDNN-prepacked weights
         self.prepacked = can_prepack(prepack_weights, self.device, dtype) and (
             prepack_linears(model) > 0
@@ -120,13 +173,23 @@ class HFBatchedRunner:
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Run all chunks in batched forwards (see the module docstring)."""
+        kept = self._kept
+        if kept is not None and not _continues(kept, chunks):
+            self._dissolve()
         self._validate(chunks)
-        rows: list[torch.Tensor] = []
+        if self._kept is not None:
+            rows = self._forward_kept(chunks)
+            return torch.stack(rows).float() if rows else self._no_rows()
+        rows = []
+        one = self.keep_batch and len(chunks) <= self.max_batch_size
         for i in range(0, len(chunks), self.max_batch_size):
-            rows.extend(self._forward(chunks[i : i + self.max_batch_size]))
+            rows.extend(self._forward(chunks[i : i + self.max_batch_size], may_keep=one))
         if not rows:
-            return torch.empty(0, self.vocab_size, device=self.device)
+            return self._no_rows()
         return torch.stack(rows).float()
+
+    def _no_rows(self) -> torch.Tensor:
+        return torch.empty(0, self.vocab_size, device=self.device)
 
     def _validate(self, chunks: Sequence[SeqChunk]) -> None:
         seqs = self._seqs
@@ -140,7 +203,12 @@ class HFBatchedRunner:
 
         return DynamicCache()
 
-    def _forward(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+    def _forward(self, chunks: Sequence[SeqChunk], *, may_keep: bool) -> list[torch.Tensor]:
+        """One forward over ``chunks`` on a cache built from the sequences' buffers.
+
+        With ``may_keep`` (these are all of the step's chunks) and decode tokens only, the
+        resulting cache becomes the kept batch instead of being copied back.
+        """
         dev = self.device
         b = len(chunks)
         held = [self._seqs.get(c.seq_id) for c in chunks]
@@ -186,6 +254,7 @@ class HFBatchedRunner:
                 f"{type(new_cache).__name__} has no per-layer keys/values; the batched "
                 "fallback needs a transformers Cache"
             )
+        keep = may_keep and big_n == 1 and _keepable(layers)
         for r, c in enumerate(chunks):
             n = news[r]
             h = held[r]
@@ -202,6 +271,10 @@ class HFBatchedRunner:
                     length=0,
                 )
                 self._seqs[c.seq_id] = h
+            if keep:  # the kept row holds every token of it
+                h.empty()
+                h.length += n
+                continue
             for li, lay in enumerate(layers):
                 h.append(
                     li,
@@ -210,6 +283,14 @@ class HFBatchedRunner:
                     h.length,
                 )
             h.length += n
+            h.synced = h.length
+        if keep:
+            self._kept = _Kept(
+                [c.seq_id for c in chunks],
+                new_cache,
+                mask.to(dev),
+                [big_c - cb for cb in cached],
+            )
         logits = out.logits
         result: list[torch.Tensor] = []
         for r, c in enumerate(chunks):
@@ -220,10 +301,91 @@ class HFBatchedRunner:
             result.append(logits[r, idx])
         return result
 
+    def _forward_kept(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+        """One decode step of exactly the kept batch's sequences, on its cache."""
+        kept = self._kept
+        assert kept is not None
+        dev = self.device
+        b = len(chunks)
+        ids = torch.tensor([c.token_ids for c in chunks], dtype=torch.long, device=dev)
+        mask = torch.cat([kept.mask, kept.mask.new_ones(b, 1)], dim=1)
+        kwargs: dict[str, Any] = {self._cache_kw: kept.cache, "use_cache": True}
+        if self._positions:
+            kwargs["position_ids"] = torch.tensor(
+                [[c.start] for c in chunks], dtype=torch.long, device=dev
+            )
+        if self._keep:
+            kwargs["logits_to_keep"] = torch.tensor([0], dtype=torch.long, device=dev)
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        except BaseException:
+            # the cache may have grown in some layers only: its sequences' K/V are lost
+            self._kept = None
+            for sid in kept.ids:
+                self._seqs.pop(sid, None)
+            raise
+        new_cache = getattr(out, "past_key_values", None)
+        if new_cache is not None:
+            kept.cache = new_cache
+        kept.mask = mask
+        seqs = self._seqs
+        for c in chunks:
+            seqs[c.seq_id].length += 1
+        self.kept_steps += 1
+        logits = out.logits
+        return [logits[r, 0] for r, c in enumerate(chunks) if c.need_logits]
+
+    def _dissolve(self) -> None:
+        """Write the kept rows back into their sequences' buffers; keep nothing."""
+        kept = self._kept
+        if kept is None:
+            return
+        self._kept = None
+        self.dissolved += 1
+        layers = kept.cache.layers
+        for r, sid in enumerate(kept.ids):
+            h = self._seqs.get(sid)
+            if h is None:
+                continue
+            lo, hi = kept.pads[r] + h.synced, kept.pads[r] + h.length
+            for li, lay in enumerate(layers):
+                h.append(li, lay.keys[r, :, lo:hi], lay.values[r, :, lo:hi], h.synced)
+            h.synced = h.length
+
     def release(self, seq_id: str) -> None:
-        """Drop the sequence's K/V."""
+        """Drop the sequence's K/V (and its row of the kept batch)."""
         self._seqs.pop(seq_id, None)
+        kept = self._kept
+        if kept is None or seq_id not in kept.ids:
+            return
+        r = kept.ids.index(seq_id)
+        rest = [i for i in range(len(kept.ids)) if i != r]
+        if not rest:
+            self._kept = None
+            return
+        # the cache a fresh build of the remaining rows would make: no all-padding columns
+        trim = min(kept.pads[i] for i in rest)
+        idx = torch.tensor(rest, dtype=torch.long, device=kept.mask.device)
+        for lay in kept.cache.layers:
+            lay.keys = lay.keys.index_select(0, idx)[:, :, trim:]
+            lay.values = lay.values.index_select(0, idx)[:, :, trim:]
+        kept.mask = kept.mask.index_select(0, idx)[:, trim:]
+        kept.ids = [kept.ids[i] for i in rest]
+        kept.pads = [kept.pads[i] - trim for i in rest]
 
     def reset(self) -> None:
         """Drop every sequence's K/V."""
+        self._kept = None
         self._seqs.clear()
+
+
+def _continues(kept: _Kept, chunks: Sequence[SeqChunk]) -> bool:
+    """Whether ``chunks`` are one decode token of each kept sequence, in the kept order."""
+    ids = kept.ids
+    if len(chunks) != len(ids):
+        return False
+    for c, sid in zip(chunks, ids, strict=True):
+        if c.seq_id != sid or c.start == 0 or len(c.token_ids) != 1:
+            return False
+    return True
