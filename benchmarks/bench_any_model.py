@@ -25,7 +25,11 @@ ratio taken inside one pass, medians over ``--repeat`` passes):
    (*engine_serial_prefill*);
 7. with ``--rebuild-batch``: the engine with the batched fallback runner's kept decode batch
    off (the padded batch cache rebuilt from the sequences' own K/V every step, the behaviour
-   before it was kept) (*engine_rebuild*).
+   before it was kept, with decode rows in the padded forward of the step's prompts)
+   (*engine_rebuild*).
+
+``--stagger-ms MS`` submits engine request ``i`` at ``i * MS`` ms instead of all at once
+(prompts arrive while others decode; the static batch cannot, so compare engine variants).
 
 Greedy outputs are compared token by token with 1. The machine may be shared: compare
 only the ratios printed by one run.
@@ -45,7 +49,7 @@ runner (``hf-batched``: the model's own attention and cache, here BLOOM's ALiBi)
 
 Run:  python benchmarks/bench_any_model.py [--models bench-gpt2,bench-phi3,bench-llama]
       [--quick] [--repeat N] [--requests N] [--new-tokens N] [--one-decode-group]
-      [--gather-decode] [--serial-prefill] [--rebuild-batch] [--json FILE]
+      [--gather-decode] [--serial-prefill] [--rebuild-batch] [--stagger-ms MS] [--json FILE]
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def engine_phase(key: str) -> Any:
         with serving(engines[key], loop, wl.ids[0], configure(key)) as eng:
-            return run_engine_concurrent(eng, wl, loop)
+            return run_engine_concurrent(eng, wl, loop, args.stagger_ms)
 
     try:
         for key in variants:
@@ -254,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rebuild-batch",
         action="store_true",
         help="also run the engine with the batched fallback runner's kept batch off",
+    )
+    ap.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=0.0,
+        help="engine phases: submit request i at i * this many ms (arrivals while serving)",
     )
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)

@@ -305,11 +305,18 @@ def make_request(i: int, ids: list[int], new_tokens: int, tag: str) -> Any:
 
 
 async def _engine_concurrent(
-    engine: Any, prompts: list[list[int]], n: int, tag: str
+    engine: Any, prompts: list[list[int]], n: int, tag: str, stagger_ms: float = 0.0
 ) -> tuple[Any, float]:
+    """Every request at once, or request ``i`` submitted ``i * stagger_ms`` after the first."""
     reqs = [make_request(i, ids, n, tag) for i, ids in enumerate(prompts)]
+
+    async def one(i: int, req: Any) -> Any:
+        if stagger_ms:
+            await asyncio.sleep(i * stagger_ms / 1000.0)
+        return await engine.execute(req)
+
     t0 = time.perf_counter()
-    responses = await asyncio.gather(*(engine.execute(r) for r in reqs))
+    responses = await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
     return responses, time.perf_counter() - t0
 
 
@@ -320,11 +327,11 @@ def _check_responses(responses: list[Any], name: str) -> None:
 
 
 def run_engine_concurrent(
-    engine: Any, wl: Workload, loop: asyncio.AbstractEventLoop
+    engine: Any, wl: Workload, loop: asyncio.AbstractEventLoop, stagger_ms: float = 0.0
 ) -> tuple[PhaseResult, list[list[int]]]:
     with RssSampler() as rss:
         responses, secs = loop.run_until_complete(
-            _engine_concurrent(engine, wl.ids, wl.new_tokens, "conc")
+            _engine_concurrent(engine, wl.ids, wl.new_tokens, "conc", stagger_ms)
         )
     _check_responses(responses, "engine concurrent")
     outputs = [list(r.output_tokens) for r in responses]

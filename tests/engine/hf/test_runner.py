@@ -256,8 +256,10 @@ def test_paged_runner_covers_the_llama_family(model_type: str) -> None:
 
 
 def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
-    """The kept decode batch gives the logits of a cache rebuilt each step, through joins,
-    a middle row leaving (its row cut, the common padding trimmed) and a new prompt."""
+    """The kept decode batch gives the logits of a cache rebuilt each step (bit for bit while
+    both ran the same shapes: until decode rows first run apart from a prompt), through a middle row leaving (its row
+    cut, the common padding trimmed), prompts joining (decode rows run apart from them, then
+    the new sequences become rows, one longer than the batch) and a failed forward."""
     from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model("tiny-bloom"))
@@ -269,19 +271,28 @@ def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
     vocab = model.config.vocab_size
     prompts = {
         sid: [rng.randrange(4, vocab) for _ in range(n)]
-        for sid, n in (("a", 7), ("b", 20), ("c", 3), ("d", 11))
+        for sid, n in (("a", 7), ("b", 20), ("c", 3), ("d", 11), ("e", 40))
     }
     outs: dict[str, list[int]] = {sid: [] for sid in prompts}
+    exact = [True]
 
-    def step(decode: list[str], prefill: list[str] = ()) -> None:  # type: ignore[assignment]
-        chunks = [
+    def chunks_for(decode: list[str], prefill: list[str]) -> list[SeqChunk]:
+        return [
             SeqChunk(s, [outs[s][-1]], len(prompts[s]) + len(outs[s]) - 1, [], True) for s in decode
         ] + [SeqChunk(s, prompts[s], 0, [], True) for s in prefill]
+
+    def step(decode: list[str], prefill: list[str] = ()) -> None:  # type: ignore[assignment]
+        chunks = chunks_for(decode, prefill)
         with torch.inference_mode():
             got = kept.execute(chunks)
             want = rebuilt.execute(chunks)
-        assert torch.equal(got, want)
-        for c, t in zip(chunks, got.argmax(-1).tolist(), strict=True):
+        if prefill and decode:  # the kept runner runs the decode rows in a forward of their
+            exact[0] = False  # own: other GEMM shapes, other rounding from here on
+        if exact[0]:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for c, t in zip(chunks, want.argmax(-1).tolist(), strict=True):
             outs[c.seq_id].append(t)
 
     step([], ["a", "b", "c"])
@@ -292,20 +303,23 @@ def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
         runner.release("b")  # the longest row: the others' common padding goes
     for _ in range(3):
         step(["a", "c"])
-    assert kept.kept_steps == 6 and kept.dissolved == 0
-    step(["a", "c"], ["d"])  # a prompt joins: the kept rows are written back first
-    assert kept.dissolved == 1
+    assert kept.kept_steps == 6
+    step(["a", "c"], ["d"])  # a prompt joins: the decode rows stay on the kept batch
+    step(["a", "c", "d"])  # d becomes a row
+    step(["a", "c", "d"], ["e"])
     for _ in range(3):
-        step(["a", "c", "d"])
-    assert kept.kept_steps == 8
-    for sid in ("a", "c", "d"):
+        step(["a", "c", "d", "e"])  # e is longer than the batch: the others get more padding
+    assert kept.kept_steps == 12 and kept.dissolved == 0
+    assert kept._kept is not None and kept._kept.ids == ["a", "c", "d", "e"]
+    step(["e", "a"])  # not the kept rows in order: every row is written back first
+    assert kept.dissolved == 1 and kept._kept is not None and kept._kept.ids == ["e", "a"]
+    step(["e", "a", "c", "d"])
+    for sid in ("a", "c", "d", "e"):
         assert outs[sid] == ref.greedy(prompts[sid], len(outs[sid]))
     kept.release("c")
     # A forward that fails on the kept batch loses its rows' K/V (the cache may have grown
     # in some layers only): the sequences are forgotten and start again from position 0.
-    chunks = [
-        SeqChunk(s, [outs[s][-1]], len(prompts[s]) + len(outs[s]) - 1, [], True) for s in ("a", "d")
-    ]
+    chunks = chunks_for(["e", "a", "d"], [])  # the kept rows, in order
 
     def boom(**_: Any) -> None:
         raise RuntimeError("injected forward failure")

@@ -3,7 +3,7 @@
 For models whose attention cannot be replaced (bloom, falcon, mpt, ...: no
 attention-backend support) the runner keeps every sequence's K/V itself (one
 ``[kv_heads, length, head_dim]`` tensor pair per layer, in its own growing buffer) and
-runs each step as **one** forward over all scheduled sequences:
+runs the sequences of a step together, in padded batch forwards built like this:
 
 * row ``b`` of the batch holds sequence ``b``'s cached K/V left-padded to the longest
   cached length ``C`` (a fresh ``DynamicCache`` filled with ``update``), then its new tokens
@@ -16,15 +16,23 @@ runs each step as **one** forward over all scheduled sequences:
 * after the forward, the new K/V of each row (columns ``C..C+n_b-1``) are appended to the
   sequence's buffers, and logits are taken at each row's last real token.
 
-Kept batch: a step of decode tokens only (one token per sequence, one forward) leaves a
-cache in which row ``b`` is sequence ``b``'s K/V left-padded to a common width, the cache
-``generate`` keeps for a static batch. The runner keeps it (with its attention mask) instead
-of copying each row's new K/V back, and while the next steps decode exactly the same
-sequences in the same order it runs them on that cache, growing it by one column per step
-(no per-step copy of the cached K/V). A sequence that leaves (:meth:`release`) is dropped
-from it (its row removed, the common left padding trimmed: the cache a fresh build would
-make); any other step first writes every row back into the sequences' own buffers
-(*dissolves* it). Only caches whose layers are plain ``DynamicLayer`` are kept.
+Decode rows apart: the one-token continuations of a step (decode tokens) run in a forward
+of their own, not in the padded forward of the step's prompts (where each would compute as
+many columns as the longest prompt).
+
+Kept batch: a forward of decode tokens only leaves a cache in which row ``b`` is sequence
+``b``'s K/V left-padded to a common width, the cache ``generate`` keeps for a static batch.
+The runner keeps it (with its attention mask) instead of copying each row's new K/V back,
+and the next steps' decode tokens run on it, growing it by one column per step (no per-step
+copy of the cached K/V), as long as they are the kept sequences in the kept order followed
+by sequences that join (their K/V become new rows; when one is longer than the batch, the
+other rows get more left padding). A sequence that leaves (:meth:`release`) is cut out (its
+row removed, the common left padding trimmed). Every such batch is the one a fresh build of
+its rows would make. Anything else (another order, a kept sequence computing several
+tokens, more than ``max_batch_size`` decode rows) first writes every row back into the
+sequences' own buffers (*dissolves* it). Only caches whose layers are plain
+``DynamicLayer`` are kept. ``keep_batch=False`` runs each step as one padded forward over
+all its chunks on a batch built from the buffers (the behaviour before).
 
 K/V admission still goes through the KV manager (accounting only: the engine gives these
 runners a manager without storage): ``uses_paged_kv`` is False, so the scheduler never
@@ -47,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.functional import pad
 
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
@@ -173,20 +182,57 @@ class HFBatchedRunner:
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Run all chunks in batched forwards (see the module docstring)."""
-        kept = self._kept
-        if kept is not None and not _continues(kept, chunks):
+        if not self.keep_batch:
             self._dissolve()
+            self._validate(chunks)
+            return self._stack(self._forward_all(chunks))
+        kept = self._kept
+        if kept is not None:
+            if _continues(kept, chunks):
+                self._validate(chunks)
+                return self._stack(self._forward_kept(chunks))
+            members = set(kept.ids)
+            if any(len(c.token_ids) != 1 or c.start == 0 for c in chunks if c.seq_id in members):
+                self._dissolve()  # a kept sequence computes more than one token
         self._validate(chunks)
-        if self._kept is not None:
-            rows = self._forward_kept(chunks)
-            return torch.stack(rows).float() if rows else self._no_rows()
-        rows = []
-        one = self.keep_batch and len(chunks) <= self.max_batch_size
+        # One-token continuations (decode tokens) run on their own, on the kept batch: with
+        # a prompt in the same padded forward, each would compute as many tokens as it.
+        single = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.start > 0]
+        if not single or len(single) == len(chunks):
+            return self._stack(self._decode(chunks) if single else self._forward_all(chunks))
+        mine = set(single)
+        decode = self._decode([chunks[i] for i in single])
+        prompt = self._forward_all([c for i, c in enumerate(chunks) if i not in mine])
+        rows: list[torch.Tensor] = []
+        for i, c in enumerate(chunks):  # the logits rows in chunk order
+            if c.need_logits:
+                rows.append(decode.pop(0) if i in mine else prompt.pop(0))
+        return self._stack(rows)
+
+    def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(rows).float() if rows else self._no_rows()
+
+    def _forward_all(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+        """Forwards of at most ``max_batch_size`` chunks, on caches built for them."""
+        rows: list[torch.Tensor] = []
         for i in range(0, len(chunks), self.max_batch_size):
-            rows.extend(self._forward(chunks[i : i + self.max_batch_size], may_keep=one))
-        if not rows:
-            return self._no_rows()
-        return torch.stack(rows).float()
+            rows.extend(self._forward(chunks[i : i + self.max_batch_size], may_keep=False))
+        return rows
+
+    def _decode(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
+        """One-token continuations, on the kept batch or on a new batch that is then kept.
+
+        Sequences that follow the kept ones join it as new rows; forwards are split (and
+        nothing is kept) beyond ``max_batch_size``.
+        """
+        if len(chunks) > self.max_batch_size:
+            self._dissolve()
+            return self._forward_all(chunks)
+        kept = self._kept
+        if kept is not None and self._joins_kept(kept, chunks):
+            return self._forward_kept(chunks)
+        self._dissolve()
+        return self._forward(chunks, may_keep=True)
 
     def _no_rows(self) -> torch.Tensor:
         return torch.empty(0, self.vocab_size, device=self.device)
@@ -335,6 +381,61 @@ class HFBatchedRunner:
         self.kept_steps += 1
         logits = out.logits
         return [logits[r, 0] for r, c in enumerate(chunks) if c.need_logits]
+
+    def _joins_kept(self, kept: _Kept, chunks: Sequence[SeqChunk]) -> bool:
+        """Whether ``chunks`` are the kept sequences in order, then others that can join.
+
+        Those others (each held in its own buffers only) become new rows of the kept batch.
+        """
+        ids = kept.ids
+        k = len(ids)
+        if len(chunks) < k or any(c.seq_id != sid for c, sid in zip(chunks, ids, strict=False)):
+            return False
+        extra = chunks[k:]
+        members = set(ids)
+        seqs = self._seqs
+        for c in extra:
+            h = seqs.get(c.seq_id)
+            if h is None or h.synced != h.length or c.seq_id in members:
+                return False
+        if extra:
+            self._extend_kept(kept, [seqs[c.seq_id] for c in extra], [c.seq_id for c in extra])
+        return True
+
+    def _extend_kept(self, kept: _Kept, held: list[_SeqKV], ids: list[str]) -> None:
+        """Add the sequences' K/V as rows at the end of the kept batch.
+
+        The width becomes the longest length (older rows get more left padding if a new one
+        is longer): the batch a fresh build of all rows would make.
+        """
+        layers = kept.cache.layers
+        mask = kept.mask
+        width = mask.shape[1]
+        grow = max(h.length for h in held) - width
+        if grow > 0:  # left padding: dim -2 of the K/V, dim -1 of the mask
+            for lay in layers:
+                lay.keys = pad(lay.keys, (0, 0, grow, 0))
+                lay.values = pad(lay.values, (0, 0, grow, 0))
+            mask = pad(mask, (grow, 0))
+            kept.pads = [p + grow for p in kept.pads]
+            width += grow
+        b = len(held)
+        for li, lay in enumerate(layers):
+            ks = lay.keys.new_zeros(b, lay.keys.shape[1], width, lay.keys.shape[3])
+            vs = lay.values.new_zeros(b, lay.values.shape[1], width, lay.values.shape[3])
+            for r, h in enumerate(held):
+                ks[r, :, width - h.length :] = h.keys[li][:, : h.length]
+                vs[r, :, width - h.length :] = h.values[li][:, : h.length]
+            lay.keys = torch.cat([lay.keys, ks])
+            lay.values = torch.cat([lay.values, vs])
+        rows = mask.new_zeros(b, width)
+        for r, h in enumerate(held):
+            rows[r, width - h.length :] = 1
+        kept.mask = torch.cat([mask, rows])
+        kept.ids = kept.ids + ids
+        kept.pads = kept.pads + [width - h.length for h in held]
+        for h in held:
+            h.empty()
 
     def _dissolve(self) -> None:
         """Write the kept rows back into their sequences' buffers; keep nothing."""
