@@ -111,6 +111,8 @@ async def test_concurrent_mixed_requests_equal_solo_generate(
     got = await asyncio.wait_for(asyncio.gather(*(join(i) for i in range(8))), 120)
     for i, (tokens, want) in enumerate(zip(got, expected, strict=True)):
         assert tokens == want, (name, i, len(work[i][0]))
+    if MODELS[name] == "hf-batched":  # decode steps ran on the kept batch, joins included
+        assert engine._runner.kept_steps > 0
     await wait_until(lambda: engine.kv_manager.stats().num_seqs == 0)
     assert engine.kv_manager.stats().kv_used_tokens == 0
 
