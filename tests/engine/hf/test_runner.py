@@ -256,10 +256,13 @@ def test_paged_runner_covers_the_llama_family(model_type: str) -> None:
 
 
 def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
-    """The kept decode batch gives the logits of a cache rebuilt each step (bit for bit while
-    both ran the same shapes: until decode rows first run apart from a prompt), through a middle row leaving (its row
-    cut, the common padding trimmed), prompts joining (decode rows run apart from them, then
-    the new sequences become rows, one longer than the batch) and a failed forward."""
+    """The kept decode batch gives the logits of a cache rebuilt each step.
+
+    Bit for bit while both runners ran the same shapes (until decode rows first run apart
+    from a prompt), through a middle row leaving (its row cut, the common padding trimmed),
+    prompts joining (decode rows run apart from them, then the new sequences become rows,
+    one longer than the batch), a dissolution and a failed forward.
+    """
     from sagellm_backend.testing.tiny_models import ensure_tiny_model
 
     path = str(ensure_tiny_model("tiny-bloom"))
