@@ -171,6 +171,15 @@ def test_no_backend_available_is_a_state_not_a_fault(plugin: str) -> None:
     assert "No backend selected" in cli.render_info(info)
 
 
+def test_an_override_that_cannot_run_here_is_a_fault(plugin: str) -> None:
+    backends, engines = registries(
+        plugin, {"cuda": f"{plugin}:gpu"}, env={"SAGELLM_BACKEND": "cuda"}
+    )
+    info = cli.collect_info(backends=backends, engines=engines)
+    assert info["ok"] is False
+    assert "not available on this machine" in info["selection"]["error"]
+
+
 def test_main_info_json_on_the_installed_plugins(capsys: pytest.CaptureFixture[str]) -> None:
     """Every built-in entry point loads and the mock is inspected for real."""
     status = cli.main(["info", "--json"])

@@ -128,7 +128,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, default_max_token
         help="nucleus sampling threshold in (0, 1] (applies when sampling)",
     )
     parser.add_argument(
-        "--seed", type=int, default=None, help="seed of the request's sampler (HF engines)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the request's sampler (every engine, the mock included)",
     )
 
 

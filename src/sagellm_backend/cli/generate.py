@@ -34,7 +34,8 @@ __all__ = ["add_arguments", "run"]
 
 _MODEL_HELP = (
     "model to load: a Hugging Face model directory, a hub id ('org/name'), or a built-in "
-    "offline model (tiny-llama, tiny-gpt2, bench-llama). Required for cpu and cuda; "
+    "offline model (tiny-llama, tiny-gpt2, bench-llama, ...; a bad name lists them). Required "
+    "for cpu and cuda; "
     "optional for mock (its name only)"
 )
 

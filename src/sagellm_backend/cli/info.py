@@ -5,8 +5,8 @@ It shows every installed backend and engine plugin: kind, providing package, sta
 capability matrix and memory read from a freshly created provider, followed by the
 backend auto-selection and its reason. ``--json`` prints the same as one JSON object.
 Exit status: 0, or 1 when a plugin is broken (failed to load, conflicting registrations,
-raising hooks), an available backend could not be inspected, or ``SAGELLM_BACKEND`` names
-an unknown kind.
+raising hooks), an available backend could not be inspected, ``SAGELLM_BACKEND`` names
+an unknown kind or one that cannot run here, or ``--model`` cannot be read.
 
 Invariant: importing this module imports neither torch nor transformers (``--no-inspect``
 never does; inspecting a torch provider does, inside :func:`collect_info`).
@@ -112,7 +112,7 @@ def collect_info(
     Returns:
         ``{"version", "env", "backends": [...], "engines": [...], "selection", "ok"}``;
         ``ok`` is False when a plugin is broken, an inspection failed or the override is
-        invalid (the CLI's exit status 1).
+        invalid or names a backend that cannot run here (the CLI's exit status 1).
     """
     backends = BackendRegistry() if backends is None else backends
     engines = PluginRegistry(ENGINES_GROUP) if engines is None else engines
@@ -138,7 +138,12 @@ def collect_info(
     except (ConfigError, PluginLoadError, PluginConflictError) as exc:
         ok = False
         selection = {"kind": None, "source": None, "error": f"{type(exc).__name__}: {exc}"}
-    except BackendError as exc:  # nothing can run here: a state, not a fault
+    except BackendError as exc:
+        # Auto-selection finding nothing that runs here is a state, not a fault; a kind the
+        # user forced (SAGELLM_BACKEND) that cannot run here is a misconfiguration.
+        env = backends._env_override()
+        if env is not None and env != "auto":
+            ok = False
         selection = {"kind": None, "source": None, "error": f"{type(exc).__name__}: {exc}"}
     return {
         "version": __version__,
@@ -285,7 +290,8 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         metavar="PATH",
-        help="also tell which model runner the HF engines use for this model, and why",
+        help="also tell which model runner the HF engines use for this model (a model "
+        "directory or a built-in offline model name), and why",
     )
 
 
@@ -293,10 +299,13 @@ def _info_run(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     out = sys.stdout if stream is None else stream
     info = collect_info(inspect=args.inspect)
     if getattr(args, "model", None):
+        from sagellm_backend.cli._common import resolve_model
         from sagellm_backend.engine.runners.select import describe_runner_for_path
 
         try:
-            info["model_runner"] = {"model": args.model, **describe_runner_for_path(args.model)}
+            path, _ = resolve_model("cpu", args.model, err=sys.stderr)
+            assert path is not None
+            info["model_runner"] = {"model": args.model, **describe_runner_for_path(path)}
         except Exception as exc:  # a bad path must not hide the rest of the report
             info["model_runner"] = {"model": args.model, "error": str(exc)}
             info["ok"] = False
@@ -318,7 +327,8 @@ register_command(
             "Show every installed sagellm.backends and sagellm.engines plugin with its "
             "providing package and state, the device/capability/memory of each available "
             "backend, and which backend auto-selection picks and why. Exit status 1 when a "
-            "plugin is broken or SAGELLM_BACKEND names an unknown kind."
+            "plugin is broken, SAGELLM_BACKEND names an unknown kind or one that cannot run "
+            "here, or --model cannot be read."
         ),
     )
 )

@@ -179,3 +179,12 @@ async def test_runner_paged_refuses_a_model_without_attention_backend(
     engine = engine_factory(path, runner="paged")
     with pytest.raises(ConfigError, match="attention"):
         await engine.start()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_info_names_the_runner_the_engine_picks(name: str) -> None:
+    """``sagellm-backend info --model`` answers from the config alone what the engine picks."""
+    from sagellm_backend.engine.runners.select import describe_runner_for_path
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    assert describe_runner_for_path(ensure_tiny_model(name))["runner"] == MODELS[name]

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.hf
 
 @pytest.mark.parametrize(
     ("name", "runner", "why"),
-    [("tiny-phi3", "paged", "custom attention"), ("tiny-bloom", "hf-batched", "Bloom")],
+    [
+        ("tiny-phi3", "paged", "custom attention"),
+        ("tiny-bloom", "hf-batched", "Bloom"),
+        ("tiny-deepseek-v3", "hf-batched", "latent attention"),
+    ],
 )
 def test_info_model_json_and_text(
     capsys: pytest.CaptureFixture[str], name: str, runner: str, why: str
@@ -37,3 +41,15 @@ def test_info_model_on_a_directory_without_config_fails(
     assert cli.main(["info", "--json", "--no-inspect", "--model", str(tmp_path)]) == 1
     got = json.loads(capsys.readouterr().out)["model_runner"]
     assert "config.json" in got["error"]
+
+
+def test_info_model_takes_a_built_in_name_and_names_a_missing_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert cli.main(["info", "--json", "--no-inspect", "--model", "tiny-bloom"]) == 0
+    got = json.loads(capsys.readouterr().out)["model_runner"]
+    assert got["model"] == "tiny-bloom" and got["runner"] == "hf-batched"
+    missing = str(tmp_path / "nope")
+    assert cli.main(["info", "--json", "--no-inspect", "--model", missing]) == 1
+    got = json.loads(capsys.readouterr().out)["model_runner"]
+    assert "no such directory" in got["error"] and "tiny-llama" in got["error"]

@@ -338,7 +338,8 @@ async def _bench(
     start_s = time.perf_counter() - t0
     try:
         wl = build_workload(engine, kind, args, n, file_prompts)
-        context = getattr(engine, "max_context", 0)
+        # the HF engines' context; the mock's max_model_len
+        context = getattr(engine, "max_context", 0) or engine.get_info().get("max_model_len", 0)
         longest = max(wl.lengths)
         if isinstance(context, int) and context > 0 and longest + wl.output_len > context:
             raise UsageError(

@@ -118,10 +118,12 @@ def only_local(model_path: str) -> bool:
 
 def missing_local(model_path: str) -> str:
     """Where ``model_path`` was looked for locally, for error messages."""
-    resolved = Path(model_path).expanduser().absolute()
+    path = Path(model_path).expanduser()
+    if path.is_absolute():
+        return f"no local directory {str(path)!r}"
     return (
-        f"no local directory {str(resolved)!r} (relative paths are resolved against the "
-        f"working directory {os.getcwd()!r})"
+        f"no local directory {str(path.absolute())!r} (relative paths are resolved against "
+        f"the working directory {os.getcwd()!r})"
     )
 
 

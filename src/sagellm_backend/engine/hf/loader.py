@@ -311,8 +311,14 @@ def load_model_and_tokenizer(
                     "transformers or, for custom code, pass trust_remote_code=True"
                 ) from exc
         if where:
+            hint = (
+                "pass a local model directory, or download the model into the local hub cache "
+                "on a machine that reaches the hub"
+                if hub_offline()
+                else OFFLINE_HINT
+            )
             raise ConfigError(
-                f"cannot load model {model_path!r}: {where}answered: {exc} ({OFFLINE_HINT})"
+                f"cannot load model {model_path!r}: {where}answered: {exc} ({hint})"
             ) from exc
         raise ConfigError(f"cannot load the config of model {model_path!r}: {exc}") from exc
     check_causal_lm(config, model_path, trust_remote_code)

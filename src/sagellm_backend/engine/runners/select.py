@@ -83,6 +83,15 @@ def _paged_reason(model_or_config: Any) -> str | None:
         )
     if getattr(config, "alibi", False):
         return "ALiBi position biases are not supported by the paged attention"
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "v_head_dim", None):
+        qk = (getattr(config, "qk_nope_head_dim", 0) or 0) + (
+            getattr(config, "qk_rope_head_dim", 0) or 0
+        )
+        return (
+            f"multi-head latent attention (kv_lora_rank {config.kv_lora_rank}; keys {qk} and "
+            f"values {config.v_head_dim} wide per head): the paged pool holds plain K/V heads "
+            "of one head_dim"
+        )
     if is_model and _spread_over_devices(model_or_config):
         return "the model is spread over several devices (device_map) or offloaded"
     return None
