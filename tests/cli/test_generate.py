@@ -287,3 +287,14 @@ def test_console_script_json_and_usage_error() -> None:
     )
     assert bad.returncode == 2
     assert "invalid choice: 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_options_of_another_engine_are_named_as_ignored(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["generate", "--engine", "mock", "--prompt", "hi", "--max-tokens", "2"]
+    assert cli.main([*args, "--threads", "2", "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert "--threads and --dtype are ignored: they do not apply to the mock engine" in err
+    assert cli.main(args) == 0
+    assert "ignored" not in capsys.readouterr().err

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -207,10 +208,38 @@ def engine_settings(
         raise UsageError(f"--device applies to --engine cuda only (the engine is {kind})")
     if args.device is not None and not _valid_cuda_device(args.device):
         raise UsageError(f"--device must be 'cuda' or 'cuda:N' (e.g. cuda:0), got {args.device!r}")
+    ignored = ignored_options(args, kind)
+    if ignored:
+        one = len(ignored) == 1
+        sys.stderr.write(
+            f"warning: {' and '.join(ignored)} {'is' if one else 'are'} ignored: "
+            f"{'it does' if one else 'they do'} not apply to the {kind} engine\n"
+        )
     options = {name: getattr(args, name) for name in _OPTION_FIELDS}
     return EngineSettings(  # the required fields, in their order, then the options
         kind, model_path, model_label, engine_id, max_batch_size, max_new_tokens, **options
     )
+
+
+def ignored_options(args: argparse.Namespace, kind: str) -> list[str]:
+    """The engine options given on the command line that ``kind`` does not use.
+
+    (``--device`` off cuda is a usage error instead: it names hardware.)
+    """
+    ignored: list[str] = []
+    if args.threads is not None and kind != "cpu":
+        ignored.append("--threads")
+    if kind == "mock":
+        if args.dtype is not None:
+            ignored.append("--dtype")
+        if args.trust_remote_code:
+            ignored.append("--trust-remote-code")
+    else:
+        if args.mock_ttft_ms != DEFAULT_MOCK_TTFT_MS:
+            ignored.append("--mock-ttft-ms")
+        if args.mock_latency_ms != DEFAULT_MOCK_LATENCY_MS:
+            ignored.append("--mock-latency-ms")
+    return ignored
 
 
 def _valid_cuda_device(device: str) -> bool:
