@@ -479,3 +479,14 @@ def test_kv_manager_arguments_are_validated(use_torch: bool | None) -> None:
     p.release_kv_manager(default)
     p.release_kv_manager(default)  # already released: a no-op
     assert p.memory_stats()["num_kv_managers"] == 0
+
+
+def test_a_kv_pool_the_device_cannot_allocate_is_a_kv_error_and_nothing_is_held() -> None:
+    huge = 1 << 50  # within the budget given, far beyond the machine's memory
+    cpu = create_cpu_backend(kv_spec=SMALL_SPEC, kv_memory_bytes=huge)
+    with pytest.raises(KVCacheExhaustedError, match="cannot allocate a KV pool") as info:
+        cpu.create_kv_manager(SMALL_SPEC, memory_bytes=huge)
+    assert "fewer pages or bytes" in str(info.value)
+    assert cpu.memory_stats()["num_kv_managers"] == 0
+    manager = cpu.create_kv_manager(SMALL_SPEC, num_pages=4)  # and it still serves
+    cpu.release_kv_manager(manager)

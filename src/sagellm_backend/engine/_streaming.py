@@ -305,9 +305,11 @@ def prepare_request(
                     key,
                     ", ".join(REQUEST_METADATA_KEYS),
                 )
-    if limits.model and request.model != limits.model:
+    # (a request built with model_construct may lack the field: it serves no model then)
+    model = getattr(request, "model", None)
+    if limits.model and model != limits.model:
         raise ConfigError(
-            f"request.model={request.model!r} is not served by this engine (model {limits.model!r})"
+            f"request.model={model!r} is not served by this engine (model {limits.model!r})"
         )
     stop_ids: Any = ()
     stops: Any = ()

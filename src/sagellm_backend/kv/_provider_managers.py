@@ -111,7 +111,20 @@ class ProviderKVManagers:
                     f"{spec.page_bytes} per page) on {dev.device}: {available} of "
                     f"{dev.budget} budget bytes are free"
                 )
-            storage = self._factory(spec, num_pages, dev.device)
+            try:
+                storage = self._factory(spec, num_pages, dev.device)
+            except (MemoryError, RuntimeError) as exc:
+                text = str(exc)
+                if not isinstance(exc, MemoryError) and not (
+                    "allocate" in text or "out of memory" in text
+                ):
+                    raise
+                raise KVCacheExhaustedError(
+                    f"cannot allocate a KV pool of {num_pages} pages ({need} bytes, "
+                    f"{spec.page_bytes} per page) on {dev.device}: the device refused "
+                    f"({text.splitlines()[0] if text else type(exc).__name__}); ask for "
+                    "fewer pages or bytes"
+                ) from exc
             pool = BlockPool(
                 num_pages,
                 page_bytes=spec.page_bytes,

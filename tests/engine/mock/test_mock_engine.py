@@ -248,6 +248,7 @@ async def test_request_that_can_never_fit_gets_an_error(engine_factory: Any) -> 
     assert resp.finish_reason == "error"
     assert resp.error is not None and resp.error.code == ErrorCode.RESOURCE_EXHAUSTED
     assert "KV pages" in resp.error.message
+    assert resp.error.retryable is False  # the same request can never fit this pool
     ok = await eng.execute(make_request("x", 3))
     assert ok.finish_reason == "length"
 

@@ -271,6 +271,72 @@ def test_mock_stop_during_start_and_cancelled_start() -> None:
     asyncio.run(body())
 
 
+def test_a_start_during_stop_waits_for_it_and_starts_anew() -> None:
+    async def body() -> None:
+        engine = MockEngine(MockEngineConfig("m", 0.0, 0.0, max_batch_size=8))
+        await engine.start()
+        stopping = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0)  # stop() is tearing down (waiting for its driver)
+        await engine.start()  # a supervisor restarting the engine
+        await stopping
+        assert engine.is_running and await engine.health_check()
+        assert (await engine.execute(req())).finish_reason == "length"
+        await engine.stop()
+        assert engine.provider.memory_stats()["num_kv_managers"] == 0
+
+    asyncio.run(body())
+
+
+@pytest.mark.hf
+def test_a_second_stop_returns_when_the_first_has_finished(tiny_llama: str) -> None:
+    provider = cpu_provider(64 * PAGE)
+
+    async def body() -> None:
+        engine = cpu_engine(tiny_llama, provider)
+        await engine.start()
+        long = [
+            asyncio.create_task(engine.execute(req(max_tokens=16, metadata={"ignore_eos": True})))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0)
+        first = asyncio.create_task(engine.stop())  # a signal handler
+        await asyncio.sleep(0)
+        await engine.stop()  # the application's shutdown hook
+        assert first.done() and all(t.done() for t in long)
+        assert provider.memory_stats()["num_kv_managers"] == 0
+
+    asyncio.run(body())
+
+
+@pytest.mark.hf
+def test_a_long_prompt_overtaken_by_stop_gets_a_terminal_result(tiny_llama: str) -> None:
+    """Prompts of 32K+ characters are tokenized off the loop; a stop() meanwhile ends them
+    with an error result (not the RuntimeError of a call on a stopped engine)."""
+    provider = cpu_provider(64 * PAGE)
+
+    async def body() -> None:
+        engine = cpu_engine(tiny_llama, provider)
+        await engine.start()
+        prompt = "hello world " * 4000
+        running = asyncio.create_task(engine.execute(req(prompt)))
+        stream = engine.stream(req(prompt, stream=True))
+        streaming = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0)
+        await engine.stop()
+        resp = await running
+        assert resp.finish_reason == "error" and "stopped" in resp.error.message
+        assert (await streaming).event == "start"
+        end = await anext(stream)
+        assert end.event == "end" and end.finish_reason == "error"
+        await engine.start()
+        bad = Request.model_construct(**{**req(prompt).model_dump(), "metadata": ["x"]})
+        got = await engine.execute(bad)  # not a dict: reported, not an AttributeError
+        assert got.finish_reason == "error" and "metadata" in got.error.message
+        await engine.stop()
+
+    asyncio.run(body())
+
+
 # ---------------------------------------------------------------------------- 4. dropped
 @pytest.mark.hf
 def test_an_engine_dropped_without_stop_is_collected_and_its_thread_ends(

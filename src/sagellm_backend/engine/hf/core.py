@@ -283,9 +283,14 @@ class HFEngineCore(ScheduledEngine):
                 return manager
             except KVCacheExhaustedError:
                 pass  # the budget holds less: take what it leaves
-        manager = provider.create_kv_manager(
-            spec, memory_bytes=memory, enable_prefix_caching=caching
-        )
+        try:
+            manager = provider.create_kv_manager(
+                spec, memory_bytes=memory, enable_prefix_caching=caching
+            )
+        except KVCacheExhaustedError as exc:
+            if memory is None:
+                raise
+            raise KVCacheExhaustedError(f"kv_cache_memory_bytes={memory}: {exc}") from exc
         return manager
 
     def _accounting_kv(self, spec: KVSpec, max_batch_size: int) -> KVCacheManager:

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sagellm_protocol import Request, Response
+from sagellm_protocol import Error, Request, Response
 
 from sagellm_backend.engine._streaming import (
     delta_event,
@@ -116,6 +116,8 @@ class ScheduledEngine(BaseEngine):
         self._stop_calls = 0
         self._starting = False
         self._start_done: asyncio.Event | None = None
+        #: set while a stop() tears the engine down (other stop() and start() calls wait)
+        self._stop_done: asyncio.Event | None = None
         self._peak_bytes = 0
         self._peak_mb = 0
         self._peak_read_at = -1.0
@@ -179,6 +181,9 @@ class ScheduledEngine(BaseEngine):
                     f"{type(self).__name__} {self.engine_id!r}: stop() was called while this "
                     "start() waited for another; the engine is stopped"
                 )
+            stopping = self._stop_done
+            if stopping is not None:  # a stop() called before this start() is tearing down
+                await asyncio.shield(stopping.wait())
             await self._settle()
             self._starting = True
             self._start_done = asyncio.Event()
@@ -245,15 +250,30 @@ class ScheduledEngine(BaseEngine):
         """End every request in flight (terminal error result), stop, give KV back.
 
         Returns within about 2 s; when a step is still running then, the KV manager is
-        released as soon as it ends (and the next ``start()`` waits for it).
+        released as soon as it ends (and the next ``start()`` waits for it). A ``stop()``
+        called while another tears the engine down returns when that one has finished; a
+        ``start()`` called meanwhile waits for it too, then starts the engine anew.
         """
         self._stop_calls += 1
         if self._starting:
             done = self._start_done
             if done is not None:
                 await asyncio.shield(done.wait())
+        stopping = self._stop_done
+        if stopping is not None:
+            await asyncio.shield(stopping.wait())
+            return
         if not self._running:
             return
+        self._stop_done = asyncio.Event()
+        try:
+            await self._tear_down()
+        finally:
+            done, self._stop_done = self._stop_done, None
+            done.set()
+
+    async def _tear_down(self) -> None:
+        """The work of :meth:`stop` (one at a time)."""
         self._running = False
         driver, self._driver = self._driver, None
         if self._finalizer is not None:
@@ -317,7 +337,11 @@ class ScheduledEngine(BaseEngine):
         Raises:
             RuntimeError: the engine is not running (or called from another event loop).
         """
-        tokenize = await self._tokenize_off_loop(request) if self._long_prompt(request) else None
+        tokenize = None
+        if self._long_prompt(request):
+            tokenize = await self._tokenize_off_loop(request)
+            if not self._running:  # stop() came while the prompt was tokenized
+                return self._stopped_result(request)
         handle, early = self._submit(request, streaming=False, tokenize=tokenize)
         if handle is None:
             assert early is not None
@@ -360,8 +384,15 @@ class ScheduledEngine(BaseEngine):
 
     async def _stream(self, request: Request) -> AsyncIterator[StreamEvent]:
         eid = self.engine_id
-        tokenize = await self._tokenize_off_loop(request) if self._long_prompt(request) else None
-        handle, early = self._submit(request, streaming=True, tokenize=tokenize)
+        tokenize = None
+        handle: Handle | None = None
+        early: Response | None = None
+        if self._long_prompt(request):
+            tokenize = await self._tokenize_off_loop(request)
+            if not self._running:  # stop() came while the prompt was tokenized
+                early = self._stopped_result(request)
+        if early is None:
+            handle, early = self._submit(request, streaming=True, tokenize=tokenize)
         if handle is None:
             assert early is not None
             yield start_event(request, eid, None)
@@ -423,12 +454,14 @@ class ScheduledEngine(BaseEngine):
         ``prompt_token_ids``); the others are tokenized on the loop, as that is fast.
         """
         serving = self._serving
-        if serving is None or not serving.threaded:
-            return False
+        if not self._running or serving is None or not serving.threaded:
+            return False  # (not running: _submit says so)
         prompt = getattr(request, "prompt", None)
         if not isinstance(prompt, str) or len(prompt) < _OFF_LOOP_PROMPT_CHARS:
             return False
         metadata = getattr(request, "metadata", None) or {}
+        if not isinstance(metadata, dict):
+            return False  # prepare_request reports it
         return metadata.get("prompt_token_ids") is None
 
     async def _tokenize_off_loop(self, request: Request) -> Callable[[str], list[int]]:
@@ -522,7 +555,13 @@ class ScheduledEngine(BaseEngine):
         if driver is not None and not handle.finished:
             driver.cancel(seq)
 
-    def _error_result(self, request: Any, exc: BaseException) -> Response:
+    def _stopped_result(self, request: Any) -> Response:
+        """The terminal result of a request that ``stop()`` overtook before it was queued."""
+        return self._error_result(
+            request, stopped_error(f"{type(self).__name__}[{self.engine_id}]")
+        )
+
+    def _error_result(self, request: Any, exc: BaseException | Error) -> Response:
         self._early_failed += 1
         metrics = build_metrics(
             RequestTimeline(),
@@ -530,7 +569,8 @@ class ScheduledEngine(BaseEngine):
             peak_mem_mb=self._peak_mem_mb(),
             component_trace=self._trace,
         )
-        return error_response(request, to_protocol_error(exc), metrics)
+        error = exc if isinstance(exc, Error) else to_protocol_error(exc)
+        return error_response(request, error, metrics)
 
     def _note_peak(self) -> None:
         serving = self._serving

@@ -211,10 +211,15 @@ class Sampler:
             rp = params.repetition_penalty
             row = row.clone()
             row[seen] = torch.where(picked > 0, picked / rp, picked * rp)
+            # an extreme penalty overflows: the boosted tokens tie at the largest value
+            row = torch.nan_to_num(row, posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
         if params.greedy:
             return int(row.argmax().item())
         assert params.temperature is not None
-        row = (row - row.max()) / params.temperature
+        # A temperature below the dtype's smallest normal number would round to 0 (0 / 0 at
+        # the top logit): it is that number, which still keeps only the top token(s).
+        temperature = max(params.temperature, torch.finfo(row.dtype).tiny)
+        row = (row - row.max()) / temperature
         if params.top_k and params.top_k < row.numel():
             kth = torch.topk(row, params.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -154,16 +154,19 @@ class Scheduler(StepRecorder):
         """Raise when a sequence of this size can never fit in the whole pool.
 
         Raises:
-            KVCacheExhaustedError: naming the pages needed and held (RESOURCE_EXHAUSTED).
+            KVCacheExhaustedError: naming the pages needed and held (RESOURCE_EXHAUSTED, not
+                retryable: the same request never fits).
         """
         need = self.pages_for(prompt_len + max_tokens - 1)
         total = self.kv.pool.num_pages
         if need > total:
-            raise KVCacheExhaustedError(
+            exc = KVCacheExhaustedError(
                 f"request needs {need} KV pages ({prompt_len} prompt + {max_tokens} max_tokens "
                 f"tokens, {self.block_size} per page) but the pool holds {total}; lower "
                 "max_tokens or give the engine a larger KV budget"
             )
+            exc.retryable = False  # the same request can never fit this engine's pool
+            raise exc
 
     def add(self, seq: SchedSeq) -> None:
         """Queue a sequence (arrival order)."""
