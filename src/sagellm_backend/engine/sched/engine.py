@@ -45,6 +45,7 @@ from sagellm_backend.engine._streaming import (
 )
 from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
 from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
+from sagellm_backend.engine.sched._stop_text import StopTextStream, cut_at_stop
 from sagellm_backend.engine.sched.driver import Driver, Handle, in_own_thread, stopped_error
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
 from sagellm_backend.engine.sched.serving import Detokenizer, Serving, undo_serving
@@ -361,6 +362,8 @@ class ScheduledEngine(BaseEngine):
         if ids and serving is not None:
             detok = serving.new_detok()
             text = detok.add(ids) + detok.flush()
+            if seq.stop_strings:
+                text = cut_at_stop(text, seq.stop_strings)
         response: Response = _validate_response(
             {
                 "request_id": request.request_id,
@@ -410,6 +413,8 @@ class ScheduledEngine(BaseEngine):
         serving = self._serving
         assert serving is not None
         detok = serving.new_detok()
+        # with stop strings, text that may begin one is held back (the output ends before it)
+        stop_text = StopTextStream(seq.stop_strings) if seq.stop_strings else None
         try:
             yield start_event(request, eid, len(seq.prompt_ids))
             texts: list[str] = []
@@ -420,6 +425,8 @@ class ScheduledEngine(BaseEngine):
                     ids = seq.output_ids[sent:visible]
                     sent = visible
                     chunk = detok.add(ids)
+                    if stop_text is not None:
+                        chunk = stop_text.feed(chunk)
                     texts.append(chunk)
                     yield delta_event(request, eid, chunk, ids)
                     continue
@@ -427,6 +434,8 @@ class ScheduledEngine(BaseEngine):
                     seq.user = None  # no cycle left between the sequence and its handle
                     self._handles.pop(seq.seq_id, None)
                     tail = detok.flush()
+                    if stop_text is not None:
+                        tail = stop_text.end(tail)
                     if tail:
                         texts.append(tail)
                         yield delta_event(request, eid, tail, [])
