@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -240,11 +241,13 @@ class PreparedRequest:
 
 
 def _int_list(name: str, value: Any) -> list[int]:
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    ):
-        raise ConfigError(f"request.metadata[{name!r}] must be a list of ints, got {value!r}")
-    return [int(t) for t in value]
+    """``value`` as a list of ints: a list or tuple of integers (numpy's too), no bools."""
+    if isinstance(value, list | tuple):
+        if all(type(t) is int for t in value):
+            return list(value)
+        if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value):
+            return [int(t) for t in value]
+    raise ConfigError(f"request.metadata[{name!r}] must be a list of ints, got {value!r}")
 
 
 def _sampling(request: Request, metadata: dict[str, Any]) -> SamplingParams:

@@ -464,3 +464,19 @@ async def test_the_mock_honours_temperature_top_p_and_seed() -> None:
         assert await sampled(5, top_p=1e-9) == greedy[0]
     finally:
         await engine.stop()
+
+
+async def test_prompt_token_ids_may_be_numpy_integers() -> None:
+    np = pytest.importorskip("numpy")
+    engine = MockEngine(MockEngineConfig("m", 0.0, 0.0))
+    await engine.start()
+    try:
+        plain = await engine.execute(req(metadata={"prompt_token_ids": [300, 301, 302]}))
+        ids = [np.int64(300), np.int32(301), 302]
+        numpy_ids = await engine.execute(req(metadata={"prompt_token_ids": ids}))
+        assert numpy_ids.finish_reason == "length"
+        assert numpy_ids.output_tokens == plain.output_tokens
+        bools = await engine.execute(req(metadata={"prompt_token_ids": [True, 300]}))
+        assert bools.finish_reason == "error" and "list of ints" in bools.error.message
+    finally:
+        await engine.stop()
