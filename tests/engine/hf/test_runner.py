@@ -289,8 +289,8 @@ def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
         with torch.inference_mode():
             got = kept.execute(chunks)
             want = rebuilt.execute(chunks)
-        if prefill and decode:  # the kept runner runs the decode rows in a forward of their
-            exact[0] = False  # own: other GEMM shapes, other rounding from here on
+        if (prefill and decode) or len(prefill) > 1:  # the kept runner runs decode rows in a
+            exact[0] = False  # forward of their own and groups prompts: other GEMM shapes
         if exact[0]:
             assert torch.equal(got, want)
         else:
@@ -298,7 +298,8 @@ def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
         for c, t in zip(chunks, want.argmax(-1).tolist(), strict=True):
             outs[c.seq_id].append(t)
 
-    step([], ["a", "b", "c"])
+    for sid in ("a", "b", "c"):  # one prompt per step: the same shapes in both runners
+        step([], [sid])
     for _ in range(4):
         step(["a", "b", "c"])
     assert kept.kept_steps == 3 and rebuilt.kept_steps == 0
@@ -339,3 +340,28 @@ def test_fallback_runner_kept_batch_matches_rebuilding_every_step() -> None:
     assert again.argmax(-1).tolist() == outs["a"][:1]
     kept.release("a")
     assert kept._kept is None and not kept._seqs
+
+
+def test_fallback_runner_groups_prompts_of_very_different_lengths_on_the_cpu() -> None:
+    from sagellm_backend.testing.tiny_models import ensure_tiny_model
+
+    model = Reference(str(ensure_tiny_model("tiny-bloom"))).model
+    grouped = HFCacheRunner(model, max_context=256)
+    single = HFCacheRunner(model, max_context=256, keep_batch=False)  # one padded forward
+    rng = random.Random(5)
+    chunks = [
+        SeqChunk(str(n), [rng.randrange(4, 1000) for _ in range(n)], 0, [], True)
+        for n in (3, 90, 7, 100)
+    ]
+    calls: list[int] = []
+
+    def counted(**kw: Any) -> Any:
+        calls.append(kw["input_ids"].shape[0])
+        return model(**kw)
+
+    grouped.model = counted
+    with torch.inference_mode():
+        got = grouped.execute(chunks)
+        want = single.execute(chunks)
+    assert sorted(calls) == [2, 2]  # (3, 7) and (90, 100): 214 padded tokens, not 400
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # rows in chunk order

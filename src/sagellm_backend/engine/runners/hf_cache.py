@@ -18,7 +18,8 @@ runs the sequences of a step together, in padded batch forwards built like this:
 
 Decode rows apart: the one-token continuations of a step (decode tokens) run in a forward
 of their own, not in the padded forward of the step's prompts (where each would compute as
-many columns as the longest prompt).
+many columns as the longest prompt). On the CPU the prompts themselves run in groups of
+similar length (:func:`~._prefill_groups.prefill_groups`), one forward each.
 
 Kept batch: a forward of decode tokens only leaves a cache in which row ``b`` is sequence
 ``b``'s K/V left-padded to a common width, the cache ``generate`` keeps for a static batch.
@@ -57,6 +58,7 @@ from typing import Any
 import torch
 from torch.nn.functional import pad
 
+from sagellm_backend.engine.runners._prefill_groups import prefill_groups
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 
@@ -199,10 +201,12 @@ class HFBatchedRunner:
         # a prompt in the same padded forward, each would compute as many tokens as it.
         single = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.start > 0]
         if not single or len(single) == len(chunks):
-            return self._stack(self._decode(chunks) if single else self._forward_all(chunks))
+            return self._stack(
+                self._decode(chunks) if single else self._forward_all(chunks, grouped=True)
+            )
         mine = set(single)
         decode = self._decode([chunks[i] for i in single])
-        prompt = self._forward_all([c for i, c in enumerate(chunks) if i not in mine])
+        prompt = self._forward_all([c for i, c in enumerate(chunks) if i not in mine], grouped=True)
         rows: list[torch.Tensor] = []
         for i, c in enumerate(chunks):  # the logits rows in chunk order
             if c.need_logits:
@@ -212,12 +216,32 @@ class HFBatchedRunner:
     def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(rows).float() if rows else self._no_rows()
 
-    def _forward_all(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
-        """Forwards of at most ``max_batch_size`` chunks, on caches built for them."""
-        rows: list[torch.Tensor] = []
-        for i in range(0, len(chunks), self.max_batch_size):
-            rows.extend(self._forward(chunks[i : i + self.max_batch_size], may_keep=False))
-        return rows
+    def _forward_all(
+        self, chunks: Sequence[SeqChunk], *, grouped: bool = False
+    ) -> list[torch.Tensor]:
+        """Forwards of at most ``max_batch_size`` chunks, on caches built for them.
+
+        With ``grouped`` on the CPU, chunks of very different lengths run in separate
+        forwards (:func:`prefill_groups`: a padded row computes the longest row's length).
+        Returns the logits rows in chunk order.
+        """
+        groups = self._groups(chunks) if grouped else [list(chunks)]
+        out: dict[int, torch.Tensor] = {}
+        for group in groups:
+            for i in range(0, len(group), self.max_batch_size):
+                part = group[i : i + self.max_batch_size]
+                rows = iter(self._forward(part, may_keep=False))
+                for c in part:
+                    if c.need_logits:
+                        out[id(c)] = next(rows)
+        return [out[id(c)] for c in chunks if c.need_logits]
+
+    def _groups(self, chunks: Sequence[SeqChunk]) -> list[list[SeqChunk]]:
+        if self.device.type != "cpu" or len(chunks) < 2:
+            return [list(chunks)]  # on a GPU padding costs little against more forwards
+        groups = prefill_groups(chunks)
+        inside = {id(c) for g in groups for c in g}
+        return groups + [[c] for c in chunks if id(c) not in inside]
 
     def _decode(self, chunks: Sequence[SeqChunk]) -> list[torch.Tensor]:
         """One-token continuations, on the kept batch or on a new batch that is then kept.

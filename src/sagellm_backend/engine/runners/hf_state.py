@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from sagellm_backend.engine.runners._prefill_groups import prefill_groups
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners._state_batch import (
     UnmergeableError,
@@ -449,39 +450,6 @@ class HFStatefulRunner:
 #: large batches: bench-mamba, 4 x 64 tokens, took 0.25 s batched vs 0.51 s one by one, but
 #: 8 x 128 tokens 1.67 s vs 1.39 s. Elsewhere (GPU) only the scheduler's budget bounds it.
 CPU_PREFILL_GROUP_TOKENS = 512
-#: A batched prefill may compute at most this share of padding (of its padded tokens) ...
-_PAD_SHARE = 0.25
-#: ... or, when more, at most this many padding tokens per sequence (short prompts).
-_PAD_PER_SEQ = 16
-
-
-def prefill_groups(
-    chunks: Sequence[SeqChunk], max_tokens: int | None = None
-) -> list[list[SeqChunk]]:
-    """The first chunks of new sequences, grouped for left-padded batched prefills.
-
-    Chunks are taken shortest first; a group grows while its padding stays within
-    :data:`_PAD_SHARE` of its padded tokens or :data:`_PAD_PER_SEQ` tokens per sequence,
-    and (``max_tokens``) its padded tokens within ``max_tokens``. Only groups of two or
-    more are returned (a single chunk runs on its own).
-    """
-    groups: list[list[SeqChunk]] = []
-    group: list[SeqChunk] = []
-    real = 0
-    for c in sorted(chunks, key=lambda c: len(c.token_ids)):
-        n = len(c.token_ids)
-        padded = n * (len(group) + 1)  # sorted: the new chunk is the longest
-        pad = padded - real - n
-        too_big = max_tokens is not None and padded > max_tokens
-        if group and (too_big or pad > max(_PAD_SHARE * padded, _PAD_PER_SEQ * (len(group) + 1))):
-            if len(group) > 1:
-                groups.append(group)
-            group, real = [], 0
-        group.append(c)
-        real += n
-    if len(group) > 1:
-        groups.append(group)
-    return groups
 
 
 def _padding_mask(pads: Sequence[int], width: int) -> torch.Tensor:
