@@ -21,6 +21,7 @@ def make_request(
     stream: bool = False,
     request_id: str | None = None,
     model: str = "mock-model",
+    metadata: dict[str, Any] | None = None,
 ) -> Request:
     rid = request_id or f"req-{next(_ids)}"
     return Request(
@@ -30,6 +31,7 @@ def make_request(
         prompt=prompt,
         max_tokens=max_tokens,
         stream=stream,
+        metadata=metadata,
     )
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from sagellm_protocol import Request
 
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
 from sagellm_backend.engine.sched._stop_text import StopTextStream, cut_at_stop
 
+from ..conftest import make_request
+
 ALPHABET = "ab \u00e9\U0001f600"
+PROMPT = "tell me a story"
 
 
 @given(
@@ -42,31 +43,20 @@ def test_cut_at_stop() -> None:
     assert cut_at_stop("hello", []) == "hello"
 
 
-def _req(rid: str, max_tokens: int, **metadata: Any) -> Request:
-    return Request(
-        request_id=rid,
-        trace_id="t",
-        model="m",
-        prompt="tell me a story",
-        max_tokens=max_tokens,
-        stream=False,
-        metadata=metadata or None,
-    )
-
-
 async def test_engines_return_the_text_before_the_stop_string() -> None:
     engine = MockEngine(MockEngineConfig("m", 0.0, 0.0))
     await engine.start()
     try:
-        free = await engine.execute(_req("free", 12))
+        free = await engine.execute(make_request(PROMPT, 12))
         words = [engine.tokenizer.decode([t]) for t in free.output_tokens]
         k = next(i for i in range(3, 12) if words[i] not in "".join(words[:i]))
         stop = words[k]  # the k-th word, which the text before it does not contain
-        got = await engine.execute(_req("cut", 12, stop=[stop]))
+        got = await engine.execute(make_request(PROMPT, 12, metadata={"stop": [stop]}))
         assert got.finish_reason == "stop"
         assert got.output_text == "".join(words[:k])  # the stop string is left out
         assert got.output_tokens == free.output_tokens[: k + 1]  # its tokens are kept
-        events = [ev async for ev in engine.stream(_req("cut-s", 12, stop=[stop]))]
+        cut = make_request(PROMPT, 12, stream=True, metadata={"stop": [stop]})
+        events = [ev async for ev in engine.stream(cut)]
         deltas, end = events[1:-1], events[-1]
         assert "".join(d.chunk for d in deltas) == end.output_text == got.output_text
         assert [t for d in deltas for t in d.chunk_tokens] == end.output_tokens
