@@ -45,6 +45,7 @@ from sagellm_backend.engine._streaming import (
 )
 from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
 from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
+from sagellm_backend.engine.sched._off_loop import long_prompt, tokenize_off_loop
 from sagellm_backend.engine.sched._stop_text import StopTextStream, cut_at_stop
 from sagellm_backend.engine.sched.driver import Driver, Handle, in_own_thread, stopped_error
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
@@ -63,9 +64,6 @@ _MIB = 1 << 20
 _STOP_JOIN_S = 1.5
 #: How long a reading of the provider's peak memory is reused for request metrics.
 _PEAK_TTL_S = 0.02
-#: Prompts of at least this many characters are tokenized in a worker thread (threaded
-#: engines: a real tokenizer takes about a second per MB, which must not stall the loop).
-_OFF_LOOP_PROMPT_CHARS = 1 << 15
 
 # Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
 _validate_response = Response.__pydantic_validator__.validate_python
@@ -338,11 +336,9 @@ class ScheduledEngine(BaseEngine):
         Raises:
             RuntimeError: the engine is not running (or called from another event loop).
         """
-        tokenize = None
-        if self._long_prompt(request):
-            tokenize = await self._tokenize_off_loop(request)
-            if not self._running:  # stop() came while the prompt was tokenized
-                return self._stopped_result(request)
+        tokenize, overtaken = await self._tokenize_first(request)
+        if overtaken:  # stop() came while the prompt was tokenized
+            return self._stopped_result(request)
         handle, early = self._submit(request, streaming=False, tokenize=tokenize)
         if handle is None:
             assert early is not None
@@ -387,14 +383,12 @@ class ScheduledEngine(BaseEngine):
 
     async def _stream(self, request: Request) -> AsyncIterator[StreamEvent]:
         eid = self.engine_id
-        tokenize = None
+        tokenize, overtaken = await self._tokenize_first(request)
         handle: Handle | None = None
         early: Response | None = None
-        if self._long_prompt(request):
-            tokenize = await self._tokenize_off_loop(request)
-            if not self._running:  # stop() came while the prompt was tokenized
-                early = self._stopped_result(request)
-        if early is None:
+        if overtaken:  # stop() came while the prompt was tokenized
+            early = self._stopped_result(request)
+        else:
             handle, early = self._submit(request, streaming=True, tokenize=tokenize)
         if handle is None:
             assert early is not None
@@ -455,51 +449,21 @@ class ScheduledEngine(BaseEngine):
                 self._cancel(handle)
 
     # ------------------------------------------------------------------ internals
-    def _long_prompt(self, request: Request) -> bool:
-        """Whether to tokenize ``request`` in a worker thread (:meth:`_tokenize_off_loop`).
+    async def _tokenize_first(
+        self, request: Request
+    ) -> tuple[Callable[[str], list[int]] | None, bool]:
+        """(the tokenize function for :meth:`_submit`, whether ``stop()`` came meanwhile).
 
-        Only for threaded engines (a real tokenizer) and prompts of at least
-        :data:`_OFF_LOOP_PROMPT_CHARS` characters that will be tokenized (no
-        ``prompt_token_ids``); the others are tokenized on the loop, as that is fast.
+        A long prompt on a threaded engine is tokenized in a worker thread first
+        (:mod:`._off_loop`); any other gets ``(None, False)`` at once.
         """
         serving = self._serving
-        if not self._running or serving is None or not serving.threaded:
-            return False  # (not running: _submit says so)
-        prompt = getattr(request, "prompt", None)
-        if not isinstance(prompt, str) or len(prompt) < _OFF_LOOP_PROMPT_CHARS:
-            return False
-        metadata = getattr(request, "metadata", None) or {}
-        if not isinstance(metadata, dict):
-            return False  # prepare_request reports it
-        return metadata.get("prompt_token_ids") is None
-
-    async def _tokenize_off_loop(self, request: Request) -> Callable[[str], list[int]]:
-        """A long prompt's tokens, computed in a worker thread, as a tokenize function.
-
-        The function returns the precomputed ids for this prompt (re-raising what
-        tokenizing raised, so it is reported as usual) and tokenizes any other text itself.
-        """
-        serving = self._serving
-        assert serving is not None
-        prompt = request.prompt
-        tokenize = serving.tokenize
-
-        def run() -> list[int] | Exception:
-            try:
-                return tokenize(prompt)
-            except Exception as exc:  # re-raised by given() where prepare_request calls it
-                return exc
-
-        result = await asyncio.to_thread(run)
-
-        def given(text: str) -> list[int]:
-            if text is not prompt:
-                return tokenize(text)
-            if isinstance(result, Exception):
-                raise result
-            return result
-
-        return given
+        if not self._running or serving is None:
+            return None, False  # (not running: _submit says so)
+        if not long_prompt(request, threaded=serving.threaded):
+            return None, False
+        tokenize = await tokenize_off_loop(serving.tokenize, request.prompt)
+        return tokenize, not self._running
 
     def _submit(
         self,
@@ -511,7 +475,7 @@ class ScheduledEngine(BaseEngine):
         """Validate and queue; return (handle, None) or (None, an error Response).
 
         ``tokenize`` replaces the serving set's tokenizer for this request (see
-        :meth:`_tokenize_off_loop`).
+        :meth:`_tokenize_first`).
         """
         driver, serving = self._driver, self._serving
         if not self._running or driver is None or serving is None:
