@@ -104,7 +104,7 @@ CPU_CONFIG_CASES: list[Case] = [
         {"max_batch_size": 64, "max_num_batched_tokens": 32},
         "max_num_batched_tokens",
     ),
-    *_cases("max_model_len", [0, -1, "2k"]),
+    *_cases("max_model_len", [0, 1, -1, "2k"]),
     *_cases("max_input_tokens", [0, "x"]),
     *_cases("runner", ["fast", None, ""]),
     *_cases("fuse_projections", ["y", None]),

@@ -114,7 +114,9 @@ def decode_cache_budget(options: EngineOptions) -> int | None:
 
 def _check_option(owner: str, name: str, value: Any) -> Any:
     field = f"{owner}.{name}"
-    if name in ("kv_cache_memory_bytes", "max_model_len", "max_input_tokens"):
+    if name == "max_model_len":  # one prompt token and one output token at least
+        return check_int(field, value, lo=2, optional=True, valid="None or an integer >= 2")
+    if name in ("kv_cache_memory_bytes", "max_input_tokens"):
         return check_int(field, value, optional=True, valid="None or an integer >= 1")
     if name in ("block_size", "max_num_batched_tokens"):
         return check_int(field, value, valid="an integer >= 1")
