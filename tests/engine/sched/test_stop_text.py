@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
@@ -16,6 +16,8 @@ ALPHABET = "ab \u00e9\U0001f600"
 PROMPT = "tell me a story"
 
 
+# a longer stop string that starts earlier is completed by the next chunk
+@example(text=" aa", cuts=[2], stops=["a", " aa"])
 @given(
     text=st.text(alphabet=ALPHABET, max_size=40),
     cuts=st.lists(st.integers(min_value=0, max_value=40), max_size=12),

@@ -7,7 +7,8 @@ sequence at the token that completes a stop string; this module cuts the text.
 
 A stream cannot take text back once sent, so :class:`StopTextStream` holds back the last
 ``len(longest stop string) - 1`` characters of a sequence with stop strings until the next
-text shows they do not start one (or the sequence ends).
+text shows they do not start one (or the sequence ends), and never sends text from the first
+stop string found on: a longer stop string that starts earlier may still complete.
 
 Invariants: the text released by :meth:`StopTextStream.feed` and :meth:`StopTextStream.end`
 concatenates to :func:`cut_at_stop` of the whole text; nothing at or after the first stop
@@ -42,28 +43,27 @@ class StopTextStream:
         stops: the sequence's stop strings (non-empty strings).
     """
 
-    __slots__ = ("_emitted", "_hold", "_stopped", "_stops", "_text")
+    __slots__ = ("_emitted", "_hold", "_stops", "_text")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stops)
         self._hold = max(map(len, self._stops)) - 1 if self._stops else 0
         self._text = ""
         self._emitted = 0
-        self._stopped = False
 
     def feed(self, chunk: str) -> str:
-        """Add the text of new tokens; return the part that is now safe to send."""
-        if self._stopped:
-            return ""
+        """Add the text of new tokens; return the part that is now safe to send.
+
+        Safe: before the first stop string found so far, and not among the last
+        ``len(longest stop) - 1`` characters, where a longer stop string that starts
+        earlier may still be completed by text yet to come.
+        """
         self._text += chunk
-        # a stop string ending in the new text starts at most _hold characters earlier
-        i = _first_stop(self._text, self._stops, max(0, self._emitted - self._hold))
-        if i >= 0:
-            self._stopped = True
-            out = self._text[self._emitted : i]
-            self._emitted = i
-            return out
         safe = len(self._text) - self._hold
+        # nothing sent so far begins a stop string (it was complete then, and found)
+        i = _first_stop(self._text, self._stops, self._emitted)
+        if i >= 0:
+            safe = min(safe, i)
         if safe <= self._emitted:
             return ""
         out = self._text[self._emitted : safe]
@@ -72,12 +72,10 @@ class StopTextStream:
 
     def end(self, tail: str = "") -> str:
         """The sequence ended (``tail``: its last text); return what is left to send."""
-        out = self.feed(tail)
-        if self._stopped:
-            return out
-        rest = self._text[self._emitted :]
-        self._emitted = len(self._text)
-        return out + rest
+        self._text += tail
+        rest = cut_at_stop(self._text, self._stops)[self._emitted :]
+        self._emitted += len(rest)
+        return rest
 
     @property
     def text(self) -> str:
