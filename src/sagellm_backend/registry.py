@@ -172,6 +172,12 @@ class BackendRegistry(PluginRegistry):
         value = environ.get(ENV_BACKEND, "").strip()
         return value or None
 
+    @property
+    def forced_kind(self) -> str | None:
+        """The kind ``SAGELLM_BACKEND`` forces (None when unset or ``"auto"``)."""
+        env = self._env_override()
+        return None if env is None or env == _AUTO else env
+
     def select(self, kind: str | None = None) -> Selection:
         """Choose a backend kind.
 
@@ -188,8 +194,8 @@ class BackendRegistry(PluginRegistry):
         """
         if kind is not None and kind != _AUTO:
             return self._named(kind, source="explicit", how=f"requested explicitly ({kind!r})")
-        env = self._env_override()
-        if env is not None and env != _AUTO:
+        env = self.forced_kind
+        if env is not None:
             if env not in self.records():
                 raise ConfigError(
                     f"{ENV_BACKEND}={env!r} is not an installed backend kind; valid kinds: "

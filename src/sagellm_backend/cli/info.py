@@ -141,8 +141,7 @@ def collect_info(
     except BackendError as exc:
         # Auto-selection finding nothing that runs here is a state, not a fault; a kind the
         # user forced (SAGELLM_BACKEND) that cannot run here is a misconfiguration.
-        env = backends._env_override()
-        if env is not None and env != "auto":
+        if backends.forced_kind is not None:
             ok = False
         selection = {"kind": None, "source": None, "error": f"{type(exc).__name__}: {exc}"}
     return {

@@ -298,15 +298,7 @@ class HFBatchedRunner:
         if big_c:
             first = next(h for h in held if h is not None)
             for layer in range(len(first.keys)):
-                # keys and values may differ in heads or width (MLA: DeepSeek-V2/V3)
-                k0, v0 = first.keys[layer], first.values[layer]
-                ks = k0.new_zeros(b, k0.shape[0], big_c, k0.shape[2])
-                vs = v0.new_zeros(b, v0.shape[0], big_c, v0.shape[2])
-                for r, h in enumerate(held):
-                    if h is not None and h.length:
-                        ks[r, :, big_c - h.length :] = h.keys[layer][:, : h.length]
-                        vs[r, :, big_c - h.length :] = h.values[layer][:, : h.length]
-                cache.update(ks, vs, layer)
+                cache.update(*_left_padded(held, layer, big_c), layer)
         kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
         if self._positions:
             kwargs["position_ids"] = pos.to(dev)
@@ -445,11 +437,7 @@ class HFBatchedRunner:
             width += grow
         b = len(held)
         for li, lay in enumerate(layers):
-            ks = lay.keys.new_zeros(b, lay.keys.shape[1], width, lay.keys.shape[3])
-            vs = lay.values.new_zeros(b, lay.values.shape[1], width, lay.values.shape[3])
-            for r, h in enumerate(held):
-                ks[r, :, width - h.length :] = h.keys[li][:, : h.length]
-                vs[r, :, width - h.length :] = h.values[li][:, : h.length]
+            ks, vs = _left_padded(held, li, width)
             lay.keys = torch.cat([lay.keys, ks])
             lay.values = torch.cat([lay.values, vs])
         rows = mask.new_zeros(b, width)
@@ -503,6 +491,26 @@ class HFBatchedRunner:
         """Drop every sequence's K/V."""
         self._kept = None
         self._seqs.clear()
+
+
+def _left_padded(
+    held: Sequence[_SeqKV | None], layer: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s K and V of ``held`` as a batch ``[rows, heads, width, dim]``.
+
+    Row ``r`` holds its sequence's tokens in its last ``length`` columns, zeros before them
+    (None or an empty sequence: all zeros). Keys and values may differ in heads or width
+    (multi-head latent attention: DeepSeek-V2/V3).
+    """
+    first = next(h for h in held if h is not None)
+    k0, v0 = first.keys[layer], first.values[layer]
+    ks = k0.new_zeros(len(held), k0.shape[0], width, k0.shape[2])
+    vs = v0.new_zeros(len(held), v0.shape[0], width, v0.shape[2])
+    for r, h in enumerate(held):
+        if h is not None and h.length:
+            ks[r, :, width - h.length :] = h.keys[layer][:, : h.length]
+            vs[r, :, width - h.length :] = h.values[layer][:, : h.length]
+    return ks, vs
 
 
 def _continues(kept: _Kept, chunks: Sequence[SeqChunk]) -> bool:
