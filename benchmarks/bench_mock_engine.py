@@ -4,6 +4,11 @@ Measures, in one process and one run:
 
 1. **baseline**: a minimal asyncio request loop (queue -> batch step -> resolve a future with
    a prebuilt Response) — the floor any asyncio engine pays per request;
+   **protocol floor**: the same loop doing the per-request work the API itself asks of any
+   mock engine, whatever its scheduler: tokenize the prompt, stamp each token, build the
+   output text of ``max_tokens`` word tokens, the protocol ``Metrics`` and ``Response``
+   (both validated by the protocol's pydantic models). No KV, no scheduler, no sampling:
+   what is left between this and the engine is the engine's own cost;
 2. **execute throughput**: requests/s through one MockEngine (KV through the mock
    provider's KV manager, full Metrics per request), reported with its ratio to 1.;
 3. **streams**: N concurrent ``stream()`` consumers; every stream must have exactly one
@@ -40,6 +45,14 @@ from typing import Any
 from sagellm_protocol import Metrics, Request, Response
 
 from sagellm_backend.engine.mock import MockEngine, MockEngineConfig
+
+try:  # this project's pieces for the protocol floor (absent from the published 0.1.1.2)
+    from sagellm_backend.engine.metrics import RequestTimeline, build_metrics, now
+    from sagellm_backend.engine.mock.tokenizer import MockTokenizer
+
+    HAVE_FLOOR = True
+except ImportError:
+    HAVE_FLOOR = False
 
 # _workload sits next to this file: on sys.path when run as a script, added when loaded by path.
 if str(Path(__file__).resolve().parent) not in sys.path:
@@ -123,6 +136,63 @@ class BaselineLoop:
         return await fut
 
 
+class ProtocolFloorLoop(BaselineLoop):
+    """:class:`BaselineLoop` plus the per-request work the protocol API asks of any engine.
+
+    Per request: the prompt is tokenized (MockTokenizer), every step stamps a token time,
+    and at the end the output text of ``max_tokens`` word tokens is decoded and real
+    ``Metrics`` (from the stamps) and a ``Response`` are built and validated. Output ids are
+    drawn in advance (no sampling cost); nothing is accounted in KV.
+    """
+
+    def __init__(self, max_batch_size: int, max_tokens: int, seed: int = 0) -> None:
+        super().__init__(max_batch_size, max_tokens)
+        self.tokenizer = MockTokenizer()
+        rng = random.Random(seed)
+        first, end = MockTokenizer.WORD_OFFSET, MockTokenizer.WORD_OFFSET
+        end += self.tokenizer.num_output_words
+        self.outputs = [[rng.randrange(first, end) for _ in range(max_tokens)] for _ in range(997)]
+        self.served = 0
+
+    async def run(self) -> None:
+        running: list[tuple[Request, asyncio.Future[Response], RequestTimeline, list[int]]] = []
+        encode, decode = self.tokenizer.encode, self.tokenizer.decode
+        while True:
+            while self.queue and len(running) < self.max_batch_size:
+                req, fut = self.queue.popleft()
+                prompt = encode(req.prompt)
+                timeline = RequestTimeline()
+                timeline.scheduled = now()
+                running.append((req, fut, timeline, prompt))
+            if not running:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            await asyncio.sleep(0)
+            keep = []
+            t = now()
+            for item in running:
+                req, fut, timeline, _prompt = item
+                times = timeline.token_times
+                times.append(t)
+                if len(times) >= self.max_tokens:
+                    ids = self.outputs[self.served % len(self.outputs)]
+                    self.served += 1
+                    fut.set_result(
+                        Response(
+                            request_id=req.request_id,
+                            trace_id=req.trace_id,
+                            output_text=decode(ids),
+                            output_tokens=ids,
+                            finish_reason="length",
+                            metrics=build_metrics(timeline, error_rate=0.0),
+                        )
+                    )
+                else:
+                    keep.append(item)
+            running = keep
+
+
 async def drive(execute: Any, requests: list[Request], concurrency: int) -> tuple[float, float]:
     """Run every request through ``execute`` with ``concurrency`` workers.
 
@@ -159,14 +229,19 @@ async def bench_throughput(
         if tokenizer is not None
         else float("nan")  # an engine without a tokenizer attribute (the published 0.1.1.2)
     )
-    base_times, eng_times = [], []
+    base_times, floor_times, eng_times = [], [], []
     for _ in range(repeats):
-        baseline = BaselineLoop(batch, max_tokens)
-        baseline.task = asyncio.create_task(baseline.run())
-        base_times.append(await drive(baseline.execute, requests, concurrency))
-        baseline.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await baseline.task
+        loops: list[tuple[BaselineLoop, list[tuple[float, float]]]] = [
+            (BaselineLoop(batch, max_tokens), base_times)
+        ]
+        if HAVE_FLOOR:
+            loops.append((ProtocolFloorLoop(batch, max_tokens), floor_times))
+        for loop, times in loops:
+            loop.task = asyncio.create_task(loop.run())
+            times.append(await drive(loop.execute, requests, concurrency))
+            loop.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop.task
         try:
             config = MockEngineConfig("bench", 0.0, 0.0, max_batch_size=batch, kv_num_pages=8192)
         except TypeError:  # an engine without these options (the published 0.1.1.2)
@@ -182,6 +257,7 @@ async def bench_throughput(
     base = statistics.median(t for t, _ in base_times)
     eng = statistics.median(t for t, _ in eng_times)
     base_cpu = statistics.median(c for _, c in base_times)
+    floor_cpu = statistics.median(c for _, c in floor_times) if floor_times else float("nan")
     eng_cpu = statistics.median(c for _, c in eng_times)
     return {
         "requests": n,
@@ -198,6 +274,9 @@ async def bench_throughput(
         "baseline_req_per_cpu_s": n / base_cpu,
         "engine_req_per_cpu_s": n / eng_cpu,
         "engine_vs_baseline_cpu": base_cpu / eng_cpu,
+        "protocol_floor_req_per_cpu_s": n / floor_cpu,
+        "protocol_floor_us_per_request_cpu": floor_cpu / n * 1e6,
+        "engine_vs_protocol_floor_cpu": floor_cpu / eng_cpu,
         "engine_us_per_request_cpu": eng_cpu / n * 1e6,
         "engine_req_per_cpu_s_best": n / min(c for _, c in eng_times),
         "baseline_req_per_cpu_s_best": n / min(c for _, c in base_times),
@@ -307,6 +386,13 @@ def main() -> int:
                 f"{r['baseline_req_per_cpu_s']:,.0f}; ratio {r['engine_vs_baseline_cpu']:.2f}x; "
                 f"best run {r['engine_req_per_cpu_s_best']:,.0f} req per CPU-s"
             )
+            if HAVE_FLOOR:
+                print(
+                    f"    protocol floor (loop + tokenize, text, Metrics, Response; no KV): "
+                    f"{r['protocol_floor_req_per_cpu_s']:,.0f} req per CPU-s "
+                    f"({r['protocol_floor_us_per_request_cpu']:.1f} us/request); engine "
+                    f"{r['engine_vs_protocol_floor_cpu']:.2f}x of it"
+                )
         s = results.get("streams")
         if s is None:
             return 0

@@ -22,6 +22,8 @@ def test_bench_quick_json() -> None:
     data = json.loads(proc.stdout)
     (tp,) = data["throughput"]
     assert tp["requests"] == 2000 and tp["engine_req_per_s"] > 0 and tp["baseline_req_per_s"] > 0
+    # the protocol floor does the per-request work of the API without KV or a scheduler
+    assert tp["protocol_floor_req_per_cpu_s"] > 0
     streams = data["streams"]
     assert streams["streams"] == 200
     assert streams["lost_or_wrong"] == 0 and streams["kv_empty_after"] is True
