@@ -63,7 +63,7 @@ def test_cpu_engine_serves_with_a_mock_provider(tiny_llama: str) -> None:
     info = engine.get_info()
     assert info["provider"] == "MockBackendProvider"
     assert info["device_provider"] == "CPUBackendProvider"
-    assert "device:CPUBackendProvider" in engine._trace
+    assert "device:CPUBackendProvider" in engine._results.trace
     after = mock.memory_stats()  # the mock held none of the model's K/V at any time
     assert (after["allocated"], after["peak"]) == (before["allocated"], before["peak"])
 

@@ -472,7 +472,7 @@ class HFEngineCore(ScheduledEngine):
             raise
         self._vocab_size = runner.vocab_size
         self._runner_name = runner.name
-        self._trace = [
+        self._results.trace = [
             *self._trace_base,
             f"runner:{runner.name}",
             f"provider:{type(self._provider).__name__}",

@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import math
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -36,34 +35,20 @@ from typing import Any
 
 from sagellm_protocol import Error, Request, Response
 
-from sagellm_backend.engine._streaming import (
-    delta_event,
-    end_event,
-    error_response,
-    prepare_request,
-    start_event,
-)
+from sagellm_backend.engine._streaming import delta_event, end_event, prepare_request, start_event
 from sagellm_backend.engine.base import BaseEngine, EngineConfig, StreamEvent
-from sagellm_backend.engine.metrics import ErrorRateCounter, RequestTimeline, build_metrics, now
 from sagellm_backend.engine.sched._off_loop import long_prompt, tokenize_off_loop
+from sagellm_backend.engine.sched._results import RequestResults
 from sagellm_backend.engine.sched._stop_text import StopTextStream, cut_at_stop
 from sagellm_backend.engine.sched.driver import Driver, Handle, in_own_thread, stopped_error
 from sagellm_backend.engine.sched.scheduler import SchedSeq, Scheduler
 from sagellm_backend.engine.sched.serving import Detokenizer, Serving, undo_serving
-from sagellm_backend.errors import (
-    BackendNotAvailableError,
-    ConfigError,
-    KVCacheExhaustedError,
-    to_protocol_error,
-)
+from sagellm_backend.errors import BackendNotAvailableError, ConfigError, KVCacheExhaustedError
 
 __all__ = ["Detokenizer", "ScheduledEngine", "Serving"]
 
 _log = logging.getLogger(__name__)
-_MIB = 1 << 20
 _STOP_JOIN_S = 1.5
-#: How long a reading of the provider's peak memory is reused for request metrics.
-_PEAK_TTL_S = 0.02
 
 # Response's own pydantic-core validator (the one ``Response(**kw)`` runs), called directly.
 _validate_response = Response.__pydantic_validator__.validate_python
@@ -93,15 +78,14 @@ class ScheduledEngine(BaseEngine):
 
     def __init__(self, config: EngineConfig, *, component_trace: list[str]) -> None:
         super().__init__(config)
-        self._trace = component_trace
         self._provider: Any = config.provider
         self._serving: Serving | None = None
         self._driver: Driver | None = None
         self._zombie: Driver | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._handles: dict[str, Handle] = {}
-        self._errors = ErrorRateCounter()
-        self._early_failed = 0
+        #: metrics and early error results; its ``trace`` is the component trace reported
+        self._results = RequestResults(component_trace)
         #: requests received by execute/stream while running, rejected ones included; never
         #: reset (0.1.1.2's MockEngine ``request_count``)
         self._received = 0
@@ -117,9 +101,6 @@ class ScheduledEngine(BaseEngine):
         self._start_done: asyncio.Event | None = None
         #: set while a stop() tears the engine down (other stop() and start() calls wait)
         self._stop_done: asyncio.Event | None = None
-        self._peak_bytes = 0
-        self._peak_mb = 0
-        self._peak_read_at = -1.0
         self._last_kv: Any = None
         self._last_runner: Any = None
 
@@ -291,8 +272,8 @@ class ScheduledEngine(BaseEngine):
                     handle.finish()
                 if serving is not None and serving.interrupt is not None:
                     await asyncio.to_thread(serving.interrupt)
-        self._note_peak()
         if serving is not None:
+            self._results.note_kv_peak(serving.scheduler.kv)
             self._last_kv = serving.scheduler.kv
             self._last_runner = serving.runner
         self._serving = None
@@ -321,7 +302,7 @@ class ScheduledEngine(BaseEngine):
                 waiting=stats.waiting,
                 running=stats.running,
                 completed=stats.completed,
-                failed=stats.failed + self._early_failed,
+                failed=stats.failed + self._results.early_failed,
                 cancelled=stats.cancelled,
             )
             kv = sched.kv.stats()
@@ -367,7 +348,7 @@ class ScheduledEngine(BaseEngine):
                 "output_text": text,
                 "output_tokens": ids,
                 "finish_reason": seq.finish_reason,
-                "metrics": self._metrics(seq),
+                "metrics": self._results.metrics(seq, self._memory_provider()),
                 "error": seq.error,
             }
         )
@@ -439,7 +420,7 @@ class ScheduledEngine(BaseEngine):
                         output_text="".join(texts),
                         output_tokens=list(seq.output_ids[:sent]),
                         finish_reason=seq.finish_reason or "error",
-                        metrics=self._metrics(seq),
+                        metrics=self._results.metrics(seq, self._memory_provider()),
                         error=seq.error,
                     )
                     return
@@ -535,50 +516,8 @@ class ScheduledEngine(BaseEngine):
         )
 
     def _error_result(self, request: Any, exc: BaseException | Error) -> Response:
-        self._early_failed += 1
-        metrics = build_metrics(
-            RequestTimeline(),
-            error_rate=self._errors.record(True),
-            peak_mem_mb=self._peak_mem_mb(),
-            component_trace=self._trace,
-        )
-        error = exc if isinstance(exc, Error) else to_protocol_error(exc)
-        return error_response(request, error, metrics)
-
-    def _note_peak(self) -> None:
-        serving = self._serving
-        if serving is not None:
-            kv = serving.scheduler.kv
-            used = (kv.pool.num_pages - kv.pool.num_free) * kv.spec.page_bytes
-            if used > self._peak_bytes:
-                self._peak_bytes = used
+        return self._results.error_result(request, exc, self._memory_provider())
 
     def _memory_provider(self) -> Any:
         """The provider whose ``memory_stats`` the metrics report (default: the engine's)."""
         return self._provider
-
-    def _peak_mem_mb(self) -> int:
-        """The provider's peak memory (MiB), read at most every ``_PEAK_TTL_S`` seconds."""
-        t = now()
-        if t - self._peak_read_at < _PEAK_TTL_S:
-            return self._peak_mb
-        provider = self._memory_provider()
-        if provider is None:
-            return self._peak_bytes // _MIB
-        try:
-            stats = provider.memory_stats()
-        except Exception:  # pragma: no cover - a provider bug must not fail the request
-            return self._peak_bytes // _MIB
-        peak = stats.get("peak", stats.get("allocated", 0))
-        self._peak_mb = math.ceil(int(peak) / _MIB) if peak else 0
-        self._peak_read_at = t
-        return self._peak_mb
-
-    def _metrics(self, seq: SchedSeq) -> Any:
-        return build_metrics(
-            seq.timeline,
-            error_rate=self._errors.record(seq.finish_reason == "error"),
-            peak_mem_mb=self._peak_mem_mb(),
-            kv=seq.kv_stats,
-            component_trace=self._trace,
-        )
