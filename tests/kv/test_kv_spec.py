@@ -92,6 +92,57 @@ def test_from_real_transformers_configs() -> None:
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (2, 4, 32)
 
 
+class _PerLayerHeads:
+    """A heterogeneous config: ``head_dim`` has no global value, only per-layer ones."""
+
+    num_hidden_layers = 2
+    num_attention_heads = 4
+    num_key_value_heads = 2
+    hidden_size = 64
+    per_layer_config = (SimpleNamespace(head_dim=16), SimpleNamespace(head_dim=48))
+
+    @property
+    def head_dim(self) -> int:
+        raise RuntimeError("'head_dim' is a per-layer attribute")
+
+
+def test_per_layer_fields_read_as_their_largest_value() -> None:
+    spec = KVSpec.from_model_config(_PerLayerHeads())
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (2, 2, 48)
+
+
+def test_a_raising_field_without_per_layer_configs_is_not_hidden() -> None:
+    class Broken:
+        num_hidden_layers = 2
+        num_attention_heads = 4
+
+        @property
+        def head_dim(self) -> int:
+            raise RuntimeError("broken config")
+
+    with pytest.raises(RuntimeError, match="broken config"):
+        KVSpec.from_model_config(Broken())
+
+
+def test_from_a_real_heterogeneous_transformers_config() -> None:
+    transformers = pytest.importorskip("transformers")
+    try:
+        config = transformers.AutoConfig.for_model(
+            "gemma4_text",
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=64,
+            head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            per_layer_config={"01": {"head_dim": 32}},
+        )
+    except ValueError:
+        pytest.skip("this transformers has no gemma4_text")
+    spec = KVSpec.from_model_config(config)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (2, 2, 32)
+
+
 def test_from_config_missing_fields_named() -> None:
     with pytest.raises(ValueError, match="num_hidden_layers"):
         KVSpec.from_model_config({"num_attention_heads": 4, "hidden_size": 64})

@@ -28,12 +28,32 @@ def model_config_field(config: Any, *names: str) -> Any:
 
     ``config`` is a Hugging Face model config: a mapping (read by key, e.g. a parsed
     ``config.json``) or any object (read by attribute; a missing one counts as None).
+
+    A field that varies from layer to layer (transformers' heterogeneous configs, whose
+    global attribute raises, e.g. Gemma 4's wider full-attention heads) reads as its
+    largest per-layer value: a spec built from it bounds every layer's K/V from above.
     """
     for name in names:
-        value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+        if isinstance(config, Mapping):
+            value = config.get(name)
+        else:
+            try:
+                value = getattr(config, name, None)
+            except RuntimeError:  # a per-layer attribute with no single global value
+                layers = getattr(config, "per_layer_config", None)
+                if layers is None:
+                    raise
+                value = _largest_per_layer(layers, name)
         if value is not None:
             return value
     return None
+
+
+def _largest_per_layer(layers: Any, name: str) -> int | None:
+    """The largest integer ``name`` among the per-layer configs ``layers`` (None if none)."""
+    values = [getattr(layer, name, None) for layer in layers]
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return max(ints) if ints else None
 
 
 def _positive_int(name: str, value: object) -> int:

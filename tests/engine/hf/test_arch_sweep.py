@@ -108,6 +108,100 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         "hf-sequential",
     ),
     "lfm2": ({**_LLAMA, "layer_types": ["conv", "full_attention"]}, "hf-sequential"),
+    # positions from the cache length, not the mask: left padding would shift them, so the
+    # start-up probe sends them to the per-sequence runner
+    "bart": (
+        {
+            "d_model": 64,
+            "decoder_attention_heads": 4,
+            "decoder_ffn_dim": 128,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "encoder_layers": 2,
+            "is_decoder": True,
+            "forced_eos_token_id": None,  # a summarization default generate() would apply
+        },
+        "hf-sequential",
+    ),
+    "whisper": (
+        {
+            "d_model": 64,
+            "decoder_attention_heads": 4,
+            "decoder_ffn_dim": 128,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "encoder_layers": 2,
+        },
+        "hf-sequential",
+    ),
+    # cache layers holding more than K/V (an indexer's keys; compressed attention)
+    "deepseek_v32": (
+        {
+            "head_dim": 8,
+            "hidden_size": 64,
+            "index_head_dim": 16,
+            "index_n_heads": 4,
+            "intermediate_size": 128,
+            "kv_lora_rank": 16,
+            "max_position_embeddings": 1024,
+            "moe_intermediate_size": 32,
+            "n_group": 1,
+            "n_routed_experts": 4,
+            "num_attention_heads": 4,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 4,
+            "q_lora_rank": 32,
+            "qk_head_dim": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 8,
+            "topk_group": 1,
+            "v_head_dim": 16,
+            "layer_types": ["indexed_attention", "indexed_attention"],
+            "mlp_layer_types": ["dense", "sparse"],
+        },
+        "hf-sequential",
+    ),
+    "deepseek_v4": (
+        {
+            "head_dim": 16,
+            "hidden_size": 64,
+            "index_head_dim": 16,
+            "index_n_heads": 4,
+            "max_position_embeddings": 1024,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 4,
+            "num_attention_heads": 4,
+            "num_experts_per_tok": 2,
+            "num_hidden_layers": 3,
+            "o_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "sliding_window": 16,
+            "layer_types": [
+                "heavily_compressed_attention",
+                "compressed_sparse_attention",
+                "heavily_compressed_attention",
+            ],
+            "mlp_layer_types": ["hash_moe", "moe", "moe"],
+        },
+        "hf-sequential",
+    ),
+    # layers of different head_dim (Gemma 4's wider full-attention heads): no global head_dim
+    "gemma4_text": (
+        {
+            **_LLAMA,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "per_layer_config": {"01": {"head_dim": 32}},
+            "hidden_size_per_layer_input": 16,
+            "vocab_size_per_layer_input": 1024,
+        },
+        "hf-batched",
+    ),
     "jamba": (
         {
             **_LLAMA,
@@ -192,3 +286,39 @@ async def test_concurrent_requests_equal_solo_generate(
         assert list(resp.output_tokens) == want, (model_type, i)
     await wait_until(lambda: engine.kv_manager.stats().num_seqs == 0)
     assert engine.kv_manager.stats().kv_used_tokens == 0
+
+
+#: model_type -> (config fields, what the refusal says): models the engine cannot serve.
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "openai-gpt": ({"n_embd": 64, "n_head": 4, "n_layer": 2}, "takes no transformers cache"),
+    "rwkv": (
+        {
+            "attention_hidden_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+        },
+        "its own 'state'",
+    ),
+    # a cache argument, but its own dict: feeding a prompt in two parts fails
+    "xlm": ({"emb_dim": 64, "n_heads": 4, "n_layers": 2}, "does not continue a sequence"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+async def test_models_without_a_usable_cache_are_refused_at_start(
+    model_type: str, models_root: Path, engine_factory: Any
+) -> None:
+    from sagellm_backend.engine.runners.select import describe_runner_for_path
+    from sagellm_backend.errors import ConfigError
+
+    fields, says = REFUSED[model_type]
+    path = _build(model_type, fields, models_root)
+    engine = engine_factory(path, max_batch_size=4, max_new_tokens=64)
+    with pytest.raises(ConfigError, match="cannot be served") as info:
+        await engine.start()
+    assert says in str(info.value)
+    assert not engine.is_running
+    if model_type != "xlm":  # known from the config alone (``info --model``)
+        with pytest.raises(ConfigError, match=says):
+            describe_runner_for_path(path)

@@ -145,6 +145,31 @@ def test_attention_models_keep_their_runners() -> None:
         assert recurrent_state_reason(ref.model) is None
 
 
+def test_configs_decide_own_cache_layers_and_mixed_head_shapes() -> None:
+    """Decided from config.json alone: special cache layers, per-layer head shapes."""
+    import transformers
+
+    indexed = transformers.AutoConfig.for_model(
+        "deepseek_v32", num_hidden_layers=2, layer_types=["indexed_attention"] * 2
+    )
+    name, reason = describe_runner(indexed)
+    assert name == "hf-sequential" and "indexed_attention" in reason
+    with pytest.raises(ConfigError, match="keep more than plain keys and values"):
+        describe_runner(indexed, "paged")
+    mixed = transformers.AutoConfig.for_model(
+        "gemma4_text",
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_types=["sliding_attention", "full_attention"],
+        per_layer_config={"01": {"head_dim": 32}},
+    )
+    name, reason = describe_runner(mixed)
+    assert name == "hf-batched" and "(2, 16), (2, 32)" in reason
+    llama = transformers.AutoConfig.for_model("llama", num_hidden_layers=2)
+    assert describe_runner(llama)[0] == "paged"
+
+
 async def test_engine_refuses_runner_paged_for_a_state_model(engine_factory: Any) -> None:
     path, _ = _ref("tiny-mamba")
     engine = engine_factory(path, runner="paged")

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from sagellm_backend.engine.runners._probe import logits_close
+
 __all__ = [
     "UnmergeableError",
     "drop_tensors",
@@ -259,7 +261,7 @@ def merged_decode_matches(
         rows = run_batch([(f"~~{sid}", t, len(ids) + i) for sid, ids in prompts.items()])
         for sid, row in zip(prompts, rows, strict=True):
             batched[sid].append(row)
-    return all(_close(alone[sid], batched[sid]) for sid in prompts)
+    return all(logits_close(alone[sid], batched[sid]) for sid in prompts)
 
 
 def merged_prefill_matches(
@@ -290,15 +292,6 @@ def merged_prefill_matches(
     firsts = run_prefill([(f"~~{sid}", ids) for sid, ids in prompts.items()])
     for (sid, ids), first in zip(prompts.items(), firsts, strict=True):
         alone[sid] += decode(f"~{sid}", len(ids))
-        if not _close(alone[sid], [first, *decode(f"~~{sid}", len(ids))]):
-            return False
-    return True
-
-
-def _close(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> bool:
-    """Logits rows pairwise within 1e-3 plus 1% of the expected magnitude."""
-    for w, g in zip(want, got, strict=True):
-        tol = 1e-3 + 1e-2 * float(w.abs().max())
-        if float((w.float() - g.float()).abs().max()) > tol:
+        if not logits_close(alone[sid], [first, *decode(f"~~{sid}", len(ids))]):
             return False
     return True

@@ -59,6 +59,7 @@ import torch
 
 from sagellm_backend.engine.runners._prefill_groups import prefill_groups
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
+from sagellm_backend.engine.runners._probe import logits_close
 from sagellm_backend.engine.runners._state_batch import (
     UnmergeableError,
     drop_tensors,
@@ -168,6 +169,12 @@ class HFStatefulRunner:
         self.prefill_group_tokens: int | None = (
             CPU_PREFILL_GROUP_TOKENS if self.device.type == "cpu" else None
         )
+        broken = self._continuation_fails()
+        if broken is not None:
+            raise ValueError(
+                f"{type(model).__name__} does not continue a sequence through its cache "
+                f"({broken}): a prompt fed in two parts must give the logits of one forward"
+            )
         if not self._owners and self._default_cache and self._mask:
             if not mergeable(self._new_cache()):
                 _log.info(
@@ -194,6 +201,26 @@ class HFStatefulRunner:
             name = type(self.model).__name__
             _log.info("%s: %s runs one sequence per forward: %s", name, what, reason)
         return ok
+
+    def _continuation_fails(self) -> str | None:
+        """Why 3 prompt tokens and then a 4th through the cache differ from one forward.
+
+        None when they agree (:func:`logits_close`); the state is forgotten either way.
+        """
+        gen = torch.Generator().manual_seed(2)
+        ids = torch.randint(4, max(5, self.vocab_size), (4,), generator=gen).tolist()
+        try:
+            with torch.inference_mode():
+                whole = self._one("~whole", ids, 0)
+                self._one("~parts", ids[:3], 0)
+                parts = self._one("~parts", ids[3:], 3)
+            if logits_close([whole], [parts]):
+                return None
+            return "the logits differ"
+        except Exception as exc:  # a cache layout this runner cannot keep
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self.reset()
 
     def _one(self, sid: str, ids: list[int], start: int) -> torch.Tensor:
         return self._run(SeqChunk(sid, ids, start, [], True))

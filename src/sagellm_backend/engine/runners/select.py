@@ -12,6 +12,15 @@
   attention, convolution or hybrid layers), under ``runner="auto"`` and ``runner="hf"``
   alike (``"paged"`` is refused): padding or packing sequences together would mix their
   states, so each sequence keeps the model's own cache and runs in a forward of its own.
+  Also models whose cache layers hold more than plain keys and values (indexed or
+  compressed attention: DeepSeek-V3.2/V4, GLM-MoE-DSA, ...), and models that left-padded
+  batches would change (positions taken from the cache length: the decoders of BART,
+  Pegasus, Marian, Whisper, ...; :func:`select_runner` finds those with a start-up probe,
+  :func:`~._probe.padded_batches_match`, so :func:`describe_runner` still names
+  ``"hf-batched"`` for them).
+
+A model whose forward takes no transformers cache (``cache`` / ``past_key_values``: GPT-1,
+Reformer, XLNet, RWKV) is refused with a ConfigError that says so.
 
 :func:`describe_runner` decides from the model class and config alone (no weights needed,
 so ``sagellm-backend info --model PATH`` can answer from ``config.json``);
@@ -81,6 +90,9 @@ def _paged_reason(model_or_config: Any) -> str | None:
             f"{cls.__name__} (model_type {model_type!r}) does not support custom attention "
             "functions (no attention-backend support in transformers)"
         )
+    mixed = _mixed_head_shapes(config)
+    if mixed is not None:
+        return mixed
     if getattr(config, "alibi", False):
         return "ALiBi position biases are not supported by the paged attention"
     if getattr(config, "kv_lora_rank", None) and getattr(config, "v_head_dim", None):
@@ -97,8 +109,35 @@ def _paged_reason(model_or_config: Any) -> str | None:
     return None
 
 
+def _mixed_head_shapes(config: Any) -> str | None:
+    """Why the layers' K/V differ in shape (None: one shape, or no per-layer configs)."""
+    getter = getattr(config, "get_text_config", None)
+    text = getter(decoder=True) if callable(getter) else config
+    try:
+        layers = list(getattr(text, "per_layer_config", None) or [])
+        shapes = sorted(
+            {
+                (getattr(lay, "num_key_value_heads", None), getattr(lay, "head_dim", None))
+                for lay in layers
+            },
+            key=str,
+        )
+    except Exception:  # a config whose layers cannot be read: leave it to the runner's probe
+        return None
+    if len(shapes) < 2:
+        return None
+    return (
+        "its layers keep K/V of different shapes ((kv heads, head_dim): "
+        f"{', '.join(str(s) for s in shapes)}); the paged pool holds one shape"
+    )
+
+
 #: Cache layer types (transformers' ``layer_types`` vocabulary) that hold recurrent state.
 _STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+#: Cache layer types holding plain keys and values (the window is the mask's business).
+_PLAIN_LAYER_TYPES = frozenset(
+    {"full_attention", "sliding_attention", "chunked_attention", "dummy", "moe", "mlp"}
+)
 
 
 def _layer_types(config: Any) -> list[str]:
@@ -146,6 +185,46 @@ def recurrent_state_reason(model_or_config: Any) -> str | None:
     return None
 
 
+def own_cache_reason(model_or_config: Any) -> str | None:
+    """Why the model needs its own cache layers (None: plain K/V or recurrent state only).
+
+    Layers of other cache types (``indexed_attention``, ``heavily_compressed_attention``,
+    ...) keep more than keys and values, which neither the paged pool nor a cache rebuilt
+    from K/V holds.
+    """
+    _, config = _model_and_config(model_or_config)
+    special = sorted(set(_layer_types(config)) - _PLAIN_LAYER_TYPES - _STATE_LAYER_TYPES)
+    if special:
+        return (
+            f"its cache layers ({', '.join(special)}) keep more than plain keys and values, so "
+            "each sequence keeps the model's own cache"
+        )
+    return None
+
+
+def no_cache_reason(model_or_config: Any) -> str | None:
+    """Why the model cannot be served at all: its forward takes no transformers cache."""
+    is_model, config = _model_and_config(model_or_config)
+    cls = type(model_or_config) if is_model else _causal_lm_class(config)
+    if cls is None:
+        return None
+    import inspect
+
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "cache" in params or "past_key_values" in params:
+        return None
+    own = [p for p in ("state", "mems", "past_buckets_states") if p in params]
+    kept = f" (it keeps its own {own[0]!r} instead)" if own else ""
+    return (
+        f"{cls.__name__}.forward takes no transformers cache (no 'cache' or "
+        f"'past_key_values' argument){kept}; the engine serves causal LMs whose K/V or "
+        "recurrent state lives in a transformers Cache"
+    )
+
+
 def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, str]:
     """Return ``(runner_name, reason)`` for a loaded model or a transformers config.
 
@@ -154,12 +233,16 @@ def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, st
         runner: the engine's ``runner`` option: ``"auto"``, ``"paged"`` or ``"hf"``.
 
     Raises:
-        ConfigError: ``runner`` is not a valid option, or ``"paged"`` was asked for a model
-            the paged runner cannot serve (the message says why).
+        ConfigError: ``runner`` is not a valid option, ``"paged"`` was asked for a model
+            the paged runner cannot serve, or the model cannot be served at all (its forward
+            takes no transformers cache); the message says why.
     """
     if runner not in _OPTIONS:
         raise ConfigError(f"runner must be one of {_OPTIONS}, got {runner!r}")
-    state = recurrent_state_reason(model_or_config)
+    unservable = no_cache_reason(model_or_config)
+    if unservable is not None:
+        raise ConfigError(f"this model cannot be served: {unservable}")
+    state = recurrent_state_reason(model_or_config) or own_cache_reason(model_or_config)
     if state is not None:
         if runner == "paged":
             raise ConfigError(f"runner='paged' cannot serve this model: {state}")
@@ -267,6 +350,13 @@ def select_runner(
             if runner == "paged":
                 raise ConfigError(f"runner='paged' cannot serve this model: {exc}") from exc
             reason = str(exc)
+    if kind == "hf-batched":
+        from sagellm_backend.engine.runners._probe import padded_batches_match
+        from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner
+
+        matches, why = padded_batches_match(HFBatchedRunner(model, max_context=max_context))
+        if not matches:
+            kind, reason = "hf-sequential", why
     if kind == "hf-sequential":
         from sagellm_backend.engine.runners.hf_state import HFStatefulRunner
 
