@@ -322,3 +322,24 @@ async def test_models_without_a_usable_cache_are_refused_at_start(
     if model_type != "xlm":  # known from the config alone (``info --model``)
         with pytest.raises(ConfigError, match=says):
             describe_runner_for_path(path)
+
+
+@pytest.mark.parametrize(("model_type", "expected"), [("bart", False), ("falcon", True)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_padding_probe_tells_position_errors_from_rounding(
+    model_type: str, expected: bool, dtype: str, models_root: Path
+) -> None:
+    """BART's decoder takes positions from the cache length: padding breaks it in any dtype;
+    Falcon's follow the mask: bf16 rounding between batch shapes must not fail it."""
+    from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+    from sagellm_backend.engine.runners._probe import padded_batches_match
+    from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner
+
+    path = _build(model_type, CASES[model_type][0], models_root)
+    model, _ = load_model_and_tokenizer(path, device="cpu", dtype=dtype)
+    runner = HFBatchedRunner(model, max_context=256)
+    ok, why = padded_batches_match(runner)
+    assert ok is expected and (why == "") is expected
+    if not expected:
+        assert "left-padded batches change its logits" in why
+    assert runner._seqs == {} and runner._kept is None  # the probe leaves nothing behind

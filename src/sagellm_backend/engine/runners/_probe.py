@@ -27,10 +27,17 @@ if TYPE_CHECKING:
 __all__ = ["logits_close", "padded_batches_match"]
 
 
-def logits_close(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> bool:
-    """Logits rows pairwise within 1e-3 plus 1% of the expected magnitude."""
+def runner_dtype(runner: HFBatchedRunner) -> torch.dtype:
+    """The dtype of the runner's model (its input embeddings' weights)."""
+    return runner.model.get_input_embeddings().weight.dtype  # type: ignore[no-any-return]
+
+
+def logits_close(
+    want: Sequence[torch.Tensor], got: Sequence[torch.Tensor], *, rel: float = 1e-2
+) -> bool:
+    """Logits rows pairwise within 1e-3 plus ``rel`` (default 1%) of the expected magnitude."""
     for w, g in zip(want, got, strict=True):
-        tol = 1e-3 + 1e-2 * float(w.abs().max())
+        tol = 1e-3 + rel * float(w.abs().max())
         if float((w.float() - g.float()).abs().max()) > tol:
             return False
     return True
@@ -42,7 +49,9 @@ def padded_batches_match(runner: HFBatchedRunner) -> tuple[bool, str]:
     Three prompts of 1, 6 and 3 tokens each run alone (prompt, then three decode tokens one
     forward at a time) and together: one left-padded prompt forward, then the three decode
     steps through :meth:`HFBatchedRunner.execute` (the kept batch). Every logits row must
-    agree (:func:`logits_close`).
+    agree (:func:`logits_close`: within 1% of the logits' magnitude in float32, 10% in 16-bit
+    dtypes, whose rounding depends on batch shapes; a position error moves logits by about
+    their whole magnitude).
 
     Returns:
         (matches, why not: "" when it matches).
@@ -75,7 +84,8 @@ def padded_batches_match(runner: HFBatchedRunner) -> tuple[bool, str]:
                 ]
                 for sid, row in zip(prompts, runner.execute(steps), strict=True):
                     together[sid].append(row)
-        if all(logits_close(alone[sid], together[sid]) for sid in prompts):
+        rel = 1e-2 if runner_dtype(runner) == torch.float32 else 1e-1
+        if all(logits_close(alone[sid], together[sid], rel=rel) for sid in prompts):
             return True, ""
         return False, (
             "left-padded batches change its logits (it does not take positions from the "
