@@ -52,6 +52,10 @@ _log = logging.getLogger(__name__)
 #: Runner names :func:`describe_runner` answers.
 RUNNER_KINDS = ("paged", "hf-batched", "hf-sequential")
 _OPTIONS = ("auto", "paged", "hf")
+#: What the config alone cannot tell about an ``hf-batched`` model (see :func:`select_runner`).
+_PROBE_NOTE = (
+    "; at start a probe sends it to hf-sequential instead if left-padded batches change its logits"
+)
 
 
 def _causal_lm_class(config: Any) -> Any:
@@ -248,13 +252,13 @@ def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, st
             raise ConfigError(f"runner='paged' cannot serve this model: {state}")
         return "hf-sequential", state
     if runner == "hf":
-        return "hf-batched", "runner='hf' was asked for"
+        return "hf-batched", "runner='hf' was asked for" + _PROBE_NOTE
     reason = _paged_reason(model_or_config)
     if reason is None:
         return "paged", "its attention layers accept a custom attention function"
     if runner == "paged":
         raise ConfigError(f"runner='paged' cannot serve this model: {reason}")
-    return "hf-batched", reason
+    return "hf-batched", reason + _PROBE_NOTE
 
 
 def describe_runner_for_path(
