@@ -10,9 +10,9 @@ For every ``model_type`` of ``transformers``' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAME
    tokenizer of ``tiny-llama``;
 2. runs ``model.generate`` (greedy, EOS ignored) on four prompts of 1, 7, 40 and 23 token
    ids, each alone, as the reference;
-3. starts a ``CPUEngine`` on it (float32, ``max_batch_size=4``), submits the four requests
-   together, compares the tokens with the reference, checks that the KV pool is empty
-   afterwards, and stops the engine.
+3. starts a ``CPUEngine`` on it (``--dtype``, default float32; ``max_batch_size=4``),
+   submits the four requests together, compares the tokens with the reference, checks that
+   the KV pool is empty afterwards, and stops the engine.
 
 Each type is classified ``ok``, ``mismatch``, ``engine-error``, ``start-error``,
 ``not-buildable``, ``generate-fails`` or ``timeout``; the runner the engine picked is
@@ -563,6 +563,11 @@ def _build(model_type: str, root: Path) -> tuple[str, dict[str, Any]]:
     return str(out), changed
 
 
+def _dtype() -> str:
+    """The dtype models run in (``--dtype``, passed to the worker in the environment)."""
+    return os.environ.get("ARCH_SWEEP_DTYPE", "float32")
+
+
 def _reference(path: str, work: list[tuple[list[int], int]]) -> list[list[int]]:
     """Greedy tokens of ``model.generate`` on each request alone (the tests' Reference)."""
     import torch
@@ -573,17 +578,19 @@ def _reference(path: str, work: list[tuple[list[int], int]]) -> list[list[int]]:
     from sagellm_backend.errors import ConfigError
 
     try:
-        model, _ = load_model_and_tokenizer(path, device="cpu", dtype="float32")
+        model, _ = load_model_and_tokenizer(path, device="cpu", dtype=_dtype())
     except ConfigError:  # our loader refuses it: the engine will say so at start
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, _dtype())
+        )
         model.eval()
     out = []
     for ids, n in work:
         with torch.inference_mode():
             for module in module_state_owners(model):
-                _state_reset(module, model, torch.device("cpu"), torch.float32)()
+                _state_reset(module, model, torch.device("cpu"), getattr(torch, _dtype()))()
             gen = model.generate(
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -628,7 +635,7 @@ async def _serve(
             model_path=path,
             max_batch_size=4,
             max_new_tokens=64,
-            torch_dtype="float32",
+            torch_dtype=_dtype(),
         )
     )
     try:
@@ -882,6 +889,13 @@ def main(argv: list[str] | None = None) -> int:
         default=False,
         help="skip the types the test suite already covers (default: run every type)",
     )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the reference and the engine (16-bit: tokens may differ by rounding "
+        "between batch shapes; errors are what to look for)",
+    )
     ap.add_argument("--per-type-timeout", type=float, default=300.0, help="seconds per type")
     ap.add_argument("--worker", metavar="PARTS", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -893,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     types = list(args.only) if args.only else list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     if args.skip_covered:
         types = [t for t in types if t not in COVERED]
+    os.environ["ARCH_SWEEP_DTYPE"] = args.dtype
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()

@@ -343,3 +343,53 @@ def test_padding_probe_tells_position_errors_from_rounding(
     if not expected:
         assert "left-padded batches change its logits" in why
     assert runner._seqs == {} and runner._kept is None  # the probe leaves nothing behind
+
+
+_ERGO: dict[str, Any] = {
+    "first_dense_intermediate_size": 128,
+    "hidden_size": 64,
+    "max_position_embeddings": 1024,
+    "moe_intermediate_size": 32,
+    "num_attention_heads": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 2,
+    "shared_intermediate_size": 32,
+    "sliding_window": 16,
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+}
+
+
+async def test_fp32_embeddings_beside_bf16_layers(models_root: Path, engine_factory: Any) -> None:
+    """Ergo keeps its embeddings and norms in float32 (``_keep_in_fp32_modules``) while its
+    layers compute in bfloat16: the KV pool takes the layers' dtype, which the paged runner
+    checks against the keys and values the layers compute (before: the pool took the
+    embeddings' float32 and every step failed writing bf16 values into it)."""
+    import torch
+
+    from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
+    from sagellm_backend.engine.hf.runner import model_compute_dtype
+
+    transformers = pytest.importorskip("transformers")
+    if "ergo" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no ergo")
+    path = _build("ergo", _ERGO, models_root)
+    model, _ = load_model_and_tokenizer(path, device="cpu", dtype="bfloat16")
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model_compute_dtype(model) == torch.bfloat16
+    engine = engine_factory(path, torch_dtype="bfloat16")
+    await engine.start()
+    assert engine.runner_name == "paged"
+    assert engine.kv_manager.spec.dtype.value == "bf16"
+    rng = random.Random(1)
+    work = [([rng.randrange(4, 1024) for _ in range(n)], 6) for n in (3, 30)]
+    responses = await asyncio.wait_for(
+        asyncio.gather(
+            *(engine.execute(make_request("ids", k, prompt_token_ids=ids)) for ids, k in work)
+        ),
+        120,
+    )
+    assert [r.error for r in responses] == [None, None]
+    assert [len(r.output_tokens) for r in responses] == [6, 6]

@@ -73,6 +73,8 @@ class LayerFeatures:
         sliding_window: the window, or None.
         softcap: attention logit soft-capping, or None.
         has_sinks: the layer passes attention sinks (``s_aux``).
+        key_dtype: dtype of the keys the layer computes (None: not recorded).
+        value_dtype: dtype of its values (None: not recorded).
     """
 
     num_heads: int
@@ -82,6 +84,8 @@ class LayerFeatures:
     sliding_window: int | None
     softcap: float | None
     has_sinks: bool
+    key_dtype: torch.dtype | None = None
+    value_dtype: torch.dtype | None = None
 
 
 # ---------------------------------------------------------------------------- the hook
@@ -134,6 +138,8 @@ def paged_attention(
             sliding_window=window,
             softcap=softcap,
             has_sinks=sinks is not None,
+            key_dtype=key.dtype,
+            value_dtype=value.dtype,
         )
         if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
             unknown.append(f"value/key head_dim {value.shape[-1]} != query {query.shape[-1]}")

@@ -155,6 +155,9 @@ class PagedRunner:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         previous = getattr(model.config, "_attn_implementation", None)
         self.features = prepare_model(model)
+        computed = {f.key_dtype for _, f in self.features if f.key_dtype is not None}
+        if len(computed) == 1:  # the K/V dtype, even beside float32 embeddings (Ergo)
+            self.dtype = computed.pop()
         try:
             self._bind_pool(layer_kv)
         except BaseException:
@@ -197,10 +200,19 @@ class PagedRunner:
             self._layer_of[id(module)] = i
             k_cache, v_cache = layer_kv(i)
             expect = (feats.num_kv_heads, feats.head_dim)
-            if tuple(k_cache.shape[1:]) != expect or k_cache.dtype != self.dtype:
+            k_dtype = feats.key_dtype or self.dtype
+            v_dtype = feats.value_dtype or self.dtype
+            if (
+                tuple(k_cache.shape[1:]) != expect
+                or k_cache.dtype != k_dtype
+                or v_cache.dtype != v_dtype
+            ):
+                computed = (
+                    str(k_dtype) if k_dtype == v_dtype else f"keys {k_dtype}, values {v_dtype}"
+                )
                 raise ValueError(
                     f"KV storage of layer {i} is {tuple(k_cache.shape[1:])} {k_cache.dtype}, "
-                    f"the model needs (kv_heads, head_dim) = {expect} {self.dtype}"
+                    f"the model computes (kv_heads, head_dim) = {expect} in {computed}"
                 )
             if k_cache.device != self.device:
                 raise ValueError(
