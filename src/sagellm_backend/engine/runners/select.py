@@ -20,7 +20,8 @@
   ``"hf-batched"`` for them).
 
 A model whose forward takes no transformers cache (``cache`` / ``past_key_values``: GPT-1,
-Reformer, XLNet, RWKV) is refused with a ConfigError that says so.
+Reformer, XLNet, RWKV) and that the paged runner cannot serve either is refused with a
+ConfigError that says so.
 
 :func:`describe_runner` decides from the model class and config alone (no weights needed,
 so ``sagellm-backend info --model PATH`` can answer from ``config.json``);
@@ -207,7 +208,12 @@ def own_cache_reason(model_or_config: Any) -> str | None:
 
 
 def no_cache_reason(model_or_config: Any) -> str | None:
-    """Why the model cannot be served at all: its forward takes no transformers cache."""
+    """Why an HF-cache runner cannot serve the model: its forward takes no transformers cache.
+
+    Decided for transformers' own classes only (remote code may take a cache through
+    ``**kwargs``; the runners' start-up probes decide for it). The paged runner needs no
+    model cache, so this matters only for models it cannot serve.
+    """
     is_model, config = _model_and_config(model_or_config)
     cls = type(model_or_config) if is_model else _causal_lm_class(config)
     if cls is None:
@@ -220,6 +226,8 @@ def no_cache_reason(model_or_config: Any) -> str | None:
         return None
     if "cache" in params or "past_key_values" in params:
         return None
+    if not str(getattr(cls, "__module__", "")).startswith("transformers."):
+        return None  # remote code may take a cache through **kwargs: the runners' probes tell
     own = [p for p in ("state", "mems", "past_buckets_states") if p in params]
     kept = f" (it keeps its own {own[0]!r} instead)" if own else ""
     return (
@@ -243,22 +251,27 @@ def describe_runner(model_or_config: Any, runner: str = "auto") -> tuple[str, st
     """
     if runner not in _OPTIONS:
         raise ConfigError(f"runner must be one of {_OPTIONS}, got {runner!r}")
-    unservable = no_cache_reason(model_or_config)
-    if unservable is not None:
-        raise ConfigError(f"this model cannot be served: {unservable}")
+
+    def on_its_cache(name: str, why: str) -> tuple[str, str]:
+        # the HF-cache runners keep K/V or state in the model's cache: it must take one
+        unservable = no_cache_reason(model_or_config)
+        if unservable is not None:
+            raise ConfigError(f"this model cannot be served: {unservable}")
+        return name, why
+
     state = recurrent_state_reason(model_or_config) or own_cache_reason(model_or_config)
     if state is not None:
         if runner == "paged":
             raise ConfigError(f"runner='paged' cannot serve this model: {state}")
-        return "hf-sequential", state
+        return on_its_cache("hf-sequential", state)
     if runner == "hf":
-        return "hf-batched", "runner='hf' was asked for" + _PROBE_NOTE
+        return on_its_cache("hf-batched", "runner='hf' was asked for" + _PROBE_NOTE)
     reason = _paged_reason(model_or_config)
-    if reason is None:
+    if reason is None:  # the paged runner needs no HF cache
         return "paged", "its attention layers accept a custom attention function"
     if runner == "paged":
         raise ConfigError(f"runner='paged' cannot serve this model: {reason}")
-    return "hf-batched", reason + _PROBE_NOTE
+    return on_its_cache("hf-batched", reason + _PROBE_NOTE)
 
 
 def describe_runner_for_path(
