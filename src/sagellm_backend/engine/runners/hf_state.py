@@ -145,6 +145,9 @@ class HFStatefulRunner:
         self.name = "hf-sequential"
         self.model = model
         self.device, self.vocab_size, dtype = embedding_facts(model)
+        #: probes' tolerance: 16-bit rounding differs between batch shapes; a mixed state
+        #: or a wrong position moves logits by about their magnitude
+        self._probe_rel = 1e-2 if dtype == torch.float32 else 1e-1
         self.max_context = int(max_context)
         self._positions = "position_ids" in params
         self._cache_positions = "cache_position" in params
@@ -214,7 +217,7 @@ class HFStatefulRunner:
                 whole = self._one("~whole", ids, 0)
                 self._one("~parts", ids[:3], 0)
                 parts = self._one("~parts", ids[3:], 3)
-            if logits_close([whole], [parts]):
+            if logits_close([whole], [parts], rel=self._probe_rel):
                 return None
             return "the logits differ"
         except Exception as exc:  # a cache layout this runner cannot keep
@@ -229,13 +232,13 @@ class HFStatefulRunner:
         def batch(rows: list[tuple[str, int, int]]) -> list[torch.Tensor]:
             return self._decode_batch(rows, strict=True)
 
-        return merged_decode_matches(self._one, batch, self.vocab_size)
+        return merged_decode_matches(self._one, batch, self.vocab_size, rel=self._probe_rel)
 
     def _prefill_matches(self) -> bool:
         def batch(rows: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
             return self._prefill_batch([SeqChunk(sid, ids, 0, [], True) for sid, ids in rows])
 
-        return merged_prefill_matches(self._one, batch, self.vocab_size)
+        return merged_prefill_matches(self._one, batch, self.vocab_size, rel=self._probe_rel)
 
     # ------------------------------------------------------------------ steps
     def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
