@@ -10,7 +10,7 @@ For every ``model_type`` of ``transformers``' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAME
    tokenizer of ``tiny-llama``;
 2. runs ``model.generate`` (greedy, EOS ignored) on four prompts of 1, 7, 40 and 23 token
    ids, each alone, as the reference;
-3. starts a ``CPUEngine`` on it (``--dtype``, default float32; ``max_batch_size=4``),
+3. starts a ``CPUEngine`` on it (``--dtype``, default float32; ``--max-batch-size``, default 4),
    submits the four requests together, compares the tokens with the reference, checks that
    the KV pool is empty afterwards, and stops the engine.
 
@@ -633,7 +633,7 @@ async def _serve(
         CPUEngineConfig(
             engine_id=f"sweep-{rec['model_type']}",
             model_path=path,
-            max_batch_size=4,
+            max_batch_size=int(os.environ.get("ARCH_SWEEP_BATCH", "4")),
             max_new_tokens=64,
             torch_dtype=_dtype(),
         )
@@ -896,6 +896,12 @@ def main(argv: list[str] | None = None) -> int:
         help="dtype of the reference and the engine (16-bit: tokens may differ by rounding "
         "between batch shapes; errors are what to look for)",
     )
+    ap.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=4,
+        help="the engine's max_batch_size (below 4: requests queue and join running ones)",
+    )
     ap.add_argument("--per-type-timeout", type=float, default=300.0, help="seconds per type")
     ap.add_argument("--worker", metavar="PARTS", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -908,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_covered:
         types = [t for t in types if t not in COVERED]
     os.environ["ARCH_SWEEP_DTYPE"] = args.dtype
+    os.environ["ARCH_SWEEP_BATCH"] = str(args.max_batch_size)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
