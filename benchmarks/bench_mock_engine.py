@@ -101,33 +101,40 @@ class BaselineLoop:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        running: list[tuple[Request, asyncio.Future[Response], list[int]]] = []
+        running: list[Any] = []
         while True:
             while self.queue and len(running) < self.max_batch_size:
-                req, fut = self.queue.popleft()
-                running.append((req, fut, []))
+                running.append(self._admit(*self.queue.popleft()))
             if not running:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
             await asyncio.sleep(0)
-            keep = []
-            for req, fut, toks in running:
-                toks.append(len(toks))
-                if len(toks) >= self.max_tokens:
-                    fut.set_result(
-                        Response(
-                            request_id=req.request_id,
-                            trace_id=req.trace_id,
-                            output_text="",
-                            output_tokens=toks,
-                            finish_reason="length",
-                            metrics=self.metrics,
-                        )
+            running = self._step(running)
+
+    def _admit(self, req: Request, fut: asyncio.Future[Response]) -> Any:
+        """A queued request's entry in the running batch."""
+        return (req, fut, [])
+
+    def _step(self, running: list[Any]) -> list[Any]:
+        """One step of every running request; the entries still running."""
+        keep = []
+        for req, fut, toks in running:
+            toks.append(len(toks))
+            if len(toks) >= self.max_tokens:
+                fut.set_result(
+                    Response(
+                        request_id=req.request_id,
+                        trace_id=req.trace_id,
+                        output_text="",
+                        output_tokens=toks,
+                        finish_reason="length",
+                        metrics=self.metrics,
                     )
-                else:
-                    keep.append((req, fut, toks))
-            running = keep
+                )
+            else:
+                keep.append((req, fut, toks))
+        return keep
 
     async def execute(self, req: Request) -> Response:
         fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
@@ -154,43 +161,35 @@ class ProtocolFloorLoop(BaselineLoop):
         self.outputs = [[rng.randrange(first, end) for _ in range(max_tokens)] for _ in range(997)]
         self.served = 0
 
-    async def run(self) -> None:
-        running: list[tuple[Request, asyncio.Future[Response], RequestTimeline, list[int]]] = []
-        encode, decode = self.tokenizer.encode, self.tokenizer.decode
-        while True:
-            while self.queue and len(running) < self.max_batch_size:
-                req, fut = self.queue.popleft()
-                prompt = encode(req.prompt)
-                timeline = RequestTimeline()
-                timeline.scheduled = now()
-                running.append((req, fut, timeline, prompt))
-            if not running:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            await asyncio.sleep(0)
-            keep = []
-            t = now()
-            for item in running:
-                req, fut, timeline, _prompt = item
-                times = timeline.token_times
-                times.append(t)
-                if len(times) >= self.max_tokens:
-                    ids = self.outputs[self.served % len(self.outputs)]
-                    self.served += 1
-                    fut.set_result(
-                        Response(
-                            request_id=req.request_id,
-                            trace_id=req.trace_id,
-                            output_text=decode(ids),
-                            output_tokens=ids,
-                            finish_reason="length",
-                            metrics=build_metrics(timeline, error_rate=0.0),
-                        )
+    def _admit(self, req: Request, fut: asyncio.Future[Response]) -> Any:
+        prompt = self.tokenizer.encode(req.prompt)
+        timeline = RequestTimeline()
+        timeline.scheduled = now()
+        return (req, fut, timeline, prompt)
+
+    def _step(self, running: list[Any]) -> list[Any]:
+        keep = []
+        t = now()
+        for item in running:
+            req, fut, timeline, _prompt = item
+            times = timeline.token_times
+            times.append(t)
+            if len(times) >= self.max_tokens:
+                ids = self.outputs[self.served % len(self.outputs)]
+                self.served += 1
+                fut.set_result(
+                    Response(
+                        request_id=req.request_id,
+                        trace_id=req.trace_id,
+                        output_text=self.tokenizer.decode(ids),
+                        output_tokens=ids,
+                        finish_reason="length",
+                        metrics=build_metrics(timeline, error_rate=0.0),
                     )
-                else:
-                    keep.append(item)
-            running = keep
+                )
+            else:
+                keep.append(item)
+        return keep
 
 
 async def drive(execute: Any, requests: list[Request], concurrency: int) -> tuple[float, float]:

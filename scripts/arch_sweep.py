@@ -308,27 +308,21 @@ _DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decode
 
 #: model_type -> config fields set after the generic shrink (top level; ``text_config.X``
 #: for the text sub-config).
+#: Gemma 4: a full-attention layer with its own (wider) head_dim, as its every 6th layer.
+_GEMMA4_TEXT: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "per_layer_config": {"01": {"head_dim": 32}},
+    "hidden_size_per_layer_input": 16,
+    "vocab_size_per_layer_input": 1024,
+}
+
 OVERRIDES: dict[str, dict[str, Any]] = {
-    # a full-attention layer with its own (wider) head_dim, as Gemma 4's every 6th layer
-    "gemma4_text": {
-        "num_hidden_layers": 2,
-        "layer_types": ["sliding_attention", "full_attention"],
-        "per_layer_config": {"01": {"head_dim": 32}},
-        "hidden_size_per_layer_input": 16,
-        "vocab_size_per_layer_input": 1024,
-    },
+    "gemma4_text": _GEMMA4_TEXT,
     "gemma4_unified_text": {
-        "num_hidden_layers": 2,
-        "layer_types": ["sliding_attention", "full_attention"],
-        "per_layer_config": {"01": {"head_dim": 32}},
+        k: v for k, v in _GEMMA4_TEXT.items() if not k.endswith("_per_layer_input")
     },
-    "gemma4": {
-        "text_config.num_hidden_layers": 2,
-        "text_config.layer_types": ["sliding_attention", "full_attention"],
-        "text_config.per_layer_config": {"01": {"head_dim": 32}},
-        "text_config.hidden_size_per_layer_input": 16,
-        "text_config.vocab_size_per_layer_input": 1024,
-    },
+    "gemma4": {f"text_config.{k}": v for k, v in _GEMMA4_TEXT.items()},
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1, "chunk_size": 16},
     "falcon_h1": {
         "mamba_d_ssm": 128,
@@ -573,9 +567,8 @@ def _reference(path: str, work: list[tuple[list[int], int]]) -> list[list[int]]:
     import torch
 
     from sagellm_backend.engine.hf.loader import load_model_and_tokenizer
-    from sagellm_backend.engine.runners.hf_state import _state_reset
-    from sagellm_backend.engine.runners.select import module_state_owners
     from sagellm_backend.errors import ConfigError
+    from sagellm_backend.testing.reference import greedy_reference
 
     try:
         model, _ = load_model_and_tokenizer(path, device="cpu", dtype=_dtype())
@@ -586,23 +579,7 @@ def _reference(path: str, work: list[tuple[list[int], int]]) -> list[list[int]]:
             path, dtype=getattr(torch, _dtype())
         )
         model.eval()
-    out = []
-    for ids, n in work:
-        with torch.inference_mode():
-            for module in module_state_owners(model):
-                _state_reset(module, model, torch.device("cpu"), getattr(torch, _dtype()))()
-            gen = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        tokens = gen[0, len(ids) :].tolist()
-        if len(tokens) != n:
-            raise RuntimeError(f"generate gave {len(tokens)} tokens, {n} asked")
-        out.append(tokens)
+    out = [greedy_reference(model, ids, n) for ids, n in work]
     del model
     return out
 

@@ -78,37 +78,13 @@ class Reference:
 
     def greedy(self, prompt: str | list[int], n: int) -> list[int]:
         """``n`` greedy tokens after ``prompt`` with EOS ignored (generation continues)."""
-        import torch
+        from sagellm_backend.testing.reference import greedy_reference
 
         ids = self.ids(prompt) if isinstance(prompt, str) else list(prompt)
         key = (tuple(ids), n)
         if key not in self._cache:
-            with torch.inference_mode():
-                self._reset_module_state()
-                out = self.model.generate(
-                    torch.tensor([ids]),
-                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                    max_new_tokens=n,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=0,
-                )
-            self._cache[key] = out[0, len(ids) :].tolist()
+            self._cache[key] = greedy_reference(self.model, ids, n)
         return self._cache[key]
-
-    def _reset_module_state(self) -> None:
-        """Fresh state for models that keep it on their modules (RecurrentGemma).
-
-        ``generate`` does not reset it, and a 1-token prompt takes the decode path that
-        reads it: without this, an earlier ``generate`` would change the expected tokens.
-        """
-        import torch
-
-        from sagellm_backend.engine.runners.hf_state import _state_reset
-        from sagellm_backend.engine.runners.select import module_state_owners
-
-        for module in module_state_owners(self.model):
-            _state_reset(module, self.model, torch.device("cpu"), torch.float32)()
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,16 @@ _LLAMA: dict[str, Any] = {
     "max_position_embeddings": 1024,
 }
 _MHA = {k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"}
+#: the decoder of an encoder-decoder model (its causal-LM class) and its encoder's sizes
+_SEQ2SEQ: dict[str, Any] = {
+    "d_model": 64,
+    "decoder_attention_heads": 4,
+    "decoder_ffn_dim": 128,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "encoder_layers": 2,
+}
 
 #: model_type -> (config fields, the runner the engine must pick).
 CASES: dict[str, tuple[dict[str, Any], str]] = {
@@ -112,30 +122,13 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     # start-up probe sends them to the per-sequence runner
     "bart": (
         {
-            "d_model": 64,
-            "decoder_attention_heads": 4,
-            "decoder_ffn_dim": 128,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "encoder_ffn_dim": 128,
-            "encoder_layers": 2,
+            **_SEQ2SEQ,
             "is_decoder": True,
             "forced_eos_token_id": None,  # a summarization default generate() would apply
         },
         "hf-sequential",
     ),
-    "whisper": (
-        {
-            "d_model": 64,
-            "decoder_attention_heads": 4,
-            "decoder_ffn_dim": 128,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "encoder_ffn_dim": 128,
-            "encoder_layers": 2,
-        },
-        "hf-sequential",
-    ),
+    "whisper": (dict(_SEQ2SEQ), "hf-sequential"),
     # cache layers holding more than K/V (an indexer's keys; compressed attention)
     "deepseek_v32": (
         {
@@ -312,9 +305,9 @@ async def test_models_without_a_usable_cache_are_refused_at_start(
     from sagellm_backend.engine.runners.select import describe_runner_for_path
     from sagellm_backend.errors import ConfigError
 
-    fields, says = REFUSED[model_type]
-    path = _build(model_type, fields, models_root)
-    engine = engine_factory(path, max_batch_size=4, max_new_tokens=64)
+    path = _build(model_type, REFUSED[model_type][0], models_root)
+    says = REFUSED[model_type][1]
+    engine = engine_factory(path)
     with pytest.raises(ConfigError, match="cannot be served") as info:
         await engine.start()
     assert says in str(info.value)
