@@ -323,6 +323,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         k: v for k, v in _GEMMA4_TEXT.items() if not k.endswith("_per_layer_input")
     },
     "gemma4": {f"text_config.{k}": v for k, v in _GEMMA4_TEXT.items()},
+    # nested attention/FFN configs given whole (the defaults do not survive save/load)
+    "dbrx": {
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+    },
     "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1, "chunk_size": 16},
     "falcon_h1": {
         "mamba_d_ssm": 128,
