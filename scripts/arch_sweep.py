@@ -317,12 +317,34 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "vocab_size_per_layer_input": 1024,
 }
 
+#: dots3: indexed MLA layers beside sliding layers with other head counts.
+_DOTS3_TEXT: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "layer_types": ["indexed_attention", "sliding_attention"],
+    "mlp_layer_types": ["dense", "sparse"],
+    "per_layer_config": {
+        "01": {"num_attention_heads": 2, "num_key_value_heads": 2, "qk_nope_head_dim": 8}
+    },
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "index_n_heads": 4,
+    "index_head_dim": 16,
+    "index_topk": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+}
+
 OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4_text": _GEMMA4_TEXT,
     "gemma4_unified_text": {
         k: v for k, v in _GEMMA4_TEXT.items() if not k.endswith("_per_layer_input")
     },
     "gemma4": {f"text_config.{k}": v for k, v in _GEMMA4_TEXT.items()},
+    "dots3_note_text": _DOTS3_TEXT,
     # nested attention/FFN configs given whole (the defaults do not survive save/load)
     "dbrx": {
         "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
