@@ -20,21 +20,13 @@ __all__ = ["model_compute_dtype", "model_context_length"]
 
 
 def model_compute_dtype(model: Any) -> torch.dtype:
-    """Dtype activations (and K/V) have: that of most of the model's floating-point weights.
+    """Dtype activations (and K/V) have: most of the model's floating-point weights'.
 
-    Not the input embeddings' alone: a model may keep them (and its norms) in float32 while
-    its layers compute in bfloat16 (transformers' ``_keep_in_fp32_modules``, e.g. Ergo).
-    Quantized weights (integer storage) do not count; a model without floating-point
-    weights answers its input embeddings' dtype.
+    The runners' :func:`~sagellm_backend.engine.runners.hf_cache.compute_dtype`.
     """
-    counts: dict[torch.dtype, int] = {}
-    for param in model.parameters():
-        if param.is_floating_point():
-            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
-    if counts:
-        return max(counts, key=lambda d: counts[d])
-    dtype: torch.dtype = model.get_input_embeddings().weight.dtype
-    return dtype
+    from sagellm_backend.engine.runners.hf_cache import compute_dtype
+
+    return compute_dtype(model)
 
 
 def model_context_length(config: Any) -> int:

@@ -24,12 +24,16 @@ from sagellm_backend.engine.runners.base import SeqChunk
 if TYPE_CHECKING:
     from sagellm_backend.engine.runners.hf_cache import HFBatchedRunner
 
-__all__ = ["logits_close", "padded_batches_match"]
+__all__ = ["logits_close", "padded_batches_match", "probe_rel"]
 
 
-def runner_dtype(runner: HFBatchedRunner) -> torch.dtype:
-    """The dtype of the runner's model (its input embeddings' weights)."""
-    return runner.model.get_input_embeddings().weight.dtype  # type: ignore[no-any-return]
+def probe_rel(dtype: torch.dtype) -> float:
+    """Share of the logits' magnitude a probe allows for a model computing in ``dtype``.
+
+    1% in float32; 10% in 16-bit dtypes, whose rounding depends on batch shapes (a mixed
+    state or a wrong position moves logits by about their whole magnitude).
+    """
+    return 1e-2 if dtype == torch.float32 else 1e-1
 
 
 def logits_close(
@@ -49,9 +53,8 @@ def padded_batches_match(runner: HFBatchedRunner) -> tuple[bool, str]:
     Three prompts of 1, 6 and 3 tokens each run alone (prompt, then three decode tokens one
     forward at a time) and together: one left-padded prompt forward, then the three decode
     steps through :meth:`HFBatchedRunner.execute` (the kept batch). Every logits row must
-    agree (:func:`logits_close`: within 1% of the logits' magnitude in float32, 10% in 16-bit
-    dtypes, whose rounding depends on batch shapes; a position error moves logits by about
-    their whole magnitude).
+    agree (:func:`logits_close` within :func:`probe_rel` of the logits' magnitude, for the
+    dtype the model computes in).
 
     Returns:
         (matches, why not: "" when it matches).
@@ -84,7 +87,7 @@ def padded_batches_match(runner: HFBatchedRunner) -> tuple[bool, str]:
                 ]
                 for sid, row in zip(prompts, runner.execute(steps), strict=True):
                     together[sid].append(row)
-        rel = 1e-2 if runner_dtype(runner) == torch.float32 else 1e-1
+        rel = probe_rel(runner.dtype)
         if all(logits_close(alone[sid], together[sid], rel=rel) for sid in prompts):
             return True, ""
         return False, (

@@ -62,13 +62,31 @@ from sagellm_backend.engine.runners._prefill_groups import prefill_groups
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
 from sagellm_backend.engine.runners.base import SeqChunk, check_chunks
 
-__all__ = ["HFBatchedRunner", "embedding_facts"]
+__all__ = ["HFBatchedRunner", "compute_dtype", "embedding_facts"]
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """Dtype activations (and K/V) have: that of most of the model's floating-point weights.
+
+    Not the input embeddings' alone: a model may keep them (and its norms) in float32 while
+    its layers compute in bfloat16 (transformers' ``_keep_in_fp32_modules``, e.g. Ergo).
+    Quantized weights (integer storage) do not count; a model without floating-point
+    weights answers its input embeddings' dtype.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    if counts:
+        return max(counts, key=lambda d: counts[d])
+    dtype: torch.dtype = model.get_input_embeddings().weight.dtype
+    return dtype
 
 
 def embedding_facts(model: Any) -> tuple[torch.device, int, torch.dtype]:
-    """(device, vocabulary size, dtype) of ``model``'s input embeddings."""
+    """(device and vocabulary size of ``model``'s input embeddings, :func:`compute_dtype`)."""
     weight = model.get_input_embeddings().weight
-    return torch.device(weight.device), int(weight.shape[0]), weight.dtype
+    return torch.device(weight.device), int(weight.shape[0]), compute_dtype(model)
 
 
 @dataclass(slots=True)
@@ -162,7 +180,8 @@ class HFBatchedRunner:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.name = "hf-batched"
         self.model = model
-        self.device, self.vocab_size, dtype = embedding_facts(model)
+        self.device, self.vocab_size, self.dtype = embedding_facts(model)
+        dtype = self.dtype
         self.max_context = int(max_context)
         self.max_batch_size = int(max_batch_size)
         self.pad_token_id = int(pad_token_id)
@@ -190,9 +209,6 @@ class HFBatchedRunner:
             return self._stack(self._forward_all(chunks))
         kept = self._kept
         if kept is not None:
-            if _continues(kept, chunks):
-                self._validate(chunks)
-                return self._stack(self._forward_kept(chunks))
             members = set(kept.ids)
             if any(len(c.token_ids) != 1 or c.start == 0 for c in chunks if c.seq_id in members):
                 self._dissolve()  # a kept sequence computes more than one token
@@ -511,14 +527,3 @@ def _left_padded(
             ks[r, :, width - h.length :] = h.keys[layer][:, : h.length]
             vs[r, :, width - h.length :] = h.values[layer][:, : h.length]
     return ks, vs
-
-
-def _continues(kept: _Kept, chunks: Sequence[SeqChunk]) -> bool:
-    """Whether ``chunks`` are one decode token of each kept sequence, in the kept order."""
-    ids = kept.ids
-    if len(chunks) != len(ids):
-        return False
-    for c, sid in zip(chunks, ids, strict=True):
-        if c.seq_id != sid or c.start == 0 or len(c.token_ids) != 1:
-            return False
-    return True

@@ -59,7 +59,7 @@ import torch
 
 from sagellm_backend.engine.runners._prefill_groups import prefill_groups
 from sagellm_backend.engine.runners._prepack import can_prepack, prepack_linears
-from sagellm_backend.engine.runners._probe import logits_close
+from sagellm_backend.engine.runners._probe import logits_close, probe_rel
 from sagellm_backend.engine.runners._state_batch import (
     UnmergeableError,
     drop_tensors,
@@ -145,9 +145,7 @@ class HFStatefulRunner:
         self.name = "hf-sequential"
         self.model = model
         self.device, self.vocab_size, dtype = embedding_facts(model)
-        #: probes' tolerance: 16-bit rounding differs between batch shapes; a mixed state
-        #: or a wrong position moves logits by about their magnitude
-        self._probe_rel = 1e-2 if dtype == torch.float32 else 1e-1
+        self._probe_rel = probe_rel(dtype)  # the probes' tolerance
         self.max_context = int(max_context)
         self._positions = "position_ids" in params
         self._cache_positions = "cache_position" in params
